@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Create .venv with cosytune and its locked dependencies. Idempotent: a second run only
+# re-checks. torch is the CPU build unless an NVIDIA GPU is visible (see README "Installing").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export UV_PYTHON_DOWNLOADS=never
+# Local wheel folders configured for pip (this is where a CPU torch wheel may live).
+FIND_LINKS=${PIP_FIND_LINKS:-$($PY -m pip config get global.find-links 2>/dev/null || true)}
+[ -n "$FIND_LINKS" ] && export UV_FIND_LINKS="$FIND_LINKS"
+
+if ! command -v uv >/dev/null 2>&1; then
+  echo "[setup] installing uv (fast, pinned installer) with pip" >&2
+  $PY -m pip install -q --disable-pip-version-check "uv>=0.5,<1" >&2
+fi
+UV="$(command -v uv || echo "$PY -m uv")"
+
+[ -x .venv/bin/python ] || $UV venv -q --python "$PY" .venv
+
+LOCK=requirements.lock
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && [ "${COSYTUNE_TORCH:-auto}" != cpu ]; then
+  # A GPU machine: the same pins, but torch from PyPI (a CUDA build).
+  sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/' requirements.lock > .venv/requirements.gpu.lock
+  LOCK=.venv/requirements.gpu.lock
+  EXTRA=()
+else
+  # CPU: the +cpu wheel comes from local find-links if present, else from PyTorch's CPU index.
+  EXTRA=(--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+  if [ -n "$FIND_LINKS" ] && ls "$FIND_LINKS"/torch-*+cpu-*.whl >/dev/null 2>&1; then EXTRA=(); fi
+fi
+stamp=.venv/.cosytune-lock.sha
+want=$(cat "$LOCK" pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing locked dependencies into .venv" >&2
+  $UV pip install -q --python .venv/bin/python "${EXTRA[@]}" -r "$LOCK" >&2
+  $UV pip install -q --python .venv/bin/python --no-deps -e . >&2
+  echo "$want" > $stamp
+fi
+.venv/bin/python -c "import torch, cosytune; print(f'[setup] ok: cosytune {cosytune.__version__}, torch {torch.__version__}')" >&2

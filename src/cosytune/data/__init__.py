@@ -1,0 +1,1 @@
+"""Dataset preparation stages, records and the training-time data pipeline."""

@@ -1,0 +1,116 @@
+"""Shared fixtures: the golden-fixture directory and its tolerance table, seeding, offline mode.
+
+Golden fixtures are read from ``$COSYTUNE_GOLDEN_DIR`` (default: ``tests/golden``). Tests take
+every size, input and tolerance from the fixture files, so another fixture set in the same
+format passes too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TESTS_DIR = Path(__file__).parent
+REPO_DIR = TESTS_DIR.parent
+
+
+class Golden:
+    """Access to one golden fixture directory: tensors, JSON, metadata and tolerances."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        tol_path = root / "tolerances.json"
+        self.tolerances = json.loads(tol_path.read_text()) if tol_path.exists() else {}
+
+    def path(self, name: str) -> Path:
+        p = self.root / name
+        if not p.exists():
+            pytest.skip(f"golden fixture {p} not present in COSYTUNE_GOLDEN_DIR")
+        return p
+
+    def tensors(self, stem: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path(f"{stem}.safetensors")))
+
+    def meta(self, stem: str) -> dict:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path(f"{stem}.safetensors")), "pt") as f:
+            m = f.metadata() or {}
+        return json.loads(m["golden_meta"]) if "golden_meta" in m else {}
+
+    def json(self, stem: str) -> dict:
+        return json.loads(self.path(f"{stem}.json").read_text(encoding="utf-8"))
+
+    def tol(self, stem: str, key: str) -> str | dict:
+        table = self.tolerances.get(stem, {})
+        suffix = key.rsplit(".", 1)[-1]
+        for k in (key, suffix):
+            if k in table:
+                return table[k]
+        return table.get("default", {"atol": 1e-5, "rtol": 0})
+
+    def check(self, stem: str, key: str, actual, expected, tol_key: str | None = None) -> None:
+        """Assert ``actual`` matches ``expected`` within the tolerance of ``stem``/``key``."""
+        tol = self.tol(stem, tol_key or key)
+        actual = torch.as_tensor(actual)
+        expected = torch.as_tensor(expected)
+        assert tuple(actual.shape) == tuple(expected.shape), (
+            f"{stem}/{key}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+        )
+        if tol == "exact":
+            if actual.dtype.is_floating_point or expected.dtype.is_floating_point:
+                ok = torch.equal(actual.to(expected.dtype), expected)
+            else:
+                ok = torch.equal(actual.long(), expected.long())
+            if not ok:
+                diff = (actual.double() - expected.double()).abs()
+                raise AssertionError(f"{stem}/{key}: not exactly equal (max abs diff {diff.max().item():.3g}, "
+                                     f"{int((diff > 0).sum())} of {diff.numel()} differ)")
+            return
+        atol, rtol = float(tol.get("atol", 0)), float(tol.get("rtol", 0))
+        a, e = actual.double(), expected.double()
+        diff = (a - e).abs()
+        bound = atol + rtol * e.abs()
+        bad = diff > bound
+        if bool(bad.any()):
+            idx = int(torch.argmax((diff - bound).flatten()))
+            raise AssertionError(
+                f"{stem}/{key}: {int(bad.sum())} of {diff.numel()} values outside atol={atol} rtol={rtol}; "
+                f"max abs diff {diff.max().item():.3g} (worst at flat index {idx}: "
+                f"got {a.flatten()[idx].item():.8g}, expected {e.flatten()[idx].item():.8g})"
+            )
+
+
+@pytest.fixture(scope="session")
+def golden() -> Golden:
+    root = Path(os.environ.get("COSYTUNE_GOLDEN_DIR", TESTS_DIR / "golden"))
+    if not root.is_dir():
+        pytest.skip(f"golden fixture directory {root} does not exist")
+    return Golden(root)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def sample_speaker_dir() -> Path:
+    """The real-speech sample shipped in the package (28 mp3 clips + transcripts)."""
+    from importlib.resources import files
+
+    return Path(str(files("cosytune") / "assets" / "sample_speaker"))
