@@ -52,6 +52,12 @@ def _common_parent() -> argparse.ArgumentParser:
     return p
 
 
+def _available(module_name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(f"cosytune.cli.{module_name}") is not None
+
+
 def _root_help() -> str:
     width = max(len(n) for n in COMMANDS)
     lines = [
@@ -61,7 +67,7 @@ def _root_help() -> str:
         "",
         "commands:",
     ]
-    lines += [f"  {n.ljust(width)}  {h}" for n, (_, h) in COMMANDS.items()]
+    lines += [f"  {n.ljust(width)}  {h}" for n, (m, h) in COMMANDS.items() if _available(m)]
     lines += ["", "Exit codes: 0 ok, 1 runtime failure, 2 usage or config error. Add --debug for tracebacks."]
     return "\n".join(lines)
 
@@ -110,14 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cosytune: unknown command {argv[0]!r}.{hint} Run 'cosytune --help' for the list.", file=sys.stderr)
         return 2
     module_name, help_line = COMMANDS[name]
+    if not _available(module_name):
+        print(f"cosytune: command {name!r} is planned but not available in this version.", file=sys.stderr)
+        return 2
     debug = "--debug" in argv
-    try:
-        module = importlib.import_module(f"cosytune.cli.{module_name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"cosytune.cli.{module_name}":
-            print(f"cosytune: command {name!r} is not available in this version.", file=sys.stderr)
-            return 2
-        raise
+    module = importlib.import_module(f"cosytune.cli.{module_name}")
     parser = argparse.ArgumentParser(
         prog=f"cosytune {name}",
         description=(module.__doc__ or help_line).strip(),
