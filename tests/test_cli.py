@@ -18,12 +18,16 @@ from cosytune.errors import ConfigError
 def test_root_help_lists_commands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "prepare-audio" in out and "Exit codes" in out
+    assert "commands:" in out and "Exit codes" in out
+    import importlib.util
+
+    listed = [line.split()[0] for line in out.split("commands:")[1].split("Exit codes")[0].splitlines() if line.strip()]
+    assert listed == [n for n, (m, _) in COMMANDS.items() if importlib.util.find_spec(f"cosytune.cli.{m}")]
 
 
 def test_unknown_command_is_usage_error(capsys):
     assert main(["prepar-audio"]) == 2
-    assert "prepare-audio" in capsys.readouterr().err
+    assert "Did you mean: prepare-audio" in capsys.readouterr().err
 
 
 def test_python_dash_m_works():
