@@ -1,0 +1,155 @@
+"""Training checkpoints in upstream's format, plus the state needed for an exact resume.
+
+For a checkpoint named ``NAME`` (``epoch_{E}_whole`` or ``epoch_{E}_step_{S}``) the run dir holds:
+
+* ``NAME.pt``: the model state dict plus int ``epoch`` and ``step`` keys, exactly as upstream's
+  ``save_model`` writes it (so upstream's ``average_model.py`` and loaders accept it);
+* ``NAME.yaml``: upstream's info dict — ``epoch``, ``step``, ``tag``, ``lr``, ``grad_norm``,
+  ``loss_dict`` (the CV averages) and ``save_time`` — read by ``cosytune average --val_best``;
+* ``NAME.state.pt``: ours — optimiser, scheduler, grad scaler, every RNG state and the position in
+  the epoch. It is written last, so its presence marks the checkpoint complete.
+
+Every file is written atomically; an interrupted save leaves no file that looks finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from cosytune.fileio import atomic_path, write_text
+
+logger = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"^epoch_(\d+)_(whole|step_(\d+))$")
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One complete checkpoint in a run dir."""
+
+    name: str
+    epoch: int
+    step: int
+    path: Path
+    info: dict
+
+    @property
+    def state_path(self) -> Path:
+        return self.path.with_suffix(".state.pt")
+
+    @property
+    def cv_loss(self) -> float | None:
+        loss = (self.info.get("loss_dict") or {}).get("loss")
+        return None if loss is None else float(loss)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    run_dir: Path,
+    name: str,
+    model_state: dict[str, torch.Tensor],
+    info: dict,
+    train_state: dict[str, Any],
+) -> CheckpointRef:
+    """Write ``NAME.pt``, ``NAME.yaml`` and ``NAME.state.pt`` atomically (state last)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pt = run_dir / f"{name}.pt"
+    sd = {k: v.detach().cpu() for k, v in model_state.items()}
+    sd["epoch"] = int(info["epoch"])
+    sd["step"] = int(info["step"])
+    with atomic_path(pt) as tmp:
+        torch.save(sd, tmp)
+    info = {**info, "tag": info.get("tag", "CV"), "save_time": time.strftime("%d/%m/%Y %H:%M:%S")}
+    write_text(run_dir / f"{name}.yaml", yaml.safe_dump(_plain(info), sort_keys=True, allow_unicode=True))
+    with atomic_path(pt.with_suffix(".state.pt")) as tmp:
+        torch.save(train_state, tmp)
+    return CheckpointRef(name, int(info["epoch"]), int(info["step"]), pt, info)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return obj
+
+
+def list_checkpoints(run_dir: Path, complete_only: bool = True) -> list[CheckpointRef]:
+    """Checkpoints in ``run_dir`` ordered by (step, epoch); with ``complete_only`` only those with state."""
+    out = []
+    for pt in Path(run_dir).glob("epoch_*.pt"):
+        if pt.name.endswith(".state.pt"):
+            continue
+        m = _NAME_RE.match(pt.stem)
+        y = pt.with_suffix(".yaml")
+        if not m or not y.exists():
+            continue
+        if complete_only and not pt.with_suffix(".state.pt").exists():
+            continue
+        try:
+            info = yaml.safe_load(y.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            logger.warning("skipping %s: its yaml is unreadable", pt)
+            continue
+        out.append(CheckpointRef(pt.stem, int(info.get("epoch", m.group(1))), int(info.get("step", 0)), pt, info))
+    return sorted(out, key=lambda c: (c.step, c.epoch, c.name.endswith("whole")))
+
+
+def latest_checkpoint(run_dir: Path) -> CheckpointRef | None:
+    cks = list_checkpoints(run_dir)
+    return cks[-1] if cks else None
+
+
+def strip_training_keys(sd: dict) -> dict[str, torch.Tensor]:
+    """Drop upstream's int ``epoch``/``step`` entries so the dict loads strictly into a model."""
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def prune_checkpoints(run_dir: Path, keep_best: int, protect: set[str]) -> list[str]:
+    """Delete all but the ``keep_best`` checkpoints with the lowest CV loss (never those in ``protect``)."""
+    if keep_best <= 0:
+        return []
+    cks = [c for c in list_checkpoints(run_dir) if c.cv_loss is not None]
+    ranked = sorted(cks, key=lambda c: c.cv_loss)
+    removed = []
+    for c in ranked[keep_best:]:
+        if c.name in protect:
+            continue
+        for p in (c.path, c.path.with_suffix(".yaml"), c.state_path):
+            p.unlink(missing_ok=True)
+        removed.append(c.name)
+    return removed

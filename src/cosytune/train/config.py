@@ -1,0 +1,179 @@
+"""Typed training config, with speaker-SFT presets for the LLM and the flow.
+
+Values follow upstream's CosyVoice 3 SFT recipe (upstream-spec §7.4–7.5): Adam lr 1e-5, constant
+schedule, grad clip 5, gradient accumulation 2, dynamic batches of 2000 mel frames, bf16 autocast,
+nothing frozen, the speaker-mean embedding for speaker SFT. Presets are YAML files shipped in
+``cosytune/config/presets``; every field can be overridden with ``key=value`` on the command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Literal
+
+from cosytune.config.loading import load_config, read_yaml
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser settings."""
+
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, ...] = (0.9, 0.999)
+    eps: float = 1e-8
+    fused: bool | None = None
+    """Use the fused CUDA kernel (None: on whenever training runs on CUDA)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, found {self.lr}")
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas must have 2 values, found {self.betas}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Learning-rate schedule: constant (upstream's SFT choice) or linear warmup then constant."""
+
+    name: Literal["constant", "warmup", "constantlr", "warmuplr"] = "constant"
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ValueError(f"scheduler.warmup_steps must be >= 0, found {self.warmup_steps}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Data pipeline: filters, dynamic batching and loading."""
+
+    max_frames_in_batch: int = 2000
+    """Frame budget of a dynamic batch: longest 50 Hz mel length × batch size ≤ this."""
+    min_duration_s: float = 1.0
+    max_duration_s: float = 60.0
+    min_text_tokens: int = 1
+    max_text_tokens: int = 200
+    min_tokens_per_frame: float = 0.0005
+    max_tokens_per_frame: float = 1.0
+    use_spk_embedding: bool = True
+    """Condition on the speaker-mean embedding (speaker SFT) instead of each utterance's own."""
+    num_workers: int = 0
+    prefetch: int = 2
+    pin_memory: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_frames_in_batch < 50:
+            raise ValueError(f"data.max_frames_in_batch must be >= 50 (1 s), found {self.max_frames_in_batch}")
+        if self.min_duration_s >= self.max_duration_s:
+            raise ValueError("data.min_duration_s must be smaller than data.max_duration_s")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, found {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (saved as config.yaml in the run dir)."""
+
+    model: Literal["llm", "flow"] = "llm"
+    max_epoch: int = 10
+    max_steps: int = 0
+    """Stop after this many optimiser steps (0: no limit)."""
+    accum_grad: int = 2
+    grad_clip: float = 5.0
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
+    """auto: bf16 on GPUs that support it, fp16 with a grad scaler on older GPUs, fp32 on CPU."""
+    seed: int = 1986
+    log_interval: int = 10
+    save_per_step: int = -1
+    """Also checkpoint (after a CV pass) every N optimiser steps; -1: only at epoch ends."""
+    keep_best: int = 0
+    """Keep only the K checkpoints with the lowest CV loss (0: keep all)."""
+    early_stop_patience: int = 5
+    """Stop when the CV loss has not improved for this many epochs (0: never)."""
+    early_stop_min_delta: float = 0.0
+    tensorboard: bool = True
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_epoch < 1:
+            problems.append(f"max_epoch must be >= 1, found {self.max_epoch}")
+        if self.accum_grad < 1:
+            problems.append(f"accum_grad must be >= 1, found {self.accum_grad}")
+        if self.grad_clip <= 0:
+            problems.append(f"grad_clip must be > 0, found {self.grad_clip}")
+        if self.log_interval < 1:
+            problems.append(f"log_interval must be >= 1, found {self.log_interval}")
+        if self.keep_best < 0 or self.early_stop_patience < 0 or self.max_steps < 0:
+            problems.append("keep_best, early_stop_patience and max_steps must be >= 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def preset_path(model: str) -> Path:
+    """The shipped preset YAML for ``llm`` or ``flow`` speaker SFT."""
+    return Path(str(files("cosytune") / "config" / "presets" / f"train_{model}.yaml"))
+
+
+# Upstream recipe keys (train_conf in cosyvoice3.yaml) that map onto ours.
+_UPSTREAM_TRAIN_CONF = {
+    "max_epoch": "max_epoch",
+    "grad_clip": "grad_clip",
+    "accum_grad": "accum_grad",
+    "log_interval": "log_interval",
+    "save_per_step": "save_per_step",
+}
+
+
+def _from_upstream_recipe(path: Path) -> dict:
+    """Read ``train_conf`` values from an upstream HyperPyYAML recipe without executing it."""
+    from cosytune.models.upstream_yaml import load_upstream_yaml
+
+    doc = load_upstream_yaml(path)
+    tc = doc.get("train_conf") or {}
+    out: dict = {}
+    for theirs, ours in _UPSTREAM_TRAIN_CONF.items():
+        if theirs in tc:
+            out[ours] = tc[theirs]
+    if "optim" in tc:
+        out.setdefault("optim", {})["name"] = str(tc["optim"]).lower()
+    if isinstance(tc.get("optim_conf"), dict) and "lr" in tc["optim_conf"]:
+        out.setdefault("optim", {})["lr"] = tc["optim_conf"]["lr"]
+    if "scheduler" in tc:
+        out.setdefault("scheduler", {})["name"] = str(tc["scheduler"]).lower()
+    if isinstance(tc.get("scheduler_conf"), dict) and "warmup_steps" in tc["scheduler_conf"]:
+        out.setdefault("scheduler", {})["warmup_steps"] = tc["scheduler_conf"]["warmup_steps"]
+    batch = doc.get("batch") if isinstance(doc.get("batch"), dict) else None
+    if batch and "max_frames_in_batch" in batch:
+        out.setdefault("data", {})["max_frames_in_batch"] = batch["max_frames_in_batch"]
+    return out
+
+
+def load_train_config(model: str, config: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Preset for ``model`` ⊕ the given config file ⊕ overrides.
+
+    The config file is either our own plain YAML (keys of :class:`TrainConfig`) or an upstream
+    recipe (``cosyvoice3.yaml`` with HyperPyYAML tags), from which only ``train_conf`` values are
+    taken.
+    """
+    base = read_yaml(preset_path(model))
+    base["model"] = model
+    if config is not None:
+        text = Path(config).read_text(encoding="utf-8") if Path(config).is_file() else ""
+        if "!new:" in text or "!ref" in text or "!name:" in text or "train_conf:" in text:
+            base = _merge(base, _from_upstream_recipe(Path(config)))
+            config = None
+    return load_config(TrainConfig, config, overrides, base=base)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
