@@ -1,0 +1,91 @@
+"""Convert a folder of recordings into 24 kHz mono 16-bit wavs ready for transcription.
+
+Reads every file under --in_dir (recursively; mp3, wav, flac, m4a/aac, ogg/opus, the audio of
+video files, anything ffmpeg decodes, no ffmpeg install needed), trims silence at both ends like
+sox 'silence 1 0.15 -35d reverse silence 1 0.15 -35d reverse' (a clip > 1.5 s that would end
+< 1.5 s stays untrimmed), slices recordings longer than 30 s at pauses, optionally normalises
+loudness, and writes <utt>.wav files plus prepared.jsonl and rejects.jsonl to --out_dir.
+
+Unusable inputs (corrupt, empty, silent, too short, heavily clipped, not audio) are recorded in
+rejects.jsonl with a reason. Re-running skips inputs whose size, mtime and settings are
+unchanged, so an interrupted run continues where it stopped.
+
+Settings come from defaults < --config YAML < key=value overrides < explicit flags.
+Exit code 0 unless no usable audio remains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from cosytune.cli.common import flag, print_summary
+
+logger = logging.getLogger(__name__)
+
+EPILOG = """examples:
+  cosytune prepare-audio --in_dir "/data/my voice" --out_dir wavs
+  # seed flag name for the output folder, louder clips, 8 workers
+  cosytune prepare-audio --input raw --wav_dir wavs --loudness_target_lufs -20 --num_workers 8
+  # settings as key=value (any PrepareAudioConfig key)
+  cosytune prepare-audio --in_dir raw --out_dir wavs trim_threshold_db=-40 max_duration_s=20
+"""
+
+# Flags that map 1:1 onto PrepareAudioConfig keys: (name, type, metavar, help).
+CONFIG_FLAGS: tuple[tuple[str, type, str, str], ...] = (
+    ("sample_rate", int, "HZ", "output sample rate (default 24000)"),
+    ("trim_threshold_db", float, "DB", "silence threshold in dBFS for trimming (default -35)"),
+    ("trim_start_duration_s", float, "S", "sound needed to stop trimming at the start (default 0.15)"),
+    ("trim_end_duration_s", float, "S", "the same at the end (default 0.15)"),
+    ("min_duration_s", float, "S", "reject clips shorter than this after trimming (default 0.5)"),
+    ("max_duration_s", float, "S", "slice recordings longer than this at pauses (default 30)"),
+    ("loudness_target_lufs", float, "LUFS", "normalise each clip to this loudness, e.g. -20 (default off)"),
+    ("peak_ceiling_db", float, "DB", "scale clips down so the peak stays below this dBFS (default -1)"),
+    ("num_workers", int, "N", "worker processes (default 0 = all cores)"),
+)
+
+
+def build_parser(parser: argparse.ArgumentParser) -> None:
+    """Add prepare-audio's arguments."""
+    io = parser.add_argument_group("input and output")
+    flag(io, "in_dir", "--src_dir", "--input", required=True, metavar="DIR",
+         help="folder of recordings (searched recursively)")
+    flag(io, "out_dir", "--wav_dir", "--output", required=True, metavar="DIR",
+         help="where to write the wavs, prepared.jsonl and rejects.jsonl (the seed's --wav_dir)")
+    flag(io, "config", metavar="YAML", default=None, help="settings file (keys of PrepareAudioConfig)")
+    io.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="config overrides, e.g. trim=false slice_target_s=10")
+    g = parser.add_argument_group("settings (override the config)")
+    for name, tp, metavar, help_text in CONFIG_FLAGS:
+        flag(g, name, type=tp, metavar=metavar, default=None, help=help_text)
+    flag(g, "no_trim", action="store_true", default=False, help="keep silence at both ends")
+    flag(g, "no_slice", action="store_true", default=False,
+         help="reject recordings longer than max_duration_s instead of slicing them")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run prepare-audio and print its summary."""
+    from cosytune.config.loading import load_config, parse_overrides
+    from cosytune.data.prepare_audio import PrepareAudioConfig, prepare_audio
+    from cosytune.errors import DataError
+
+    overrides = parse_overrides(list(args.overrides or []))
+    for name, _, _, _ in CONFIG_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    if args.no_trim:
+        overrides["trim"] = False
+    if args.no_slice:
+        overrides["slice_long"] = False
+    cfg = load_config(PrepareAudioConfig, args.config, overrides)
+    logger.debug("prepare-audio config: %s", cfg)
+    summary = prepare_audio(args.in_dir, args.out_dir, cfg, progress=not args.no_progress)
+    print_summary("prepare-audio", summary.items())
+    if summary.num_outputs == 0:
+        raise DataError(
+            f"no usable audio remains: all {summary.num_inputs} input file(s) were rejected "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(summary.reject_counts.items()))}); see "
+            f"{summary.out_dir}/rejects.jsonl for each file's reason"
+        )
+    return 0
