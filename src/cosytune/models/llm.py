@@ -1,0 +1,652 @@
+"""The CosyVoice 3 speech language model: Qwen2 backbone, speech-token table and head, loss, decoding.
+
+Public API
+    * :class:`LLMConfig` (frozen): sizes and constants; ``LLMConfig.fun_cosyvoice3_0_5b()`` (real
+      sizes), ``LLMConfig.tiny()`` (tests/demo), ``LLMConfig.from_upstream(lm_kwargs, qwen2)`` (from
+      the yaml's ``CosyVoice3LM`` arguments and ``CosyVoice-BlankEN/config.json``).
+    * :class:`CosyVoice3LM` ``(config)``: an ``nn.Module`` built without any I/O. Its ``state_dict()``
+      has exactly upstream ``llm.pt``'s keys, shapes and order. ``load_upstream_state_dict(sd)``
+      loads strictly; only the tied ``llm.model.lm_head.weight`` may be absent (:data:`TIED_KEYS`).
+    * Training: ``model(batch, rng)`` -> :class:`LMOutput` (loss, acc, num_tokens), with the pieces
+      ``prepare_inputs`` -> :class:`LMInputs`, ``hidden_states`` and ``loss_from_hidden`` exposed.
+    * Inference: ``build_prompt`` -> :class:`InferencePrompt`; ``generate(...)`` yields token ids;
+      ``decode(...)`` yields a :class:`DecodeStep` per step with the log-probabilities and the
+      sampling bookkeeping; ``step_logp(token_ids, cache)`` is the shape-stable single-token step.
+
+Speech vocabulary (``speech_token_size`` = 6561 FSQ tokens, then 200 specials; spec §2.3)
+    0..6560 speech tokens; 6561 ``sos``; 6562 ``eos``; 6563 ``task``; 6564 ``fill`` (bistream);
+    6565..6760 unused. Every id >= 6561 stops decoding. ``sos``/``task`` are rows of
+    ``speech_embedding`` (CosyVoice 3 has no separate ``llm_embedding``).
+
+Training layout (per utterance; I instruct, L text, S speech tokens; IGNORE_ID = -1)
+    unistream: input  ``[sos] instruct(I) text(L) [task] speech(S)``
+               target ``-1 x (1+I+L), speech(S), eos``
+    bistream (mix_ratio a:b = 5:15, chosen when ``rng.random() < 0.5`` and S/L > b/a):
+               input  ``[sos] instruct(I)`` then per block j: ``text[aj:aj+a] speech[bj:bj+b]`` while
+               the text block is full, and finally ``text_rest [task] speech_rest``;
+               target ``-1 x (1+I)``, per full block ``-1 x (a-1), speech block, fill``, and finally
+               ``-1 x |text_rest|, speech_rest, eos``.
+    The random draw is made for *every* utterance, before the ratio test (upstream evaluates it as
+    the first operand of ``and``). Inputs are right-padded with the value -1.0, targets with -1.
+    Loss: label-smoothing KL (smoothing ``lsm_weight``; 0 gives cross-entropy) summed over
+    non-ignored targets and divided by their count; accuracy is argmax accuracy on the same targets.
+
+Inference layout
+    ``[sos] embed(prompt_text ++ text) [task] speech_emb(prompt_speech)``; then each sampled id is
+    fed back through ``speech_embedding``. ``min_len = int(len(text) * min_ratio)`` and
+    ``max_len = int(len(text) * max_ratio)`` count target-text tokens only. The text must contain
+    ``<|endofprompt|>`` (id 151646), as upstream asserts.
+
+Min-length rule (spec §2.5, golden-notes §1.3): while ``step < min_len`` a stop must not be sampled.
+    ``min_len_mode="all_stops"`` (default) sets all 200 stop ids to -inf, which is what the rule is
+    for and what upstream did before commit 0e62489. ``min_len_mode="upstream"`` reproduces HEAD
+    bit for bit: it masks only id 6561 (``sos``, CosyVoice 2's eos id), so a short text can still end
+    early on 6562..6760 (fixture ``B_greedy`` stops at step 7 with min_len 10). The default is the
+    corrected behaviour because the HEAD rule is a leftover of the CosyVoice 2 id layout, and an
+    early stop truncates the audio; use ``"upstream"`` only to compare token streams with upstream.
+
+Shapes: B batch, T sequence, D hidden, V_sp = speech_token_size + 200.
+
+Reference: upstream ``FunAudioLLM/CosyVoice:cosyvoice/llm/llm.py`` (``Qwen2LM``, ``CosyVoice3LM``,
+``Qwen2Encoder``), ``cosyvoice/transformer/label_smoothing_loss.py``; spec §2.1-2.5, §2.9.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from cosytune.errors import CheckpointError, ConfigError, DataError
+from cosytune.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
+from cosytune.models.sampling import DrawQ, SampleResult, SamplingConfig, ras_sample
+
+logger = logging.getLogger(__name__)
+
+IGNORE_ID = -1
+"""Target value of positions that carry no loss (and padding value of targets)."""
+
+TIED_KEYS: dict[str, str] = {"llm.model.lm_head.weight": "llm.model.model.embed_tokens.weight"}
+"""state_dict keys that alias another key; a file may omit them (the golden weights do)."""
+
+MinLenMode = Literal["all_stops", "upstream"]
+
+
+class RandomSource(Protocol):
+    """Anything with ``random() -> float`` in [0, 1), e.g. ``random.Random(seed)``."""
+
+    def random(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """Sizes and constants of :class:`CosyVoice3LM`; defaults are Fun-CosyVoice3-0.5B's."""
+
+    qwen2: Qwen2Config = field(default_factory=Qwen2Config)
+    """The backbone (``CosyVoice-BlankEN/config.json``)."""
+    speech_token_size: int = 6561
+    """Speech tokens (FSQ codebook 3^8); special ids start here."""
+    num_special_tokens: int = 200
+    """Extra rows after the speech tokens in ``speech_embedding``/``llm_decoder``; all are stop ids."""
+    length_normalized_loss: bool = True
+    """Divide the summed loss by the number of target tokens (else by the batch size)."""
+    lsm_weight: float = 0.0
+    """Label smoothing."""
+    mix_ratio: tuple[int, int] = (5, 15)
+    """Bistream training: text tokens per block, speech tokens per block."""
+    bistream_prob: float = 0.5
+    """Probability of a bistream layout for an eligible utterance (hard-coded 0.5 upstream)."""
+    endofprompt_id: int = 151646
+    """``<|endofprompt|>``; must appear in every inference text (upstream hard-codes 151646)."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Default sampler parameters (yaml ``sampling``)."""
+    min_token_text_ratio: float = 2.0
+    """min_len = int(text tokens * this)."""
+    max_token_text_ratio: float = 20.0
+    """max_len = int(text tokens * this)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.speech_token_size < 1:
+            problems.append(f"speech_token_size must be >= 1, got {self.speech_token_size}")
+        if self.num_special_tokens < 4:
+            problems.append(f"num_special_tokens must be >= 4 (sos, eos, task, fill), got {self.num_special_tokens}")
+        if len(self.mix_ratio) != 2 or min(self.mix_ratio) < 1:
+            problems.append(f"mix_ratio must be two positive integers, got {self.mix_ratio!r}")
+        if not 0.0 <= self.lsm_weight < 1.0:
+            problems.append(f"lsm_weight must be in [0, 1), got {self.lsm_weight}")
+        if not 0.0 <= self.bistream_prob <= 1.0:
+            problems.append(f"bistream_prob must be in [0, 1], got {self.bistream_prob}")
+        if not 0 <= self.min_token_text_ratio <= self.max_token_text_ratio:
+            problems.append(f"need 0 <= min_token_text_ratio <= max_token_text_ratio, got "
+                            f"{self.min_token_text_ratio}, {self.max_token_text_ratio}")
+        if problems:
+            raise ConfigError(problems, source="LLM config")
+
+    # Special ids (CosyVoice 3 layout: rows of speech_embedding after the speech tokens).
+    @property
+    def sos_id(self) -> int:
+        return self.speech_token_size
+
+    @property
+    def eos_id(self) -> int:
+        return self.speech_token_size + 1
+
+    @property
+    def task_id(self) -> int:
+        return self.speech_token_size + 2
+
+    @property
+    def fill_id(self) -> int:
+        return self.speech_token_size + 3
+
+    @property
+    def speech_vocab_size(self) -> int:
+        """Rows of ``speech_embedding`` and outputs of ``llm_decoder`` (6761)."""
+        return self.speech_token_size + self.num_special_tokens
+
+    @property
+    def hidden_size(self) -> int:
+        return self.qwen2.hidden_size
+
+    def is_stop(self, token_id: int) -> bool:
+        """Whether ``token_id`` ends decoding (every id >= speech_token_size)."""
+        return token_id >= self.speech_token_size
+
+    @classmethod
+    def fun_cosyvoice3_0_5b(cls) -> LLMConfig:
+        """The released Fun-CosyVoice3-0.5B LLM (24 x 896, 506,148,480 parameters)."""
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> LLMConfig:
+        """A tiny model of the same architecture (the golden fixture's sizes) for tests and demos.
+
+        The text vocabulary keeps its real size so real tokenizer ids stay valid.
+        """
+        return cls(qwen2=Qwen2Config(hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_window_layers=2))
+
+    @classmethod
+    def from_upstream(cls, lm_kwargs: Mapping[str, Any], qwen2: Qwen2Config | Mapping[str, Any],
+                      sampling: SamplingConfig | None = None, **overrides: Any) -> LLMConfig:
+        """Build from upstream's ``CosyVoice3LM`` constructor arguments and the backbone config.
+
+        Args:
+            lm_kwargs: ``llm_input_size``, ``llm_output_size``, ``speech_token_size`` and optionally
+                ``length_normalized_loss``, ``lsm_weight``, ``mix_ratio`` (yaml ``llm`` block);
+                other keys (``llm``, ``sampling`` objects) are ignored.
+            qwen2: a :class:`Qwen2Config` or a ``config.json`` dict.
+            sampling: sampler parameters (yaml ``sampling``), default the yaml's values.
+            **overrides: any other :class:`LLMConfig` field.
+
+        Raises:
+            ConfigError: listing every missing or inconsistent value.
+        """
+        q = qwen2 if isinstance(qwen2, Qwen2Config) else Qwen2Config.from_hf_dict(qwen2)
+        problems = []
+        for key in ("llm_input_size", "llm_output_size", "speech_token_size"):
+            if key not in lm_kwargs:
+                problems.append(f"missing {key}")
+        for key in ("llm_input_size", "llm_output_size"):
+            if key in lm_kwargs and int(lm_kwargs[key]) != q.hidden_size:
+                problems.append(f"{key} = {lm_kwargs[key]} but the Qwen2 hidden_size is {q.hidden_size}")
+        if problems:
+            raise ConfigError(problems, source="CosyVoice3LM arguments")
+        kwargs: dict[str, Any] = {"qwen2": q, "speech_token_size": int(lm_kwargs["speech_token_size"])}
+        if "length_normalized_loss" in lm_kwargs:
+            kwargs["length_normalized_loss"] = bool(lm_kwargs["length_normalized_loss"])
+        if "lsm_weight" in lm_kwargs:
+            kwargs["lsm_weight"] = float(lm_kwargs["lsm_weight"])
+        if "mix_ratio" in lm_kwargs:
+            kwargs["mix_ratio"] = tuple(int(v) for v in lm_kwargs["mix_ratio"])
+        if sampling is not None:
+            kwargs["sampling"] = sampling
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+@dataclass
+class LMInputs:
+    """The training sequences of one batch (see the module docstring for the layout)."""
+
+    lm_input: Tensor
+    """(B, T, D) embeddings, right-padded with -1.0."""
+    lm_target: Tensor
+    """(B, T) int64 targets, IGNORE_ID where there is no loss and on padding."""
+    lm_input_lens: Tensor
+    """(B,) int32 valid lengths."""
+    branches: list[str]
+    """``"unistream"`` or ``"bistream"`` per utterance."""
+
+
+@dataclass
+class LMOutput:
+    """Result of a training forward."""
+
+    loss: Tensor
+    """Scalar loss (length-normalised label-smoothing KL)."""
+    acc: Tensor
+    """Scalar argmax accuracy over the target tokens (detached)."""
+    num_tokens: int
+    """Number of target tokens in the batch (the loss denominator when length-normalised)."""
+
+
+@dataclass
+class InferencePrompt:
+    """A prepared inference input."""
+
+    lm_input: Tensor
+    """(1, L, D) ``[sos] embed(prompt_text ++ text) [task] speech_emb(prompt_speech)``."""
+    min_len: int
+    """Steps during which stop ids are suppressed."""
+    max_len: int
+    """Maximum number of decoding steps."""
+
+
+@dataclass
+class DecodeStep:
+    """One decoding step of :meth:`CosyVoice3LM.decode`."""
+
+    step: int
+    """0-based step index."""
+    logp: Tensor
+    """(V_sp,) float32 log-probabilities before min-length masking and sampling."""
+    sample: SampleResult
+    """The sampler's decision and bookkeeping."""
+    token_id: int
+    """The sampled id (equals ``sample.token_id``)."""
+    stop: bool
+    """True when ``token_id`` is a stop id (decoding ends; the id is not a speech token)."""
+
+
+def _as_1d_ids(x: Tensor | Sequence[int] | None, name: str) -> list[int]:
+    if x is None:
+        return []
+    if isinstance(x, Tensor):
+        if x.dim() == 2:
+            if x.shape[0] != 1:
+                raise DataError(f"{name}: expected one sequence (shape (1, N) or (N,)), got {tuple(x.shape)}")
+            x = x[0]
+        elif x.dim() != 1:
+            raise DataError(f"{name}: expected shape (1, N) or (N,), got {tuple(x.shape)}")
+        return [int(v) for v in x.tolist()]
+    return [int(v) for v in x]
+
+
+class _Qwen2Backbone(nn.Module):
+    """Holds the Qwen2 decoder under the attribute name ``model``.
+
+    CHECKPOINT-COMPAT: upstream wraps ``Qwen2ForCausalLM`` in a ``Qwen2Encoder`` whose only attribute is
+    ``model``; this extra level is what puts ``llm.model.model.*`` and ``llm.model.lm_head`` in llm.pt.
+    """
+
+    def __init__(self, config: Qwen2Config) -> None:
+        super().__init__()
+        self.model = Qwen2ForCausalLM(config)
+
+
+class CosyVoice3LM(nn.Module):
+    """CosyVoice 3 speech LM (see the module docstring for layouts, ids and the public API)."""
+
+    def __init__(self, config: LLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        d, v = config.hidden_size, config.speech_vocab_size
+        # Registration order = upstream state_dict order: llm.*, llm_decoder, speech_embedding.
+        self.llm = _Qwen2Backbone(config.qwen2)
+        self.llm_decoder = nn.Linear(d, v, bias=False)
+        self.speech_embedding = nn.Embedding(v, d)
+
+    # ------------------------------------------------------------------ weights
+    @property
+    def text_embedding(self) -> nn.Embedding:
+        """The Qwen text table ``llm.model.model.embed_tokens``."""
+        return self.llm.model.model.embed_tokens
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator, std: float = 0.02) -> None:
+        """Random initialisation (for models trained from scratch / tiny demo models).
+
+        Linear and embedding weights ~ N(0, std), biases 0, norm weights 1, drawn from ``generator``
+        on CPU (so the result does not depend on the device) in parameter-name order.
+        """
+        for name, p in sorted(self.named_parameters(), key=lambda kv: kv[0]):
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) * std)
+
+    def load_upstream_state_dict(self, state_dict: Mapping[str, Tensor], *,
+                                 allow_missing: Sequence[str] = tuple(TIED_KEYS),
+                                 allow_unexpected: Sequence[str] = ()) -> None:
+        """Load an upstream-format state dict strictly.
+
+        Every key must be present with the right shape, except tied aliases (``TIED_KEYS``) which
+        may be omitted; a present alias must equal the tensor it aliases. Values are cast to the
+        parameters' dtype.
+
+        Args:
+            state_dict: upstream ``llm.pt`` content (keys ``llm.model.model.*``, ``llm_decoder.weight``,
+                ``speech_embedding.weight``).
+            allow_missing: keys that may be absent (default: the tied ``lm_head``).
+            allow_unexpected: extra keys to ignore (e.g. ``epoch``, ``step`` of training checkpoints).
+
+        Raises:
+            CheckpointError: naming every missing, unexpected and mis-shaped key.
+        """
+        expected = self.state_dict()
+        missing = [k for k in expected if k not in state_dict and k not in allow_missing]
+        unexpected = [k for k in state_dict if k not in expected and k not in allow_unexpected]
+        shape_bad = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+                     for k in expected if k in state_dict and isinstance(state_dict[k], Tensor)
+                     and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+        not_tensor = [k for k in expected if k in state_dict and not isinstance(state_dict[k], Tensor)]
+        tie_bad = [f"{alias} differs from {target}" for alias, target in TIED_KEYS.items()
+                   if alias in state_dict and target in state_dict and not shape_bad
+                   and not torch.equal(state_dict[alias].float(), state_dict[target].float())]
+        if missing or unexpected or shape_bad or not_tensor or tie_bad:
+            parts = []
+            if missing:
+                parts.append(f"missing keys ({len(missing)}): {missing}")
+            if unexpected:
+                parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+            if shape_bad:
+                parts.append(f"shape mismatches ({len(shape_bad)}): {shape_bad}")
+            if not_tensor:
+                parts.append(f"non-tensor values: {not_tensor}")
+            if tie_bad:
+                parts.append(f"tied weights that differ: {tie_bad}")
+            raise CheckpointError("LLM weights do not match the model configuration; " + "; ".join(parts)
+                                  + ". Check that the file is a CosyVoice 3 llm.pt of this size.")
+        with torch.no_grad():
+            params = dict(self.named_parameters(remove_duplicate=False))
+            buffers = dict(self.named_buffers())
+            for k, target in {**params, **buffers}.items():
+                src = state_dict.get(k)
+                if src is None:
+                    src = state_dict[TIED_KEYS[k]] if k in TIED_KEYS else None
+                if src is None:  # allowed missing, not a tie: keep current value
+                    continue
+                target.copy_(src)
+
+    # ------------------------------------------------------------------ training
+    def prepare_inputs(self, batch: Mapping[str, Tensor], rng: RandomSource) -> LMInputs:
+        """Build the training sequences (unistream/bistream) of a padded batch.
+
+        Args:
+            batch: ``text_token`` (B, L) int, ``text_token_len`` (B,), ``instruct_token`` (B, I),
+                ``instruct_token_len`` (B,), ``speech_token`` (B, S), ``speech_token_len`` (B,).
+            rng: source of the per-utterance layout draw; one ``rng.random()`` call per utterance,
+                in batch order (``random.Random(seed)`` reproduces upstream's Python draws).
+
+        Returns:
+            :class:`LMInputs`.
+
+        Raises:
+            DataError: a missing key, inconsistent shapes or lengths.
+        """
+        cfg = self.config
+        required = ("text_token", "text_token_len", "instruct_token", "instruct_token_len",
+                    "speech_token", "speech_token_len")
+        missing = [k for k in required if k not in batch]
+        if missing:
+            raise DataError(f"LLM training batch lacks {missing}; CosyVoice 3 needs text, instruct and "
+                            f"speech tokens with their lengths (the instruct text ends with <|endofprompt|>)")
+        device = self.speech_embedding.weight.device
+        text, instruct, speech = (batch[k].to(device).long() for k in ("text_token", "instruct_token", "speech_token"))
+        text_lens, instruct_lens, speech_lens = (
+            [int(v) for v in batch[k].tolist()] for k in ("text_token_len", "instruct_token_len", "speech_token_len"))
+        b = text.shape[0]
+        for name, t, lens in (("text_token", text, text_lens), ("instruct_token", instruct, instruct_lens),
+                              ("speech_token", speech, speech_lens)):
+            if t.dim() != 2 or t.shape[0] != b or len(lens) != b or any(n < 0 or n > t.shape[1] for n in lens):
+                raise DataError(f"{name}: expected shape (B={b}, N) with lengths in [0, N], got shape "
+                                f"{tuple(t.shape)} and lengths {lens}")
+        bad_speech = [i for i in range(b) if (speech[i, :speech_lens[i]] >= cfg.speech_token_size).any()
+                      or (speech[i, :speech_lens[i]] < 0).any()]
+        if bad_speech:
+            raise DataError(f"speech tokens must be in [0, {cfg.speech_token_size}); utterances {bad_speech} "
+                            f"hold other values")
+        text_emb = self.text_embedding(text)  # (B, L, D)
+        instruct_emb = self.text_embedding(instruct)  # (B, I, D)
+        speech_emb = self.speech_embedding(speech)  # (B, S, D)
+        sos = self.speech_embedding.weight[cfg.sos_id].reshape(1, -1)
+        task = self.speech_embedding.weight[cfg.task_id].reshape(1, -1)
+        n_text, n_speech = cfg.mix_ratio
+        inputs: list[Tensor] = []
+        targets: list[list[int]] = []
+        branches: list[str] = []
+        for i in range(b):
+            nl, ni, ns = text_lens[i], instruct_lens[i], speech_lens[i]
+            sp = speech[i, :ns].tolist()
+            # The draw comes first and is always consumed (upstream: `random() < 0.5 and ratio`).
+            # S / L > b / a is tested as S * a > b * L (exact for integers; S/0 counts as infinite).
+            draw = rng.random()
+            if draw < cfg.bistream_prob and ns * n_text > n_speech * nl:
+                parts = [sos, instruct_emb[i, :ni]]
+                tgt = [IGNORE_ID] * (1 + ni)
+                for j in range(-(-(nl + 1) // n_text)):  # ceil((L + 1) / a) blocks
+                    t0, s0 = j * n_text, j * n_speech
+                    block_text = min(nl, t0 + n_text) - t0
+                    if block_text == n_text:
+                        parts += [text_emb[i, t0:t0 + n_text], speech_emb[i, s0:s0 + n_speech]]
+                        tgt += [IGNORE_ID] * (n_text - 1) + sp[s0:s0 + n_speech] + [cfg.fill_id]
+                    else:
+                        parts += [text_emb[i, t0:nl], task, speech_emb[i, s0:ns]]
+                        tgt += [IGNORE_ID] * block_text + sp[s0:] + [cfg.eos_id]
+                branches.append("bistream")
+            else:
+                parts = [sos, instruct_emb[i, :ni], text_emb[i, :nl], task, speech_emb[i, :ns]]
+                tgt = [IGNORE_ID] * (1 + ni + nl) + sp + [cfg.eos_id]
+                branches.append("unistream")
+            seq = torch.cat(parts, dim=0)
+            assert seq.shape[0] == len(tgt), "internal error: input and target lengths differ"
+            inputs.append(seq)
+            targets.append(tgt)
+        lens = torch.tensor([len(t) for t in targets], dtype=torch.int32)
+        t_max = int(lens.max()) if b else 0
+        lm_input = torch.full((b, t_max, cfg.hidden_size), float(IGNORE_ID), dtype=text_emb.dtype, device=device)
+        lm_target = torch.full((b, t_max), IGNORE_ID, dtype=torch.long)
+        for i in range(b):
+            lm_input[i, : inputs[i].shape[0]] = inputs[i]
+            lm_target[i, : len(targets[i])] = torch.tensor(targets[i], dtype=torch.long)
+        return LMInputs(lm_input, lm_target.to(device), lens.to(device), branches)
+
+    def hidden_states(self, lm_input: Tensor, lm_input_lens: Tensor | None = None) -> Tensor:
+        """(B, T, D) backbone output after the final norm, padding masked as keys."""
+        return self.llm.model(lm_input, lm_input_lens)
+
+    def loss_from_hidden(self, hidden: Tensor, lm_target: Tensor) -> LMOutput:
+        """Length-normalised label-smoothing loss and accuracy.
+
+        Only target positions go through ``llm_decoder`` (a (B, T, V_sp) logits tensor over padding
+        would be wasted memory); logits are upcast to float32 for the softmax.
+
+        Args:
+            hidden: (B, T, D) backbone output.
+            lm_target: (B, T) targets with IGNORE_ID.
+        """
+        cfg = self.config
+        valid = lm_target != IGNORE_ID  # (B, T)
+        n = int(valid.sum())
+        logits = self.llm_decoder(hidden[valid]).float()  # (N, V_sp)
+        target = lm_target[valid]  # (N,)
+        logp = torch.log_softmax(logits, dim=-1)
+        eps = cfg.lsm_weight / (cfg.speech_vocab_size - 1)
+        conf = 1.0 - cfg.lsm_weight
+        # KL(true_dist || softmax) per token with true_dist = conf at the target, eps elsewhere:
+        #   sum_c t_c log t_c - conf * logp[y] - eps * (sum_c logp_c - logp[y]);  0 log 0 = 0.
+        entropy_term = (conf * math.log(conf) if conf > 0 else 0.0) + (
+            (cfg.speech_vocab_size - 1) * eps * math.log(eps) if eps > 0 else 0.0)
+        logp_y = logp.gather(1, target[:, None])[:, 0]
+        per_token = entropy_term - conf * logp_y
+        if eps > 0:
+            per_token = per_token - eps * (logp.sum(dim=-1) - logp_y)
+        denom = n if cfg.length_normalized_loss else hidden.shape[0]
+        loss = per_token.sum() / max(denom, 1)
+        correct = (logits.argmax(dim=-1) == target).sum()
+        acc = (correct / valid.sum()).detach() if n else torch.zeros((), device=hidden.device)
+        return LMOutput(loss=loss, acc=acc, num_tokens=n)
+
+    def forward(self, batch: Mapping[str, Tensor], rng: RandomSource) -> LMOutput:
+        """Training forward: layout, backbone, loss (see :meth:`prepare_inputs` for ``batch``/``rng``)."""
+        inputs = self.prepare_inputs(batch, rng)
+        hidden = self.hidden_states(inputs.lm_input, inputs.lm_input_lens)
+        return self.loss_from_hidden(hidden, inputs.lm_target)
+
+    # ------------------------------------------------------------------ inference
+    def build_prompt(self, text: Tensor | Sequence[int], prompt_text: Tensor | Sequence[int] | None = None,
+                     prompt_speech_token: Tensor | Sequence[int] | None = None, *,
+                     min_token_text_ratio: float | None = None,
+                     max_token_text_ratio: float | None = None) -> InferencePrompt:
+        """``[sos] embed(prompt_text ++ text) [task] speech_emb(prompt_speech)`` and the length limits.
+
+        Args:
+            text: target-text ids, (N,) or (1, N).
+            prompt_text: prompt-text ids (may be empty); ``<|endofprompt|>`` must be in prompt_text+text.
+            prompt_speech_token: prompt speech ids in [0, speech_token_size) (may be empty).
+            min_token_text_ratio, max_token_text_ratio: override the config's ratios.
+
+        Raises:
+            DataError: empty text, no ``<|endofprompt|>``, or out-of-range ids.
+        """
+        cfg = self.config
+        text_ids = _as_1d_ids(text, "text")
+        prompt_ids = _as_1d_ids(prompt_text, "prompt_text")
+        speech_ids = _as_1d_ids(prompt_speech_token, "prompt_speech_token")
+        if not text_ids:
+            raise DataError("text is empty: there is nothing to synthesise")
+        all_text = prompt_ids + text_ids
+        if cfg.endofprompt_id not in all_text:
+            raise DataError(f"<|endofprompt|> (id {cfg.endofprompt_id}) is not in prompt_text + text; CosyVoice 3 "
+                            f"needs it, e.g. prefix the text with 'You are a helpful assistant.<|endofprompt|>'")
+        vocab = cfg.qwen2.vocab_size
+        if any(not 0 <= t < vocab for t in all_text):
+            raise DataError(f"text ids must be in [0, {vocab}); got {[t for t in all_text if not 0 <= t < vocab][:5]}")
+        if any(not 0 <= t < cfg.speech_token_size for t in speech_ids):
+            raise DataError(f"prompt speech tokens must be in [0, {cfg.speech_token_size}); got "
+                            f"{[t for t in speech_ids if not 0 <= t < cfg.speech_token_size][:5]}")
+        device = self.speech_embedding.weight.device
+        table = self.speech_embedding.weight
+        parts = [table[cfg.sos_id][None],
+                 self.text_embedding(torch.tensor(all_text, dtype=torch.long, device=device)),
+                 table[cfg.task_id][None]]
+        if speech_ids:
+            parts.append(self.speech_embedding(torch.tensor(speech_ids, dtype=torch.long, device=device)))
+        lm_input = torch.cat(parts, dim=0)[None]  # (1, L, D)
+        lo = cfg.min_token_text_ratio if min_token_text_ratio is None else min_token_text_ratio
+        hi = cfg.max_token_text_ratio if max_token_text_ratio is None else max_token_text_ratio
+        # Same float arithmetic as upstream: int(len(text) * ratio).
+        return InferencePrompt(lm_input, int(len(text_ids) * lo), int(len(text_ids) * hi))
+
+    def _logp(self, hidden_last: Tensor) -> Tensor:
+        """(B, D) hidden -> (B, V_sp) float32 log-probabilities."""
+        return torch.log_softmax(self.llm_decoder(hidden_last).float(), dim=-1)
+
+    def step_logp(self, token_ids: Tensor, cache: KVCache) -> tuple[Tensor, KVCache]:
+        """Shape-stable single-token step: feed ``token_ids`` (B,) and return (B, V_sp) log-probs.
+
+        No host synchronisation and static shapes, so it can be captured in a CUDA graph. The cache is
+        updated in place (and returned); the caller keeps ``cache.lengths < cache.capacity``.
+        """
+        x = self.speech_embedding(token_ids)[:, None]  # (B, 1, D)
+        hidden, cache = self.llm.model.model.decode_step(x, cache)
+        return self._logp(hidden[:, 0]), cache
+
+    def suppress_stops(self, logp: Tensor, mode: MinLenMode) -> Tensor:
+        """Set the ids a min-length step must not sample to -inf (in place) and return ``logp``.
+
+        ``"all_stops"`` masks every stop id (>= speech_token_size). ``"upstream"`` masks only index
+        ``speech_token_size`` (HEAD behaviour; see the module docstring).
+        """
+        # CHECKPOINT-COMPAT: upstream HEAD masks only speech_token_size (= sos for CosyVoice 3, eos for
+        # CosyVoice 2); "upstream" mode keeps that for token-exact parity.
+        if mode == "upstream":
+            logp[..., self.config.speech_token_size] = -float("inf")
+        elif mode == "all_stops":
+            logp[..., self.config.speech_token_size:] = -float("inf")
+        else:
+            raise ValueError(f"min_len_mode must be 'all_stops' or 'upstream', got {mode!r}")
+        return logp
+
+    @torch.inference_mode()
+    def decode(self, prompt: InferencePrompt, *, sampling: SamplingConfig | None = None,
+               generator: torch.Generator | None = None, draw_q: DrawQ | None = None,
+               min_len_mode: MinLenMode = "all_stops") -> Iterator[DecodeStep]:
+        """Autoregressive decoding with a KV cache, one :class:`DecodeStep` per step.
+
+        Step 0 runs the whole prompt; each later step feeds the previous id's ``speech_embedding`` row.
+        Decoding ends after a stop id (reported with ``stop=True``) or after ``prompt.max_len`` steps.
+
+        Args:
+            prompt: from :meth:`build_prompt`.
+            sampling: sampler parameters (default: the config's).
+            generator: randomness for the sampler (``torch.Generator`` on the model's device, or None
+                for torch's default generator).
+            draw_q: inject Exp(1) draws instead (tests); see :func:`ras_sample`.
+            min_len_mode: ``"all_stops"`` (default) or ``"upstream"``; see the module docstring.
+        """
+        cfg = self.config
+        sampling = sampling or cfg.sampling
+        if min_len_mode not in ("all_stops", "upstream"):
+            raise ValueError(f"min_len_mode must be 'all_stops' or 'upstream', got {min_len_mode!r}")
+        if prompt.max_len <= 0:
+            return
+        lm_input = prompt.lm_input
+        cache = KVCache.allocate(cfg.qwen2, 1, lm_input.shape[1] + prompt.max_len,
+                                 device=lm_input.device, dtype=lm_input.dtype)
+        hidden, cache = self.llm.model.model.prefill(lm_input, cache)
+        logp = self._logp(hidden[:, -1])[0]
+        history: list[int] = []
+        for step in range(prompt.max_len):
+            raw = logp.clone()
+            if step < prompt.min_len:
+                self.suppress_stops(logp, min_len_mode)
+            result = ras_sample(logp, history, sampling, generator=generator, draw_q=draw_q)
+            stop = cfg.is_stop(result.token_id)
+            yield DecodeStep(step, raw, result, result.token_id, stop)
+            if stop or step + 1 == prompt.max_len:
+                return
+            history.append(result.token_id)
+            ids = torch.tensor([result.token_id], device=lm_input.device)
+            logp, cache = self.step_logp(ids, cache)
+            logp = logp[0]
+
+    def generate(self, text: Tensor | Sequence[int], prompt_text: Tensor | Sequence[int] | None = None,
+                 prompt_speech_token: Tensor | Sequence[int] | None = None, *,
+                 sampling: SamplingConfig | None = None, generator: torch.Generator | None = None,
+                 min_len_mode: MinLenMode = "all_stops", min_token_text_ratio: float | None = None,
+                 max_token_text_ratio: float | None = None) -> Iterator[int]:
+        """Yield speech token ids for ``text`` (the stop id is not yielded).
+
+        Args:
+            text, prompt_text, prompt_speech_token: see :meth:`build_prompt`.
+            sampling, generator, min_len_mode: see :meth:`decode`.
+            min_token_text_ratio, max_token_text_ratio: override the config's ratios.
+        """
+        prompt = self.build_prompt(text, prompt_text, prompt_speech_token,
+                                   min_token_text_ratio=min_token_text_ratio,
+                                   max_token_text_ratio=max_token_text_ratio)
+        for step in self.decode(prompt, sampling=sampling, generator=generator, min_len_mode=min_len_mode):
+            if step.stop:
+                return
+            yield step.token_id
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters with tied tensors counted once (upstream's 506,148,480 for the real LLM)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = [
+    "IGNORE_ID", "TIED_KEYS", "LLMConfig", "CosyVoice3LM", "LMInputs", "LMOutput", "InferencePrompt",
+    "DecodeStep", "RandomSource", "MinLenMode", "count_parameters",
+]
