@@ -47,8 +47,10 @@ def tiny(golden):
 
 def _run_with_taps(model: HiFTGenerator, mel: torch.Tensor, finalize: bool) -> dict[str, torch.Tensor]:
     taps: dict[str, torch.Tensor] = {}
-    hooks = [model.conv_pre.register_forward_hook(lambda m, i, o: taps.__setitem__("conv_pre_out", o)),
-             model.conv_post.register_forward_hook(lambda m, i, o: taps.__setitem__("conv_post_out", o))]
+    hooks = [
+        model.conv_pre.register_forward_hook(lambda m, i, o: taps.__setitem__("conv_pre_out", o)),
+        model.conv_post.register_forward_hook(lambda m, i, o: taps.__setitem__("conv_post_out", o)),
+    ]
     try:
         out = model.inference(mel, finalize=finalize)
     finally:
@@ -106,8 +108,10 @@ def test_stream_steps_concatenate_to_one_shot(golden, tiny):
     full = model.inference(mel).wav
     state = HiFTStreamState()
     step = max(1, mel.shape[2] // 3)
-    pieces = [model.stream_step(state, mel[:, :, i:i + step], finalize=False)
-              for i in range(0, mel.shape[2], step)]
+    pieces = [
+        model.stream_step(state, mel[:, :, i : i + step], finalize=False)
+        for i in range(0, mel.shape[2], step)
+    ]
     pieces.append(model.stream_step(state, mel[:, :, :0], finalize=True))
     streamed = torch.cat(pieces, dim=1)
     golden.check(STEM, "final.wav", streamed, full)
@@ -128,8 +132,12 @@ def test_replay_upstream_noise_reproduces_fixture(golden):
     flow = golden.json("flow_tiny_config")["CausalMaskedDiffWithDiT"]
     t = golden.tensors(STEM)
     noise = replay_upstream_fixed_noise(
-        _config(golden), flow_vocab_size=flow["vocab_size"], flow_output_size=flow["output_size"],
-        flow_spk_embed_dim=flow["spk_embed_dim"], num_samples=t["sine_waves_fixed_prefix"].shape[1])
+        _config(golden),
+        flow_vocab_size=flow["vocab_size"],
+        flow_output_size=flow["output_size"],
+        flow_spk_embed_dim=flow["spk_embed_dim"],
+        num_samples=t["sine_waves_fixed_prefix"].shape[1],
+    )
     assert torch.equal(noise.rand_ini, t["rand_ini"])
     assert torch.equal(noise.sine_noise, t["sine_waves_fixed_prefix"])
 
@@ -198,7 +206,9 @@ def test_frame_level_phase_is_bitwise_upstream_sample_level():
     rad[:, 0, :] = rad[:, 0, :] + rand_ini
     rad = F.interpolate(rad.transpose(1, 2), scale_factor=1 / scale, mode="linear").transpose(1, 2)
     phase = torch.cumsum(rad, dim=1) * 2 * math.pi
-    phase = F.interpolate(phase.transpose(1, 2) * scale, scale_factor=float(scale), mode="nearest").transpose(1, 2)
+    phase = F.interpolate(phase.transpose(1, 2) * scale, scale_factor=float(scale), mode="nearest").transpose(
+        1, 2
+    )
     sines = torch.sin(phase) * cfg.nsf_alpha
     uv = (f0_up > cfg.nsf_voiced_threshold).float()
     expected = sines * uv + (uv * cfg.nsf_sigma + (1 - uv) * cfg.nsf_alpha / 3) * noise
@@ -239,14 +249,19 @@ def test_config_values_and_upstream_mapping(golden):
     assert real.upsample_scale == 480 and real.num_sines == 9 and real.chunk_trim_frames == 8
     assert real.stage_channels() == [256, 128, 64]
     tiny = _config(golden)
+    raw = golden.json("hift_tiny_config")
+    nested = {**raw["CausalHiFTGenerator"], "f0_predictor": raw["CausalConvRNNF0Predictor"]}
+    assert HiFTConfig.from_upstream(nested) == tiny  # the yaml nests the f0 predictor
     derived = golden.json("hift_tiny_config").get("derived", {})
     if "channels_per_stage" in derived:
         assert tiny.stage_channels() == derived["channels_per_stage"]
     if "upsample_scale" in derived:
         assert tiny.upsample_scale == derived["upsample_scale"]
     with pytest.raises(ConfigError) as e:
-        HiFTConfig.from_upstream({"base_channels": 64, "bogus": 1, "istft_params": {"n_fft": 16, "win": 3}},
-                                 {"cond_channels": 8, "extra": 2})
+        HiFTConfig.from_upstream(
+            {"base_channels": 64, "bogus": 1, "istft_params": {"n_fft": 16, "win": 3}},
+            {"cond_channels": 8, "extra": 2},
+        )
     msg = str(e.value)
     assert "bogus" in msg and "win" in msg and "extra" in msg
     with pytest.raises(ConfigError, match="upsample_kernel_sizes"):
@@ -268,11 +283,17 @@ def test_checkpoint_helpers(golden):
     trained = {f"generator.{k}": v for k, v in weights.items()}
     trained.update(epoch=torch.tensor(3), step=torch.tensor(100))
     load_hift_state_dict(model, trained)
-    assert torch.equal(model.conv_pre.parametrizations.weight.original1,
-                       weights["conv_pre.parametrizations.weight.original1"])
+    assert torch.equal(
+        model.conv_pre.parametrizations.weight.original1,
+        weights["conv_pre.parametrizations.weight.original1"],
+    )
     # Legacy weight_g / weight_v names.
-    legacy = {k.replace(".parametrizations.weight.original0", ".weight_g")
-               .replace(".parametrizations.weight.original1", ".weight_v"): v for k, v in weights.items()}
+    legacy = {
+        k.replace(".parametrizations.weight.original0", ".weight_g").replace(
+            ".parametrizations.weight.original1", ".weight_v"
+        ): v
+        for k, v in weights.items()
+    }
     assert hift_state_dict_from_checkpoint(legacy).keys() == weights.keys()
     # Errors name the keys.
     bad = dict(weights)

@@ -27,6 +27,9 @@ Data path of :meth:`HiFTGenerator.inference` (``speech_feat`` (B, 80, T) float32
    → ``conv_post`` (B, 18, F) → magnitude ``exp`` (clipped at 100) and phase ``sin`` → iSTFT → clamp ±0.99.
    Output: (B, 480·T) samples, or (B, 480·(T-8)) for a non-final chunk.
 
+The vocoder runs in float32 (upstream never halves it either); ``inference`` casts its input to float32.
+All items of a batch share the same noise and must have the same length (no padding mask, as upstream).
+
 Public API (constructors do no I/O and draw nothing):
 
 - :class:`HiFTConfig` — frozen dataclass; defaults are the shipped Fun-CosyVoice3-0.5B values
@@ -39,7 +42,9 @@ Public API (constructors do no I/O and draw nothing):
 - :class:`HiFTStreamState` + :meth:`HiFTGenerator.stream_step` — upstream's CosyVoice 3 streaming
   scheme (re-vocode the accumulated mel, emit only new samples), with the state owned by the caller.
 - :class:`FixedNoise` + :meth:`HiFTGenerator.set_fixed_noise` / :meth:`~HiFTGenerator.fixed_noise` —
-  the inference noise; :func:`replay_upstream_fixed_noise` redraws upstream's construction-time noise.
+  the inference noise. :meth:`HiFTGenerator.use_upstream_noise` installs
+  :func:`replay_upstream_fixed_noise`, which redraws upstream's construction-time noise bit for bit
+  (checked against the golden fixture): use it when loading the released ``hift.pt`` for parity.
 - :func:`hift_state_dict_from_checkpoint` (strip ``generator.``, map legacy ``weight_g/weight_v``)
   and :func:`load_hift_state_dict` (strict, errors name the keys).
 
@@ -77,22 +82,22 @@ from cosytune.errors import CheckpointError, ConfigError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CausalConv1d",
+    "CausalConv1dDownSample",
+    "CausalConv1dUpsample",
+    "F0Predictor",
+    "FixedNoise",
+    "HarmonicSource",
     "HiFTConfig",
     "HiFTGenerator",
     "HiFTOutput",
     "HiFTStreamState",
-    "FixedNoise",
-    "CausalConv1d",
-    "CausalConv1dDownSample",
-    "CausalConv1dUpsample",
-    "Snake",
     "ResBlock",
-    "F0Predictor",
-    "HarmonicSource",
+    "Snake",
     "causal_padding",
-    "replay_upstream_fixed_noise",
     "hift_state_dict_from_checkpoint",
     "load_hift_state_dict",
+    "replay_upstream_fixed_noise",
 ]
 
 # Upstream caps one vocoder call at 300 s because its fixed-noise tensors are that long.
@@ -156,19 +161,29 @@ class HiFTConfig:
         n = len(self.upsample_rates)
         if n == 0:
             problems.append("upsample_rates: expected at least one stage, found none")
-        for name in ("upsample_kernel_sizes", "source_resblock_kernel_sizes", "source_resblock_dilation_sizes"):
+        for name in (
+            "upsample_kernel_sizes",
+            "source_resblock_kernel_sizes",
+            "source_resblock_dilation_sizes",
+        ):
             if len(getattr(self, name)) != n:
-                problems.append(f"{name}: expected {n} entries (one per upsample_rates stage), "
-                                f"found {len(getattr(self, name))}")
+                problems.append(
+                    f"{name}: expected {n} entries (one per upsample_rates stage), "
+                    f"found {len(getattr(self, name))}"
+                )
         if len(self.resblock_dilation_sizes) != len(self.resblock_kernel_sizes):
-            problems.append("resblock_dilation_sizes: expected one entry per resblock_kernel_sizes entry, "
-                            f"found {len(self.resblock_dilation_sizes)} vs {len(self.resblock_kernel_sizes)}")
-        if self.base_channels % (2 ** n) != 0:
+            problems.append(
+                "resblock_dilation_sizes: expected one entry per resblock_kernel_sizes entry, "
+                f"found {len(self.resblock_dilation_sizes)} vs {len(self.resblock_kernel_sizes)}"
+            )
+        if self.base_channels % (2**n) != 0:
             problems.append(f"base_channels: must be divisible by 2**{n}, found {self.base_channels}")
         if self.istft_n_fft % 2 != 0 or self.istft_n_fft <= 0:
             problems.append(f"istft_n_fft: expected a positive even number, found {self.istft_n_fft}")
         if self.f0_in_channels != self.in_channels:
-            problems.append(f"f0_in_channels: must equal in_channels ({self.in_channels}), found {self.f0_in_channels}")
+            problems.append(
+                f"f0_in_channels: must equal in_channels ({self.in_channels}), found {self.f0_in_channels}"
+            )
         if self.f0_num_class != 1:
             problems.append(f"f0_num_class: only 1 (f0 in Hz) is supported, found {self.f0_num_class}")
         if self.conv_pre_look_right < 1:
@@ -210,7 +225,9 @@ class HiFTConfig:
         return cls()
 
     @classmethod
-    def from_upstream(cls, generator: Mapping[str, Any], f0_predictor: Mapping[str, Any] | None = None) -> HiFTConfig:
+    def from_upstream(
+        cls, generator: Mapping[str, Any], f0_predictor: Mapping[str, Any] | None = None
+    ) -> HiFTConfig:
         """Build from upstream keyword arguments (``cosyvoice3.yaml`` ``hift`` or the golden config JSON).
 
         Args:
@@ -234,7 +251,9 @@ class HiFTConfig:
         for key, value in gen.items():
             if key == "istft_params":
                 if not isinstance(value, Mapping):
-                    problems.append(f"istft_params: expected a mapping with n_fft and hop_len, found {value!r}")
+                    problems.append(
+                        f"istft_params: expected a mapping with n_fft and hop_len, found {value!r}"
+                    )
                     continue
                 for sub, ours in (("n_fft", "istft_n_fft"), ("hop_len", "istft_hop_len")):
                     if sub in value:
@@ -253,8 +272,12 @@ class HiFTConfig:
                 problems.append(f"f0_predictor.{key}: unknown CausalConvRNNF0Predictor argument")
         if "f0_in_channels" not in kwargs and "in_channels" in kwargs:
             kwargs["f0_in_channels"] = kwargs["in_channels"]
-        for key in ("upsample_rates", "upsample_kernel_sizes", "resblock_kernel_sizes",
-                    "source_resblock_kernel_sizes"):
+        for key in (
+            "upsample_rates",
+            "upsample_kernel_sizes",
+            "resblock_kernel_sizes",
+            "source_resblock_kernel_sizes",
+        ):
             if key in kwargs:
                 try:
                     kwargs[key] = tuple(int(v) for v in kwargs[key])
@@ -302,8 +325,9 @@ class CausalConv1d(nn.Conv1d):
     real look-ahead frames as ``cache``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1,
-                 side: str = "left") -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1, side: str = "left"
+    ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=dilation)
         if side not in ("left", "right"):
             raise ValueError(f"side must be 'left' or 'right', found {side!r}")
@@ -367,9 +391,11 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, kernel_size: int, dilations: Sequence[int]) -> None:
         super().__init__()
         self.convs1 = nn.ModuleList(
-            weight_norm(CausalConv1d(channels, channels, kernel_size, dilation=d)) for d in dilations)
+            weight_norm(CausalConv1d(channels, channels, kernel_size, dilation=d)) for d in dilations
+        )
         self.convs2 = nn.ModuleList(
-            weight_norm(CausalConv1d(channels, channels, kernel_size, dilation=1)) for _ in dilations)
+            weight_norm(CausalConv1d(channels, channels, kernel_size, dilation=1)) for _ in dilations
+        )
         self.activations1 = nn.ModuleList(Snake(channels) for _ in dilations)
         self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
 
@@ -396,8 +422,12 @@ class F0Predictor(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for i in range(5):
-            conv = CausalConv1d(in_channels if i == 0 else cond_channels, cond_channels,
-                                kernel_size=4 if i == 0 else 3, side="right" if i == 0 else "left")
+            conv = CausalConv1d(
+                in_channels if i == 0 else cond_channels,
+                cond_channels,
+                kernel_size=4 if i == 0 else 3,
+                side="right" if i == 0 else "left",
+            )
             layers += [weight_norm(conv), nn.ELU()]
         self.condnet = nn.Sequential(*layers)
         self.classifier = nn.Linear(cond_channels, num_class)
@@ -443,11 +473,22 @@ class FixedNoise:
     rand_ini: Tensor
     sine_noise: Tensor
     seed: int | None = None
+    _on_device: dict[str, Tensor] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_samples(self) -> int:
         """Samples of noise available (the longest source one call can use)."""
         return int(self.sine_noise.shape[1])
+
+    def on(self, device: torch.device | str) -> Tensor:
+        """``sine_noise`` on ``device``, copied once and kept (so GPU calls do not re-upload it)."""
+        device = torch.device(device)
+        if device.type in ("cpu", "meta"):
+            return self.sine_noise
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = self.sine_noise.to(device)
+        return self._on_device[key]
 
     @classmethod
     def draw(cls, num_sines: int, num_samples: int, seed: int) -> FixedNoise:
@@ -475,8 +516,9 @@ class HarmonicSource(nn.Module):
         self.num_sines = config.num_sines
         self.l_linear = nn.Linear(self.num_sines, 1)
 
-    def sine_waves(self, f0: Tensor, noise: Tensor | None, generator: torch.Generator | None = None
-                   ) -> tuple[Tensor, Tensor]:
+    def sine_waves(
+        self, f0: Tensor, noise: Tensor | None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Harmonic sines on voiced samples plus noise, before the merge.
 
         Args:
@@ -495,8 +537,9 @@ class HarmonicSource(nn.Module):
         # S·j + (S-1)/2 and its neighbour, both inside frame j, with weights summing to 1 exactly, so it
         # returns the frame's own value bit for bit (test_hift checks this) and never reads sample 0.
         rad = torch.remainder(f0[:, :, None] * harmonics / self.sampling_rate, 1.0)  # (B, T', H)
-        # CHECKPOINT-COMPAT: exact fp32 op order ((cumsum·2)·π)·S; the phase reaches 1e5 rad on long inputs,
-        # so any other order drifts measurably.
+        # CHECKPOINT-COMPAT: exact fp32 op order ((cumsum·2)·π)·S. The ·S must be a separate rounding step
+        # (folding it into the constant changes bits; ·2·π vs ·2π does not, ×2 being exact). The phase
+        # reaches 1e5 rad on long inputs, where one ulp is already ~0.01 rad.
         phase = torch.cumsum(rad, dim=1) * 2 * math.pi
         phase = phase.transpose(1, 2) * scale  # (B, H, T')
         # CHECKPOINT-COMPAT: the causal SineGen upsamples the phase by *nearest* neighbour, so it is constant
@@ -504,7 +547,9 @@ class HarmonicSource(nn.Module):
         phase = F.interpolate(phase, scale_factor=float(scale), mode="nearest").transpose(1, 2)  # (B, L, H)
         sines = torch.sin(phase) * self.sine_amp
 
-        f0_up = F.interpolate(f0[:, None], scale_factor=float(scale), mode="nearest").transpose(1, 2)  # (B, L, 1)
+        f0_up = F.interpolate(f0[:, None], scale_factor=float(scale), mode="nearest").transpose(
+            1, 2
+        )  # (B, L, 1)
         uv = (f0_up > self.voiced_threshold).to(torch.float32)
         noise_amp = uv * self.noise_std + (1 - uv) * self.sine_amp / 3
         length = sines.shape[1]
@@ -576,7 +621,9 @@ class HiFTGenerator(nn.Module):
             feeds a phase accumulator, where fp32 rounding differences grow with length.
     """
 
-    def __init__(self, config: HiFTConfig, *, noise_seed: int = 0, f0_dtype: torch.dtype = torch.float64) -> None:
+    def __init__(
+        self, config: HiFTConfig, *, noise_seed: int = 0, f0_dtype: torch.dtype = torch.float64
+    ) -> None:
         super().__init__()
         self.config = config
         self.noise_seed = noise_seed
@@ -588,24 +635,28 @@ class HiFTGenerator(nn.Module):
 
         self.m_source = HarmonicSource(c)
         self.conv_pre = weight_norm(
-            CausalConv1d(c.in_channels, c.base_channels, c.conv_pre_look_right + 1, side="right"))
+            CausalConv1d(c.in_channels, c.base_channels, c.conv_pre_look_right + 1, side="right")
+        )
         self.ups = nn.ModuleList(
             weight_norm(CausalConv1dUpsample(c.base_channels // 2**i, channels[i], k, u))
-            for i, (u, k) in enumerate(zip(c.upsample_rates, c.upsample_kernel_sizes)))
+            for i, (u, k) in enumerate(zip(c.upsample_rates, c.upsample_kernel_sizes))
+        )
         # The source STFT runs at S / hop frames per mel frame; stage i runs at prod(rates[:i+1]), so the
         # source is downsampled by the product of the remaining rates (×2 kernel), or not at all at the end.
         self.source_downs = nn.ModuleList()
         self.source_resblocks = nn.ModuleList()
         for i, (k, d) in enumerate(zip(c.source_resblock_kernel_sizes, c.source_resblock_dilation_sizes)):
-            down = math.prod(c.upsample_rates[i + 1:])
+            down = math.prod(c.upsample_rates[i + 1 :])
             if down == 1:
                 self.source_downs.append(CausalConv1d(n_bins, channels[i], 1))
             else:
                 self.source_downs.append(CausalConv1dDownSample(n_bins, channels[i], 2 * down, down))
             self.source_resblocks.append(ResBlock(channels[i], k, d))
         self.resblocks = nn.ModuleList(
-            ResBlock(ch, k, d) for ch in channels
-            for k, d in zip(c.resblock_kernel_sizes, c.resblock_dilation_sizes))
+            ResBlock(ch, k, d)
+            for ch in channels
+            for k, d in zip(c.resblock_kernel_sizes, c.resblock_dilation_sizes)
+        )
         self.conv_post = weight_norm(CausalConv1d(channels[-1], n_bins, 7))
         # Registered last so state_dict() lists keys in hift.pt's order.
         self.f0_predictor = F0Predictor(c.f0_in_channels, c.f0_cond_channels, c.f0_num_class)
@@ -628,8 +679,11 @@ class HiFTGenerator(nn.Module):
             rand_ini = torch.zeros(1, h)
         if tuple(rand_ini.shape) != (1, h):
             raise ValueError(f"rand_ini: expected shape (1, {h}), found {tuple(rand_ini.shape)}")
-        self._noise = FixedNoise(rand_ini.detach().to("cpu", torch.float32),
-                                 sine_noise.detach().to("cpu", torch.float32), seed=None)
+        self._noise = FixedNoise(
+            rand_ini.detach().to("cpu", torch.float32),
+            sine_noise.detach().to("cpu", torch.float32),
+            seed=None,
+        )
 
     def use_upstream_noise(self, **flow_sizes: Any) -> None:
         """Install the noise upstream draws when it builds ``cosyvoice3.yaml`` (bit-exact upstream parity).
@@ -662,7 +716,8 @@ class HiFTGenerator(nn.Module):
                 raise ValueError(
                     f"the installed fixed noise covers {noise.num_samples} samples "
                     f"({noise.num_samples / sr:.1f} s) but this call needs {num_samples} "
-                    f"({num_samples / sr:.1f} s); vocode shorter pieces or install longer noise")
+                    f"({num_samples / sr:.1f} s); vocode shorter pieces or install longer noise"
+                )
             # Grow in whole 30 s blocks so a stream of growing calls does not redraw every time.
             block = 30 * self.config.sampling_rate
             n = max(block, -(-num_samples // block) * block)
@@ -673,7 +728,9 @@ class HiFTGenerator(nn.Module):
     def _window(self, device: torch.device) -> Tensor:
         # Periodic Hann (scipy get_window('hann', n, fftbins=True)) = torch.hann_window(periodic=True).
         # Computed in float64 and rounded once, as scipy does.
-        return torch.hann_window(self.config.istft_n_fft, periodic=True, dtype=torch.float64).to(device, torch.float32)
+        return torch.hann_window(self.config.istft_n_fft, periodic=True, dtype=torch.float64).to(
+            device, torch.float32
+        )
 
     def _predict_f0(self, mel: Tensor, finalize: bool) -> Tensor:
         """f0 predictor in ``self.f0_dtype`` without changing the module's own parameters."""
@@ -701,8 +758,9 @@ class HiFTGenerator(nn.Module):
         c = self.config
         n_fft, hop = c.istft_n_fft, c.istft_hop_len
         window = self._window(source.device)
-        spec = torch.view_as_real(torch.stft(source.squeeze(1), n_fft, hop, n_fft, window=window,
-                                             return_complex=True))  # (B, n_fft/2+1, F, 2)
+        spec = torch.view_as_real(
+            torch.stft(source.squeeze(1), n_fft, hop, n_fft, window=window, return_complex=True)
+        )  # (B, n_fft/2+1, F, 2)
         real, imag = spec[..., 0], spec[..., 1]
         if finalize:
             x = self.conv_pre(mel)
@@ -730,8 +788,13 @@ class HiFTGenerator(nn.Module):
         half = n_fft // 2 + 1
         magnitude = torch.clamp(torch.exp(x[:, :half]), max=1e2)
         phase = torch.sin(x[:, half:])  # upstream's sin of the predicted phase; kept for parity
-        wav = torch.istft(torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase)),
-                          n_fft, hop, n_fft, window=window)
+        wav = torch.istft(
+            torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase)),
+            n_fft,
+            hop,
+            n_fft,
+            window=window,
+        )
         if not finalize:
             wav = wav[:, : -c.upsample_scale]
         return torch.clamp(wav, -c.audio_limit, c.audio_limit)
@@ -757,16 +820,20 @@ class HiFTGenerator(nn.Module):
         """
         c = self.config
         if speech_feat.dim() != 3 or speech_feat.shape[1] != c.in_channels:
-            raise ValueError(f"speech_feat: expected (B, {c.in_channels}, T), found {tuple(speech_feat.shape)}")
+            raise ValueError(
+                f"speech_feat: expected (B, {c.in_channels}, T), found {tuple(speech_feat.shape)}"
+            )
         if not finalize and speech_feat.shape[2] <= c.chunk_trim_frames:
-            raise ValueError(f"a non-final chunk needs more than {c.chunk_trim_frames} mel frames, "
-                             f"found {speech_feat.shape[2]}")
+            raise ValueError(
+                f"a non-final chunk needs more than {c.chunk_trim_frames} mel frames, "
+                f"found {speech_feat.shape[2]}"
+            )
         speech_feat = speech_feat.float()
         with parametrize.cached():
             f0 = self._predict_f0(speech_feat, finalize)  # (B, T')
             f0_32 = f0.to(speech_feat.dtype)
             noise = self.fixed_noise(f0.shape[1] * c.upsample_scale)
-            source = self.m_source(f0_32, noise.sine_noise)  # (B, 1, L)
+            source = self.m_source(f0_32, noise.on(f0_32.device))  # (B, 1, L)
             mel = speech_feat if finalize else speech_feat[:, :, : -self.f0_predictor.look_right]
             wav = self.decode(mel, source, finalize=finalize)
         return HiFTOutput(wav=wav, source=source, f0=f0)
@@ -810,7 +877,7 @@ class HiFTGenerator(nn.Module):
         if not finalize and state.mel.shape[2] <= self.config.chunk_trim_frames:
             return state.mel.new_zeros(state.mel.shape[0], 0)
         wav = self.inference(state.mel, finalize=finalize).wav
-        new = wav[:, state.emitted_samples:]
+        new = wav[:, state.emitted_samples :]
         state.emitted_samples += new.shape[1]
         state.finished = finalize
         return new
@@ -865,8 +932,9 @@ def replay_upstream_fixed_noise(
     _replay_conv_init((flow_output_size, flow_spk_embed_dim), g)
     c = config
     for i in range(5):
-        _replay_conv_init((c.f0_cond_channels, c.f0_in_channels if i == 0 else c.f0_cond_channels,
-                           4 if i == 0 else 3), g)
+        _replay_conv_init(
+            (c.f0_cond_channels, c.f0_in_channels if i == 0 else c.f0_cond_channels, 4 if i == 0 else 3), g
+        )
     _replay_conv_init((c.f0_num_class, c.f0_cond_channels), g)
     rand_ini = torch.rand(1, c.num_sines, generator=g)
     rand_ini[:, 0] = 0
@@ -875,7 +943,10 @@ def replay_upstream_fixed_noise(
     return FixedNoise(rand_ini=rand_ini, sine_noise=sine_noise, seed=None)
 
 
-_LEGACY_WN = {".weight_g": ".parametrizations.weight.original0", ".weight_v": ".parametrizations.weight.original1"}
+_LEGACY_WN = {
+    ".weight_g": ".parametrizations.weight.original0",
+    ".weight_v": ".parametrizations.weight.original1",
+}
 
 
 def hift_state_dict_from_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -893,8 +964,7 @@ def hift_state_dict_from_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[st
     """
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
-        if key.startswith("generator."):
-            key = key[len("generator."):]
+        key = key.removeprefix("generator.")
         for old, new in _LEGACY_WN.items():
             if key.endswith(old):
                 key = key[: -len(old)] + new
@@ -902,8 +972,11 @@ def hift_state_dict_from_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[st
     return out
 
 
-def load_hift_state_dict(model: HiFTGenerator, state_dict: Mapping[str, Tensor],
-                         allow_unexpected: Sequence[str] = ("epoch", "step")) -> None:
+def load_hift_state_dict(
+    model: HiFTGenerator,
+    state_dict: Mapping[str, Tensor],
+    allow_unexpected: Sequence[str] = ("epoch", "step"),
+) -> None:
     """Strictly load vocoder weights (after :func:`hift_state_dict_from_checkpoint`).
 
     Args:
@@ -918,20 +991,32 @@ def load_hift_state_dict(model: HiFTGenerator, state_dict: Mapping[str, Tensor],
     ours = model.state_dict()
     missing = sorted(set(ours) - set(sd))
     unexpected = sorted(k for k in set(sd) - set(ours) if k not in allow_unexpected)
-    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(ours[k].shape)}"
-                    for k in set(sd) & set(ours)
-                    if not isinstance(sd[k], Tensor) or tuple(sd[k].shape) != tuple(ours[k].shape))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(ours[k].shape)}"
+        for k in set(sd) & set(ours)
+        if not isinstance(sd[k], Tensor) or tuple(sd[k].shape) != tuple(ours[k].shape)
+    )
     if missing or unexpected or shapes:
         lines = []
         if missing:
-            lines.append(f"missing {len(missing)} key(s): {', '.join(missing[:20])}{' …' if len(missing) > 20 else ''}")
+            lines.append(
+                f"missing {len(missing)} key(s): {', '.join(missing[:20])}{' …' if len(missing) > 20 else ''}"
+            )
         if unexpected:
-            hint = (" (discriminator keys: this is a HiFiGAN training checkpoint; keep only generator.*)"
-                    if any(k.startswith("discriminator.") for k in unexpected) else "")
-            lines.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:20])}"
-                         f"{' …' if len(unexpected) > 20 else ''}{hint}")
+            hint = (
+                " (discriminator keys: this is a HiFiGAN training checkpoint; keep only generator.*)"
+                if any(k.startswith("discriminator.") for k in unexpected)
+                else ""
+            )
+            lines.append(
+                f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:20])}"
+                f"{' …' if len(unexpected) > 20 else ''}{hint}"
+            )
         if shapes:
             lines.append(f"{len(shapes)} shape mismatch(es): {'; '.join(shapes[:20])}")
-        raise CheckpointError("HiFT weights do not match the model: " + " | ".join(lines)
-                              + ". Check that the config matches the checkpoint.")
+        raise CheckpointError(
+            "HiFT weights do not match the model: "
+            + " | ".join(lines)
+            + ". Check that the config matches the checkpoint."
+        )
     model.load_state_dict({k: sd[k] for k in ours}, strict=True)
