@@ -1,0 +1,226 @@
+"""Dataset report: minutes, counts, durations, speaking rates and rejects, as text and a PNG.
+
+Reads a ``cosytune transcribe`` out_dir (``metadata.jsonl``, ``utterances.jsonl``,
+``rejects.jsonl``) or, failing that, a bare Kaldi data dir (``wav.scp`` + ``text``; durations
+are then read from the audio headers). Speaking rate is in Latin-equivalent characters per
+second, as defined in :mod:`cosytune.data.transcribe`.
+
+Writes ``dataset_report.txt``, ``dataset_report.json`` and ``dataset_report.png`` (matplotlib,
+Agg backend, so no display is needed) into the directory unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cosytune.data.kaldi import read_kaldi_dir
+from cosytune.data.transcribe import speakable_units
+from cosytune.errors import DataError
+from cosytune.fileio import atomic_path, read_jsonl, write_json, write_text
+
+logger = logging.getLogger(__name__)
+
+DURATION_BINS_S = (0.0, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0)
+
+
+@dataclass
+class DatasetReport:
+    """Figures of one dataset."""
+
+    directory: Path
+    minutes_total: float = 0.0
+    minutes_usable: float = 0.0
+    candidates: int = 0
+    kept: int = 0
+    splits: dict[str, int] = field(default_factory=dict)
+    speakers: dict[str, int] = field(default_factory=dict)
+    durations_s: list[float] = field(default_factory=list)
+    chars_per_s: list[float] = field(default_factory=list)
+    rejects: Counter = field(default_factory=Counter)
+    """``(stage, reason) -> count``."""
+    flags: Counter = field(default_factory=Counter)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "directory": str(self.directory),
+            "minutes_total": round(self.minutes_total, 3),
+            "minutes_usable": round(self.minutes_usable, 3),
+            "candidates": self.candidates,
+            "kept": self.kept,
+            "splits": self.splits,
+            "speakers": self.speakers,
+            "duration_s": _stats(self.durations_s),
+            "duration_histogram": duration_histogram(self.durations_s),
+            "chars_per_s": _stats(self.chars_per_s),
+            "rejects": {f"{s}/{r}": n for (s, r), n in sorted(self.rejects.items())},
+            "flags": dict(sorted(self.flags.items())),
+        }
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    if not xs:
+        return {}
+    return {
+        "min": round(min(xs), 3), "median": round(statistics.median(xs), 3),
+        "mean": round(statistics.fmean(xs), 3), "max": round(max(xs), 3),
+    }
+
+
+def duration_histogram(durations_s: list[float], bins: tuple[float, ...] = DURATION_BINS_S) -> dict[str, int]:
+    """Counts per duration bin, e.g. ``{"2-5 s": 10, ..., ">=30 s": 0}``."""
+    edges = list(bins) + [float("inf")]
+    out = {}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        label = f"{lo:g}-{hi:g} s" if hi != float("inf") else f">={lo:g} s"
+        out[label] = sum(lo <= d < hi for d in durations_s)
+    return out
+
+
+def build_report(directory: str | os.PathLike) -> DatasetReport:
+    """Collect the figures of a transcribe out_dir or a Kaldi data dir.
+
+    Raises:
+        DataError: when the directory holds neither ``metadata.jsonl`` nor ``wav.scp``.
+    """
+    directory = Path(directory)
+    rep = DatasetReport(directory=directory)
+    meta = directory / "metadata.jsonl"
+    try:
+        if meta.is_file():
+            rows = read_jsonl(meta)
+            utts_path = directory / "utterances.jsonl"
+            candidates = read_jsonl(utts_path) if utts_path.is_file() else rows
+            rep.candidates = len(candidates)
+            rep.minutes_total = sum(float(r.get("duration_s") or 0) for r in candidates) / 60
+            for r in rows:
+                rep.splits[r.get("split", "?")] = rep.splits.get(r.get("split", "?"), 0) + 1
+                rep.speakers[r.get("speaker", "?")] = rep.speakers.get(r.get("speaker", "?"), 0) + 1
+                rep.durations_s.append(float(r["duration_s"]))
+                rep.chars_per_s.append(speakable_units(r.get("text", "")) / max(float(r["duration_s"]), 1e-6))
+                rep.flags.update(r.get("flags") or [])
+        elif (directory / "wav.scp").is_file():
+            rows = _kaldi_rows(directory)
+            rep.candidates = len(rows)
+            rep.splits[directory.name] = len(rows)
+            for r in rows:
+                rep.speakers[r["speaker"]] = rep.speakers.get(r["speaker"], 0) + 1
+                rep.durations_s.append(r["duration_s"])
+                rep.chars_per_s.append(speakable_units(r["text"]) / max(r["duration_s"], 1e-6))
+            rep.minutes_total = sum(rep.durations_s) / 60
+        else:
+            raise DataError(
+                f"{directory} holds neither metadata.jsonl (a 'cosytune transcribe' out_dir) nor wav.scp "
+                "(a Kaldi data dir); pass one of those"
+            )
+        rejects_path = directory / "rejects.jsonl"
+        if rejects_path.is_file():
+            rep.rejects = Counter((r.get("stage", "?"), r.get("reason", "?")) for r in read_jsonl(rejects_path))
+    except ValueError as e:  # malformed JSONL line
+        raise DataError(str(e)) from e
+    rep.kept = len(rep.durations_s)
+    rep.minutes_usable = sum(rep.durations_s) / 60
+    return rep
+
+
+def _kaldi_rows(directory: Path) -> list[dict]:
+    import soundfile as sf
+
+    rows = []
+    for e in read_kaldi_dir(directory):
+        try:
+            info = sf.info(e.wav)
+        except Exception as err:  # noqa: BLE001 - reported with the path, not a bare traceback
+            raise DataError(f"cannot read {e.wav} listed in {directory / 'wav.scp'}: {err}") from err
+        rows.append({"duration_s": info.frames / info.samplerate, "text": e.text, "speaker": e.speaker})
+    return rows
+
+
+def format_report(rep: DatasetReport) -> str:
+    """The report as plain text."""
+    d = rep.to_dict()
+    lines = [
+        f"dataset report: {rep.directory}",
+        f"  minutes        {rep.minutes_usable:.2f} usable of {rep.minutes_total:.2f} total",
+        f"  utterances     {rep.kept} kept of {rep.candidates} candidates"
+        + (f" ({', '.join(f'{k} {v}' for k, v in sorted(rep.splits.items()))})" if rep.splits else ""),
+        f"  speakers       {', '.join(f'{k} ({v})' for k, v in sorted(rep.speakers.items())) or '-'}",
+    ]
+    if rep.durations_s:
+        s = d["duration_s"]
+        lines.append(f"  duration s     min {s['min']:.2f}  median {s['median']:.2f}  mean {s['mean']:.2f}  max {s['max']:.2f}")
+        lines.append("  duration histogram")
+        top = max(d["duration_histogram"].values()) or 1
+        for label, n in d["duration_histogram"].items():
+            lines.append(f"    {label:>9}  {n:5d}  {'#' * round(30 * n / top)}")
+        c = d["chars_per_s"]
+        lines.append(f"  chars/s        min {c['min']:.1f}  median {c['median']:.1f}  mean {c['mean']:.1f}  max {c['max']:.1f}"
+                     "  (Latin-equivalent: a CJK character counts 3)")
+    total_rej = sum(rep.rejects.values())
+    lines.append(f"  rejects        {total_rej}")
+    for (stage, reason), n in sorted(rep.rejects.items()):
+        lines.append(f"    {stage}/{reason}: {n}")
+    if rep.flags:
+        lines.append("  review flags   " + ", ".join(f"{k} {v}" for k, v in sorted(rep.flags.items())))
+    return "\n".join(lines)
+
+
+def plot_report(rep: DatasetReport, path: str | os.PathLike) -> Path:
+    """Save a PNG with the duration histogram, the chars/s histogram and rejects by reason."""
+    # A bare Figure renders with the Agg canvas and never touches pyplot's global backend state.
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    fig = Figure(figsize=(13, 4), dpi=100)
+    axes = fig.subplots(1, 3)
+    ax = axes[0]
+    ax.hist(rep.durations_s, bins=[b for b in DURATION_BINS_S] + [max([30.0] + rep.durations_s) + 1e-3],
+            color="#4C72B0", edgecolor="white")
+    ax.set_title(f"durations ({rep.kept} utts, {rep.minutes_usable:.1f} min usable)")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("utterances")
+    ax = axes[1]
+    ax.hist(rep.chars_per_s, bins=20, color="#55A868", edgecolor="white")
+    ax.set_title("speaking rate")
+    ax.set_xlabel("Latin-equivalent chars / s")
+    ax = axes[2]
+    if rep.rejects:
+        items = sorted(rep.rejects.items(), key=lambda kv: kv[1])
+        ax.barh([f"{s}/{r}" for (s, r), _ in items], [n for _, n in items], color="#C44E52")
+        ax.set_title(f"rejects ({sum(rep.rejects.values())})")
+    else:
+        ax.text(0.5, 0.5, "no rejects", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title("rejects (0)")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def write_report(
+    directory: str | os.PathLike, out_dir: str | os.PathLike | None = None
+) -> tuple[DatasetReport, dict[str, Path]]:
+    """Build the report and write ``dataset_report.{txt,json,png}``.
+
+    Args:
+        directory: a transcribe out_dir or a Kaldi data dir.
+        out_dir: where to write the files (default: ``directory``).
+
+    Returns:
+        The report and the paths written.
+    """
+    rep = build_report(directory)
+    out = Path(out_dir) if out_dir is not None else Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"txt": out / "dataset_report.txt", "json": out / "dataset_report.json", "png": out / "dataset_report.png"}
+    write_text(paths["txt"], format_report(rep) + "\n")
+    write_json(paths["json"], rep.to_dict())
+    plot_report(rep, paths["png"])
+    return rep, paths

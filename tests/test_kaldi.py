@@ -1,0 +1,87 @@
+"""Kaldi data dirs: write → read round trip, and the validator finds every kind of inconsistency."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cosytune.data.kaldi import KaldiEntry, read_kaldi_dir, validate_kaldi_dir, write_kaldi_dir
+from cosytune.errors import DataError
+
+INSTRUCT = "You are a helpful assistant.<|endofprompt|>"
+
+
+def _entries(tmp_path: Path, n: int = 3, spk: str = "spk") -> list[KaldiEntry]:
+    out = []
+    for i in range(n):
+        wav = tmp_path / f"w {i}.wav"
+        wav.write_bytes(b"RIFF")
+        out.append(KaldiEntry(f"{spk}_u{i}", str(wav), f"text number {i}, with spaces", spk, INSTRUCT))
+    return out
+
+
+def test_round_trip_sorted_and_valid(tmp_path):
+    entries = _entries(tmp_path, 4)[::-1] + _entries(tmp_path, 2, spk="Zed")  # unsorted, two speakers
+    d = tmp_path / "train"
+    assert write_kaldi_dir(d, entries) == 6
+    assert validate_kaldi_dir(d) == []
+    back = read_kaldi_dir(d)
+    assert sorted(back, key=lambda e: e.utt) == sorted(entries, key=lambda e: e.utt)
+    # byte order: upper-case 'Z' sorts before lower-case 's' (LC_ALL=C)
+    assert [e.utt for e in back][:2] == ["Zed_u0", "Zed_u1"]
+    spk2utt = dict(line.split(" ", 1) for line in (d / "spk2utt").read_text().splitlines())
+    assert spk2utt["spk"].split() == ["spk_u0", "spk_u1", "spk_u2", "spk_u3"]
+    # text keeps its spaces: the value is everything after the first space
+    assert back[2].text == "text number 0, with spaces"
+
+
+def test_validator_reports_each_problem(tmp_path):
+    d = tmp_path / "dev"
+    write_kaldi_dir(d, _entries(tmp_path, 3))
+    assert validate_kaldi_dir(d) == []
+    text = (d / "text").read_text().splitlines()
+    (d / "text").write_text("\n".join(text[1:]) + "\n")  # drop one utterance's text
+    (d / "spk2utt").write_text("spk spk_u0\n")
+    (d / "instruct").write_text((d / "instruct").read_text().replace("<|endofprompt|>", "", 1))
+    Path(read_kaldi_dir_wav(d, "spk_u2")).unlink()
+    problems = "\n".join(validate_kaldi_dir(d))
+    assert "missing from text" in problems
+    assert "spk2utt is not the inverse of utt2spk" in problems
+    assert "not ending with <|endofprompt|>" in problems
+    assert "do not exist" in problems
+    with pytest.raises(DataError, match="inconsistent"):
+        read_kaldi_dir(d)
+
+
+def read_kaldi_dir_wav(d: Path, utt: str) -> str:
+    return dict(line.split(" ", 1) for line in (d / "wav.scp").read_text().splitlines())[utt]
+
+
+def test_unsorted_and_missing_files_are_reported(tmp_path):
+    d = tmp_path / "x"
+    write_kaldi_dir(d, _entries(tmp_path, 3))
+    lines = (d / "utt2spk").read_text().splitlines()
+    (d / "utt2spk").write_text("\n".join(lines[::-1]) + "\n")
+    assert any("utt2spk is not sorted" in p for p in validate_kaldi_dir(d))
+    (d / "instruct").unlink()
+    assert "missing file(s) instruct" in validate_kaldi_dir(d)[0]
+    assert validate_kaldi_dir(d, require_instruct=False) != []  # still unsorted
+
+
+def test_writer_refuses_bad_ids_and_duplicates(tmp_path):
+    e = _entries(tmp_path, 1)[0]
+    with pytest.raises(DataError, match="whitespace"):
+        write_kaldi_dir(tmp_path / "a", [KaldiEntry("spk u0", e.wav, "t", "spk", INSTRUCT)])
+    with pytest.raises(DataError, match="appears twice"):
+        write_kaldi_dir(tmp_path / "b", [e, e])
+    with pytest.raises(DataError, match="line break"):
+        write_kaldi_dir(tmp_path / "c", [KaldiEntry("spk_u0", e.wav, "two\nlines", "spk", INSTRUCT)])
+
+
+def test_no_instruct_file_when_entries_have_none(tmp_path):
+    d = tmp_path / "d"
+    write_kaldi_dir(d, _entries(tmp_path, 2))
+    write_kaldi_dir(d, [KaldiEntry(e.utt, e.wav, e.text, e.speaker) for e in _entries(tmp_path, 2)])
+    assert not (d / "instruct").exists()
+    assert validate_kaldi_dir(d, require_instruct=False) == []
