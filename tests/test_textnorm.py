@@ -9,6 +9,7 @@ English splits use :func:`count_utf8_bytes`.
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 
@@ -231,6 +232,35 @@ def test_number_too_long_for_inflect_is_a_clear_error(norm):
         norm.normalize("id " + long_run)
 
 
+def test_repeated_whitespace_in_english_does_not_crash(norm, items):
+    """wetext 0.1.8 fails on whitespace runs in English; we collapse them and get the single-space result."""
+    en = [it for it in _of_branch(items, "en") if "  " not in it["input"]]
+    if not en:
+        pytest.skip("fixture has no en items")
+    for it in en:
+        doubled = it["input"].replace(" ", "  ")
+        assert norm.normalize(doubled) == [it[TARGET]["split_false"]], it["input"]
+    first, last = en[0], en[-1]
+    paragraphs = norm.normalize(first["input"] + "\n\n" + last["input"])
+    assert paragraphs == norm.normalize(first["input"] + " " + last["input"])
+
+
+def test_wetext_quote_escaping_is_undone(norm, items):
+    """wetext 0.1.8 outputs \\" for every quote when its grammar runs; no backslash may reach the LLM."""
+    checked = 0
+    for it in _of_branch(items, "zh") + _of_branch(items, "en"):
+        text = it["input"].strip()
+        if text[-1] in "，,、":  # the trailing-comma rule cannot see through a closing quote
+            continue
+        assert norm.normalize(f'"{text}"') == [f'"{it[TARGET]["split_false"]}"'], text
+        checked += 1
+    assert checked > 0
+    # Backslashes survive: escaped ones are unescaped, untouched text (zh without digits) is left alone.
+    assert norm.normalize("path C:\\dir 5") == ["path C:\\dir five"]
+    assert norm.normalize('他说"你好"\\好') == ['他说"你好"\\好']
+    assert norm.normalize('他说"你好2"\\好') == ['他说"你好二"\\好']
+
+
 def test_wetext_failure_is_a_clear_error(norm):
     text = "Item #1 is here."
     try:
@@ -387,3 +417,31 @@ def test_split_paragraph_rules():
     ) == ["一，", "二，", "三。"]
     with pytest.raises(ValueError):
         split_paragraph("", "zh", len)
+
+
+def test_random_text_never_crashes_and_keeps_the_result_shape(norm):
+    """Seeded fuzz over digits, symbols, quotes, whitespace and CJK: a list of the documented shape, or a
+    CosytuneError with a message; never a bare wetext/inflect exception, never a leaked backslash."""
+    from cosytune.errors import CosytuneError
+
+    pool = list(
+        "0123456789    abcXYZ.,!?;:-+#%$€/'\"“”（）【】——`²³\n\\你好世界年月日。，、！？：；😀<|>&@*=_~"
+    )
+    rng = random.Random(1234)
+    outcomes = {"ok": 0, "error": 0}
+    for _ in range(250):
+        text = "".join(rng.choice(pool) for _ in range(rng.randint(1, 25)))
+        for split in (False, True):
+            try:
+                out = norm.normalize(text, split=split)
+            except CosytuneError as e:
+                assert str(e)
+                outcomes["error"] += 1
+                continue
+            outcomes["ok"] += 1
+            assert isinstance(out, list) and out and all(isinstance(s, str) and s for s in out)
+            if not split:
+                assert len(out) == 1
+            if "\\" not in text:
+                assert "\\" not in "".join(out), (text, out)
+    assert outcomes["ok"] > outcomes["error"]

@@ -65,7 +65,8 @@ Choice of wetext version: 0.1.8 (the ``latest`` variant of ``textnorm.json``)
 
     The other 20 (all of zh except 1–3, the ``<|endofprompt|>`` and empty inputs, English without digits)
     are identical. wetext's FSTs are loaded by wetext itself into its module state on first import; we
-    import it lazily inside :class:`TextNormalizer`, so importing this module stays cheap and side-effect free.
+    import it lazily inside :class:`TextNormalizer`, so importing this module stays cheap and free of side
+    effects.
 
 Deviations from upstream (only where upstream crashes or returns something unusable)
     * Empty or whitespace-only text, and text with nothing but punctuation/symbols left after
@@ -79,9 +80,17 @@ Deviations from upstream (only where upstream crashes or returns something unusa
     * A digit run too long for ``inflect`` (more than 36 digits) raises :class:`UnspeakableTextError`
       instead of ``inflect.NumOutOfRangeError``.
     * A non-``str`` input (upstream's bistream generator) raises ``TypeError``: bistream is not supported.
-    * wetext 0.1.8 itself fails on some inputs: English ``"#1"`` (e.g. ``"Item #1 is here."``) raises an
-      ``AssertionError`` in its token parser. We raise :class:`TextFrontendError` naming the text and the
-      fix (rewrite ``#1`` or use ``--no-text_frontend``); upstream on 0.1.8 crashes with the bare error.
+
+Workarounds for wetext 0.1.8 bugs (upstream running on 0.1.8 has them; none affects a fixture item)
+    * Its en grammar raises ``AssertionError`` on any run of two or more whitespace characters
+      (``"Hello  world"``, a blank line between paragraphs). We retry with such runs collapsed to one
+      space (what a single newline becomes anyway), so only texts that would crash are affected.
+    * It also raises on a symbol right next to a digit or another symbol (``"Item #1"``, ``"20€"``,
+      ``"5$"``). We raise :class:`TextFrontendError` naming the text and the fix (write it out, or
+      ``--no-text_frontend``) instead of upstream's bare ``AssertionError``.
+    * Whenever its grammar runs it escapes ``"`` as ``\\"`` and ``\\`` as ``\\\\`` in the output
+      (``He said "hi 5"`` → ``He said \\"hi five\\"``), so the LLM would be fed backslashes. We undo the
+      escaping (only when wetext changed the text; untouched text keeps its own backslashes).
 
 Upstream quirks kept on purpose (they define what the model was trained and evaluated with)
     * The skip rule only looks for ``'<|'`` and ``'|>'`` anywhere, not for a known special token.
@@ -90,6 +99,8 @@ Upstream quirks kept on purpose (they define what the model was trained and eval
     * English text made only of digits (``"2024"``) goes through wetext's *zh* grammar, because wetext's
       ``lang="auto"`` calls a pure-digit string Chinese (``两千零二十四``).
     * In the zh branch every ``.`` becomes ``。`` (after TN, so decimals are already spelled out).
+    * wetext 0.1.8 misreadings are kept as they are, e.g. ``100m race`` → ``one hundred minutes race``,
+      ``a $5 b`` → ``a five billion dollars``, ``24/7`` → ``twenty four sevenths``.
 """
 
 from __future__ import annotations
@@ -122,6 +133,8 @@ _CJK_RE = re.compile(r"[\u4e00-\u9fff]")
 # Python's unicodedata would lag behind by Unicode version.
 _ONLY_PUNCT_RE = regex.compile(r"[\p{P}\p{S}]*")
 _TRAILING_COMMAS_RE = re.compile(r"[，,、]+$")
+_WHITESPACE_RUN_RE = re.compile(r"\s{2,}")
+_WETEXT_ESCAPE_RE = re.compile(r'\\(["\\])')
 
 _ZH_STOPS = frozenset("。？！；：、.?!;")
 _EN_STOPS = frozenset(".?!;:")
@@ -460,24 +473,47 @@ class TextNormalizer:
         return segments
 
     def tn(self, text: str, lang: Literal["zh", "en"]) -> str:
-        """Run only wetext's TN step with this object's zh or en normaliser (diagnostics and tests).
+        """Run only the wetext TN step with this object's zh or en normaliser (diagnostics and tests).
+
+        Includes the two wetext 0.1.8 workarounds described in the module docstring: a retry with
+        whitespace runs collapsed when wetext fails, and undoing its backslash-escaping of ``"``/``\\``.
 
         Args:
             text: stripped text.
             lang: which of the two normalisers to use (upstream picks by :func:`contains_chinese`).
 
         Returns:
-            wetext's output, before any of the rules :meth:`normalize` applies afterwards.
+            The TN output, before any of the rules :meth:`normalize` applies afterwards.
+
+        Raises:
+            TextFrontendError: wetext fails on the text, also with whitespace runs collapsed.
         """
         zh_tn, en_tn, _ = self._backends()
+        model = zh_tn if lang == "zh" else en_tn
         try:
-            return (zh_tn if lang == "zh" else en_tn).normalize(text)
-        except Exception as e:  # wetext's own failures (e.g. an AssertionError on "Item #1")
-            raise TextFrontendError(
-                f"wetext {_version('wetext')} could not normalise the {lang} text {_preview(text)} "
-                f"({type(e).__name__}: {e or 'no message'}); rewrite the part it trips on (e.g. '#1' as "
-                "'number 1') or turn normalisation off with --no-text_frontend"
-            ) from e
+            out = model.normalize(text)
+        except Exception as first:  # wetext's own failures (AssertionError in its token parser)
+            # wetext 0.1.8's en grammar fails on any run of 2+ whitespace characters ("Hello  world",
+            # blank lines). One space is what a single newline becomes anyway, and collapsing only
+            # changes texts that would otherwise crash, so outputs elsewhere stay upstream's.
+            collapsed = _WHITESPACE_RUN_RE.sub(" ", text)
+            if collapsed == text:
+                raise self._tn_error(text, lang, first) from first
+            try:
+                out = model.normalize(collapsed)
+            except Exception as second:
+                raise self._tn_error(text, lang, second) from second
+            logger.info("wetext failed on a text with repeated whitespace; normalised it with single spaces")
+        return _unescape_wetext(text, out)
+
+    @staticmethod
+    def _tn_error(text: str, lang: str, cause: BaseException) -> TextFrontendError:
+        return TextFrontendError(
+            f"wetext {_version('wetext')} could not normalise the {lang} text {_preview(text)} "
+            f"({type(cause).__name__}{': ' + str(cause) if str(cause) else ''}); it fails on a symbol right "
+            "next to a digit or another symbol (e.g. '#1', '20€', '5$'): write it out ('number 1', "
+            "'20 euros') or turn normalisation off with --no-text_frontend"
+        )
 
     def _normalize_zh(self, text: str) -> str:
         return postprocess_zh(self.tn(text, "zh"))
@@ -541,6 +577,17 @@ def _check_str(text: object) -> None:
             f"text must be a str, found {type(text).__name__}; streaming text input (a generator, "
             "upstream's bistream mode) is not supported"
         )
+
+
+def _unescape_wetext(tn_input: str, tn_output: str) -> str:
+    """Undo wetext 0.1.8's escaping of ``"`` and ``\\`` (``\\"``, ``\\\\``) in the text it rewrote.
+
+    wetext escapes both characters whenever its grammar runs, and leaves the text untouched when it does
+    not (zh without digits), so an output equal to the input needs no unescaping.
+    """
+    if tn_output == tn_input or ('"' not in tn_input and "\\" not in tn_input):
+        return tn_output
+    return _WETEXT_ESCAPE_RE.sub(r"\1", tn_output)
 
 
 def _version(package: str) -> str | None:
