@@ -156,7 +156,9 @@ def test_seeded_noise_grows_with_stable_prefix():
 
 def test_installed_noise_too_short_is_a_clear_error(golden, tiny):
     model, t = tiny
-    mel = torch.cat([t["speech_feat"]] * 2, dim=2)
+    frames = t["sine_waves_fixed_prefix"].shape[1] // model.config.upsample_scale + 1
+    reps = -(-frames // t["speech_feat"].shape[2])
+    mel = torch.cat([t["speech_feat"]] * reps, dim=2)[:, :, :frames]
     with pytest.raises(ValueError, match="installed fixed noise covers"):
         model.inference(mel)
 
@@ -248,6 +250,8 @@ def test_config_values_and_upstream_mapping(golden):
     real = HiFTConfig.fun_cosyvoice3()
     assert real.upsample_scale == 480 and real.num_sines == 9 and real.chunk_trim_frames == 8
     assert real.stage_channels() == [256, 128, 64]
+    small = HiFTConfig.tiny()
+    assert dataclasses.replace(small, base_channels=512, f0_cond_channels=512) == real  # same architecture
     tiny = _config(golden)
     raw = golden.json("hift_tiny_config")
     nested = {**raw["CausalHiFTGenerator"], "f0_predictor": raw["CausalConvRNNF0Predictor"]}

@@ -225,6 +225,11 @@ class HiFTConfig:
         return cls()
 
     @classmethod
+    def tiny(cls) -> HiFTConfig:
+        """Same architecture with narrow channels (64 base, 32 in the f0 predictor): for tests and demos."""
+        return cls(base_channels=64, f0_cond_channels=32)
+
+    @classmethod
     def from_upstream(
         cls, generator: Mapping[str, Any], f0_predictor: Mapping[str, Any] | None = None
     ) -> HiFTConfig:
