@@ -112,8 +112,13 @@ def test_golden_branch_and_wetext_output(norm, items):
             continue
         assert norm.branch(it["input"]) == it["branch"], it["input"]
         expected_tn = it[TARGET]["wetext_out"]
-        # A mismatch here means the installed wetext is not the version the fixture was made with.
-        assert norm.tn(it["input"].strip(), it["branch"]) == expected_tn, it["input"]
+        # The fixture records wetext's raw call; a mismatch means the installed wetext is not the version
+        # the fixture was made with. (norm.tn adds our workarounds, which matter only for quotes/crashes.)
+        zh_tn, en_tn, _ = norm._backends()
+        raw = (zh_tn if it["branch"] == "zh" else en_tn).normalize(it["input"].strip())
+        assert raw == expected_tn, it["input"]
+        if '"' not in raw and "\\" not in raw:
+            assert norm.tn(it["input"].strip(), it["branch"]) == raw
 
 
 def test_golden_pinned_variant_rules_replayed(items):
