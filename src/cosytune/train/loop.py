@@ -189,6 +189,7 @@ def train(
     resume: str | Path | None = "auto",
     progress: bool = True,
     extra_info: dict | None = None,
+    tensorboard_dir: Path | None = None,
 ) -> TrainResult:
     """Train ``model`` according to ``cfg``; checkpoints go to ``run_dir`` (rank 0 writes).
 
@@ -246,7 +247,7 @@ def train(
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(run_dir / "tensorboard"))
+            writer = SummaryWriter(str(tensorboard_dir or run_dir / "tensorboard"))
         except ImportError:  # pragma: no cover
             logger.warning("tensorboard is not installed; no TensorBoard scalars will be written")
 
