@@ -552,6 +552,14 @@ def _aggregate(segments: list[tuple[str, float, float, float, float]], language:
     )
 
 
+def _check_model_path(model: str) -> None:
+    """A model given as a path must exist (otherwise it would be taken for a hub name)."""
+    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
+        raise DataError(
+            f"Whisper model dir {model} does not exist; pass an existing model dir or a model name such as large-v3"
+        )
+
+
 class FasterWhisperBackend:
     """faster-whisper (CTranslate2) ASR; the model loads from a local dir or the usual cache."""
 
@@ -560,11 +568,12 @@ class FasterWhisperBackend:
     def __init__(self, cfg: TranscribeConfig) -> None:
         fw = require("faster_whisper", "asr", "the faster-whisper transcription backend")
         self.cfg = cfg
+        _check_model_path(cfg.whisper_model)
         try:
             self.model = fw.WhisperModel(
                 cfg.whisper_model, device=cfg.device, compute_type=cfg.compute_type, cpu_threads=cfg.num_threads
             )
-        except (ValueError, RuntimeError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - boundary: hub, CTranslate2 and CUDA errors all mean "cannot load"
             raise DataError(
                 f"could not load faster-whisper model {cfg.whisper_model!r} on device {cfg.device!r} "
                 f"(compute_type {cfg.compute_type!r}): {e}. Pass --whisper_model as a local CTranslate2 "
@@ -600,6 +609,7 @@ class OpenAIWhisperBackend:
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.cfg = cfg
         self.fp16 = device.startswith("cuda")
+        _check_model_path(cfg.whisper_model)
         try:
             self.model = whisper.load_model(cfg.whisper_model, device=device)
         except (RuntimeError, OSError) as e:
@@ -1052,6 +1062,11 @@ def apply_review(
     except (ValueError, TypeError) as e:
         raise DataError(f"{utts_path} is damaged ({e}); re-run 'cosytune transcribe'") from e
     review = read_review(review_file or directory / "review.tsv")
+    missing = [u.utt for u in utts if u.utt not in review]
+    if missing:
+        logger.warning("%d utterance(s) have no row in the review file and keep their text, e.g. %s; "
+                       "to drop a row put x in its delete column instead of removing the line",
+                       len(missing), missing[:3])
     # start from the backend's text; the review file carries every edit made so far
     base = [replace(u, text=u.orig_text, text_source=u.text_source if u.text_source != "review" else "",
                     status="", reject_reason="", flags=()) for u in utts]
