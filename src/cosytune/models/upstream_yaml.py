@@ -1,0 +1,868 @@
+"""Read and write upstream's ``cosyvoice3.yaml`` without executing it.
+
+Upstream parses this file with HyperPyYAML, where tags build objects: ``!new:pkg.Class`` constructs a
+class, ``!name:pkg.func`` makes a partial, ``!apply:pkg.func`` calls a function at load time (the
+seeding lines), and ``!ref <key>`` refers to another entry (with simple arithmetic such as
+``!ref <chunk_size> * <token_mel_ratio>``). Building the file imports and runs everything it names.
+
+Here the same file is read as *data*:
+
+1. :func:`load_upstream_yaml` parses it with a ``yaml.SafeLoader`` subclass whose tag handlers only
+   record what the tag said (:class:`TaggedNode`), resolves ``!ref``/``!copy`` references and the
+   arithmetic the file uses, and imports nothing. YAML 1.2 float spellings (``1e-06``) are numbers, as
+   in ruamel/HyperPyYAML.
+2. :func:`parse_cosyvoice3_yaml` checks the structure (classes must be the CosyVoice 3 ones, every
+   argument known) and maps the numbers onto :class:`CosyVoice3Hparams`: plain typed dataclasses whose
+   field names are upstream's constructor arguments. Anything it does not understand is reported, all
+   problems at once, as :class:`~cosytune.errors.ConfigError`.
+3. :func:`dump_cosyvoice3_yaml` writes a file in the same tagged format (so upstream CosyVoice can build
+   the networks from it) from a :class:`CosyVoice3Hparams` (e.g. the tiny preset).
+
+The Qwen2 backbone sizes are not in the yaml (it only names ``CosyVoice-BlankEN``); they come from that
+folder's ``config.json`` (``cosytune.models.qwen2.Qwen2Config.from_json``).
+
+Upstream reference: ``examples/libritts/cosyvoice3/conf/cosyvoice3.yaml`` and the model dir's
+``cosyvoice3.yaml``; ``cosyvoice/cli/cosyvoice.py`` (how it is loaded). Read for facts only.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import logging
+import operator
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cosytune.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Upstream class paths that make a directory a CosyVoice 3 model (upstream asserts the same trio).
+LLM_CLASS = "cosyvoice.llm.llm.CosyVoice3LM"
+QWEN_ENCODER_CLASS = "cosyvoice.llm.llm.Qwen2Encoder"
+RAS_SAMPLING_FUNC = "cosyvoice.utils.common.ras_sampling"
+FLOW_CLASS = "cosyvoice.flow.flow.CausalMaskedDiffWithDiT"
+PRE_LOOKAHEAD_CLASS = "cosyvoice.transformer.upsample_encoder.PreLookaheadLayer"
+CFM_CLASS = "cosyvoice.flow.flow_matching.CausalConditionalCFM"
+DIT_CLASS = "cosyvoice.flow.DiT.dit.DiT"
+DICTCONFIG_CLASS = "omegaconf.DictConfig"
+HIFT_CLASS = "cosyvoice.hifigan.generator.CausalHiFTGenerator"
+F0_CLASS = "cosyvoice.hifigan.f0_predictor.CausalConvRNNF0Predictor"
+MEL_FUNC = "matcha.utils.audio.mel_spectrogram"
+TOKENIZER_FUNC = "cosyvoice.tokenizer.tokenizer.get_qwen_tokenizer"
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Inert HyperPyYAML parsing
+# --------------------------------------------------------------------------------------------------
+
+
+class TaggedNode(dict):
+    """What a ``!new:`` / ``!name:`` / ``!apply:`` tag asked for, recorded and never executed.
+
+    The node *is* the dict of its keyword arguments (so code that only wants the numbers under a tag,
+    such as ``train_conf`` or ``batch``, can treat it as a mapping); the tag itself is kept in attributes.
+
+    Attributes:
+        kind: ``"new"`` (construct), ``"name"`` (partial) or ``"apply"`` (call at load time).
+        target: the dotted Python path named by the tag, e.g. ``cosyvoice.flow.DiT.dit.DiT``.
+        args: positional arguments (a YAML sequence under the tag).
+        line: 1-based line of the tag in the file, for messages.
+    """
+
+    def __init__(self, kind: str = "", target: str = "", args: list[Any] | None = None,
+                 kwargs: dict[str, Any] | None = None, line: int = 0) -> None:
+        super().__init__(kwargs or {})
+        self.kind = kind
+        self.target = target
+        self.args = list(args or [])
+        self.line = line
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments (the mapping under the tag)."""
+        return self
+
+    def __repr__(self) -> str:
+        return f"TaggedNode(!{self.kind}:{self.target}, args={self.args!r}, kwargs={dict(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, TaggedNode):
+            return (self.kind, self.target, self.args, dict(self)) == (other.kind, other.target, other.args,
+                                                                       dict(other))
+        return dict.__eq__(self, other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass
+class _Ref:
+    expr: str
+    copy: bool
+    line: int
+
+
+# YAML 1.2 floats: PyYAML (YAML 1.1) reads "1e-06" and "1e-5" as strings; ruamel (HyperPyYAML) as floats.
+_FLOAT_12 = re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+    r"|\.inf|\.Inf|\.INF|\.nan|\.NaN|\.NAN)$"
+)
+
+
+class _InertLoader(yaml.SafeLoader):
+    """SafeLoader that turns HyperPyYAML tags into inert records."""
+
+
+_InertLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_InertLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+
+
+def _construct_tagged(kind: str):
+    def construct(loader: _InertLoader, suffix: str, node: yaml.Node) -> TaggedNode:
+        line = node.start_mark.line + 1
+        if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", suffix or ""):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"!{kind}: needs a dotted Python name, found {suffix!r}", node.start_mark
+            )
+        if isinstance(node, yaml.MappingNode):
+            return TaggedNode(kind, suffix, [], loader.construct_mapping(node, deep=True), line)
+        if isinstance(node, yaml.SequenceNode):
+            return TaggedNode(kind, suffix, loader.construct_sequence(node, deep=True), {}, line)
+        value = loader.construct_scalar(node)
+        return TaggedNode(kind, suffix, [] if value in ("", None) else [value], {}, line)
+
+    return construct
+
+
+def _construct_ref(copy_: bool):
+    def construct(loader: _InertLoader, node: yaml.Node) -> _Ref:
+        if not isinstance(node, yaml.ScalarNode):
+            raise yaml.constructor.ConstructorError(None, None, "!ref needs a scalar like <key>", node.start_mark)
+        return _Ref(str(loader.construct_scalar(node)), copy_, node.start_mark.line + 1)
+
+    return construct
+
+
+def _construct_tuple(loader: _InertLoader, node: yaml.Node) -> tuple:
+    if isinstance(node, yaml.SequenceNode):
+        return tuple(loader.construct_sequence(node, deep=True))
+    text = str(loader.construct_scalar(node)).strip()
+    if text.startswith("(") and text.endswith(")"):
+        text = text[1:-1]
+    return tuple(yaml.load(f"[{text}]", Loader=_InertLoader))  # noqa: S506 - our SafeLoader subclass
+
+
+def _unsupported(loader: _InertLoader, suffix: str, node: yaml.Node) -> Any:
+    tag = node.tag
+    raise yaml.constructor.ConstructorError(
+        None, None,
+        f"tag {tag!r} is not supported by cosytune's safe reader (supported: !new:, !name:, !apply:, !ref, !copy, "
+        "!tuple)", node.start_mark,
+    )
+
+
+_InertLoader.add_multi_constructor("!new:", _construct_tagged("new"))
+_InertLoader.add_multi_constructor("!name:", _construct_tagged("name"))
+_InertLoader.add_multi_constructor("!apply:", _construct_tagged("apply"))
+_InertLoader.add_constructor("!ref", _construct_ref(False))
+_InertLoader.add_constructor("!copy", _construct_ref(True))
+_InertLoader.add_constructor("!tuple", _construct_tuple)
+_InertLoader.add_multi_constructor("!", _unsupported)
+_InertLoader.add_multi_constructor("tag:", _unsupported)
+
+
+_REF_TOKEN = re.compile(r"<([^<>]+)>")
+_ARITH_OPS = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+}
+
+
+def _eval_arith(text: str) -> int | float:
+    """Evaluate ``text`` if it is numbers joined by + - * / // % ** and parentheses; else ValueError."""
+    tree = ast.parse(text.strip(), mode="eval")
+
+    def ev(n: ast.AST) -> int | float:
+        if isinstance(n, ast.Expression):
+            return ev(n.body)
+        if isinstance(n, ast.Constant) and isinstance(n.value, (int, float)) and not isinstance(n.value, bool):
+            return n.value
+        if isinstance(n, ast.BinOp) and type(n.op) in _ARITH_OPS:
+            return _ARITH_OPS[type(n.op)](ev(n.left), ev(n.right))
+        if isinstance(n, ast.UnaryOp) and isinstance(n.op, (ast.USub, ast.UAdd)):
+            v = ev(n.operand)
+            return -v if isinstance(n.op, ast.USub) else v
+        raise ValueError(f"not plain arithmetic: {ast.dump(n)[:60]}")
+
+    return ev(tree)
+
+
+class _Resolver:
+    """Resolves ``!ref``/``!copy`` nodes against the top level of the document."""
+
+    def __init__(self, doc: dict[str, Any], source: str) -> None:
+        self.doc = doc
+        self.source = source
+        self.done: dict[str, Any] = {}
+        self.active: list[str] = []
+
+    def lookup(self, key: str, line: int) -> Any:
+        # <a.b> and <a[b]> address nested entries, as in HyperPyYAML
+        parts = [p for p in re.split(r"[.\[\]]", key.strip()) if p]
+        if not parts:
+            raise ConfigError(f"line {line}: empty reference <{key}>", self.source)
+        top = parts[0]
+        if top not in self.doc:
+            raise ConfigError(f"line {line}: !ref <{key}> names {top!r}, which is not a top-level key", self.source)
+        if top in self.active:
+            raise ConfigError(f"line {line}: circular reference via {' -> '.join(self.active + [top])}", self.source)
+        if top not in self.done:
+            self.active.append(top)
+            self.done[top] = self.resolve(self.doc[top])
+            self.active.pop()
+        value = self.done[top]
+        for p in parts[1:]:
+            if isinstance(value, TaggedNode):
+                value = value.kwargs
+            if isinstance(value, dict) and p in value:
+                value = value[p]
+            elif isinstance(value, (list, tuple)) and p.lstrip("-").isdigit():
+                value = value[int(p)]
+            else:
+                raise ConfigError(f"line {line}: !ref <{key}>: {p!r} not found", self.source)
+        return value
+
+    def resolve_ref(self, ref: _Ref) -> Any:
+        tokens = _REF_TOKEN.findall(ref.expr)
+        if not tokens:
+            raise ConfigError(f"line {ref.line}: !ref {ref.expr!r} contains no <key>", self.source)
+        if _REF_TOKEN.fullmatch(ref.expr.strip()):
+            value = self.lookup(tokens[0], ref.line)
+            return copy.deepcopy(value) if ref.copy else value
+        values = {t: self.lookup(t, ref.line) for t in tokens}
+        text = _REF_TOKEN.sub(lambda m: repr(values[m.group(1)]) if isinstance(values[m.group(1)], (int, float))
+                              and not isinstance(values[m.group(1)], bool) else str(values[m.group(1)]), ref.expr)
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
+            try:
+                return _eval_arith(text)
+            except (ValueError, SyntaxError, ZeroDivisionError):
+                pass
+        return text  # string interpolation such as <dir>/file
+
+    def resolve(self, value: Any) -> Any:
+        if isinstance(value, _Ref):
+            return self.resolve_ref(value)
+        if isinstance(value, TaggedNode):
+            return TaggedNode(value.kind, value.target, [self.resolve(v) for v in value.args],
+                              {k: self.resolve(v) for k, v in value.kwargs.items()}, value.line)
+        if isinstance(value, dict):
+            return {k: self.resolve(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.resolve(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(self.resolve(v) for v in value)
+        return value
+
+
+def load_upstream_yaml(
+    source: str | os.PathLike, overrides: dict[str, Any] | None = None, *, text: str | None = None
+) -> dict[str, Any]:
+    """Parse a HyperPyYAML file into plain data without importing or running anything it names.
+
+    Args:
+        source: path of the file (also used in messages when ``text`` is given).
+        overrides: top-level keys to replace before references are resolved (upstream overrides
+            ``qwen_pretrain_path`` this way).
+        text: the YAML text; read from ``source`` when omitted.
+
+    Returns:
+        The document with tags as :class:`TaggedNode` records and every reference resolved.
+
+    Raises:
+        ConfigError: unreadable YAML, an unsupported tag, or a reference that cannot be resolved.
+    """
+    name = str(source)
+    if text is None:
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read the file ({e})", name) from e
+    try:
+        doc = yaml.load(text, Loader=_InertLoader)  # noqa: S506 - SafeLoader subclass, tags are inert
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid (Hyper)YAML: {e}", name) from e
+    if not isinstance(doc, dict):
+        raise ConfigError(f"expected a mapping at the top level, found {type(doc).__name__}", name)
+    for k, v in (overrides or {}).items():
+        doc[k] = v
+    resolver = _Resolver(doc, name)
+    return {k: resolver.lookup(k, 0) for k in doc}
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Typed hyper-parameters (field names = upstream constructor arguments)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RasSamplingHparams:
+    """``ras_sampling`` partial bound in the yaml (spec §2.6)."""
+
+    top_p: float = 0.8
+    top_k: int = 25
+    win_size: int = 10
+    tau_r: float = 0.1
+
+
+@dataclass(frozen=True)
+class LLMHparams:
+    """``CosyVoice3LM`` arguments (spec §2). The Qwen2 sizes live in ``CosyVoice-BlankEN/config.json``."""
+
+    llm_input_size: int = 896
+    llm_output_size: int = 896
+    speech_token_size: int = 6561
+    length_normalized_loss: bool = True
+    lsm_weight: float = 0.0
+    mix_ratio: tuple[int, int] = (5, 15)
+    sampling: RasSamplingHparams = RasSamplingHparams()
+
+
+@dataclass(frozen=True)
+class CFMHparams:
+    """``CausalConditionalCFM`` arguments and ``cfm_params`` (spec §3.1)."""
+
+    in_channels: int = 240
+    n_spks: int = 1
+    spk_emb_dim: int = 80
+    sigma_min: float = 1e-6
+    solver: str = "euler"
+    t_scheduler: str = "cosine"
+    training_cfg_rate: float = 0.2
+    inference_cfg_rate: float = 0.7
+    reg_loss_type: str = "l1"
+
+
+@dataclass(frozen=True)
+class DiTHparams:
+    """``DiT`` estimator arguments (spec §3.1). ``dropout`` is not in the released yaml (default 0.1)."""
+
+    dim: int = 1024
+    depth: int = 22
+    heads: int = 16
+    dim_head: int = 64
+    ff_mult: int = 2
+    mel_dim: int = 80
+    mu_dim: int = 80
+    spk_dim: int = 80
+    out_channels: int = 80
+    static_chunk_size: int = 50
+    num_decoding_left_chunks: int = -1
+    dropout: float = 0.1
+    long_skip_connection: bool = False
+
+
+@dataclass(frozen=True)
+class FlowHparams:
+    """``CausalMaskedDiffWithDiT`` arguments with its ``PreLookaheadLayer``, CFM and DiT (spec §3.1)."""
+
+    input_size: int = 80
+    output_size: int = 80
+    spk_embed_dim: int = 192
+    output_type: str = "mel"
+    vocab_size: int = 6561
+    input_frame_rate: int = 25
+    only_mask_loss: bool = True
+    token_mel_ratio: int = 2
+    pre_lookahead_len: int = 3
+    pre_lookahead_channels: int = 1024
+    cfm: CFMHparams = CFMHparams()
+    dit: DiTHparams = DiTHparams()
+
+
+@dataclass(frozen=True)
+class HiFTHparams:
+    """``CausalHiFTGenerator`` arguments plus its ``CausalConvRNNF0Predictor`` (spec §4.1)."""
+
+    in_channels: int = 80
+    base_channels: int = 512
+    nb_harmonics: int = 8
+    sampling_rate: int = 24000
+    nsf_alpha: float = 0.1
+    nsf_sigma: float = 0.003
+    nsf_voiced_threshold: float = 10
+    upsample_rates: tuple[int, ...] = (8, 5, 3)
+    upsample_kernel_sizes: tuple[int, ...] = (16, 11, 7)
+    istft_n_fft: int = 16
+    istft_hop_len: int = 4
+    resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
+    resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    source_resblock_kernel_sizes: tuple[int, ...] = (7, 7, 11)
+    source_resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    lrelu_slope: float = 0.1
+    audio_limit: float = 0.99
+    conv_pre_look_right: int = 4
+    f0_num_class: int = 1
+    f0_in_channels: int = 80
+    f0_cond_channels: int = 512
+
+
+@dataclass(frozen=True)
+class MelHparams:
+    """``feat_extractor`` (matcha ``mel_spectrogram``) arguments (spec §5.6)."""
+
+    n_fft: int = 1920
+    num_mels: int = 80
+    sampling_rate: int = 24000
+    hop_size: int = 480
+    win_size: int = 1920
+    fmin: float = 0
+    fmax: float | None = None
+    center: bool = False
+
+
+@dataclass(frozen=True)
+class CosyVoice3Hparams:
+    """Everything numeric in ``cosyvoice3.yaml`` that our networks and front end need."""
+
+    sample_rate: int = 24000
+    token_frame_rate: int = 25
+    token_mel_ratio: int = 2
+    chunk_size: int = 25
+    num_decoding_left_chunks: int = -1
+    llm: LLMHparams = LLMHparams()
+    flow: FlowHparams = FlowHparams()
+    hift: HiFTHparams = HiFTHparams()
+    mel: MelHparams = MelHparams()
+    skip_special_tokens: bool = True
+
+
+# --------------------------------------------------------------------------------------------------
+# Mapping inert data → typed hparams, collecting every problem
+# --------------------------------------------------------------------------------------------------
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def node(self, value: Any, where: str, kind: str, target: str) -> TaggedNode | None:
+        if not isinstance(value, TaggedNode):
+            self.problems.append(f"{where}: expected '!{kind}:{target}', found {_describe(value)}")
+            return None
+        if value.target != target or value.kind != kind:
+            self.problems.append(
+                f"{where} (line {value.line}): expected '!{kind}:{target}', found '!{value.kind}:{value.target}'; "
+                "this is not a CosyVoice 3 model (or a version cosytune does not know)"
+            )
+            return None
+        if value.args:
+            self.problems.append(f"{where} (line {value.line}): expected keyword arguments, found positional ones")
+            return None
+        return value
+
+    def fields(self, kwargs: dict[str, Any], where: str, cls: type, rename: dict[str, str] | None = None,
+               ignore: tuple[str, ...] = (), required: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Convert kwargs to ``cls`` field values; unknown keys and bad types are problems."""
+        rename = rename or {}
+        hints = {f.name: f.type for f in dataclasses.fields(cls)}
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        out: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            if key in ignore:
+                continue
+            name = rename.get(key, key)
+            if name not in hints:
+                self.problems.append(f"{where}.{key}: unknown argument (cosytune does not know what it changes)")
+                continue
+            converted = _coerce(value, defaults[name], f"{where}.{key}", self.problems)
+            if converted is not _BAD:
+                out[name] = converted
+        for key in required:
+            if key not in kwargs:
+                self.problems.append(f"{where}.{key}: missing (required)")
+        return out
+
+
+_BAD = object()
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, TaggedNode):
+        return f"'!{value.kind}:{value.target}' (line {value.line})"
+    return f"{type(value).__name__} {value!r}"[:120]
+
+
+def _coerce(value: Any, default: Any, where: str, problems: list[str]) -> Any:
+    """Convert a YAML value to the type of ``default`` (int/float/bool/str/None/tuples)."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif isinstance(default, float) or default is None and where.endswith("fmax"):
+        if value is None and default is None:
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+    elif isinstance(default, tuple):
+        if isinstance(value, (list, tuple)) and len(value) > 0:
+            inner = default[0] if default else 0
+            out = [_coerce(v, inner, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+            return _BAD if any(o is _BAD for o in out) else tuple(out)
+    problems.append(f"{where}: expected {type(default).__name__ if default is not None else 'number or null'}, "
+                    f"found {_describe(value)}")
+    return _BAD
+
+
+# Top-level keys the mapping reads, and keys it knows are irrelevant to the networks (data pipeline,
+# training, GAN). Anything else is reported only as a debug message, not as an error: recipe files carry
+# many such entries and they do not change the networks.
+_SCALARS = ("sample_rate", "token_frame_rate", "token_mel_ratio", "chunk_size", "num_decoding_left_chunks")
+
+
+def parse_cosyvoice3_yaml(
+    source: str | os.PathLike, *, text: str | None = None, overrides: dict[str, Any] | None = None
+) -> CosyVoice3Hparams:
+    """Read ``cosyvoice3.yaml`` safely and map it onto :class:`CosyVoice3Hparams`.
+
+    Args:
+        source: path of the yaml (or a name for messages when ``text`` is given).
+        text: YAML text; read from ``source`` when omitted.
+        overrides: top-level overrides applied before references resolve.
+
+    Returns:
+        The typed hyper-parameters.
+
+    Raises:
+        ConfigError: listing every structural problem (wrong classes, unknown or missing arguments,
+            wrong types).
+    """
+    doc = load_upstream_yaml(source, overrides, text=text)
+    c = _Collector()
+    top: dict[str, Any] = {}
+    for key in _SCALARS:
+        if key in doc:
+            v = _coerce(doc[key], getattr(CosyVoice3Hparams, key), key, c.problems)
+            if v is not _BAD:
+                top[key] = v
+    for key in ("llm", "flow", "hift"):
+        if key not in doc:
+            c.problems.append(f"{key}: missing (a CosyVoice 3 yaml defines llm, flow and hift)")
+
+    llm = _parse_llm(doc.get("llm"), c) if "llm" in doc else None
+    flow = _parse_flow(doc.get("flow"), c) if "flow" in doc else None
+    hift = _parse_hift(doc.get("hift"), c) if "hift" in doc else None
+    mel = _parse_mel(doc.get("feat_extractor"), c) if "feat_extractor" in doc else MelHparams()
+    skip_special = True
+    tok = doc.get("get_tokenizer")
+    if isinstance(tok, TaggedNode) and tok.target == TOKENIZER_FUNC:
+        skip_special = bool(tok.kwargs.get("skip_special_tokens", True))
+        version = tok.kwargs.get("version", "cosyvoice3")
+        if version != "cosyvoice3":
+            c.problems.append(f"get_tokenizer.version: expected 'cosyvoice3', found {version!r}")
+    if c.problems:
+        raise ConfigError(c.problems, str(source))
+    hp = CosyVoice3Hparams(**top, llm=llm, flow=flow, hift=hift, mel=mel, skip_special_tokens=skip_special)
+    _check_consistency(hp, str(source))
+    return hp
+
+
+def _parse_llm(value: Any, c: _Collector) -> LLMHparams | None:
+    node = c.node(value, "llm", "new", LLM_CLASS)
+    if node is None:
+        return None
+    kw = dict(node.kwargs)
+    qwen = kw.pop("llm", None)
+    if qwen is None:
+        c.problems.append("llm.llm: missing (the Qwen2Encoder backbone)")
+    else:
+        c.node(qwen, "llm.llm", "new", QWEN_ENCODER_CLASS)
+    sampling = RasSamplingHparams()
+    if "sampling" in kw:
+        s = c.node(kw.pop("sampling"), "llm.sampling", "name", RAS_SAMPLING_FUNC)
+        if s is not None:
+            sampling = RasSamplingHparams(**c.fields(s.kwargs, "llm.sampling", RasSamplingHparams))
+    vals = c.fields(kw, "llm", LLMHparams, required=("llm_input_size", "llm_output_size", "speech_token_size"))
+    if "mix_ratio" in vals and len(vals["mix_ratio"]) != 2:
+        c.problems.append(f"llm.mix_ratio: expected two integers, found {list(vals['mix_ratio'])}")
+        return None
+    try:
+        return LLMHparams(**vals, sampling=sampling)
+    except TypeError:
+        return None
+
+
+def _parse_flow(value: Any, c: _Collector) -> FlowHparams | None:
+    node = c.node(value, "flow", "new", FLOW_CLASS)
+    if node is None:
+        return None
+    kw = dict(node.kwargs)
+    pre = kw.pop("pre_lookahead_layer", None)
+    dec = kw.pop("decoder", None)
+    vals = c.fields(kw, "flow", FlowHparams, ignore=("pre_lookahead_channels", "cfm", "dit"),
+                    required=("input_size", "output_size", "spk_embed_dim", "vocab_size"))
+    pre_node = c.node(pre, "flow.pre_lookahead_layer", "new", PRE_LOOKAHEAD_CLASS)
+    if pre_node is not None:
+        pk = pre_node.kwargs
+        for key in pk:
+            if key not in ("in_channels", "channels", "pre_lookahead_len"):
+                c.problems.append(f"flow.pre_lookahead_layer.{key}: unknown argument")
+        ch = _coerce(pk.get("channels"), 0, "flow.pre_lookahead_layer.channels", c.problems)
+        if ch is not _BAD:
+            vals["pre_lookahead_channels"] = ch
+        if pk.get("in_channels", vals.get("input_size", 80)) != vals.get("input_size", 80):
+            c.problems.append("flow.pre_lookahead_layer.in_channels: must equal flow.input_size")
+        if pk.get("pre_lookahead_len", vals.get("pre_lookahead_len", 3)) != vals.get("pre_lookahead_len", 3):
+            c.problems.append("flow.pre_lookahead_layer.pre_lookahead_len: must equal flow.pre_lookahead_len")
+    dec_node = c.node(dec, "flow.decoder", "new", CFM_CLASS)
+    if dec_node is not None:
+        dk = dict(dec_node.kwargs)
+        est = dk.pop("estimator", None)
+        params = dk.pop("cfm_params", None)
+        if isinstance(params, TaggedNode) and params.target == DICTCONFIG_CLASS:
+            params = params.kwargs.get("content", params.args[0] if params.args else None)
+        if not isinstance(params, dict):
+            c.problems.append(f"flow.decoder.cfm_params: expected a mapping (or omegaconf.DictConfig), found "
+                              f"{_describe(params)}")
+            params = {}
+        cfm = c.fields({**dk, **params}, "flow.decoder", CFMHparams)
+        vals["cfm"] = CFMHparams(**cfm)
+        est_node = c.node(est, "flow.decoder.estimator", "new", DIT_CLASS)
+        if est_node is not None:
+            vals["dit"] = DiTHparams(**c.fields(est_node.kwargs, "flow.decoder.estimator", DiTHparams,
+                                                required=("dim", "depth", "heads", "dim_head")))
+    try:
+        return FlowHparams(**vals)
+    except TypeError:
+        return None
+
+
+def _parse_hift(value: Any, c: _Collector) -> HiFTHparams | None:
+    node = c.node(value, "hift", "new", HIFT_CLASS)
+    if node is None:
+        return None
+    kw = dict(node.kwargs)
+    f0 = kw.pop("f0_predictor", None)
+    istft = kw.pop("istft_params", None)
+    vals = c.fields(kw, "hift", HiFTHparams, ignore=("istft_n_fft", "istft_hop_len", "f0_num_class",
+                                                      "f0_in_channels", "f0_cond_channels"),
+                    required=("in_channels", "base_channels", "upsample_rates"))
+    if istft is not None:
+        if not isinstance(istft, dict):
+            c.problems.append(f"hift.istft_params: expected a mapping, found {_describe(istft)}")
+        else:
+            vals.update(c.fields(istft, "hift.istft_params", HiFTHparams,
+                                 rename={"n_fft": "istft_n_fft", "hop_len": "istft_hop_len"}))
+    f0_node = c.node(f0, "hift.f0_predictor", "new", F0_CLASS)
+    if f0_node is not None:
+        vals.update(c.fields(f0_node.kwargs, "hift.f0_predictor", HiFTHparams,
+                             rename={"num_class": "f0_num_class", "in_channels": "f0_in_channels",
+                                     "cond_channels": "f0_cond_channels"}))
+    try:
+        return HiFTHparams(**vals)
+    except TypeError:
+        return None
+
+
+def _parse_mel(value: Any, c: _Collector) -> MelHparams:
+    node = c.node(value, "feat_extractor", "name", MEL_FUNC)
+    if node is None:
+        return MelHparams()
+    return MelHparams(**c.fields(node.kwargs, "feat_extractor", MelHparams))
+
+
+def _check_consistency(hp: CosyVoice3Hparams, source: str) -> None:
+    """Cross-field rules the networks rely on; violations mean a hand-edited, inconsistent file."""
+    p: list[str] = []
+    if hp.llm.llm_input_size != hp.llm.llm_output_size:
+        p.append(f"llm: llm_input_size {hp.llm.llm_input_size} != llm_output_size {hp.llm.llm_output_size}")
+    if hp.hift.sampling_rate != hp.sample_rate:
+        p.append(f"hift.sampling_rate {hp.hift.sampling_rate} != sample_rate {hp.sample_rate}")
+    if len(hp.hift.upsample_rates) != len(hp.hift.upsample_kernel_sizes):
+        p.append("hift: upsample_rates and upsample_kernel_sizes differ in length")
+    if len(hp.hift.resblock_kernel_sizes) != len(hp.hift.resblock_dilation_sizes):
+        p.append("hift: resblock_kernel_sizes and resblock_dilation_sizes differ in length")
+    if p:
+        raise ConfigError(p, source)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Writing a cosyvoice3.yaml
+# --------------------------------------------------------------------------------------------------
+
+
+def _y(value: Any) -> str:
+    """One YAML scalar or flow sequence."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, float):
+        text = repr(value)
+        return text if ("." in text or "e" in text or "n" in text) else text + ".0"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_y(v) for v in value) + "]"
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def dump_cosyvoice3_yaml(hp: CosyVoice3Hparams, *, header: str = "") -> str:
+    """Render ``hp`` as a HyperPyYAML ``cosyvoice3.yaml`` that upstream CosyVoice can build.
+
+    The layout follows upstream's conventions (top-level shared numbers referenced with ``!ref``,
+    ``!new:`` for the three networks, ``!name:`` for the sampler, mel function and tokenizer), so a tiny
+    model dir written by cosytune also loads in upstream's ``CosyVoice3``.
+
+    Args:
+        hp: the hyper-parameters.
+        header: comment lines to put first (without ``#``).
+
+    Returns:
+        The YAML text.
+    """
+    L, F, D, H, M = hp.llm, hp.flow, hp.flow.dit, hp.hift, hp.mel
+    cfm = hp.flow.cfm
+    lines = [f"# {h}" for h in header.splitlines()] if header else []
+    lines += [
+        "# Upstream seeds every RNG while building the models; kept so upstream reproduces its fixed noise.",
+        "__set_seed1: !apply:random.seed [1986]",
+        "__set_seed2: !apply:numpy.random.seed [1986]",
+        "__set_seed3: !apply:torch.manual_seed [1986]",
+        "__set_seed4: !apply:torch.cuda.manual_seed_all [1986]",
+        "",
+        "# shared numbers",
+        f"sample_rate: {_y(hp.sample_rate)}",
+        f"llm_input_size: {_y(L.llm_input_size)}",
+        f"llm_output_size: {_y(L.llm_output_size)}",
+        f"spk_embed_dim: {_y(F.spk_embed_dim)}",
+        "qwen_pretrain_path: ''",
+        f"token_frame_rate: {_y(hp.token_frame_rate)}",
+        f"token_mel_ratio: {_y(hp.token_mel_ratio)}",
+        f"chunk_size: {_y(hp.chunk_size)}",
+        f"num_decoding_left_chunks: {_y(hp.num_decoding_left_chunks)}",
+        "",
+        f"llm: !new:{LLM_CLASS}",
+        "    llm_input_size: !ref <llm_input_size>",
+        "    llm_output_size: !ref <llm_output_size>",
+        f"    speech_token_size: {_y(L.speech_token_size)}",
+        f"    length_normalized_loss: {_y(L.length_normalized_loss)}",
+        f"    lsm_weight: {_y(L.lsm_weight)}",
+        f"    mix_ratio: {_y(list(L.mix_ratio))}",
+        f"    llm: !new:{QWEN_ENCODER_CLASS}",
+        "        pretrain_path: !ref <qwen_pretrain_path>",
+        f"    sampling: !name:{RAS_SAMPLING_FUNC}",
+        f"        top_p: {_y(L.sampling.top_p)}",
+        f"        top_k: {_y(L.sampling.top_k)}",
+        f"        win_size: {_y(L.sampling.win_size)}",
+        f"        tau_r: {_y(L.sampling.tau_r)}",
+        "",
+        f"flow: !new:{FLOW_CLASS}",
+        f"    input_size: {_y(F.input_size)}",
+        f"    output_size: {_y(F.output_size)}",
+        "    spk_embed_dim: !ref <spk_embed_dim>",
+        f"    output_type: {_y(F.output_type)}",
+        f"    vocab_size: {_y(F.vocab_size)}",
+        "    input_frame_rate: !ref <token_frame_rate>",
+        f"    only_mask_loss: {_y(F.only_mask_loss)}",
+        "    token_mel_ratio: !ref <token_mel_ratio>",
+        f"    pre_lookahead_len: {_y(F.pre_lookahead_len)}",
+        f"    pre_lookahead_layer: !new:{PRE_LOOKAHEAD_CLASS}",
+        f"        in_channels: {_y(F.input_size)}",
+        f"        channels: {_y(F.pre_lookahead_channels)}",
+        f"        pre_lookahead_len: {_y(F.pre_lookahead_len)}",
+        f"    decoder: !new:{CFM_CLASS}",
+        f"        in_channels: {_y(cfm.in_channels)}",
+        f"        n_spks: {_y(cfm.n_spks)}",
+        f"        spk_emb_dim: {_y(cfm.spk_emb_dim)}",
+        f"        cfm_params: !new:{DICTCONFIG_CLASS}",
+        "            content:",
+        f"                sigma_min: {_y(cfm.sigma_min)}",
+        f"                solver: {_y(cfm.solver)}",
+        f"                t_scheduler: {_y(cfm.t_scheduler)}",
+        f"                training_cfg_rate: {_y(cfm.training_cfg_rate)}",
+        f"                inference_cfg_rate: {_y(cfm.inference_cfg_rate)}",
+        f"                reg_loss_type: {_y(cfm.reg_loss_type)}",
+        f"        estimator: !new:{DIT_CLASS}",
+        f"            dim: {_y(D.dim)}",
+        f"            depth: {_y(D.depth)}",
+        f"            heads: {_y(D.heads)}",
+        f"            dim_head: {_y(D.dim_head)}",
+        f"            ff_mult: {_y(D.ff_mult)}",
+        f"            mel_dim: {_y(D.mel_dim)}",
+        f"            mu_dim: {_y(D.mu_dim)}",
+        f"            spk_dim: {_y(D.spk_dim)}",
+        f"            out_channels: {_y(D.out_channels)}",
+    ]
+    if D.static_chunk_size == hp.chunk_size * hp.token_mel_ratio:
+        lines.append("            static_chunk_size: !ref <chunk_size> * <token_mel_ratio>")
+    else:
+        lines.append(f"            static_chunk_size: {_y(D.static_chunk_size)}")
+    lines.append("            num_decoding_left_chunks: !ref <num_decoding_left_chunks>")
+    if D.dropout != DiTHparams.dropout:
+        lines.append(f"            dropout: {_y(D.dropout)}")
+    if D.long_skip_connection:
+        lines.append(f"            long_skip_connection: {_y(D.long_skip_connection)}")
+    lines += [
+        "",
+        f"hift: !new:{HIFT_CLASS}",
+        f"    in_channels: {_y(H.in_channels)}",
+        f"    base_channels: {_y(H.base_channels)}",
+        f"    nb_harmonics: {_y(H.nb_harmonics)}",
+        "    sampling_rate: !ref <sample_rate>",
+        f"    nsf_alpha: {_y(H.nsf_alpha)}",
+        f"    nsf_sigma: {_y(H.nsf_sigma)}",
+        f"    nsf_voiced_threshold: {_y(H.nsf_voiced_threshold)}",
+        f"    upsample_rates: {_y(list(H.upsample_rates))}",
+        f"    upsample_kernel_sizes: {_y(list(H.upsample_kernel_sizes))}",
+        "    istft_params:",
+        f"        n_fft: {_y(H.istft_n_fft)}",
+        f"        hop_len: {_y(H.istft_hop_len)}",
+        f"    resblock_kernel_sizes: {_y(list(H.resblock_kernel_sizes))}",
+        f"    resblock_dilation_sizes: {_y([list(d) for d in H.resblock_dilation_sizes])}",
+        f"    source_resblock_kernel_sizes: {_y(list(H.source_resblock_kernel_sizes))}",
+        f"    source_resblock_dilation_sizes: {_y([list(d) for d in H.source_resblock_dilation_sizes])}",
+        f"    lrelu_slope: {_y(H.lrelu_slope)}",
+        f"    audio_limit: {_y(H.audio_limit)}",
+        f"    conv_pre_look_right: {_y(H.conv_pre_look_right)}",
+        f"    f0_predictor: !new:{F0_CLASS}",
+        f"        num_class: {_y(H.f0_num_class)}",
+        f"        in_channels: {_y(H.f0_in_channels)}",
+        f"        cond_channels: {_y(H.f0_cond_channels)}",
+        "",
+        "# front end",
+        f"feat_extractor: !name:{MEL_FUNC}",
+        f"    n_fft: {_y(M.n_fft)}",
+        f"    num_mels: {_y(M.num_mels)}",
+        "    sampling_rate: !ref <sample_rate>",
+        f"    hop_size: {_y(M.hop_size)}",
+        f"    win_size: {_y(M.win_size)}",
+        f"    fmin: {_y(M.fmin)}",
+        f"    fmax: {_y(M.fmax)}",
+        f"    center: {_y(M.center)}",
+        f"get_tokenizer: !name:{TOKENIZER_FUNC}",
+        "    token_path: !ref <qwen_pretrain_path>",
+        f"    skip_special_tokens: {_y(hp.skip_special_tokens)}",
+        "    version: cosyvoice3",
+        "allowed_special: 'all'",
+        "",
+    ]
+    return "\n".join(lines)
