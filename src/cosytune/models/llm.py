@@ -279,6 +279,26 @@ def _as_1d_ids(x: Tensor | Sequence[int] | None, name: str) -> list[int]:
     return [int(v) for v in x]
 
 
+def suppress_stop_ids(logp: Tensor, speech_token_size: int, mode: MinLenMode) -> Tensor:
+    """Set the ids a min-length step must not sample to -inf (in place) and return ``logp``.
+
+    Args:
+        logp: (..., V_sp) log-probabilities.
+        speech_token_size: first special id (6561).
+        mode: ``"all_stops"`` masks every stop id (>= speech_token_size); ``"upstream"`` masks only
+            index ``speech_token_size``, as upstream HEAD does (see the module docstring).
+    """
+    # CHECKPOINT-COMPAT: upstream HEAD masks only speech_token_size (= sos for CosyVoice 3, the eos of
+    # CosyVoice 2); "upstream" mode keeps that for token-exact parity with upstream's decoding.
+    if mode == "upstream":
+        logp[..., speech_token_size] = -float("inf")
+    elif mode == "all_stops":
+        logp[..., speech_token_size:] = -float("inf")
+    else:
+        raise ValueError(f"min_len_mode must be 'all_stops' or 'upstream', got {mode!r}")
+    return logp
+
+
 class _Qwen2Backbone(nn.Module):
     """Holds the Qwen2 decoder under the attribute name ``model``.
 
@@ -562,20 +582,8 @@ class CosyVoice3LM(nn.Module):
         return self._logp(hidden[:, 0]), cache
 
     def suppress_stops(self, logp: Tensor, mode: MinLenMode) -> Tensor:
-        """Set the ids a min-length step must not sample to -inf (in place) and return ``logp``.
-
-        ``"all_stops"`` masks every stop id (>= speech_token_size). ``"upstream"`` masks only index
-        ``speech_token_size`` (HEAD behaviour; see the module docstring).
-        """
-        # CHECKPOINT-COMPAT: upstream HEAD masks only speech_token_size (= sos for CosyVoice 3, eos for
-        # CosyVoice 2); "upstream" mode keeps that for token-exact parity.
-        if mode == "upstream":
-            logp[..., self.config.speech_token_size] = -float("inf")
-        elif mode == "all_stops":
-            logp[..., self.config.speech_token_size:] = -float("inf")
-        else:
-            raise ValueError(f"min_len_mode must be 'all_stops' or 'upstream', got {mode!r}")
-        return logp
+        """:func:`suppress_stop_ids` with this model's ``speech_token_size``."""
+        return suppress_stop_ids(logp, self.config.speech_token_size, mode)
 
     @torch.inference_mode()
     def decode(self, prompt: InferencePrompt, *, sampling: SamplingConfig | None = None,
@@ -648,5 +656,5 @@ def count_parameters(module: nn.Module) -> int:
 
 __all__ = [
     "IGNORE_ID", "TIED_KEYS", "LLMConfig", "CosyVoice3LM", "LMInputs", "LMOutput", "InferencePrompt",
-    "DecodeStep", "RandomSource", "MinLenMode", "count_parameters",
+    "DecodeStep", "RandomSource", "MinLenMode", "count_parameters", "suppress_stop_ids",
 ]

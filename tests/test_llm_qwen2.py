@@ -1,0 +1,157 @@
+"""Our Qwen2 decoder against transformers' Qwen2ForCausalLM, and the KV cache's correctness."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cosytune.errors import ConfigError
+from cosytune.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
+
+# Tiny dimensions (a small text vocabulary keeps the parity test fast).
+VOCAB, HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 300, 32, 64, 2, 4, 2
+
+
+def _tiny_config(**kw) -> Qwen2Config:
+    base = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_window_layers=LAYERS)
+    base.update(kw)
+    return Qwen2Config(**base)
+
+
+def _random_model(config: Qwen2Config, seed: int = 0) -> Qwen2ForCausalLM:
+    model = Qwen2ForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.1 if name.endswith("bias") else (0.3 if p.dim() > 1 else 0.1)
+            p.copy_(torch.randn(p.shape, generator=gen) * scale + (1.0 if name.endswith("norm.weight") else 0.0))
+    return model
+
+
+def _hf_model(config: Qwen2Config, ours: Qwen2ForCausalLM, attn: str):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config.to_hf_dict()))
+    hf.config._attn_implementation = attn
+    missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=True)
+    assert not missing and not unexpected
+    return hf.eval()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_prefill_matches_transformers_with_padding(attn):
+    config = _tiny_config()
+    ours = _random_model(config)
+    hf = _hf_model(config, ours, attn)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 9, HIDDEN, generator=gen)
+    lens = torch.tensor([9, 6, 1])
+    with torch.no_grad():
+        mine = ours(x, lens)
+        ref = hf(inputs_embeds=x, attention_mask=(torch.arange(9)[None] < lens[:, None]).long(),
+                 output_hidden_states=True).hidden_states[-1]
+        for b, n in enumerate(lens.tolist()):
+            torch.testing.assert_close(mine[b, :n], ref[b, :n], atol=2e-5, rtol=0)
+        torch.testing.assert_close(ours.logits(mine[0]), hf.lm_head(ref[0]), atol=1e-4, rtol=0)
+
+
+def test_cached_decode_matches_transformers():
+    """Prefill + single-token steps agree with transformers' own cache given a correct full mask."""
+    transformers = pytest.importorskip("transformers")
+    config = _tiny_config()
+    ours = _random_model(config, seed=2)
+    hf = _hf_model(config, ours, "sdpa")
+    gen = torch.Generator().manual_seed(3)
+    prompt, steps = torch.randn(1, 7, HIDDEN, generator=gen), torch.randn(1, 5, HIDDEN, generator=gen)
+    cache = KVCache.allocate(config, 1, 7 + 5)
+    with torch.no_grad():
+        h, cache = ours.model.prefill(prompt, cache)
+        out = hf(inputs_embeds=prompt, attention_mask=torch.ones(1, 7, dtype=torch.long),
+                 use_cache=True, past_key_values=transformers.DynamicCache(), output_hidden_states=True)
+        torch.testing.assert_close(h, out.hidden_states[-1], atol=2e-5, rtol=0)
+        past = out.past_key_values
+        for t in range(5):
+            h, cache = ours.model.decode_step(steps[:, t:t + 1], cache)
+            out = hf(inputs_embeds=steps[:, t:t + 1], attention_mask=torch.ones(1, 8 + t, dtype=torch.long),
+                     use_cache=True, past_key_values=past, output_hidden_states=True)
+            past = out.past_key_values
+            torch.testing.assert_close(h, out.hidden_states[-1], atol=2e-5, rtol=0)
+    assert cache.lengths.tolist() == [12]
+
+
+def test_batched_cache_rows_of_different_lengths():
+    """Rows with different prompt lengths decode together exactly as they do alone."""
+    config = _tiny_config()
+    model = _random_model(config, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, HIDDEN, generator=gen)
+    steps = torch.randn(2, 4, HIDDEN, generator=gen)
+    lens = torch.tensor([6, 3])
+    with torch.no_grad():
+        cache = KVCache.allocate(config, 2, 12)
+        prefill, cache = model.model.prefill(x, cache, lens)
+        assert cache.lengths.tolist() == [6, 3]
+        batched = [model.model.decode_step(steps[:, t:t + 1], cache)[0] for t in range(4)]
+        for b, n in enumerate(lens.tolist()):
+            full = model(torch.cat([x[b:b + 1, :n], steps[b:b + 1]], dim=1))  # no cache at all
+            torch.testing.assert_close(prefill[b, :n], full[0, :n], atol=1e-5, rtol=0)
+            for t in range(4):
+                torch.testing.assert_close(batched[t][b, 0], full[0, n + t], atol=1e-5, rtol=0)
+        # Chunked prefill (two calls) equals one call.
+        one = model.model.prefill(x[:1], KVCache.allocate(config, 1, 8))[0]
+        two_cache = KVCache.allocate(config, 1, 8)
+        first = model.model.prefill(x[:1, :4], two_cache)[0]
+        second = model.model.prefill(x[:1, 4:], two_cache)[0]
+        torch.testing.assert_close(torch.cat([first, second], 1), one, atol=1e-5, rtol=0)
+        # reset() makes the cache reusable.
+        again = model.model.prefill(x[:1], two_cache.reset())[0]
+        torch.testing.assert_close(again, one, atol=0, rtol=0)
+
+
+def test_cache_capacity_and_batch_errors():
+    config = _tiny_config()
+    model = _random_model(config)
+    with pytest.raises(ValueError, match="allocate a larger cache"):
+        model.model.prefill(torch.zeros(1, 5, HIDDEN), KVCache.allocate(config, 1, 4))
+    with pytest.raises(ValueError, match="rows"):
+        model.model.prefill(torch.zeros(2, 2, HIDDEN), KVCache.allocate(config, 1, 4))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        KVCache.allocate(_tiny_config(max_position_embeddings=16), 1, 17)
+
+
+def test_tied_lm_head_shares_the_embedding():
+    model = Qwen2ForCausalLM(_tiny_config())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert "lm_head.weight" in model.state_dict()
+    untied = Qwen2ForCausalLM(_tiny_config(tie_word_embeddings=False))
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+
+
+def test_config_from_hf_json_roundtrip(golden, tmp_path):
+    written = golden.json("llm_tiny_config")["qwen2_config_written"]
+    config = Qwen2Config.from_hf_dict(written)
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "vocab_size", "rope_theta", "rms_norm_eps", "tie_word_embeddings"):
+        assert getattr(config, key) == written[key], key
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config.to_hf_dict()))
+    assert Qwen2Config.from_json(path) == config
+    full = golden.json("fullsize_keys")["qwen2_config"]
+    assert Qwen2Config.from_hf_dict(full) == Qwen2Config()  # our defaults are the real backbone
+
+
+def test_config_errors_list_every_problem(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        Qwen2Config.from_hf_dict({"model_type": "llama", "hidden_size": 32, "mystery": 1})
+    text = str(e.value)
+    assert "llama" in text and "mystery" in text
+    with pytest.raises(ConfigError) as e:
+        Qwen2Config(hidden_size=30, num_attention_heads=4, use_sliding_window=True, hidden_act="gelu",
+                    rope_scaling={"type": "yarn"})
+    assert len(e.value.problems) == 4
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read"):
+        Qwen2Config.from_json(bad)
