@@ -20,7 +20,9 @@ def dataset(sample_speaker_dir, tmp_path_factory):
     lines = (sample_speaker_dir / "transcripts.txt").read_text().splitlines()
     lines[0] = lines[0].split("|")[0] + "|"  # one empty transcript -> a reject
     tf.write_text("\n".join(lines[:-1]) + "\n")  # and one clip without text
-    transcribe_dataset(sample_speaker_dir / "audio", out, TranscribeConfig(backend="transcripts", transcripts=tf))
+    transcribe_dataset(
+        sample_speaker_dir / "audio", out, TranscribeConfig(backend="transcripts", transcripts=tf)
+    )
     return out
 
 

@@ -60,13 +60,16 @@ def test_review_round_trip_and_rerun_keeps_edits(tmp_path, capsys):
     assert s.kept == 5 and s.rejects["no_transcript"] == 1
     review = read_review(out / "review.tsv")
     assert review["spk_f"].status == "rejected:no_transcript" and review["spk_f"].text == ""
-    assert list(review)[0] == "spk_f"  # rejected rows come first
+    assert next(iter(review)) == "spk_f"  # rejected rows come first
 
-    _edit(out / "review.tsv", {
-        "spk_a": (None, "The first recording, corrected by hand."),
-        "spk_b": ("x", None),
-        "spk_f": (None, "Typed in during review, this clip is back."),
-    })
+    _edit(
+        out / "review.tsv",
+        {
+            "spk_a": (None, "The first recording, corrected by hand."),
+            "spk_b": ("x", None),
+            "spk_f": (None, "Typed in during review, this clip is back."),
+        },
+    )
     assert main(["apply-review", "--dir", str(out), "--no_progress"]) == 0
     assert "review edits applied" in capsys.readouterr().out
     texts = _all_texts(out)
@@ -77,7 +80,13 @@ def test_review_round_trip_and_rerun_keeps_edits(tmp_path, capsys):
     rejects = {(r["stage"], r["reason"]) for r in read_jsonl(out / "rejects.jsonl")}
     assert rejects == {("transcribe", "deleted_in_review")}
     meta = {m["utt"]: m for m in read_jsonl(out / "metadata.jsonl")}
-    assert meta["spk_a"]["text_source"] == "review" and set(meta) == {"spk_a", "spk_c", "spk_d", "spk_e", "spk_f"}
+    assert meta["spk_a"]["text_source"] == "review" and set(meta) == {
+        "spk_a",
+        "spk_c",
+        "spk_d",
+        "spk_e",
+        "spk_f",
+    }
 
     # apply-review is idempotent; the rewritten review file still carries every edit
     before = (out / "review.tsv").read_text()
@@ -104,7 +113,8 @@ def test_spreadsheet_quoting_and_crlf(tmp_path):
         "utt_id\tduration_s\tstatus\tflags\tdelete\ttext\r\n"
         'spk_a\t3.00\ttrain\t\t\t"She said ""hi"", then left."\r\n'
         "spk_b\t2.50\tdev\tdigits\tX\tCall 911.\r\n"
-        "spk_c\t2.00\trejected:no_transcript\t\t\r\n".encode("utf-8-sig"))
+        "spk_c\t2.00\trejected:no_transcript\t\t\r\n".encode("utf-8-sig")
+    )
     rows = read_review(p)
     assert rows["spk_a"].text == 'She said "hi", then left.' and not rows["spk_a"].delete
     assert rows["spk_b"].delete and rows["spk_b"].flags == ("digits",)
@@ -113,7 +123,9 @@ def test_spreadsheet_quoting_and_crlf(tmp_path):
 
 def test_malformed_review_files_name_the_line(tmp_path):
     p = tmp_path / "review.tsv"
-    p.write_text("utt_id\tduration_s\tstatus\tflags\tdelete\ttext\nspk_a\t3\ttrain\t\tmaybe\tText.\nspk_b\t3\n")
+    p.write_text(
+        "utt_id\tduration_s\tstatus\tflags\tdelete\ttext\nspk_a\t3\ttrain\t\tmaybe\tText.\nspk_b\t3\n"
+    )
     with pytest.raises(DataError) as e:
         read_review(p)
     assert "line 2 (spk_a): delete column holds 'maybe'" in str(e.value) and "line 3" in str(e.value)

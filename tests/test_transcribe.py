@@ -49,10 +49,18 @@ def make_prepared(root: Path, sources: dict[str, list[float]]) -> Path:
         for k, sec in enumerate(lengths):
             utt = stem if len(lengths) == 1 else f"{stem}__{k:03d}"
             write_wav(out / f"{utt}.wav", sec)
-            rows.append({
-                "utt": utt, "wav": f"{utt}.wav", "source": str(root / "raw" / name), "source_rel": name,
-                "duration_s": sec, "sample_rate": SR, "segment_index": k, "num_segments": len(lengths),
-            })
+            rows.append(
+                {
+                    "utt": utt,
+                    "wav": f"{utt}.wav",
+                    "source": str(root / "raw" / name),
+                    "source_rel": name,
+                    "duration_s": sec,
+                    "sample_rate": SR,
+                    "segment_index": k,
+                    "num_segments": len(lengths),
+                }
+            )
     write_jsonl(out / "prepared.jsonl", rows)
     return out
 
@@ -87,17 +95,41 @@ def check_dataset(out: Path, expected_inputs: set[str] | None = None) -> dict:
 def test_shipped_sample_with_seed_flag_names(sample_speaker_dir, tmp_path, capsys):
     audio = sample_speaker_dir / "audio"
     out = tmp_path / "out"
-    rc = main([
-        "transcribe", "--wav_dir", str(audio), "--out_root", str(out), "--spk_id", "allison",
-        "--backend", "transcripts", "--transcripts", str(sample_speaker_dir / "transcripts.txt"),
-        "--language", "en", "--max_sec", "30", "--whisper_model", "unused", "--device", "cpu",
-        "--compute_type", "int8", "--vad_filter", "false", "--no_progress",
-    ])
+    rc = main(
+        [
+            "transcribe",
+            "--wav_dir",
+            str(audio),
+            "--out_root",
+            str(out),
+            "--spk_id",
+            "allison",
+            "--backend",
+            "transcripts",
+            "--transcripts",
+            str(sample_speaker_dir / "transcripts.txt"),
+            "--language",
+            "en",
+            "--max_sec",
+            "30",
+            "--whisper_model",
+            "unused",
+            "--device",
+            "cpu",
+            "--compute_type",
+            "int8",
+            "--vad_filter",
+            "false",
+            "--no_progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     inputs = {str(p.resolve()) for p in audio.glob("*.mp3")}
     ds = check_dataset(out, inputs)
     assert len(ds["meta"]) == 28 and len(ds["dev"]) == 3  # default dev_size 0.1 of 28
-    texts = dict(line.split("|", 1) for line in (sample_speaker_dir / "transcripts.txt").read_text().splitlines())
+    texts = dict(
+        line.split("|", 1) for line in (sample_speaker_dir / "transcripts.txt").read_text().splitlines()
+    )
     for m in ds["meta"]:
         assert m["text"] == texts[Path(m["wav"]).name] and m["language"] == "en" and m["speaker"] == "allison"
         assert m["duration_s"] > 1 and 5 < m["chars_per_s"] < 20
@@ -105,18 +137,31 @@ def test_shipped_sample_with_seed_flag_names(sample_speaker_dir, tmp_path, capsy
     assert "kept        28 (train 25, dev 3)" in capsys.readouterr().out
     # deterministic: the same seed gives the same split, another seed (usually) another
     again = tmp_path / "again"
-    cfg = TranscribeConfig(backend="transcripts", transcripts=sample_speaker_dir / "transcripts.txt", speaker="allison")
+    cfg = TranscribeConfig(
+        backend="transcripts", transcripts=sample_speaker_dir / "transcripts.txt", speaker="allison"
+    )
     transcribe_dataset(audio, again, cfg)
     assert set(read_kaldi_map(again / "dev" / "wav.scp")) == ds["dev"]
-    other = transcribe_dataset(audio, tmp_path / "other", TranscribeConfig(
-        backend="transcripts", transcripts=sample_speaker_dir / "transcripts.txt", speaker="allison", seed=7))
+    other = transcribe_dataset(
+        audio,
+        tmp_path / "other",
+        TranscribeConfig(
+            backend="transcripts",
+            transcripts=sample_speaker_dir / "transcripts.txt",
+            speaker="allison",
+            seed=7,
+        ),
+    )
     assert other.dev == 3 and set(read_kaldi_map(tmp_path / "other" / "dev" / "wav.scp")) != ds["dev"]
 
 
 def test_mp3_under_unicode_path_with_spaces_and_sidecars(tmp_path):
     src = tmp_path / "数据集 Dream" / "录音 一"
-    texts = {"第一 句.mp3": "今天天气很好，我们去公园散步吧。", "second take.mp3": "Hello there, this is the second take.",
-             "third.mp3": "And a third recording, for the dev set."}
+    texts = {
+        "第一 句.mp3": "今天天气很好，我们去公园散步吧。",
+        "second take.mp3": "Hello there, this is the second take.",
+        "third.mp3": "And a third recording, for the dev set.",
+    }
     for i, (name, text) in enumerate(texts.items()):
         write_wav(src / name, 3.0 + i, sr=16000, fmt="MP3")
         (src / name).with_suffix(".txt" if i != 1 else ".lab").write_text(text + "\n", encoding="utf-8")
@@ -133,26 +178,50 @@ def test_mp3_under_unicode_path_with_spaces_and_sidecars(tmp_path):
 
 
 def test_prepared_manifest_slices_and_transcripts_formats(tmp_path):
-    wavs = make_prepared(tmp_path, {
-        "a.mp3": [4.0], "b.wav": [3.0], "long.mp3": [10.0, 8.0, 9.0], "c.flac": [5.0], "d.mp3": [2.5],
-    })
+    wavs = make_prepared(
+        tmp_path,
+        {
+            "a.mp3": [4.0],
+            "b.wav": [3.0],
+            "long.mp3": [10.0, 8.0, 9.0],
+            "c.flac": [5.0],
+            "d.mp3": [2.5],
+        },
+    )
     tsv = tmp_path / "t.tsv"
     tsv.write_text(
         f"{tmp_path / 'raw' / 'a.mp3'}\tAbsolute path as the key, that works fine.\n"  # by absolute source path
         "b\tThe stem works as a key as well.\n"  # by stem
         "long.mp3\tOne transcript for a recording that was sliced into three parts.\n"
-        "c.flac\tThe file name works too.\n", encoding="utf-8")
+        "c.flac\tThe file name works too.\n",
+        encoding="utf-8",
+    )
     jsonl = tmp_path / "t.jsonl"
-    jsonl.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
-        {"file": f"{tmp_path / 'raw' / 'a.mp3'}", "text": "Absolute path as the key, that works fine."},
-        {"name": "b", "text": "The stem works as a key as well."},
-        {"path": "long.mp3", "text": "One transcript for a recording that was sliced into three parts."},
-        {"wav": "c.flac", "text": "The file name works too."},
-    ]) + "\n", encoding="utf-8")
+    jsonl.write_text(
+        "\n".join(
+            json.dumps(r, ensure_ascii=False)
+            for r in [
+                {
+                    "file": f"{tmp_path / 'raw' / 'a.mp3'}",
+                    "text": "Absolute path as the key, that works fine.",
+                },
+                {"name": "b", "text": "The stem works as a key as well."},
+                {
+                    "path": "long.mp3",
+                    "text": "One transcript for a recording that was sliced into three parts.",
+                },
+                {"wav": "c.flac", "text": "The file name works too."},
+            ]
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     for i, tf in enumerate((tsv, jsonl)):
         out = tmp_path / f"out{i}"
         s = transcribe_dataset(wavs, out, TranscribeConfig(backend="transcripts", transcripts=tf, dev_size=1))
-        ds = check_dataset(out, {str((wavs / r["wav"]).resolve()) for r in read_jsonl(wavs / "prepared.jsonl")})
+        ds = check_dataset(
+            out, {str((wavs / r["wav"]).resolve()) for r in read_jsonl(wavs / "prepared.jsonl")}
+        )
         assert s.kept == 3 and s.rejects == Counter({"sliced_source_needs_asr": 3, "no_transcript": 1})
         assert {Path(m["source"]).name for m in ds["meta"]} == {"a.mp3", "b.wav", "c.flac"}
         utts = {r["utt"]: r for r in read_jsonl(out / "utterances.jsonl")}
@@ -161,8 +230,10 @@ def test_prepared_manifest_slices_and_transcripts_formats(tmp_path):
 
 def test_earlier_stage_rejects_are_carried(tmp_path):
     wavs = make_prepared(tmp_path, {"a.mp3": [3.0], "b.mp3": [3.0], "c.mp3": [3.0]})
-    write_jsonl(wavs / "rejects.jsonl", [{"stage": "prepare-audio", "input": "/x/silence.mp3",
-                                          "reason": "all_silence", "detail": ""}])
+    write_jsonl(
+        wavs / "rejects.jsonl",
+        [{"stage": "prepare-audio", "input": "/x/silence.mp3", "reason": "all_silence", "detail": ""}],
+    )
     (wavs / "c.wav").unlink()  # listed but gone
     for n in "ab":
         (tmp_path / "raw").mkdir(exist_ok=True)
@@ -172,18 +243,40 @@ def test_earlier_stage_rejects_are_carried(tmp_path):
     assert s.kept == 2
     reasons = Counter((r["stage"], r["reason"]) for r in read_jsonl(out / "rejects.jsonl"))
     assert reasons == Counter({("prepare-audio", "all_silence"): 1, ("transcribe", "missing_wav"): 1})
-    transcribe_dataset(wavs, out, TranscribeConfig(backend="transcripts", dev_size=1))  # re-run: no duplicates
+    transcribe_dataset(
+        wavs, out, TranscribeConfig(backend="transcripts", dev_size=1)
+    )  # re-run: no duplicates
     assert len(read_jsonl(out / "rejects.jsonl")) == 2
 
 
 def test_filters_become_rejects(tmp_path):
-    lengths = {"ok1": 3.0, "ok2": 3.0, "ok3": 4.0, "empty": 3.0, "dots": 3.0, "tags": 3.0, "fast": 1.0,
-               "slow": 20.0, "long": 31.0, "short": 0.3, "zh_ok": 2.0, "zh_fast": 1.0}
+    lengths = {
+        "ok1": 3.0,
+        "ok2": 3.0,
+        "ok3": 4.0,
+        "empty": 3.0,
+        "dots": 3.0,
+        "tags": 3.0,
+        "fast": 1.0,
+        "slow": 20.0,
+        "long": 31.0,
+        "short": 0.3,
+        "zh_ok": 2.0,
+        "zh_fast": 1.0,
+    }
     texts = {
-        "ok1": "A perfectly normal sentence.", "ok2": "Another normal one, fine.", "ok3": "And the third clip here.",
-        "empty": "   ", "dots": "… ? !", "tags": "[music] (applause)", "fast": "This sentence is far too long to be spoken in one second.",
-        "slow": "Hi.", "long": "Some words for a clip that is longer than max sec. " * 3, "short": "Hi.",
-        "zh_ok": "你好，今天天气很好。", "zh_fast": "这是一个在一秒钟里不可能说完的很长的中文句子。",
+        "ok1": "A perfectly normal sentence.",
+        "ok2": "Another normal one, fine.",
+        "ok3": "And the third clip here.",
+        "empty": "   ",
+        "dots": "… ? !",
+        "tags": "[music] (applause)",
+        "fast": "This sentence is far too long to be spoken in one second.",
+        "slow": "Hi.",
+        "long": "Some words for a clip that is longer than max sec. " * 3,
+        "short": "Hi.",
+        "zh_ok": "你好，今天天气很好。",
+        "zh_fast": "这是一个在一秒钟里不可能说完的很长的中文句子。",
     }
     wavs = make_prepared(tmp_path, {f"{k}.wav": [v] for k, v in lengths.items()})
     tf = tmp_path / "t.txt"
@@ -192,15 +285,21 @@ def test_filters_become_rejects(tmp_path):
     s = transcribe_dataset(wavs, out, TranscribeConfig(backend="transcripts", transcripts=tf, dev_size=1))
     by_input = {Path(r["input"]).stem: r["reason"] for r in read_jsonl(out / "rejects.jsonl")}
     assert by_input == {
-        "empty": "empty_transcript", "dots": "no_speakable_text", "tags": "no_speakable_text",
-        "fast": "chars_per_sec_too_high", "slow": "chars_per_sec_too_low", "long": "too_long",
-        "short": "too_short", "zh_fast": "chars_per_sec_too_high",
+        "empty": "empty_transcript",
+        "dots": "no_speakable_text",
+        "tags": "no_speakable_text",
+        "fast": "chars_per_sec_too_high",
+        "slow": "chars_per_sec_too_low",
+        "long": "too_long",
+        "short": "too_short",
+        "zh_fast": "chars_per_sec_too_high",
     }
     assert s.kept == 4 and s.train + s.dev == 4
     check_dataset(out, {str(p.resolve()) for p in wavs.glob("*.wav")})
     # bounds are settings: raising max_sec keeps the long clip
-    s2 = transcribe_dataset(wavs, tmp_path / "o2", TranscribeConfig(backend="transcripts", transcripts=tf,
-                                                                    dev_size=1, max_sec=35))
+    s2 = transcribe_dataset(
+        wavs, tmp_path / "o2", TranscribeConfig(backend="transcripts", transcripts=tf, dev_size=1, max_sec=35)
+    )
     assert s2.kept == 5
 
 
@@ -214,8 +313,13 @@ def test_speakable_units_and_language_guess():
 
 
 def _utts(groups: dict[str, int]) -> list[Utterance]:
-    return [Utterance(utt=f"spk_{g}_{i}", wav="", duration_s=3, sample_rate=SR, speaker="spk", source=g,
-                      source_rel=g) for g, n in groups.items() for i in range(n)]
+    return [
+        Utterance(
+            utt=f"spk_{g}_{i}", wav="", duration_s=3, sample_rate=SR, speaker="spk", source=g, source_rel=g
+        )
+        for g, n in groups.items()
+        for i in range(n)
+    ]
 
 
 def test_split_groups_sources_and_sizes():
@@ -252,17 +356,31 @@ def test_config_validation_and_custom_instruct(tmp_path):
     for n in "ab":
         (tmp_path / "raw" / f"{n}.lab").write_text(f"Clip {n} has words.")
     instruct = "Speak like a news anchor.<|endofprompt|>"
-    rc = main(["transcribe", "--in_dir", str(wavs), "--backend", "transcripts", "--no_progress",
-               f"instruct={instruct}", "dev_size=1"])
+    rc = main(
+        [
+            "transcribe",
+            "--in_dir",
+            str(wavs),
+            "--backend",
+            "transcripts",
+            "--no_progress",
+            f"instruct={instruct}",
+            "dev_size=1",
+        ]
+    )
     assert rc == 0
     assert set(read_kaldi_map(wavs / "train" / "instruct").values()) == {instruct}
-    assert main(["transcribe", "--in_dir", str(wavs), "--backend", "transcripts", "--instruct", "no marker"]) == 2
+    assert (
+        main(["transcribe", "--in_dir", str(wavs), "--backend", "transcripts", "--instruct", "no marker"])
+        == 2
+    )
 
 
 def test_openai_whisper_missing_gives_install_hint(tmp_path):
     pytest.importorskip("faster_whisper")
     try:
         import whisper  # noqa: F401
+
         pytest.skip("openai-whisper is installed here")
     except ImportError:
         pass

@@ -22,9 +22,9 @@ import soundfile as sf
 pytest.importorskip("faster_whisper")
 pytest.importorskip("ctranslate2")
 
-from cosytune.data.transcribe import TranscribeConfig, build_asr_backend, transcribe_dataset  # noqa: E402
-from cosytune.errors import DataError  # noqa: E402
-from cosytune.fileio import read_jsonl, write_jsonl  # noqa: E402
+from cosytune.data.transcribe import TranscribeConfig, build_asr_backend, transcribe_dataset
+from cosytune.errors import DataError
+from cosytune.fileio import read_jsonl, write_jsonl
 
 D_MODEL, LAYERS, HEADS, FFN = 64, 2, 2, 128
 
@@ -54,8 +54,9 @@ def build_tiny_whisper(root: Path) -> Path:
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     bpe.train_from_iterator(["please enter your number followed by the pound key."] * 8, trainer)
     model_json = json.loads(bpe.to_str())["model"]
     vocab = dict(model_json["vocab"])
@@ -68,34 +69,66 @@ def build_tiny_whisper(root: Path) -> Path:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = (["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{c}|>" for c in LANGUAGES]
-                + ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
-                   "<|notimestamps|>"])
-    hf = WhisperTokenizerFast(tokenizer_object=tok, additional_special_tokens=specials, unk_token="<|endoftext|>",
-                              bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    specials = (
+        ["<|endoftext|>", "<|startoftranscript|>"]
+        + [f"<|{c}|>" for c in LANGUAGES]
+        + [
+            "<|translate|>",
+            "<|transcribe|>",
+            "<|startoflm|>",
+            "<|startofprev|>",
+            "<|nospeech|>",
+            "<|notimestamps|>",
+        ]
+    )
+    hf = WhisperTokenizerFast(
+        tokenizer_object=tok,
+        additional_special_tokens=specials,
+        unk_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
     hf.add_tokens([f"<|{k * 0.02:.2f}|>" for k in range(1501)])
     assert len(hf) == 51866 and hf.convert_tokens_to_ids("<|notimestamps|>") == 50364
     hf_dir = root / "hf"
     hf.save_pretrained(hf_dir)
     cfg = WhisperConfig(
-        vocab_size=51866, num_mel_bins=128, d_model=D_MODEL, encoder_layers=LAYERS, decoder_layers=LAYERS,
-        encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN,
-        decoder_start_token_id=50258, eos_token_id=50257, pad_token_id=50257, bos_token_id=50257,
+        vocab_size=51866,
+        num_mel_bins=128,
+        d_model=D_MODEL,
+        encoder_layers=LAYERS,
+        decoder_layers=LAYERS,
+        encoder_attention_heads=HEADS,
+        decoder_attention_heads=HEADS,
+        encoder_ffn_dim=FFN,
+        decoder_ffn_dim=FFN,
+        decoder_start_token_id=50258,
+        eos_token_id=50257,
+        pad_token_id=50257,
+        bos_token_id=50257,
     )
     torch.manual_seed(0)
     model = WhisperForConditionalGeneration(cfg)
     model.generation_config = GenerationConfig(
         lang_to_id={f"<|{c}|>": hf.convert_tokens_to_ids(f"<|{c}|>") for c in LANGUAGES},
-        task_to_id={"translate": 50359, "transcribe": 50360}, no_timestamps_token_id=50364,
-        alignment_heads=[[1, 0], [1, 1]], is_multilingual=True, decoder_start_token_id=50258,
-        eos_token_id=50257, pad_token_id=50257, bos_token_id=50257, suppress_tokens=[],
+        task_to_id={"translate": 50359, "transcribe": 50360},
+        no_timestamps_token_id=50364,
+        alignment_heads=[[1, 0], [1, 1]],
+        is_multilingual=True,
+        decoder_start_token_id=50258,
+        eos_token_id=50257,
+        pad_token_id=50257,
+        bos_token_id=50257,
+        suppress_tokens=[],
         begin_suppress_tokens=[220, 50257],
     )
     model.save_pretrained(hf_dir)
     WhisperFeatureExtractor(feature_size=128).save_pretrained(hf_dir)
     ct2 = root / "ct2"
     TransformersConverter(str(hf_dir), copy_files=["tokenizer.json", "preprocessor_config.json"]).convert(
-        str(ct2), quantization="int8", force=True)
+        str(ct2), quantization="int8", force=True
+    )
     shutil.rmtree(hf_dir)
     return ct2
 
@@ -106,10 +139,19 @@ def tiny_whisper(tmp_path_factory) -> Path:
 
 
 def _cfg(model: Path, **kw) -> TranscribeConfig:
-    base = dict(whisper_model=str(model), device="cpu", compute_type="int8", beam_size=1, max_new_tokens=6,
-                num_threads=1, vad_filter=False, min_cps=0.0, max_cps=1000.0, dev_size=1)
-    base.update(kw)
-    return TranscribeConfig(**base)
+    base = {
+        "whisper_model": str(model),
+        "device": "cpu",
+        "compute_type": "int8",
+        "beam_size": 1,
+        "max_new_tokens": 6,
+        "num_threads": 1,
+        "vad_filter": False,
+        "min_cps": 0.0,
+        "max_cps": 1000.0,
+        "dev_size": 1,
+    }
+    return TranscribeConfig(**{**base, **kw})
 
 
 def _clips(sample_speaker_dir: Path, dst: Path, n: int) -> Path:
@@ -155,18 +197,34 @@ def test_transcripts_fall_back_to_asr_for_sliced_sources(tiny_whisper, tmp_path)
             utt = Path(name).stem + (f"__{k:03d}" if n > 1 else "")
             wavs.mkdir(exist_ok=True)
             sf.write(wavs / f"{utt}.wav", (0.05 * rng.standard_normal(24000 * 2)).astype(np.float32), 24000)
-            rows.append({"utt": utt, "wav": f"{utt}.wav", "source": str(tmp_path / "raw" / name),
-                         "source_rel": name, "duration_s": 2.0, "sample_rate": 24000, "segment_index": k,
-                         "num_segments": n})
+            rows.append(
+                {
+                    "utt": utt,
+                    "wav": f"{utt}.wav",
+                    "source": str(tmp_path / "raw" / name),
+                    "source_rel": name,
+                    "duration_s": 2.0,
+                    "sample_rate": 24000,
+                    "segment_index": k,
+                    "num_segments": n,
+                }
+            )
     write_jsonl(wavs / "prepared.jsonl", rows)
     tf = tmp_path / "t.txt"
     tf.write_text("a.mp3|First clip, in my own words.\nlong.mp3|One text for two slices.\n")
-    s = transcribe_dataset(wavs, tmp_path / "out", _cfg(tiny_whisper, backend="transcripts", transcripts=tf,
-                                                        asr_fallback="faster-whisper"))
+    s = transcribe_dataset(
+        wavs,
+        tmp_path / "out",
+        _cfg(tiny_whisper, backend="transcripts", transcripts=tf, asr_fallback="faster-whisper"),
+    )
     assert s.asr_decoded == 3  # b (no transcript) and both slices of long
     by_utt = {u["utt"]: u for u in read_jsonl(tmp_path / "out" / "utterances.jsonl")}
-    assert by_utt["spk_a"]["text_source"] == "transcripts" and by_utt["spk_a"]["text"].startswith("First clip")
-    assert {by_utt[k]["text_source"] for k in ("spk_b", "spk_long__000", "spk_long__001")} == {"faster-whisper"}
+    assert by_utt["spk_a"]["text_source"] == "transcripts" and by_utt["spk_a"]["text"].startswith(
+        "First clip"
+    )
+    assert {by_utt[k]["text_source"] for k in ("spk_b", "spk_long__000", "spk_long__001")} == {
+        "faster-whisper"
+    }
 
 
 def test_unloadable_model_is_a_clear_error(tmp_path):

@@ -20,11 +20,24 @@ EPILOG = """examples:
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
     """Add apply-review's arguments."""
-    flag(parser, "dir", "--out_dir", "--out_root", required=True, metavar="DIR",
-         help="the --out_dir of a finished 'cosytune transcribe' run")
-    flag(parser, "review_file", metavar="TSV", default=None, help="edited review file (default DIR/review.tsv)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="changes to the saved settings, e.g. dev_size=3 max_cps=35")
+    flag(
+        parser,
+        "dir",
+        "--out_dir",
+        "--out_root",
+        required=True,
+        metavar="DIR",
+        help="the --out_dir of a finished 'cosytune transcribe' run",
+    )
+    flag(
+        parser, "review_file", metavar="TSV", default=None, help="edited review file (default DIR/review.tsv)"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="changes to the saved settings, e.g. dev_size=3 max_cps=35",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

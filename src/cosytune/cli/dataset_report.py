@@ -19,9 +19,19 @@ EPILOG = """examples:
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
     """Add dataset-report's arguments."""
-    parser.add_argument("dir", nargs="?", default=None, metavar="DIR", help="transcribe out_dir or Kaldi data dir")
-    flag(parser, "dir_flag", "--dir", "--out_root", dest="dir_flag", default=None, metavar="DIR",
-         help="the same as DIR, as a flag")
+    parser.add_argument(
+        "dir", nargs="?", default=None, metavar="DIR", help="transcribe out_dir or Kaldi data dir"
+    )
+    flag(
+        parser,
+        "dir_flag",
+        "--dir",
+        "--out_root",
+        dest="dir_flag",
+        default=None,
+        metavar="DIR",
+        help="the same as DIR, as a flag",
+    )
     flag(parser, "out_dir", default=None, metavar="DIR", help="where to write the report files (default DIR)")
 
 

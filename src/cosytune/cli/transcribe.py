@@ -25,48 +25,107 @@ EPILOG = """examples:
 """
 
 
-
 def _add(group, name: str, *aliases: str, **kw) -> None:
     """A flag that maps 1:1 onto a TranscribeConfig key (None = not given, config decides)."""
     kw.setdefault("default", None)
     flag(group, name, *aliases, **kw)
 
+
 CONFIG_FLAGS = (
-    "backend", "transcripts", "asr_fallback", "speaker", "language", "whisper_model", "device", "compute_type",
-    "vad_filter", "beam_size", "initial_prompt", "max_new_tokens", "num_threads", "instruct", "dev_size", "seed",
-    "min_sec", "max_sec", "min_cps", "max_cps",
+    "backend",
+    "transcripts",
+    "asr_fallback",
+    "speaker",
+    "language",
+    "whisper_model",
+    "device",
+    "compute_type",
+    "vad_filter",
+    "beam_size",
+    "initial_prompt",
+    "max_new_tokens",
+    "num_threads",
+    "instruct",
+    "dev_size",
+    "seed",
+    "min_sec",
+    "max_sec",
+    "min_cps",
+    "max_cps",
 )
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
     """Add transcribe's arguments."""
     io = parser.add_argument_group("input and output")
-    flag(io, "in_dir", "--wav_dir", "--input", required=True, metavar="DIR",
-         help="prepare-audio's out_dir (with prepared.jsonl) or a folder of audio files")
-    flag(io, "out_dir", "--out_root", "--output", metavar="DIR", default=None,
-         help="where to write the dataset (default: the input folder)")
+    flag(
+        io,
+        "in_dir",
+        "--wav_dir",
+        "--input",
+        required=True,
+        metavar="DIR",
+        help="prepare-audio's out_dir (with prepared.jsonl) or a folder of audio files",
+    )
+    flag(
+        io,
+        "out_dir",
+        "--out_root",
+        "--output",
+        metavar="DIR",
+        default=None,
+        help="where to write the dataset (default: the input folder)",
+    )
     flag(io, "config", metavar="YAML", default=None, help="settings file (keys of TranscribeConfig)")
     io.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. dev_size=3")
 
     g = parser.add_argument_group("text source")
-    _add(g, "backend", choices=["faster-whisper", "openai-whisper", "transcripts"],
-         help="where text comes from (default faster-whisper)")
-    _add(g, "transcripts", metavar="FILE",
-         help="'name|text' lines (or TSV / JSONL); without it, a .txt/.lab beside each source file")
-    _add(g, "asr_fallback", choices=["none", "faster-whisper", "openai-whisper"],
-         help="with --backend transcripts: ASR for sliced sources and clips without text (default none)")
+    _add(
+        g,
+        "backend",
+        choices=["faster-whisper", "openai-whisper", "transcripts"],
+        help="where text comes from (default faster-whisper)",
+    )
+    _add(
+        g,
+        "transcripts",
+        metavar="FILE",
+        help="'name|text' lines (or TSV / JSONL); without it, a .txt/.lab beside each source file",
+    )
+    _add(
+        g,
+        "asr_fallback",
+        choices=["none", "faster-whisper", "openai-whisper"],
+        help="with --backend transcripts: ASR for sliced sources and clips without text (default none)",
+    )
     _add(g, "speaker", "--spk_id", metavar="ID", help="speaker id, prefixes utterance ids (default spk)")
     _add(g, "language", metavar="CODE", help="language code (en, zh, ...); default: detect per clip")
 
     a = parser.add_argument_group("ASR")
-    _add(a, "whisper_model", "--model", metavar="NAME_OR_DIR", help="model name or local dir (default large-v3)")
+    _add(
+        a,
+        "whisper_model",
+        "--model",
+        metavar="NAME_OR_DIR",
+        help="model name or local dir (default large-v3)",
+    )
     _add(a, "device", help="auto, cpu or cuda (default auto)")
     _add(a, "compute_type", help="CTranslate2 compute type: default, int8, float16, ... (default default)")
-    _add(a, "vad_filter", nargs="?", const="true", metavar="BOOL",
-         help="Silero VAD before decoding (default true; '--vad_filter false' turns it off)")
+    _add(
+        a,
+        "vad_filter",
+        nargs="?",
+        const="true",
+        metavar="BOOL",
+        help="Silero VAD before decoding (default true; '--vad_filter false' turns it off)",
+    )
     _add(a, "beam_size", type=int, help="beam width (default 5)")
-    _add(a, "initial_prompt", metavar="TEXT",
-         help="prompt that makes Whisper punctuate; 'auto' (default) picks one for --language; '' for none")
+    _add(
+        a,
+        "initial_prompt",
+        metavar="TEXT",
+        help="prompt that makes Whisper punctuate; 'auto' (default) picks one for --language; '' for none",
+    )
     _add(a, "max_new_tokens", type=int, help="cap on decoded tokens per 30 s window")
     _add(a, "num_threads", type=int, help="CPU threads for faster-whisper (0 = its default)")
 
@@ -102,5 +161,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = args.out_dir or args.in_dir
     summary = transcribe_dataset(args.in_dir, out_dir, cfg, progress=not args.no_progress)
     print_summary("transcribe", summary.items())
-    print(f"next: review {summary.out_dir / 'review.tsv'}, then 'cosytune apply-review --dir {summary.out_dir}'")
+    print(
+        f"next: review {summary.out_dir / 'review.tsv'}, then 'cosytune apply-review --dir {summary.out_dir}'"
+    )
     return 0

@@ -103,7 +103,10 @@ def write_kaldi_dir(directory: str | os.PathLike, entries: Iterable[KaldiEntry])
     write_text(directory / "wav.scp", "".join(f"{e.utt} {e.wav}\n" for e in rows))
     write_text(directory / "text", "".join(f"{e.utt} {e.text}\n" for e in rows))
     write_text(directory / "utt2spk", "".join(f"{e.utt} {e.speaker}\n" for e in rows))
-    spk_lines = [f"{spk} {' '.join(utts)}\n" for spk, utts in sorted(spk2utt.items(), key=lambda kv: kaldi_sort_key(kv[0]))]
+    spk_lines = [
+        f"{spk} {' '.join(utts)}\n"
+        for spk, utts in sorted(spk2utt.items(), key=lambda kv: kaldi_sort_key(kv[0]))
+    ]
     write_text(directory / "spk2utt", "".join(spk_lines))
     if rows and all(has_instruct):
         write_text(directory / "instruct", "".join(f"{e.utt} {e.instruct}\n" for e in rows))
@@ -161,7 +164,9 @@ def read_kaldi_dir(directory: str | os.PathLike) -> list[KaldiEntry]:
 def _id_problems(directory: Path, wavs: dict, texts: dict, spks: dict, instructs: dict | None) -> list[str]:
     problems = []
     ids = set(wavs)
-    others = [("text", texts), ("utt2spk", spks)] + ([("instruct", instructs)] if instructs is not None else [])
+    others = [("text", texts), ("utt2spk", spks)] + (
+        [("instruct", instructs)] if instructs is not None else []
+    )
     for name, m in others:
         missing = sorted(ids - set(m))
         extra = sorted(set(m) - ids)
@@ -214,7 +219,11 @@ def validate_kaldi_dir(
     if {k: sorted(v) for k, v in spk2utt.items()} != {k: sorted(v) for k, v in inverse.items()}:
         problems.append("spk2utt is not the inverse of utt2spk; regenerate it from utt2spk")
     for name in ("wav.scp", "text", "utt2spk", "spk2utt") + (("instruct",) if instructs is not None else ()):
-        keys = [line.split(" ", 1)[0] for line in (directory / name).read_text(encoding="utf-8").splitlines() if line]
+        keys = [
+            line.split(" ", 1)[0]
+            for line in (directory / name).read_text(encoding="utf-8").splitlines()
+            if line
+        ]
         if keys != sorted(keys, key=kaldi_sort_key):
             problems.append(f"{name} is not sorted by id in byte order (LC_ALL=C sort)")
     empty = sorted(u for u, t in texts.items() if not t.strip())
@@ -227,5 +236,7 @@ def validate_kaldi_dir(
     if check_audio:
         gone = sorted(u for u, p in wavs.items() if not Path(p).is_file())
         if gone:
-            problems.append(f"{len(gone)} wav path(s) in wav.scp do not exist, e.g. {[wavs[u] for u in gone[:3]]}")
+            problems.append(
+                f"{len(gone)} wav path(s) in wav.scp do not exist, e.g. {[wavs[u] for u in gone[:3]]}"
+            )
     return problems

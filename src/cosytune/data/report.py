@@ -11,6 +11,7 @@ Agg backend, so no display is needed) into the directory unless told otherwise.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import statistics
@@ -67,8 +68,10 @@ def _stats(xs: list[float]) -> dict[str, float]:
     if not xs:
         return {}
     return {
-        "min": round(min(xs), 3), "median": round(statistics.median(xs), 3),
-        "mean": round(statistics.fmean(xs), 3), "max": round(max(xs), 3),
+        "min": round(min(xs), 3),
+        "median": round(statistics.median(xs), 3),
+        "mean": round(statistics.fmean(xs), 3),
+        "max": round(max(xs), 3),
     }
 
 
@@ -76,7 +79,7 @@ def duration_histogram(durations_s: list[float], bins: tuple[float, ...] = DURAT
     """Counts per duration bin, e.g. ``{"2-5 s": 10, ..., ">=30 s": 0}``."""
     edges = list(bins) + [float("inf")]
     out = {}
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         label = f"{lo:g}-{hi:g} s" if hi != float("inf") else f">={lo:g} s"
         out[label] = sum(lo <= d < hi for d in durations_s)
     return out
@@ -120,7 +123,9 @@ def build_report(directory: str | os.PathLike) -> DatasetReport:
             )
         rejects_path = directory / "rejects.jsonl"
         if rejects_path.is_file():
-            rep.rejects = Counter((r.get("stage", "?"), r.get("reason", "?")) for r in read_jsonl(rejects_path))
+            rep.rejects = Counter(
+                (r.get("stage", "?"), r.get("reason", "?")) for r in read_jsonl(rejects_path)
+            )
     except ValueError as e:  # malformed JSONL line
         raise DataError(str(e)) from e
     rep.kept = len(rep.durations_s)
@@ -135,7 +140,7 @@ def _kaldi_rows(directory: Path) -> list[dict]:
     for e in read_kaldi_dir(directory):
         try:
             info = sf.info(e.wav)
-        except Exception as err:  # noqa: BLE001 - reported with the path, not a bare traceback
+        except Exception as err:
             raise DataError(f"cannot read {e.wav} listed in {directory / 'wav.scp'}: {err}") from err
         rows.append({"duration_s": info.frames / info.samplerate, "text": e.text, "speaker": e.speaker})
     return rows
@@ -153,14 +158,18 @@ def format_report(rep: DatasetReport) -> str:
     ]
     if rep.durations_s:
         s = d["duration_s"]
-        lines.append(f"  duration s     min {s['min']:.2f}  median {s['median']:.2f}  mean {s['mean']:.2f}  max {s['max']:.2f}")
+        lines.append(
+            f"  duration s     min {s['min']:.2f}  median {s['median']:.2f}  mean {s['mean']:.2f}  max {s['max']:.2f}"
+        )
         lines.append("  duration histogram")
         top = max(d["duration_histogram"].values()) or 1
         for label, n in d["duration_histogram"].items():
             lines.append(f"    {label:>9}  {n:5d}  {'#' * round(30 * n / top)}")
         c = d["chars_per_s"]
-        lines.append(f"  chars/s        min {c['min']:.1f}  median {c['median']:.1f}  mean {c['mean']:.1f}  max {c['max']:.1f}"
-                     "  (Latin-equivalent: a CJK character counts 3)")
+        lines.append(
+            f"  chars/s        min {c['min']:.1f}  median {c['median']:.1f}  mean {c['mean']:.1f}  max {c['max']:.1f}"
+            "  (Latin-equivalent: a CJK character counts 3)"
+        )
     total_rej = sum(rep.rejects.values())
     lines.append(f"  rejects        {total_rej}")
     for (stage, reason), n in sorted(rep.rejects.items()):
@@ -179,8 +188,12 @@ def plot_report(rep: DatasetReport, path: str | os.PathLike) -> Path:
     fig = Figure(figsize=(13, 4), dpi=100)
     axes = fig.subplots(1, 3)
     ax = axes[0]
-    ax.hist(rep.durations_s, bins=[b for b in DURATION_BINS_S] + [max([30.0] + rep.durations_s) + 1e-3],
-            color="#4C72B0", edgecolor="white")
+    ax.hist(
+        rep.durations_s,
+        bins=[b for b in DURATION_BINS_S] + [max([30.0] + rep.durations_s) + 1e-3],
+        color="#4C72B0",
+        edgecolor="white",
+    )
     ax.set_title(f"durations ({rep.kept} utts, {rep.minutes_usable:.1f} min usable)")
     ax.set_xlabel("seconds")
     ax.set_ylabel("utterances")
@@ -219,7 +232,11 @@ def write_report(
     rep = build_report(directory)
     out = Path(out_dir) if out_dir is not None else Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"txt": out / "dataset_report.txt", "json": out / "dataset_report.json", "png": out / "dataset_report.png"}
+    paths = {
+        "txt": out / "dataset_report.txt",
+        "json": out / "dataset_report.json",
+        "png": out / "dataset_report.png",
+    }
     write_text(paths["txt"], format_report(rep) + "\n")
     write_json(paths["json"], rep.to_dict())
     plot_report(rep, paths["png"])

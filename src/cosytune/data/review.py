@@ -60,6 +60,7 @@ def write_review(path: str | os.PathLike, rows: Iterable[ReviewRow]) -> int:
     Returns:
         The number of rows written.
     """
+
     def order(r: ReviewRow) -> tuple[int, bytes]:
         rank = 0 if r.status.startswith("rejected") else 1 if r.flags else 2
         return rank, r.utt.encode("utf-8")
@@ -92,7 +93,9 @@ def read_review(path: str | os.PathLike) -> dict[str, ReviewRow]:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"review file {path} does not exist; run 'cosytune transcribe' first, which writes it")
+        raise DataError(
+            f"review file {path} does not exist; run 'cosytune transcribe' first, which writes it"
+        )
     out: dict[str, ReviewRow] = {}
     header_seen = False
     problems: list[str] = []
@@ -111,7 +114,9 @@ def read_review(path: str | os.PathLike) -> dict[str, ReviewRow]:
                 header_seen = True
                 continue
             if len(fields) < len(REVIEW_COLUMNS) - 1:
-                problems.append(f"line {i}: expected {len(REVIEW_COLUMNS)} tab-separated columns, found {len(fields)}")
+                problems.append(
+                    f"line {i}: expected {len(REVIEW_COLUMNS)} tab-separated columns, found {len(fields)}"
+                )
                 continue
             if len(fields) == len(REVIEW_COLUMNS) - 1:  # an empty text column lost its trailing tab
                 fields.append("")
@@ -119,7 +124,9 @@ def read_review(path: str | os.PathLike) -> dict[str, ReviewRow]:
             utt = utt.strip()
             mark = delete.strip().lower()
             if mark not in DELETE_MARKS and mark not in KEEP_MARKS:
-                problems.append(f"line {i} ({utt}): delete column holds {delete!r}; use x to delete or leave it empty")
+                problems.append(
+                    f"line {i} ({utt}): delete column holds {delete!r}; use x to delete or leave it empty"
+                )
                 continue
             if utt in out:
                 problems.append(f"line {i}: utterance {utt!r} appears twice")

@@ -60,7 +60,7 @@ from cosytune.config.loading import dump_config, load_config
 from cosytune.data.kaldi import ENDOFPROMPT, KaldiEntry, kaldi_sort_key, validate_kaldi_dir, write_kaldi_dir
 from cosytune.data.rejects import RejectLog
 from cosytune.data.review import ReviewRow, read_review, write_review
-from cosytune.errors import ConfigError, CosytuneError, DataError, UsageError, require
+from cosytune.errors import CosytuneError, DataError, UsageError, require
 from cosytune.fileio import read_jsonl, sha256_file, sha256_json, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -150,11 +150,17 @@ class TranscribeConfig:
         if not self.instruct.endswith(ENDOFPROMPT) or "\n" in self.instruct:
             problems.append(f"instruct: must be one line ending with {ENDOFPROMPT}; found {self.instruct!r}")
         if self.dev_size <= 0 or (self.dev_size >= 1 and not float(self.dev_size).is_integer()):
-            problems.append(f"dev_size: expected a fraction in (0, 1) or a whole count >= 1; found {self.dev_size}")
+            problems.append(
+                f"dev_size: expected a fraction in (0, 1) or a whole count >= 1; found {self.dev_size}"
+            )
         if not 0 <= self.min_sec < self.max_sec:
-            problems.append(f"min_sec/max_sec: expected 0 <= min_sec < max_sec; found {self.min_sec}/{self.max_sec}")
+            problems.append(
+                f"min_sec/max_sec: expected 0 <= min_sec < max_sec; found {self.min_sec}/{self.max_sec}"
+            )
         if not 0 <= self.min_cps < self.max_cps:
-            problems.append(f"min_cps/max_cps: expected 0 <= min_cps < max_cps; found {self.min_cps}/{self.max_cps}")
+            problems.append(
+                f"min_cps/max_cps: expected 0 <= min_cps < max_cps; found {self.min_cps}/{self.max_cps}"
+            )
         if self.beam_size < 1:
             problems.append(f"beam_size: expected >= 1; found {self.beam_size}")
         if self.backend in ASR_BACKENDS and self.asr_fallback != "none":
@@ -370,17 +376,19 @@ def discover_inputs(in_dir: str | os.PathLike, speaker: str, rejects: RejectLog)
                 rejects.add(str(wav), "unreadable_audio", f"{type(e).__name__}: {e}")
                 continue
             source = str(row.get("source") or wav)
-            out.append(Utterance(
-                utt=_unique(f"{speaker}_{base}", taken),
-                wav=str(wav),
-                duration_s=float(row.get("duration_s") or info.frames / info.samplerate),
-                sample_rate=int(info.samplerate),
-                speaker=speaker,
-                source=source,
-                source_rel=str(row.get("source_rel") or Path(source).name),
-                segment_index=int(row.get("segment_index") or 0),
-                num_segments=int(row.get("num_segments") or 1),
-            ))
+            out.append(
+                Utterance(
+                    utt=_unique(f"{speaker}_{base}", taken),
+                    wav=str(wav),
+                    duration_s=float(row.get("duration_s") or info.frames / info.samplerate),
+                    sample_rate=int(info.samplerate),
+                    speaker=speaker,
+                    source=source,
+                    source_rel=str(row.get("source_rel") or Path(source).name),
+                    segment_index=int(row.get("segment_index") or 0),
+                    num_segments=int(row.get("num_segments") or 1),
+                )
+            )
     else:
         files = sorted(
             (p for p in in_dir.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS),
@@ -398,15 +406,17 @@ def discover_inputs(in_dir: str | os.PathLike, speaker: str, rejects: RejectLog)
                 rejects.add(str(p), "unreadable_audio", f"{type(e).__name__}: {e}")
                 continue
             base = _safe_id("__".join(rel.with_suffix("").parts))
-            out.append(Utterance(
-                utt=_unique(f"{speaker}_{base}", taken),
-                wav=str(p.resolve()),
-                duration_s=info.frames / info.samplerate,
-                sample_rate=int(info.samplerate),
-                speaker=speaker,
-                source=str(p.resolve()),
-                source_rel=rel.as_posix(),
-            ))
+            out.append(
+                Utterance(
+                    utt=_unique(f"{speaker}_{base}", taken),
+                    wav=str(p.resolve()),
+                    duration_s=info.frames / info.samplerate,
+                    sample_rate=int(info.samplerate),
+                    speaker=speaker,
+                    source=str(p.resolve()),
+                    source_rel=rel.as_posix(),
+                )
+            )
     if not out and not len(rejects):
         raise DataError(
             f"no audio found in {in_dir} (looked for prepared.jsonl or files ending in "
@@ -466,14 +476,18 @@ def load_transcripts(path: str | os.PathLike) -> TranscriptTable:
             name = next((row[k] for k in ("name", "file", "path", "audio", "wav", "utt") if row.get(k)), None)
             text = row.get("text")
             if name is None or not isinstance(text, str):
-                problems.append(f"line {i}: JSON row needs a name key (name/file/path/audio/wav/utt) and 'text'")
+                problems.append(
+                    f"line {i}: JSON row needs a name key (name/file/path/audio/wav/utt) and 'text'"
+                )
                 continue
         elif "|" in line:
             name, text = line.split("|", 1)
         elif "\t" in line:
             name, text = line.split("\t", 1)
         else:
-            problems.append(f"line {i}: expected 'name|text', 'name<TAB>text' or a JSON object; found {line[:60]!r}")
+            problems.append(
+                f"line {i}: expected 'name|text', 'name<TAB>text' or a JSON object; found {line[:60]!r}"
+            )
             continue
         name = str(name).strip()
         if name in entries:
@@ -481,7 +495,9 @@ def load_transcripts(path: str | os.PathLike) -> TranscriptTable:
             continue
         entries[name] = text
     if problems:
-        raise DataError(f"transcripts file {path}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems[:20]))
+        raise DataError(
+            f"transcripts file {path}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems[:20])
+        )
     if not entries:
         raise DataError(f"transcripts file {path} holds no entries; expected 'name|text' lines")
     return TranscriptTable(entries, str(path))
@@ -536,7 +552,9 @@ def _prompt(cfg: TranscribeConfig) -> str | None:
     return PUNCTUATION_PROMPTS.get(cfg.language or "")
 
 
-def _aggregate(segments: list[tuple[str, float, float, float, float]], language: str, lang_prob: float | None) -> AsrResult:
+def _aggregate(
+    segments: list[tuple[str, float, float, float, float]], language: str, lang_prob: float | None
+) -> AsrResult:
     """Combine (text, duration, avg_logprob, no_speech_prob, compression_ratio) segment tuples."""
     text = normalize_transcript("".join(s[0] for s in segments))
     if not segments:
@@ -571,9 +589,12 @@ class FasterWhisperBackend:
         _check_model_path(cfg.whisper_model)
         try:
             self.model = fw.WhisperModel(
-                cfg.whisper_model, device=cfg.device, compute_type=cfg.compute_type, cpu_threads=cfg.num_threads
+                cfg.whisper_model,
+                device=cfg.device,
+                compute_type=cfg.compute_type,
+                cpu_threads=cfg.num_threads,
             )
-        except Exception as e:  # noqa: BLE001 - boundary: hub, CTranslate2 and CUDA errors all mean "cannot load"
+        except Exception as e:
             raise DataError(
                 f"could not load faster-whisper model {cfg.whisper_model!r} on device {cfg.device!r} "
                 f"(compute_type {cfg.compute_type!r}): {e}. Pass --whisper_model as a local CTranslate2 "
@@ -593,7 +614,9 @@ class FasterWhisperBackend:
             condition_on_previous_text=False,  # a clip is one utterance; carrying text over invites loops
             max_new_tokens=cfg.max_new_tokens,
         )
-        segs = [(s.text, s.end - s.start, s.avg_logprob, s.no_speech_prob, s.compression_ratio) for s in segments]
+        segs = [
+            (s.text, s.end - s.start, s.avg_logprob, s.no_speech_prob, s.compression_ratio) for s in segments
+        ]
         return _aggregate(segs, info.language, info.language_probability)
 
 
@@ -613,7 +636,9 @@ class OpenAIWhisperBackend:
         try:
             self.model = whisper.load_model(cfg.whisper_model, device=device)
         except (RuntimeError, OSError) as e:
-            raise DataError(f"could not load openai-whisper model {cfg.whisper_model!r} on {device}: {e}") from e
+            raise DataError(
+                f"could not load openai-whisper model {cfg.whisper_model!r} on {device}: {e}"
+            ) from e
 
     def transcribe(self, audio_16k: Any) -> AsrResult:
         """Decode one clip (mono float32 at 16 kHz)."""
@@ -645,8 +670,13 @@ def build_asr_backend(name: str, cfg: TranscribeConfig) -> FasterWhisperBackend 
 def asr_settings(cfg: TranscribeConfig, backend: str) -> dict[str, Any]:
     """The settings that change ASR output; a cached result is reused only when they match."""
     return {
-        "backend": backend, "model": cfg.whisper_model, "language": cfg.language, "beam_size": cfg.beam_size,
-        "vad_filter": cfg.vad_filter, "initial_prompt": _prompt(cfg), "compute_type": cfg.compute_type,
+        "backend": backend,
+        "model": cfg.whisper_model,
+        "language": cfg.language,
+        "beam_size": cfg.beam_size,
+        "vad_filter": cfg.vad_filter,
+        "initial_prompt": _prompt(cfg),
+        "compute_type": cfg.compute_type,
         "max_new_tokens": cfg.max_new_tokens,
     }
 
@@ -708,9 +738,15 @@ def check_utterance(u: Utterance, cfg: TranscribeConfig) -> tuple[str, str] | No
         return "no_speakable_text", f"no letters or digits outside annotations in {u.text[:60]!r}"
     cps = units / max(u.duration_s, 1e-6)
     if cps < cfg.min_cps:
-        return "chars_per_sec_too_low", f"{cps:.1f} chars/s < {cfg.min_cps} for {u.text[:60]!r} in {u.duration_s:.2f} s"
+        return (
+            "chars_per_sec_too_low",
+            f"{cps:.1f} chars/s < {cfg.min_cps} for {u.text[:60]!r} in {u.duration_s:.2f} s",
+        )
     if cps > cfg.max_cps:
-        return "chars_per_sec_too_high", f"{cps:.1f} chars/s > {cfg.max_cps} for {u.text[:60]!r} in {u.duration_s:.2f} s"
+        return (
+            "chars_per_sec_too_high",
+            f"{cps:.1f} chars/s > {cfg.max_cps} for {u.text[:60]!r} in {u.duration_s:.2f} s",
+        )
     return None
 
 
@@ -729,7 +765,11 @@ def review_flags(u: Utterance) -> tuple[str, ...]:
         flags.append("asr_repetitive")
     if any(c.isdigit() for c in u.text):
         flags.append("digits")
-    if u.text and u.text_source in ASR_BACKENDS and not any(unicodedata.category(c).startswith("P") for c in u.text):
+    if (
+        u.text
+        and u.text_source in ASR_BACKENDS
+        and not any(unicodedata.category(c).startswith("P") for c in u.text)
+    ):
         flags.append("no_punctuation")
     return tuple(flags)
 
@@ -774,7 +814,9 @@ def split_train_dev(utts: list[Utterance], dev_size: float, seed: int) -> tuple[
     if not dev:  # every recording has more slices than wanted: take the smallest (dev is never empty)
         dev.update(groups[min(keys, key=lambda k: len(groups[k]))])
     if len(dev) >= n:
-        raise DataError(f"the dev set would take all {n} utterances (one recording holds most); lower --dev_size")
+        raise DataError(
+            f"the dev set would take all {n} utterances (one recording holds most); lower --dev_size"
+        )
     train = {u.utt for u in utts} - dev
     return train, dev
 
@@ -784,7 +826,9 @@ def split_train_dev(utts: list[Utterance], dev_size: float, seed: int) -> tuple[
 # --------------------------------------------------------------------------------------------
 
 
-def merge_review(utts: list[Utterance], review: dict[str, ReviewRow]) -> tuple[list[Utterance], set[str], int]:
+def merge_review(
+    utts: list[Utterance], review: dict[str, ReviewRow]
+) -> tuple[list[Utterance], set[str], int]:
     """Apply review edits: a text that differs from the backend's text, or a delete mark.
 
     Returns:
@@ -806,8 +850,11 @@ def merge_review(utts: list[Utterance], review: dict[str, ReviewRow]) -> tuple[l
         out.append(u)
     unknown = sorted(set(review) - {u.utt for u in utts})
     if unknown:
-        logger.warning("review file lists %d utterance(s) that are not in the dataset (ignored), e.g. %s",
-                       len(unknown), unknown[:3])
+        logger.warning(
+            "review file lists %d utterance(s) that are not in the dataset (ignored), e.g. %s",
+            len(unknown),
+            unknown[:3],
+        )
     return out, deleted, edits
 
 
@@ -840,7 +887,10 @@ def finalize_dataset(
         rejects.save()
         _write_review_and_utts(out_dir, checked)
         raise
-    final = [replace(u, status="train" if u.utt in train else "dev") if u.status != "rejected" else u for u in checked]
+    final = [
+        replace(u, status="train" if u.utt in train else "dev") if u.status != "rejected" else u
+        for u in checked
+    ]
     for name, ids in (("train", train), ("dev", dev)):
         entries = [KaldiEntry(u.utt, u.wav, u.text, u.speaker, cfg.instruct) for u in final if u.utt in ids]
         write_kaldi_dir(out_dir / name, entries)
@@ -851,7 +901,11 @@ def finalize_dataset(
     for u in final:
         if u.status == "rejected":
             continue
-        d = {k: v for k, v in u.to_dict().items() if k not in ("status", "reject_reason", "text_error", "orig_text")}
+        d = {
+            k: v
+            for k, v in u.to_dict().items()
+            if k not in ("status", "reject_reason", "text_error", "orig_text")
+        }
         d["split"] = u.status
         meta.append(d)
     write_jsonl(out_dir / "metadata.jsonl", meta)
@@ -872,11 +926,20 @@ def finalize_dataset(
 
 def _write_review_and_utts(out_dir: Path, utts: list[Utterance]) -> None:
     write_jsonl(out_dir / "utterances.jsonl", [u.to_dict() for u in utts])
-    write_review(out_dir / "review.tsv", [
-        ReviewRow(u.utt, u.duration_s, u.status if u.status != "rejected" else f"rejected:{u.reject_reason}",
-                  u.flags, u.reject_reason == "deleted_in_review", u.text)
-        for u in utts
-    ])
+    write_review(
+        out_dir / "review.tsv",
+        [
+            ReviewRow(
+                u.utt,
+                u.duration_s,
+                u.status if u.status != "rejected" else f"rejected:{u.reject_reason}",
+                u.flags,
+                u.reject_reason == "deleted_in_review",
+                u.text,
+            )
+            for u in utts
+        ],
+    )
 
 
 def _carry_rejects(in_dir: Path, out_dir: Path) -> None:
@@ -958,8 +1021,15 @@ def transcribe_dataset(
         text = table.lookup(u.source, u.source_rel) if table else read_sidecar(u.source)
         if text is not None and u.num_segments <= 1:
             t = normalize_transcript(text)
-            with_text.append(replace(u, text=t, orig_text=t, text_source="transcripts",
-                                     language=cfg.language or guess_language(t)))
+            with_text.append(
+                replace(
+                    u,
+                    text=t,
+                    orig_text=t,
+                    text_source="transcripts",
+                    language=cfg.language or guess_language(t),
+                )
+            )
             continue
         reason = "sliced_source_needs_asr" if text is not None else "no_transcript"
         if asr_name:
@@ -993,12 +1063,19 @@ def transcribe_dataset(
                     summary_asr[0] += 1
                 else:
                     summary_asr[1] += 1
-                with_text.append(replace(
-                    u, text=res.text, orig_text=res.text, text_source=asr_name,
-                    language=res.language or cfg.language or guess_language(res.text),
-                    asr_avg_logprob=res.avg_logprob, asr_no_speech_prob=res.no_speech_prob,
-                    asr_compression_ratio=res.compression_ratio, asr_language_prob=res.language_prob,
-                ))
+                with_text.append(
+                    replace(
+                        u,
+                        text=res.text,
+                        orig_text=res.text,
+                        text_source=asr_name,
+                        language=res.language or cfg.language or guess_language(res.text),
+                        asr_avg_logprob=res.avg_logprob,
+                        asr_no_speech_prob=res.no_speech_prob,
+                        asr_compression_ratio=res.compression_ratio,
+                        asr_language_prob=res.language_prob,
+                    )
+                )
         finally:
             cache.save()
 
@@ -1012,8 +1089,7 @@ def transcribe_dataset(
         review = read_review(review_path)
         # an edit is a review text differing from what the backend said *last time*
         review = {
-            k: r for k, r in review.items()
-            if k in previous and (r.delete or r.text != previous[k].orig_text)
+            k: r for k, r in review.items() if k in previous and (r.delete or r.text != previous[k].orig_text)
         }
         for u in with_text:
             if u.utt in review and review[u.utt].text == previous[u.utt].orig_text:
@@ -1030,7 +1106,9 @@ def transcribe_dataset(
 
 
 def apply_review(
-    directory: str | os.PathLike, overrides: list[str] | dict | None = None, review_file: str | os.PathLike | None = None
+    directory: str | os.PathLike,
+    overrides: list[str] | dict | None = None,
+    review_file: str | os.PathLike | None = None,
 ) -> TranscribeSummary:
     """Rebuild train/dev from an edited ``review.tsv`` without running ASR again.
 
@@ -1053,10 +1131,7 @@ def apply_review(
             f"{directory} has no transcribe_config.yaml / utterances.jsonl; pass the --out_dir of a "
             "finished 'cosytune transcribe' run"
         )
-    try:
-        cfg = load_config(TranscribeConfig, cfg_path, overrides)
-    except ConfigError:
-        raise
+    cfg = load_config(TranscribeConfig, cfg_path, overrides)
     try:
         utts = [Utterance.from_dict(d) for d in read_jsonl(utts_path)]
     except (ValueError, TypeError) as e:
@@ -1064,12 +1139,24 @@ def apply_review(
     review = read_review(review_file or directory / "review.tsv")
     missing = [u.utt for u in utts if u.utt not in review]
     if missing:
-        logger.warning("%d utterance(s) have no row in the review file and keep their text, e.g. %s; "
-                       "to drop a row put x in its delete column instead of removing the line",
-                       len(missing), missing[:3])
+        logger.warning(
+            "%d utterance(s) have no row in the review file and keep their text, e.g. %s; "
+            "to drop a row put x in its delete column instead of removing the line",
+            len(missing),
+            missing[:3],
+        )
     # start from the backend's text; the review file carries every edit made so far
-    base = [replace(u, text=u.orig_text, text_source=u.text_source if u.text_source != "review" else "",
-                    status="", reject_reason="", flags=()) for u in utts]
+    base = [
+        replace(
+            u,
+            text=u.orig_text,
+            text_source=u.text_source if u.text_source != "review" else "",
+            status="",
+            reject_reason="",
+            flags=(),
+        )
+        for u in utts
+    ]
     merged, deleted, edits = merge_review(base, review)
     rejects = RejectLog(directory / "rejects.jsonl", STAGE)
     for r in _previous_input_rejects(directory):
@@ -1093,9 +1180,16 @@ def _previous_input_rejects(directory: Path) -> list[dict]:
 
 def _summary_json(s: TranscribeSummary, in_dir: Path | None) -> dict:
     return {
-        "in_dir": str(in_dir) if in_dir else None, "candidates": s.candidates, "kept": s.kept, "train": s.train,
-        "dev": s.dev, "asr_decoded": s.asr_decoded, "asr_cached": s.asr_cached, "review_edits": s.review_edits,
-        "minutes_total": round(s.minutes_total, 3), "minutes_usable": round(s.minutes_usable, 3),
+        "in_dir": str(in_dir) if in_dir else None,
+        "candidates": s.candidates,
+        "kept": s.kept,
+        "train": s.train,
+        "dev": s.dev,
+        "asr_decoded": s.asr_decoded,
+        "asr_cached": s.asr_cached,
+        "review_edits": s.review_edits,
+        "minutes_total": round(s.minutes_total, 3),
+        "minutes_usable": round(s.minutes_usable, 3),
         "rejects": dict(s.rejects),
     }
 
