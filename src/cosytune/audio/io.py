@@ -2,11 +2,12 @@
 
 Decoding goes through two backends, no system ``ffmpeg`` binary needed:
 
-* libsndfile (``soundfile``) for the formats it reads natively and fast (wav, flac, ogg/vorbis,
-  ogg/opus, mp3, aiff, ...);
-* ffmpeg's libraries bundled in PyAV (``av``) for everything else (m4a/aac, opus in webm/mka,
-  wma, amr, the audio stream of mp4/mkv/mov/webm/avi videos, ...) and as the fallback when
-  libsndfile refuses a file.
+* libsndfile (``soundfile``) for the uncompressed and lossless formats it reads natively
+  (wav, flac, aiff, ...) and ogg/vorbis/opus;
+* ffmpeg's libraries bundled in PyAV (``av``) for everything else (mp3, m4a/aac, opus in
+  webm/mka, wma, amr, the audio stream of mp4/mkv/mov/webm/avi videos, ...) and as the
+  fallback when libsndfile refuses a file. mp3 goes to ffmpeg first: libsndfile's mpg123 prints
+  resync notes straight to stderr on damaged files, and ffmpeg honours the LAME gapless header.
 
 Layout: :func:`load_audio` returns ``(channels, samples)`` float32 in [-1, 1] (values slightly
 beyond ±1 can come out of lossy decoders) and the native sample rate. Nothing is resampled
@@ -29,19 +30,88 @@ from cosytune.fileio import atomic_path
 logger = logging.getLogger(__name__)
 
 #: Extensions libsndfile decodes; tried first for these because it is the faster path.
-SOUNDFILE_EXTENSIONS = frozenset({".wav", ".wave", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".aifc",
-                                  ".au", ".snd", ".caf", ".w64", ".rf64"})
+SOUNDFILE_EXTENSIONS = frozenset(
+    {
+        ".wav",
+        ".wave",
+        ".flac",
+        ".ogg",
+        ".oga",
+        ".aiff",
+        ".aif",
+        ".aifc",
+        ".au",
+        ".snd",
+        ".caf",
+        ".w64",
+        ".rf64",
+    }
+)
 #: Extensions we expect to hold audio (a failure to decode them is "unreadable", not "not_audio").
-AUDIO_EXTENSIONS = SOUNDFILE_EXTENSIONS | frozenset({
-    ".m4a", ".aac", ".mp4a", ".opus", ".wma", ".amr", ".ac3", ".eac3", ".mp2", ".mpga", ".mka", ".weba",
-    ".ape", ".wv", ".tta", ".alac", ".dts", ".spx", ".3ga",
-})
+AUDIO_EXTENSIONS = SOUNDFILE_EXTENSIONS | frozenset(
+    {
+        ".mp3",
+        ".m4a",
+        ".aac",
+        ".mp4a",
+        ".opus",
+        ".wma",
+        ".amr",
+        ".ac3",
+        ".eac3",
+        ".mp2",
+        ".mpga",
+        ".mka",
+        ".weba",
+        ".ape",
+        ".wv",
+        ".tta",
+        ".alac",
+        ".dts",
+        ".spx",
+        ".3ga",
+    }
+)
 #: Video containers whose audio track we use.
-VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mkv", ".mov", ".webm", ".avi", ".flv", ".wmv", ".mpg", ".mpeg",
-                              ".ts", ".mts", ".3gp", ".ogv"})
+VIDEO_EXTENSIONS = frozenset(
+    {
+        ".mp4",
+        ".m4v",
+        ".mkv",
+        ".mov",
+        ".webm",
+        ".avi",
+        ".flv",
+        ".wmv",
+        ".mpg",
+        ".mpeg",
+        ".ts",
+        ".mts",
+        ".3gp",
+        ".ogv",
+    }
+)
 #: Side files that legitimately sit next to recordings (transcripts, lists, notes); never decoded.
-SIDECAR_EXTENSIONS = frozenset({".txt", ".lab", ".json", ".jsonl", ".tsv", ".csv", ".md", ".yaml", ".yml",
-                                ".lst", ".list", ".scp", ".srt", ".vtt", ".ass", ".lrc"})
+SIDECAR_EXTENSIONS = frozenset(
+    {
+        ".txt",
+        ".lab",
+        ".json",
+        ".jsonl",
+        ".tsv",
+        ".csv",
+        ".md",
+        ".yaml",
+        ".yml",
+        ".lst",
+        ".list",
+        ".scp",
+        ".srt",
+        ".vtt",
+        ".ass",
+        ".lrc",
+    }
+)
 
 
 class AudioDecodeError(Exception):
@@ -115,7 +185,8 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     if ext in SOUNDFILE_EXTENSIONS:
         try:
             data, sample_rate = _read_soundfile(path)
-        except Exception as e:  # libsndfile raises several types; any failure means "try ffmpeg"
+        # libsndfile raises several exception types; any failure means "try ffmpeg".
+        except Exception as e:  # noqa: BLE001
             errors.append(f"libsndfile: {e}")
         else:
             return _check_decoded(data, sample_rate)

@@ -21,6 +21,7 @@ Shapes: ``signal`` is 1-D float (samples,); segments are sample index ranges ``[
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,8 +51,8 @@ def frame_levels_db(signal: np.ndarray, sample_rate: int) -> tuple[np.ndarray, i
         ``(levels_db, hop, win)``: levels (num_frames,), hop and window in samples. Frame ``k``
         covers ``signal[k*hop : k*hop + win]``.
     """
-    hop = max(1, int(round(_HOP_S * sample_rate)))
-    win = max(hop, int(round(_WIN_S * sample_rate)))
+    hop = max(1, round(_HOP_S * sample_rate))
+    win = max(hop, round(_WIN_S * sample_rate))
     n = len(signal)
     if n == 0:
         return np.zeros(0), hop, win
@@ -136,7 +137,7 @@ def slice_at_pauses(
 
     # Pieces between pauses; any piece over max_len is cut at its quietest frames (forced).
     pieces: list[Segment] = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         while b - a > max_len:
             cut = _quietest_cut(levels, hop, win, a + min_len, a + max_len)
             pieces.append(Segment(a, cut, forced=True))

@@ -139,7 +139,7 @@ def sox_silence_start(
         The first kept sample, or None when no such run exists (sox outputs nothing).
     """
     rms = running_rms(signal, sox_window_size(sample_rate))
-    min_run = max(1, int(round(duration_s * sample_rate)))
+    min_run = max(1, round(duration_s * sample_rate))
     return _first_run_start(_above(rms, threshold_db, precision_bits), min_run)
 
 
@@ -206,7 +206,7 @@ def trim_with_overtrim_rule(
     """
     res = trim_silence(signal, sample_rate, threshold_db, start_duration_s, end_duration_s, precision_bits)
     n = len(signal)
-    min_keep = int(round(min_keep_s * sample_rate))
+    min_keep = round(min_keep_s * sample_rate)
     if res.found_sound and n > min_keep and (res.end - res.start) < min_keep:
         return TrimResult(0, n, n, untrimmed_overtrim=True, sox_start=res.sox_start, sox_end=res.sox_end)
     return res

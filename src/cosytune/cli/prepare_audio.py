@@ -48,19 +48,42 @@ CONFIG_FLAGS: tuple[tuple[str, type, str, str], ...] = (
 def build_parser(parser: argparse.ArgumentParser) -> None:
     """Add prepare-audio's arguments."""
     io = parser.add_argument_group("input and output")
-    flag(io, "in_dir", "--src_dir", "--input", required=True, metavar="DIR",
-         help="folder of recordings (searched recursively)")
-    flag(io, "out_dir", "--wav_dir", "--output", required=True, metavar="DIR",
-         help="where to write the wavs, prepared.jsonl and rejects.jsonl (the seed's --wav_dir)")
+    flag(
+        io,
+        "in_dir",
+        "--src_dir",
+        "--input",
+        required=True,
+        metavar="DIR",
+        help="folder of recordings (searched recursively)",
+    )
+    flag(
+        io,
+        "out_dir",
+        "--wav_dir",
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="where to write the wavs, prepared.jsonl and rejects.jsonl (the seed's --wav_dir)",
+    )
     flag(io, "config", metavar="YAML", default=None, help="settings file (keys of PrepareAudioConfig)")
-    io.add_argument("overrides", nargs="*", metavar="key=value",
-                    help="config overrides, e.g. trim=false slice_target_s=10")
+    io.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. trim=false slice_target_s=10",
+    )
     g = parser.add_argument_group("settings (override the config)")
     for name, tp, metavar, help_text in CONFIG_FLAGS:
         flag(g, name, type=tp, metavar=metavar, default=None, help=help_text)
     flag(g, "no_trim", action="store_true", default=False, help="keep silence at both ends")
-    flag(g, "no_slice", action="store_true", default=False,
-         help="reject recordings longer than max_duration_s instead of slicing them")
+    flag(
+        g,
+        "no_slice",
+        action="store_true",
+        default=False,
+        help="reject recordings longer than max_duration_s instead of slicing them",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

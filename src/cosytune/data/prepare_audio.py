@@ -86,15 +86,15 @@ ALGORITHM_VERSION = 1
 
 #: Reject reasons this stage records.
 REJECT_REASONS = (
-    "zero_length",      # empty file, or it decodes to no samples
-    "not_audio",        # no audio stream / not a media file
-    "unreadable",       # audio extension but corrupt or undecodable
-    "heavy_clipping",   # too many samples at full scale
-    "all_silence",      # nothing above the trim threshold
-    "too_short",        # shorter than min_duration_s after trimming
-    "too_long",         # longer than max_duration_s with slicing disabled
+    "zero_length",  # empty file, or it decodes to no samples
+    "not_audio",  # no audio stream / not a media file
+    "unreadable",  # audio extension but corrupt or undecodable
+    "heavy_clipping",  # too many samples at full scale
+    "all_silence",  # nothing above the trim threshold
+    "too_short",  # shorter than min_duration_s after trimming
+    "too_long",  # longer than max_duration_s with slicing disabled
     "processing_error",  # an unexpected failure while processing this file (bug report welcome)
-    "worker_crashed",   # the worker process died (e.g. a decoder crash); re-run to retry
+    "worker_crashed",  # the worker process died (e.g. a decoder crash); re-run to retry
 )
 
 
@@ -148,12 +148,15 @@ class PrepareAudioConfig:
         if self.sample_rate < 8000:
             problems.append(f"sample_rate must be >= 8000 Hz, got {self.sample_rate}")
         if self.trim_threshold_db >= 0 or self.slice_threshold_db >= 0:
-            problems.append("trim_threshold_db and slice_threshold_db must be negative dBFS values (e.g. -35)")
+            problems.append(
+                "trim_threshold_db and slice_threshold_db must be negative dBFS values (e.g. -35)"
+            )
         if self.trim_start_duration_s < 0 or self.trim_end_duration_s < 0:
             problems.append("trim_start_duration_s and trim_end_duration_s must be >= 0")
         if not 0 <= self.min_duration_s < self.max_duration_s:
             problems.append(
-                f"need 0 <= min_duration_s < max_duration_s, got {self.min_duration_s} and {self.max_duration_s}"
+                "need 0 <= min_duration_s < max_duration_s, got "
+                f"{self.min_duration_s} and {self.max_duration_s}"
             )
         if not 0 < self.slice_min_s <= self.slice_target_s <= self.max_duration_s:
             problems.append(
@@ -165,7 +168,9 @@ class PrepareAudioConfig:
         if self.peak_ceiling_db is not None and self.peak_ceiling_db > 0:
             problems.append(f"peak_ceiling_db must be <= 0 dBFS, got {self.peak_ceiling_db}")
         if self.loudness_target_lufs is not None and not -70 <= self.loudness_target_lufs <= 0:
-            problems.append(f"loudness_target_lufs must be between -70 and 0, got {self.loudness_target_lufs}")
+            problems.append(
+                f"loudness_target_lufs must be between -70 and 0, got {self.loudness_target_lufs}"
+            )
         if not 0 < self.clip_level <= 1.0:
             problems.append(f"clip_level must be in (0, 1], got {self.clip_level}")
         if not 0 <= self.max_clipped_fraction <= 1:
@@ -209,11 +214,21 @@ class PrepareSummary:
         rej = ", ".join(f"{k} {v}" for k, v in sorted(self.reject_counts.items())) or "none"
         speed = self.processed_input_duration_s / self.elapsed_s if self.elapsed_s > 0 else 0.0
         return [
-            ("input files", f"{self.num_inputs} ({self.num_processed} processed, {self.num_reused} unchanged "
-                            f"and skipped, {self.num_sidecars_skipped} text side files ignored)"),
+            (
+                "input files",
+                (
+                    f"{self.num_inputs} ({self.num_processed} processed, {self.num_reused} unchanged "
+                    f"and skipped, {self.num_sidecars_skipped} text side files ignored)"
+                ),
+            ),
             ("input audio", f"{self.input_duration_s / 60:.1f} min"),
-            ("output wavs", f"{self.num_outputs} ({self.output_duration_s / 60:.1f} min), "
-                            f"{self.num_sliced_sources} long source(s) sliced"),
+            (
+                "output wavs",
+                (
+                    f"{self.num_outputs} ({self.output_duration_s / 60:.1f} min), "
+                    f"{self.num_sliced_sources} long source(s) sliced"
+                ),
+            ),
             ("kept untrimmed", f"{self.num_untrimmed_overtrim} (trimming would have left < 1.5 s)"),
             ("rejects", rej),
             ("inputs with no output", self.num_sources_without_output),
@@ -296,7 +311,9 @@ def _process(task: _Task) -> _Result:
         return res
     except Exception as e:  # boundary: record, never crash the run
         logger.debug("decoding %s failed", task.source, exc_info=True)
-        res.rejects.append({"input": task.source, "reason": "unreadable", "detail": f"{type(e).__name__}: {e}"})
+        res.rejects.append(
+            {"input": task.source, "reason": "unreadable", "detail": f"{type(e).__name__}: {e}"}
+        )
         return res
     try:
         _process_decoded(task, audio, source_rate, res)
@@ -305,8 +322,9 @@ def _process(task: _Task) -> _Result:
     except Exception as e:  # boundary: record, never crash the run
         logger.debug("processing %s failed", task.source, exc_info=True)
         res.rows.clear()
-        res.rejects.append({"input": task.source, "reason": "processing_error",
-                            "detail": f"{type(e).__name__}: {e}"})
+        res.rejects.append(
+            {"input": task.source, "reason": "processing_error", "detail": f"{type(e).__name__}: {e}"}
+        )
     return res
 
 
@@ -324,88 +342,141 @@ def _process_decoded(task: _Task, audio: np.ndarray, source_rate: int, res: _Res
     res.source_duration_s = source_samples / source_rate
     clipped = clipping_fraction(audio, cfg.clip_level)
     if clipped > cfg.max_clipped_fraction:
-        res.rejects.append({"input": task.source, "reason": "heavy_clipping",
-                            "detail": f"{clipped:.2%} of samples at or above {cfg.clip_level} of full scale "
-                                      f"(limit {cfg.max_clipped_fraction:.2%}, setting max_clipped_fraction)"})
+        res.rejects.append(
+            {
+                "input": task.source,
+                "reason": "heavy_clipping",
+                "detail": f"{clipped:.2%} of samples at or above {cfg.clip_level} of full scale "
+                f"(limit {cfg.max_clipped_fraction:.2%}, setting max_clipped_fraction)",
+            }
+        )
         return
     mono = to_mono(audio)
     del audio
     if source_rate != sr:
-        mono = soxr.resample(mono, source_rate, sr, quality=cfg.resample_quality).astype(np.float32, copy=False)
+        mono = soxr.resample(mono, source_rate, sr, quality=cfg.resample_quality).astype(
+            np.float32, copy=False
+        )
     n = len(mono)
 
     def trim(x: np.ndarray, overtrim_rule: bool) -> TrimResult:
         if not cfg.trim:
             return TrimResult(0, len(x), len(x), sox_start=0, sox_end=len(x))
         if overtrim_rule:
-            return trim_with_overtrim_rule(x, sr, cfg.trim_threshold_db, cfg.trim_start_duration_s,
-                                           cfg.trim_end_duration_s, cfg.overtrim_min_s)
+            return trim_with_overtrim_rule(
+                x,
+                sr,
+                cfg.trim_threshold_db,
+                cfg.trim_start_duration_s,
+                cfg.trim_end_duration_s,
+                cfg.overtrim_min_s,
+            )
         return trim_silence(x, sr, cfg.trim_threshold_db, cfg.trim_start_duration_s, cfg.trim_end_duration_s)
 
     whole = trim(mono, overtrim_rule=True)
     if not whole.found_sound:
-        res.rejects.append({"input": task.source, "reason": "all_silence",
-                            "detail": f"{n / sr:.2f} s with no 20 ms RMS above {cfg.trim_threshold_db} dBFS for "
-                                      f"{cfg.trim_start_duration_s} s"})
+        res.rejects.append(
+            {
+                "input": task.source,
+                "reason": "all_silence",
+                "detail": f"{n / sr:.2f} s with no 20 ms RMS above {cfg.trim_threshold_db} dBFS for "
+                f"{cfg.trim_start_duration_s} s",
+            }
+        )
         return
     kept_len = whole.end - whole.start
     max_len = int(cfg.max_duration_s * sr)
     if kept_len > max_len and not cfg.slice_long:
-        res.rejects.append({"input": task.source, "reason": "too_long",
-                            "detail": f"{kept_len / sr:.1f} s after trimming > max_duration_s "
-                                      f"{cfg.max_duration_s}; set slice_long=true to slice it"})
+        res.rejects.append(
+            {
+                "input": task.source,
+                "reason": "too_long",
+                "detail": f"{kept_len / sr:.1f} s after trimming > max_duration_s "
+                f"{cfg.max_duration_s}; set slice_long=true to slice it",
+            }
+        )
         return
     if kept_len > max_len:
-        region = mono[whole.start:whole.end]
-        segments = [Segment(s.start + whole.start, s.end + whole.start, s.forced)
-                    for s in slice_at_pauses(region, sr, cfg.max_duration_s, cfg.slice_min_s, cfg.slice_target_s,
-                                             cfg.slice_threshold_db, cfg.slice_min_pause_s)]
+        region = mono[whole.start : whole.end]
+        segments = [
+            Segment(s.start + whole.start, s.end + whole.start, s.forced)
+            for s in slice_at_pauses(
+                region,
+                sr,
+                cfg.max_duration_s,
+                cfg.slice_min_s,
+                cfg.slice_target_s,
+                cfg.slice_threshold_db,
+                cfg.slice_min_pause_s,
+            )
+        ]
     else:
         segments = [Segment(0, n)]
     num_segments = len(segments)
     for k, seg in enumerate(segments):
-        x = mono[seg.start:seg.end]
+        x = mono[seg.start : seg.end]
         if num_segments == 1:
             tr = whole
         else:
             tr = trim(x, overtrim_rule=True)
-        where = f"slice {k} of {num_segments} ({seg.start / sr:.2f}-{seg.end / sr:.2f} s): " if num_segments > 1 else ""
+        where = (
+            f"slice {k} of {num_segments} ({seg.start / sr:.2f}-{seg.end / sr:.2f} s): "
+            if num_segments > 1
+            else ""
+        )
         if not tr.found_sound:
-            res.rejects.append({"input": task.source, "reason": "all_silence",
-                                "detail": f"{where}no sound above {cfg.trim_threshold_db} dBFS"})
+            res.rejects.append(
+                {
+                    "input": task.source,
+                    "reason": "all_silence",
+                    "detail": f"{where}no sound above {cfg.trim_threshold_db} dBFS",
+                }
+            )
             continue
-        y = x[tr.start:tr.end]
+        y = x[tr.start : tr.end]
         if len(y) < cfg.min_duration_s * sr:
-            res.rejects.append({"input": task.source, "reason": "too_short",
-                                "detail": f"{where}{len(y) / sr:.3f} s after trimming "
-                                          f"(from {len(x) / sr:.3f} s) < min_duration_s {cfg.min_duration_s}"})
+            res.rejects.append(
+                {
+                    "input": task.source,
+                    "reason": "too_short",
+                    "detail": f"{where}{len(y) / sr:.3f} s after trimming "
+                    f"(from {len(x) / sr:.3f} s) < min_duration_s {cfg.min_duration_s}",
+                }
+            )
             continue
-        y, gain = apply_gain_and_ceiling(y, sr, cfg.loudness_target_lufs, cfg.peak_ceiling_db, cfg.measure_loudness)
+        y, gain = apply_gain_and_ceiling(
+            y, sr, cfg.loudness_target_lufs, cfg.peak_ceiling_db, cfg.measure_loudness
+        )
         utt = task.base if num_segments == 1 else f"{task.base}__{k:03d}"
         wav_name = f"{utt}.wav"
         write_wav_pcm16(Path(task.out_dir) / wav_name, y, sr)
-        res.rows.append({
-            "utt": utt,
-            "wav": wav_name,
-            "source": task.source,
-            "source_rel": task.source_rel,
-            "duration_s": _r(len(y) / sr),
-            "num_samples": int(len(y)),
-            "sample_rate": sr,
-            "segment_index": k,
-            "num_segments": num_segments,
-            "source_start_s": _r((seg.start + tr.start) / sr),
-            "source_end_s": _r((seg.start + tr.end) / sr),
-            "forced_cut": bool(seg.forced),
-            "trim": {"applied": cfg.trim and not tr.untrimmed_overtrim,
-                     "removed_start_s": _r(tr.start / sr), "removed_end_s": _r((len(x) - tr.end) / sr)},
-            "untrimmed_overtrim": bool(tr.untrimmed_overtrim),
-            "loudness": gain.to_dict(),
-            "source_sample_rate": int(source_rate),
-            "source_channels": int(channels),
-            "source_duration_s": _r(res.source_duration_s),
-            "clipped_fraction": round(clipped, 6),
-        })
+        res.rows.append(
+            {
+                "utt": utt,
+                "wav": wav_name,
+                "source": task.source,
+                "source_rel": task.source_rel,
+                "duration_s": _r(len(y) / sr),
+                "num_samples": len(y),
+                "sample_rate": sr,
+                "segment_index": k,
+                "num_segments": num_segments,
+                "source_start_s": _r((seg.start + tr.start) / sr),
+                "source_end_s": _r((seg.start + tr.end) / sr),
+                "forced_cut": bool(seg.forced),
+                "trim": {
+                    "applied": cfg.trim and not tr.untrimmed_overtrim,
+                    "removed_start_s": _r(tr.start / sr),
+                    "removed_end_s": _r((len(x) - tr.end) / sr),
+                },
+                "untrimmed_overtrim": bool(tr.untrimmed_overtrim),
+                "loudness": gain.to_dict(),
+                "source_sample_rate": int(source_rate),
+                "source_channels": int(channels),
+                "source_duration_s": _r(res.source_duration_s),
+                "clipped_fraction": round(clipped, 6),
+            }
+        )
 
 
 # ----------------------------------------------------------------------------------- the stage
@@ -420,7 +491,9 @@ def _scan(in_dir: Path, out_dir: Path) -> tuple[list[Path], int]:
     out_resolved = out_dir.resolve()
     for root, dirs, names in os.walk(in_dir):
         root_path = Path(root)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (root_path / d).resolve() != out_resolved)
+        dirs[:] = sorted(
+            d for d in dirs if not d.startswith(".") and (root_path / d).resolve() != out_resolved
+        )
         for name in sorted(names):
             if name.startswith("."):
                 continue
@@ -445,7 +518,9 @@ def _read_state(path: Path) -> dict[str, dict]:
                 entry = json.loads(line)
                 state[entry["source_rel"]] = entry
             except (json.JSONDecodeError, KeyError, TypeError):
-                logger.warning("%s:%d: ignoring an unreadable resume-journal line (interrupted write?)", path, i)
+                logger.warning(
+                    "%s:%d: ignoring an unreadable resume-journal line (interrupted write?)", path, i
+                )
     return state
 
 
@@ -501,16 +576,22 @@ def prepare_audio(
     out_dir = Path(out_dir).expanduser()
     if not in_dir.is_dir():
         what = "does not exist" if not in_dir.exists() else "is not a folder"
-        raise DataError(f"input folder {in_dir} {what}; pass --in_dir with the folder holding your recordings")
+        raise DataError(
+            f"input folder {in_dir} {what}; pass --in_dir with the folder holding your recordings"
+        )
     in_abs = in_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     out_abs = out_dir.resolve()
     if in_abs == out_abs:
-        raise DataError(f"--out_dir must differ from --in_dir (both are {in_abs}); choose a new output folder")
+        raise DataError(
+            f"--out_dir must differ from --in_dir (both are {in_abs}); choose a new output folder"
+        )
     files, sidecars = _scan(in_abs, out_abs)
     if not files:
-        raise DataError(f"no input files found under {in_abs} (searched recursively; hidden files and "
-                        f"{sidecars} text side file(s) ignored); point --in_dir at your recordings")
+        raise DataError(
+            f"no input files found under {in_abs} (searched recursively; hidden files and "
+            f"{sidecars} text side file(s) ignored); point --in_dir at your recordings"
+        )
 
     rels = [p.relative_to(in_abs).as_posix() for p in files]
     names = assign_names(rels)
@@ -524,9 +605,14 @@ def prepare_audio(
     for path, rel in zip(files, rels):
         fp = _fingerprint(path)
         old = old_state.get(rel)
-        if (old and old.get("settings") == settings and old.get("size") == fp["size"]
-                and old.get("mtime_ns") == fp["mtime_ns"] and old.get("base") == names[rel]
-                and all((out_abs / r["wav"]).is_file() for r in old.get("rows", []))):
+        if (
+            old
+            and old.get("settings") == settings
+            and old.get("size") == fp["size"]
+            and old.get("mtime_ns") == fp["mtime_ns"]
+            and old.get("base") == names[rel]
+            and all((out_abs / r["wav"]).is_file() for r in old.get("rows", []))
+        ):
             entries[rel] = old
         else:
             tasks.append(_Task(str(path), rel, names[rel], str(out_abs), cfg))
@@ -534,17 +620,29 @@ def prepare_audio(
 
     workers = cfg.num_workers or os.cpu_count() or 1
     workers = max(1, min(workers, len(tasks)))
-    summary = PrepareSummary(in_dir=str(in_abs), out_dir=str(out_abs), num_inputs=len(files),
-                             num_processed=len(tasks), num_reused=num_reused, num_sidecars_skipped=sidecars,
-                             num_workers=workers)
+    summary = PrepareSummary(
+        in_dir=str(in_abs),
+        out_dir=str(out_abs),
+        num_inputs=len(files),
+        num_processed=len(tasks),
+        num_reused=num_reused,
+        num_sidecars_skipped=sidecars,
+        num_workers=workers,
+    )
     fingerprints = {t.source_rel: _fingerprint(Path(t.source)) for t in tasks}
 
     # The journal is appended to as files finish (the old entries stay until the final
     # compaction, so an interrupted run still knows which old outputs to clean up).
     def record(result: _Result, journal) -> None:
-        entry = {"source_rel": result.source_rel, "settings": settings, "base": names[result.source_rel],
-                 **fingerprints[result.source_rel], "source_duration_s": result.source_duration_s,
-                 "rows": result.rows, "rejects": result.rejects}
+        entry = {
+            "source_rel": result.source_rel,
+            "settings": settings,
+            "base": names[result.source_rel],
+            **fingerprints[result.source_rel],
+            "source_duration_s": result.source_duration_s,
+            "rows": result.rows,
+            "rejects": result.rejects,
+        }
         entries[result.source_rel] = entry
         journal.write(json.dumps(entry, ensure_ascii=False) + "\n")
         journal.flush()
@@ -555,8 +653,9 @@ def prepare_audio(
         bar = None
         try:
             if workers == 1:
-                bar = tqdm(total=len(tasks), desc="prepare-audio", unit="file", disable=not progress,
-                           leave=False)
+                bar = tqdm(
+                    total=len(tasks), desc="prepare-audio", unit="file", disable=not progress, leave=False
+                )
                 for task in tasks:
                     record(_run_task(task), journal)
                     bar.update(1)
@@ -574,7 +673,9 @@ def prepare_audio(
                 with contextlib.suppress(OSError):
                     (out_abs / r["wav"]).unlink()
 
-    rows = [r for rel in sorted(entries) for r in sorted(entries[rel]["rows"], key=lambda r: r["segment_index"])]
+    rows = [
+        r for rel in sorted(entries) for r in sorted(entries[rel]["rows"], key=lambda r: r["segment_index"])
+    ]
     rejects = RejectLog(out_abs / REJECTS_NAME, STAGE)
     for rel in sorted(entries):
         for rj in entries[rel]["rejects"]:
@@ -586,20 +687,30 @@ def prepare_audio(
         # Final compact journal, atomically.
         write_jsonl(state_path, [entries[rel] for rel in sorted(entries)])
     except OSError as e:
-        raise DataError(f"cannot write the outputs in {out_abs}: {e}; check free space and permissions") from e
+        raise DataError(
+            f"cannot write the outputs in {out_abs}: {e}; check free space and permissions"
+        ) from e
 
     summary.num_outputs = len(rows)
     summary.output_duration_s = sum(r["duration_s"] for r in rows)
     summary.input_duration_s = sum(e.get("source_duration_s", 0.0) for e in entries.values())
-    summary.processed_input_duration_s = sum(entries[t.source_rel].get("source_duration_s", 0.0)
-                                             for t in tasks if t.source_rel in entries)
-    summary.num_sliced_sources = sum(1 for e in entries.values() if any(r["num_segments"] > 1 for r in e["rows"]))
+    summary.processed_input_duration_s = sum(
+        entries[t.source_rel].get("source_duration_s", 0.0) for t in tasks if t.source_rel in entries
+    )
+    summary.num_sliced_sources = sum(
+        1 for e in entries.values() if any(r["num_segments"] > 1 for r in e["rows"])
+    )
     summary.num_untrimmed_overtrim = sum(1 for r in rows if r["untrimmed_overtrim"])
     summary.reject_counts = dict(rejects.counts())
     summary.num_sources_without_output = sum(1 for e in entries.values() if not e["rows"])
     summary.elapsed_s = time.perf_counter() - t0
-    logger.info("prepare-audio: %d wavs from %d inputs (%d skipped as unchanged), %d rejects",
-                summary.num_outputs, summary.num_inputs, num_reused, len(rejects))
+    logger.info(
+        "prepare-audio: %d wavs from %d inputs (%d skipped as unchanged), %d rejects",
+        summary.num_outputs,
+        summary.num_inputs,
+        num_reused,
+        len(rejects),
+    )
     return summary
 
 
@@ -607,8 +718,10 @@ def _run_task(task: _Task) -> _Result:
     try:
         return _process(task)
     except OSError as e:
-        raise DataError(f"cannot write the output of {task.source_rel} to {task.out_dir}: {e}; "
-                        "check free space and permissions, then re-run to continue") from e
+        raise DataError(
+            f"cannot write the output of {task.source_rel} to {task.out_dir}: {e}; "
+            "check free space and permissions, then re-run to continue"
+        ) from e
 
 
 def _run_pool(tasks: list[_Task], workers: int, record, journal, progress: bool) -> None:
@@ -616,7 +729,9 @@ def _run_pool(tasks: list[_Task], workers: int, record, journal, progress: bool)
 
     with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as pool:
         futures = {pool.submit(_run_task, t): t for t in tasks}
-        with tqdm(total=len(tasks), desc="prepare-audio", unit="file", disable=not progress, leave=False) as bar:
+        with tqdm(
+            total=len(tasks), desc="prepare-audio", unit="file", disable=not progress, leave=False
+        ) as bar:
             broken: list[_Task] = []
             for fut in as_completed(futures):
                 task = futures[fut]
@@ -636,8 +751,16 @@ def _run_pool(tasks: list[_Task], workers: int, record, journal, progress: bool)
             with ProcessPoolExecutor(max_workers=1, mp_context=_mp_context()) as pool:
                 result = pool.submit(_run_task, task).result()
         except BrokenProcessPool:
-            result = _Result(task.source_rel, [], [{"input": task.source, "reason": "worker_crashed",
-                                                    "detail": "the worker process died while processing this "
-                                                              "file (decoder crash or out of memory)"}])
+            result = _Result(
+                task.source_rel,
+                [],
+                [
+                    {
+                        "input": task.source,
+                        "reason": "worker_crashed",
+                        "detail": "the worker process died while processing this "
+                        "file (decoder crash or out of memory)",
+                    }
+                ],
+            )
         record(result, journal)
-

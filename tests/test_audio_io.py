@@ -1,0 +1,132 @@
+"""Decoding every supported kind of input (generated offline) and writing PCM16 wav."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+from audio_media import sample_speech, write_av, write_sf
+
+from cosytune.audio.io import AudioDecodeError, load_audio, to_mono, to_pcm16, write_wav_pcm16
+
+
+@pytest.fixture(scope="module")
+def speech(sample_speaker_dir):
+    return sample_speech(sample_speaker_dir, ("demo-thanks.mp3",))
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    n = min(len(a), len(b))
+    return float(np.corrcoef(a[:n], b[:n])[0, 1])
+
+
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("clip.wav", {"subtype": "PCM_16"}),
+        ("clip.flac", {}),
+        ("clip.ogg", {}),
+        ("clip.mp3", {}),
+    ],
+)
+def test_soundfile_formats(tmp_path, speech, name, kw):
+    x, sr = speech
+    path = write_sf(tmp_path / name, x, sr, **kw)
+    audio, rate = load_audio(path)
+    assert rate == sr and audio.dtype == np.float32 and audio.shape[0] == 1
+    assert abs(audio.shape[1] - len(x)) < 0.1 * sr
+    if name.endswith((".wav", ".flac")):
+        np.testing.assert_allclose(audio[0], x, atol=1.0 / 32768 + 1e-6)
+
+
+@pytest.mark.parametrize(
+    "name,codec,rate",
+    [
+        ("clip.m4a", "aac", 16000),
+        ("clip.opus", "libopus", 48000),
+        ("clip.webm", "libopus", 48000),
+    ],
+)
+def test_ffmpeg_formats(tmp_path, speech, name, codec, rate):
+    import soxr
+
+    x, sr = speech
+    x = soxr.resample(x, sr, rate).astype(np.float32)
+    audio, got_rate = load_audio(write_av(tmp_path / name, x, rate, codec))
+    assert got_rate == rate and audio.shape[0] == 1
+    assert abs(audio.shape[1] - len(x)) < 0.1 * rate
+    # Lossy codecs add a delay; the content is still clearly the same speech.
+    lag = int(np.argmax(np.correlate(audio[0][: 2 * rate], x[:rate], mode="valid")))
+    assert _corr(audio[0][lag:], x) > 0.9
+
+
+def test_video_audio_track_stereo_44k(tmp_path, speech):
+    import soxr
+
+    x, sr = speech
+    x = soxr.resample(x, sr, 44100).astype(np.float32)
+    stereo = np.stack([x, 0.5 * x], axis=1)
+    audio, rate = load_audio(write_av(tmp_path / "talk video.mp4", stereo, 44100, "aac", video=True))
+    assert rate == 44100 and audio.shape[0] == 2
+    assert abs(audio.shape[1] - len(x)) < 0.1 * 44100
+    ratio = np.std(audio[1]) / np.std(audio[0])
+    assert 0.45 < ratio < 0.55
+    assert to_mono(audio).shape == (audio.shape[1],)
+
+
+def test_unicode_path_with_spaces(tmp_path, speech):
+    x, sr = speech
+    path = write_sf(tmp_path / "数据集" / "my clip ü 1.mp3", x, sr)
+    audio, rate = load_audio(path)
+    assert rate == sr and audio.shape[1] > sr
+
+
+def test_bad_inputs_have_reasons(tmp_path):
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "corrupt.mp3").write_bytes(
+        np.random.default_rng(0).integers(0, 256, 30000, np.uint8).tobytes()
+    )
+    (tmp_path / "notes.bin").write_bytes(b"just some text, not audio\n" * 50)
+    write_sf(tmp_path / "header_only.wav", np.zeros(0, np.float32), 16000)
+    img = tmp_path / "picture.png"
+    import av
+
+    with av.open(str(img), "w", format="image2") as c:
+        s = c.add_stream("png", rate=1)
+        s.width, s.height, s.pix_fmt = 8, 8, "rgb24"
+        for p in s.encode(av.VideoFrame.from_ndarray(np.zeros((8, 8, 3), np.uint8), format="rgb24")):
+            c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    expected = {
+        "empty.wav": "zero_length",
+        "corrupt.mp3": "unreadable",
+        "notes.bin": "not_audio",
+        "header_only.wav": "zero_length",
+        "picture.png": "not_audio",
+    }
+    for name, reason in expected.items():
+        with pytest.raises(AudioDecodeError) as info:
+            load_audio(tmp_path / name)
+        assert info.value.reason == reason, (name, info.value)
+        assert info.value.detail
+
+
+def test_write_wav_pcm16_roundtrip_and_atomic(tmp_path):
+    x = np.array([0.0, 0.5, -0.5, 1.2, -1.5, 1 / 32768], np.float32)
+    out = tmp_path / "sub" / "x.wav"
+    write_wav_pcm16(out, x, 24000)
+    info = sf.info(str(out))
+    assert (info.samplerate, info.channels, info.subtype, info.format) == (24000, 1, "PCM_16", "WAV")
+    y, _ = sf.read(str(out), dtype="int16")
+    np.testing.assert_array_equal(y, [0, 16384, -16384, 32767, -32768, 1])
+    np.testing.assert_array_equal(to_pcm16(x), y)
+    assert sorted(os.listdir(out.parent)) == ["x.wav"]  # no temporary left behind
+
+    # A failure while writing leaves neither a final file nor a temporary.
+    bad = tmp_path / "bad" / "y.wav"
+    with pytest.raises(ValueError):
+        write_wav_pcm16(bad, np.zeros((2, 2, 2), np.float32), 24000)
+    assert not bad.exists() and os.listdir(bad.parent) == []
