@@ -188,8 +188,8 @@ def test_min_len_quirk_and_default(golden, tiny_lm):
     for name, case in early.items():
         # HEAD masks only speech_token_size, so another stop id ends decoding early.
         assert case["stop_id"] != tiny_lm.config.speech_token_size
-        kwargs = dict(sampling=_sampling(case), min_token_text_ratio=case["min_token_text_ratio"],
-                      max_token_text_ratio=case["max_token_text_ratio"])
+        kwargs = {"sampling": _sampling(case), "min_token_text_ratio": case["min_token_text_ratio"],
+                      "max_token_text_ratio": case["max_token_text_ratio"]}
         args = (tensors[f"{name}.text"], tensors[f"{name}.prompt_text"], tensors[f"{name}.prompt_speech_token"])
         parity = list(tiny_lm.generate(*args, generator=torch.Generator().manual_seed(case["seed"]),
                                        min_len_mode="upstream", **kwargs))

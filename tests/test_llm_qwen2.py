@@ -15,8 +15,8 @@ VOCAB, HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 300, 32, 64, 2, 4, 2
 
 
 def _tiny_config(**kw) -> Qwen2Config:
-    base = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_window_layers=LAYERS)
+    base = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": FFN, "num_hidden_layers": LAYERS,
+                "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "max_window_layers": LAYERS}
     base.update(kw)
     return Qwen2Config(**base)
 

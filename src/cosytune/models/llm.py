@@ -131,18 +131,22 @@ class LLMConfig:
     # Special ids (CosyVoice 3 layout: rows of speech_embedding after the speech tokens).
     @property
     def sos_id(self) -> int:
+        """Start of sequence (input only)."""
         return self.speech_token_size
 
     @property
     def eos_id(self) -> int:
+        """End of speech (a target; stops decoding)."""
         return self.speech_token_size + 1
 
     @property
     def task_id(self) -> int:
+        """Separates text from speech (input only)."""
         return self.speech_token_size + 2
 
     @property
     def fill_id(self) -> int:
+        """Bistream block end (a target in bistream training)."""
         return self.speech_token_size + 3
 
     @property
@@ -152,6 +156,7 @@ class LLMConfig:
 
     @property
     def hidden_size(self) -> int:
+        """Backbone width D."""
         return self.qwen2.hidden_size
 
     def is_stop(self, token_id: int) -> bool:
@@ -597,8 +602,9 @@ class CosyVoice3LM(nn.Module):
         Args:
             prompt: from :meth:`build_prompt`.
             sampling: sampler parameters (default: the config's).
-            generator: randomness for the sampler (``torch.Generator`` on the model's device, or None
-                for torch's default generator).
+            generator: randomness for the sampler (a ``torch.Generator`` on any device; a CPU one
+                seeded with s reproduces upstream's CPU run after ``torch.manual_seed(s)``). None uses
+                torch's global generator, which is only for quick experiments.
             draw_q: inject Exp(1) draws instead (tests); see :func:`ras_sample`.
             min_len_mode: ``"all_stops"`` (default) or ``"upstream"``; see the module docstring.
         """
@@ -655,6 +661,16 @@ def count_parameters(module: nn.Module) -> int:
 
 
 __all__ = [
-    "IGNORE_ID", "TIED_KEYS", "LLMConfig", "CosyVoice3LM", "LMInputs", "LMOutput", "InferencePrompt",
-    "DecodeStep", "RandomSource", "MinLenMode", "count_parameters", "suppress_stop_ids",
+    "IGNORE_ID",
+    "TIED_KEYS",
+    "CosyVoice3LM",
+    "DecodeStep",
+    "InferencePrompt",
+    "LLMConfig",
+    "LMInputs",
+    "LMOutput",
+    "MinLenMode",
+    "RandomSource",
+    "count_parameters",
+    "suppress_stop_ids",
 ]

@@ -382,7 +382,8 @@ class Qwen2Attention(nn.Module):
         q, k, v = self._qkv(x, cos, sin)
         cache_k.scatter_(2, write_index, k.to(cache_k.dtype))
         cache_v.scatter_(2, write_index, v.to(cache_v.dtype))
-        out = _attention(q, cache_k, cache_v, mask, causal=False)
+        # Under autocast q/k/v come out in the autocast dtype while the cache may be float32.
+        out = _attention(q.to(cache_k.dtype), cache_k, cache_v, mask, causal=False)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

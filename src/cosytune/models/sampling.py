@@ -90,9 +90,16 @@ class SampleResult:
 
 
 def exponential_draws(generator: torch.Generator | None) -> DrawQ:
-    """The default ``draw_q``: Exp(1) draws from ``generator`` (torch's default generator if None)."""
+    """The default ``draw_q``: Exp(1) draws from ``generator`` (torch's default generator if None).
+
+    The draws are made on the generator's device and moved to the probabilities' device, so a CPU
+    generator also drives sampling on CUDA logits (and then gives the CPU random stream).
+    """
 
     def draw(p: Tensor) -> Tensor:
+        if generator is not None and generator.device.type != p.device.type:
+            q = torch.empty(p.shape, dtype=p.dtype, device=generator.device).exponential_(1.0, generator=generator)
+            return q.to(p.device)
         return torch.empty_like(p).exponential_(1.0, generator=generator)
 
     return draw
