@@ -370,6 +370,15 @@ def test_config_validation_and_custom_instruct(tmp_path):
     )
     assert rc == 0
     assert set(read_kaldi_map(wavs / "train" / "instruct").values()) == {instruct}
+    tf = tmp_path / "t.txt"
+    tf.write_text("a|Clip a, from the file.\nb|Clip b, from the file.\n")
+    assert (
+        main(["transcribe", "--in_dir", str(wavs), "--transcripts", str(tf), "dev_size=1", "--no_progress"])
+        == 0
+    )
+    assert read_kaldi_map(wavs / "train" / "text").popitem()[1].endswith("from the file.")  # backend implied
+    bad = ["transcribe", "--in_dir", str(wavs), "--transcripts", str(wavs), "--backend", "faster-whisper"]
+    assert main(bad) == 2  # a transcripts file with an ASR backend is a config error, not silently ignored
     assert (
         main(["transcribe", "--in_dir", str(wavs), "--backend", "transcripts", "--instruct", "no marker"])
         == 2

@@ -157,7 +157,10 @@ def run(args: argparse.Namespace) -> int:
     from cosytune.config.loading import load_config
     from cosytune.data.transcribe import TranscribeConfig, transcribe_dataset
 
-    cfg = load_config(TranscribeConfig, args.config, collect_overrides(args, list(CONFIG_FLAGS)))
+    overrides = collect_overrides(args, list(CONFIG_FLAGS))
+    if args.transcripts is not None and args.backend is None:
+        overrides.setdefault("backend", "transcripts")  # --transcripts FILE alone means "use my text"
+    cfg = load_config(TranscribeConfig, args.config, overrides)
     out_dir = args.out_dir or args.in_dir
     summary = transcribe_dataset(args.in_dir, out_dir, cfg, progress=not args.no_progress)
     print_summary("transcribe", summary.items())

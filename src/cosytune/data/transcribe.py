@@ -163,6 +163,8 @@ class TranscribeConfig:
             )
         if self.beam_size < 1:
             problems.append(f"beam_size: expected >= 1; found {self.beam_size}")
+        if self.backend in ASR_BACKENDS and self.transcripts is not None:
+            problems.append("transcripts: a transcripts file is only read with backend=transcripts")
         if self.backend in ASR_BACKENDS and self.asr_fallback != "none":
             problems.append("asr_fallback: only used with backend=transcripts; remove it or set it to none")
         if problems:
@@ -879,7 +881,9 @@ def finalize_dataset(
         _write_review_and_utts(out_dir, checked)
         raise DataError(
             f"no usable utterances remain ({len(checked)} candidate(s), reasons: "
-            f"{dict(rejects.counts())}); see {rejects.path} and {out_dir / 'review.tsv'}"
+            f"{dict(rejects.counts())}); see {rejects.path} and {out_dir / 'review.tsv'}. Type transcripts "
+            "into review.tsv and run 'cosytune apply-review', pass --transcripts FILE or --asr_fallback "
+            "faster-whisper, or adjust the filter bounds (min_sec, max_sec, min_cps, max_cps)"
         )
     try:
         train, dev = split_train_dev(kept, cfg.dev_size, cfg.seed)
@@ -1001,6 +1005,17 @@ def transcribe_dataset(
     from tqdm.auto import tqdm
 
     in_dir, out_dir = Path(in_dir).resolve(), Path(out_dir).resolve()
+    logger.info(
+        "transcribe %s -> %s: backend %s%s, speaker %s, language %s, dev_size %g, seed %d",
+        in_dir,
+        out_dir,
+        cfg.backend,
+        f" (model {cfg.whisper_model}, device {cfg.device}, {cfg.compute_type})" if cfg.asr_backend() else "",
+        cfg.speaker,
+        cfg.language or "auto",
+        cfg.dev_size,
+        cfg.seed,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     _carry_rejects(in_dir, out_dir)
     rejects = RejectLog(out_dir / "rejects.jsonl", STAGE)
