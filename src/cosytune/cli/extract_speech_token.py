@@ -1,0 +1,51 @@
+"""Speech tokens of a Kaldi data dir with speech_tokenizer_v3.onnx → utt2speech_token.pt.
+
+Per utterance: 16 kHz mono, 128-bin Whisper log-mel, speech_tokenizer_v3.onnx → 25 Hz token ids, written
+exactly as upstream CosyVoice's tools/extract_speech_token.py writes them ({utt: list of ints}).
+Utterances over 30 s (the tokenizer's limit), too short or unreadable are recorded in rejects.jsonl
+with a reason (never stored as empty lists). Utterances are batched when the model takes a dynamic
+batch; re-running continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cosytune.cli.common import flag, print_summary, progress
+from cosytune.cli.extract_embedding import add_onnx_flags
+
+EPILOG = """examples:
+  cosytune extract-speech-token --dir data/train --onnx_path pretrained/Fun-CosyVoice3-0.5B/speech_tokenizer_v3.onnx
+  cosytune extract-speech-token --dir data/train --onnx_path pretrained/Fun-CosyVoice3-0.5B --onnx_device cuda
+
+COSYVOICE_ORT_FORCE_CPU=1 forces onnxruntime onto the CPU whatever --onnx_device says."""
+
+
+def build_parser(parser: argparse.ArgumentParser) -> None:
+    flag(parser, "dir", "data_dir", required=True, help="Kaldi-style data dir with wav.scp")
+    add_onnx_flags(parser)
+    flag(parser, "batch_size", type=int, default=32,
+         help="most utterances per ONNX call when the model takes a dynamic batch (default 32; 1 = no batching)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cosytune.data.frontend_common import read_kaldi_dir
+    from cosytune.data.speech_token import extract_speech_tokens
+
+    total = len(read_kaldi_dir(args.dir).utt2wav)
+    with progress(total=total, desc="speech tokens", enabled=not args.no_progress) as bar:
+        s = extract_speech_tokens(args.dir, args.onnx_path, device=args.onnx_device, num_threads=args.num_thread,
+                                  max_batch=args.batch_size, force=args.force, rejects_path=args.rejects,
+                                  progress=bar.update)
+    rate = s.computed / s.seconds if s.seconds > 0 else 0.0
+    print_summary("extract-speech-token", [
+        ("utterances", s.utterances),
+        ("computed", s.computed),
+        ("reused from earlier run", s.reused),
+        ("tokens", s.tokens),
+        ("rejected", ", ".join(f"{k}: {v}" for k, v in sorted(s.rejected.items())) or "none"),
+        ("device", f"{s.device}{' (batched)' if s.batched else ''}"),
+        ("speed", f"{rate:.1f} utt/s, {s.audio_seconds / s.seconds if s.seconds else 0:.0f}x real time"),
+        ("wrote", s.path),
+    ])
+    return 0

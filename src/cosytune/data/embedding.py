@@ -1,0 +1,203 @@
+"""CAM++ speaker embeddings for a Kaldi data dir: ``utt2embedding.pt`` and ``spk2embedding.pt``.
+
+Upstream reference: ``FunAudioLLM/CosyVoice:tools/extract_embedding.py`` (recipe stage 1). Per
+utterance: decode, resample to 16 kHz (torchaudio-compatible sinc), 80-bin Kaldi fbank (dither 0), CMN,
+``campplus.onnx`` → 192 floats. The speaker entry is the element-wise float32 mean of that speaker's
+raw (un-normalised) utterance embeddings. Both files are ``{id: list[float]}`` dicts, as upstream
+writes them, in ``wav.scp`` order.
+
+Differences from upstream, on purpose:
+* multi-channel audio is averaged to mono (the inference frontend does this; upstream's tool silently
+  used channel 0);
+* unreadable, too-short or non-finite utterances become rejects in ``rejects.jsonl`` instead of a
+  crash, and their speaker mean is taken over the remaining utterances;
+* the run is resumable: results are checkpointed and a re-run only computes missing utterances
+  (everything is recomputed when the model file changed, or with ``force``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cosytune.audio.features import cmn, kaldi_fbank
+from cosytune.data.frontend_common import (
+    check_same_ids,
+    load_audio,
+    load_pt_map,
+    model_fingerprint,
+    read_kaldi_dir,
+    resolve_wav_path,
+    safe_call,
+    save_pt_map,
+)
+from cosytune.data.rejects import RejectLog
+from cosytune.errors import DataError
+from cosytune.fileio import write_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EmbeddingSummary", "compute_campplus_feature", "extract_embeddings", "STAGE"]
+
+STAGE = "extract-embedding"
+UTT_FILE = "utt2embedding.pt"
+SPK_FILE = "spk2embedding.pt"
+STATE_FILE = ".extract-embedding.state.json"
+SAMPLE_RATE = 16000
+MIN_FRAMES = 10  # 0.115 s; CAM++'s strided convolutions need a handful of frames
+CHECKPOINT_EVERY_S = 60.0
+
+
+@dataclass
+class EmbeddingSummary:
+    """What :func:`extract_embeddings` did."""
+
+    utterances: int = 0
+    computed: int = 0
+    reused: int = 0
+    speakers: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    device: str = "cpu"
+    seconds: float = 0.0
+    audio_seconds: float = 0.0
+    utt_path: Path | None = None
+    spk_path: Path | None = None
+
+
+def compute_campplus_feature(wav16k: torch.Tensor) -> np.ndarray:
+    """CAM++ input for one 16 kHz waveform: Kaldi fbank (80 bins, dither 0) minus its time mean, ``(T, 80)``."""
+    return cmn(kaldi_fbank(wav16k, sample_rate=SAMPLE_RATE, num_mel_bins=80)).numpy()
+
+
+def _prepare(path: Path) -> tuple[np.ndarray, float]:
+    wav = load_audio(path, SAMPLE_RATE)
+    return compute_campplus_feature(wav), wav.shape[0] / SAMPLE_RATE
+
+
+def extract_embeddings(
+    data_dir: str | os.PathLike,
+    onnx_path: str | os.PathLike,
+    *,
+    device: str = "auto",
+    num_threads: int = 2,
+    chunk_size: int = 64,
+    force: bool = False,
+    rejects_path: str | os.PathLike | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> EmbeddingSummary:
+    """Compute ``utt2embedding.pt`` and ``spk2embedding.pt`` in ``data_dir``.
+
+    Args:
+        data_dir: Kaldi-style dir with ``wav.scp`` and ``utt2spk``.
+        onnx_path: ``campplus.onnx`` or a model dir containing it.
+        device: onnxruntime device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        num_threads: worker threads for decoding/features and concurrent model calls.
+        chunk_size: utterances decoded and embedded per step (bounds memory).
+        force: recompute every utterance even if a previous run's results exist.
+        rejects_path: ``rejects.jsonl`` to record rejects in (default ``<data_dir>/rejects.jsonl``).
+        progress: called with the number of utterances finished after each step.
+
+    Returns:
+        An :class:`EmbeddingSummary`.
+
+    Raises:
+        DataError: missing or inconsistent lists, or no utterance could be embedded.
+        ModelDirError: the ONNX model is missing or unreadable.
+    """
+    from cosytune.models.onnx_models import CampPlus
+
+    t0 = time.perf_counter()
+    kd = read_kaldi_dir(data_dir, need=("wav.scp", "utt2spk"))
+    problems = check_same_ids({"wav.scp": set(kd.utt2wav), "utt2spk": set(kd.utt2spk)}, "wav.scp")
+    if problems:
+        raise DataError(f"{kd.path}: wav.scp and utt2spk disagree:\n  " + "\n  ".join(problems))
+    model = CampPlus(onnx_path, device=device, num_threads=num_threads)
+    rejects = RejectLog(Path(rejects_path) if rejects_path else kd.path / "rejects.jsonl", STAGE)
+    utt_path, spk_path, state_path = kd.path / UTT_FILE, kd.path / SPK_FILE, kd.path / STATE_FILE
+    fingerprint = model_fingerprint(model.path)
+
+    cache: dict[str, list[float]] = {}
+    if not force and utt_path.is_file() and state_path.is_file():
+        import json
+
+        try:
+            state = json.loads(state_path.read_text())
+        except ValueError:
+            state = {}
+        if state.get("fingerprint") == fingerprint:
+            cache = {u: v for u, v in load_pt_map(utt_path).items() if u in kd.utt2wav and len(v) > 0}
+        else:
+            logger.info("%s was made with another model (or an older run); recomputing every utterance", utt_path)
+    todo = [u for u in kd.utts if u not in cache]
+    summary = EmbeddingSummary(utterances=len(kd.utts), reused=len(kd.utts) - len(todo), device=model.device)
+    if summary.reused:
+        logger.info("reusing %d embeddings from a previous run; computing %d", summary.reused, len(todo))
+    if progress and summary.reused:
+        progress(summary.reused)
+
+    def checkpoint() -> None:
+        save_pt_map(utt_path, {u: cache[u] for u in kd.utts if u in cache})
+        write_json(state_path, {"fingerprint": fingerprint})
+
+    last_save = time.monotonic()
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        for start in range(0, len(todo), chunk_size):
+            chunk = todo[start : start + chunk_size]
+            paths = [resolve_wav_path(kd, kd.utt2wav[u]) for u in chunk]
+            prepared = list(pool.map(safe_call(_prepare), paths))
+            ok_utts, feats = [], []
+            for u, p, res in zip(chunk, paths, prepared):
+                if isinstance(res, Exception):
+                    rejects.add(u, "unreadable_audio", f"{p}: {res}")
+                    continue
+                feat, dur = res
+                if feat.shape[0] < MIN_FRAMES:
+                    rejects.add(u, "too_short", f"{p}: {dur:.3f} s gives {feat.shape[0]} fbank frames; "
+                                                f"CAM++ needs at least {MIN_FRAMES}")
+                    continue
+                summary.audio_seconds += dur
+                ok_utts.append(u)
+                feats.append(feat)
+            embs = model.embed_many(feats) if feats else []
+            for u, e in zip(ok_utts, embs):
+                if not np.all(np.isfinite(e)):
+                    rejects.add(u, "non_finite_embedding", f"{kd.utt2wav[u]}: CAM++ returned NaN/inf")
+                    continue
+                cache[u] = [float(x) for x in e]
+                summary.computed += 1
+            if progress:
+                progress(len(chunk))
+            if time.monotonic() - last_save > CHECKPOINT_EVERY_S:
+                checkpoint()
+                last_save = time.monotonic()
+
+    if not cache:
+        rejects.save()
+        raise DataError(f"{kd.path}: no utterance could be embedded ({len(rejects)} rejects, see {rejects.path})")
+    checkpoint()
+    save_pt_map(spk_path, speaker_means(cache, kd.utt2spk, order=kd.utts))
+    rejects.save()
+    summary.speakers = len({kd.utt2spk[u] for u in cache})
+    summary.rejected = dict(rejects.counts())
+    summary.seconds = time.perf_counter() - t0
+    summary.utt_path, summary.spk_path = utt_path, spk_path
+    return summary
+
+
+def speaker_means(utt2embedding: dict[str, list[float]], utt2spk: dict[str, str], *,
+                  order: list[str] | None = None) -> dict[str, list[float]]:
+    """Element-wise float32 mean of each speaker's raw utterance embeddings (upstream's spk2embedding)."""
+    groups: dict[str, list[list[float]]] = {}
+    for u in order if order is not None else list(utt2embedding):
+        if u in utt2embedding:
+            groups.setdefault(utt2spk[u], []).append(utt2embedding[u])
+    return {s: torch.tensor(v, dtype=torch.float32).mean(dim=0).tolist() for s, v in groups.items()}
+

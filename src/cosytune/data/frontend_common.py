@@ -1,0 +1,218 @@
+"""Shared pieces of the feature-extraction stages: Kaldi data dirs, audio decoding, ``.pt`` maps.
+
+A Kaldi-style data dir (upstream ``examples/libritts/cosyvoice/local/prepare_data.py``) holds
+``wav.scp`` (``utt path``), ``text`` (``utt words…``), ``utt2spk`` (``utt spk``), ``spk2utt`` and, for
+CosyVoice 3, ``instruct`` (``utt You are a helpful assistant.<|endofprompt|>``). Lines are parsed the
+way upstream's tools parse them: fields split on whitespace, and ``text``/``instruct`` re-joined with
+single spaces. Duplicate ids or malformed lines are errors that list every offending line.
+
+The ``.pt`` maps (``utt2embedding.pt``, ``spk2embedding.pt``, ``utt2speech_token.pt``) are plain
+``{id: list}`` dicts saved with ``torch.save``, exactly what upstream's ``tools/extract_*.py`` write and
+``tools/make_parquet_list.py`` reads; we write them atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cosytune.audio.resample import resample
+from cosytune.errors import CosytuneError, DataError
+from cosytune.fileio import atomic_path
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "KaldiDir", "check_same_ids", "load_audio", "load_pt_map", "model_fingerprint", "read_kaldi_dir",
+    "resolve_wav_path", "safe_call", "save_pt_map",
+]
+
+MAX_LISTED = 20
+
+
+def _listing(ids, limit: int = MAX_LISTED) -> str:
+    ids = list(ids)
+    shown = ", ".join(ids[:limit])
+    return shown + (f" … and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+@dataclass
+class KaldiDir:
+    """The lists of one Kaldi-style data dir, keyed by utterance id (``wav.scp`` order)."""
+
+    path: Path
+    utt2wav: dict[str, str]
+    utt2text: dict[str, str] = field(default_factory=dict)
+    utt2spk: dict[str, str] = field(default_factory=dict)
+    utt2instruct: dict[str, str] | None = None
+
+    @property
+    def utts(self) -> list[str]:
+        return list(self.utt2wav)
+
+
+def _read_list(path: Path, *, join_rest: bool) -> dict[str, str]:
+    out: dict[str, str] = {}
+    problems: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            key = parts[0]
+            if join_rest:
+                value = " ".join(parts[1:])
+            else:
+                if len(parts) < 2:
+                    problems.append(f"line {n}: '{line.strip()}' has an id but no value")
+                    continue
+                # Paths may contain spaces; upstream would cut them at the first one. Keep the rest.
+                value = line.strip().split(None, 1)[1]
+            if key in out:
+                problems.append(f"line {n}: duplicate id {key!r}")
+                continue
+            out[key] = value
+    if problems:
+        raise DataError(f"{path}: {len(problems)} malformed line(s):\n  " + "\n  ".join(problems[:MAX_LISTED])
+                        + ("\n  …" if len(problems) > MAX_LISTED else "") + "\nFix these lines and re-run.")
+    return out
+
+
+def read_kaldi_dir(path: str | os.PathLike, *, need: tuple[str, ...] = ("wav.scp",)) -> KaldiDir:
+    """Read a Kaldi-style data dir.
+
+    Args:
+        path: the directory.
+        need: files that must exist (``wav.scp`` always; add ``text``/``utt2spk`` where required).
+
+    Returns:
+        A :class:`KaldiDir`; optional files that are absent give empty maps (``instruct``: ``None``).
+
+    Raises:
+        DataError: a required file is missing, or a list has malformed/duplicate lines.
+    """
+    d = Path(path)
+    if not d.is_dir():
+        raise DataError(f"data dir {d} does not exist; expected a Kaldi-style dir with wav.scp, text, utt2spk "
+                        "(as written by `cosytune transcribe`)")
+    missing = [n for n in dict.fromkeys(("wav.scp",) + tuple(need)) if not (d / n).is_file()]
+    if missing:
+        raise DataError(f"data dir {d} lacks {', '.join(missing)}; expected the files `cosytune transcribe` "
+                        "writes (wav.scp, text, utt2spk, spk2utt, instruct)")
+    kd = KaldiDir(d, _read_list(d / "wav.scp", join_rest=False))
+    if (d / "text").is_file():
+        kd.utt2text = _read_list(d / "text", join_rest=True)
+    if (d / "utt2spk").is_file():
+        kd.utt2spk = _read_list(d / "utt2spk", join_rest=False)
+    if (d / "instruct").is_file():
+        kd.utt2instruct = _read_list(d / "instruct", join_rest=True)
+    return kd
+
+
+def resolve_wav_path(kd: KaldiDir, wav: str) -> Path:
+    """A ``wav.scp`` path; relative paths are taken relative to the data dir if they exist there."""
+    p = Path(wav)
+    if not p.is_absolute() and not p.exists() and (kd.path / p).exists():
+        return kd.path / p
+    return p
+
+
+def _decode(path: Path) -> tuple[np.ndarray, int]:
+    """Decode to float32 ``(C, N)`` in [-1, 1] through the project's one audio backend.
+
+    :func:`cosytune.audio.io.load_audio` reads with soundfile (float32 = int16/32768, like upstream's
+    ``torchaudio.load(backend="soundfile")``) and falls back to PyAV for other containers.
+    """
+    from cosytune.audio.io import AudioDecodeError
+    from cosytune.audio.io import load_audio as decode_any
+
+    try:
+        data, sr = decode_any(path)
+    except AudioDecodeError as e:
+        raise DataError(f"cannot decode audio {path}: {e}") from e
+    return np.ascontiguousarray(data, dtype=np.float32).reshape(-1, data.shape[-1]), int(sr)
+
+
+def load_audio(path: str | os.PathLike, target_sr: int, *, min_sr: int = 16000) -> torch.Tensor:
+    """Decode, mix to mono and resample (torchaudio-compatible sinc) — upstream ``load_wav``.
+
+    Args:
+        path: audio file.
+        target_sr: output rate in Hz.
+        min_sr: lowest accepted input rate (upstream asserts >= 16 kHz).
+
+    Returns:
+        ``(N,)`` float32 tensor at ``target_sr``.
+
+    Raises:
+        DataError: unreadable file, or a sample rate below ``min_sr``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"audio file {p} does not exist")
+    data, sr = _decode(p)
+    if sr != target_sr and sr < min_sr:
+        raise DataError(f"{p}: sample rate {sr} Hz is below the {min_sr} Hz minimum; re-record or upsample it "
+                        "with `cosytune prepare-audio`")
+    wav = torch.from_numpy(data).mean(dim=0)  # (N,) channel mean, as upstream load_wav
+    return resample(wav, sr, target_sr)
+
+
+def load_pt_map(path: str | os.PathLike) -> dict:
+    """Load a ``{id: list}`` map written by :func:`save_pt_map` or by upstream's tools."""
+    p = Path(path)
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - boundary
+        raise DataError(f"cannot read {p}: {e}. Delete it and re-run the command that writes it.") from e
+    if not isinstance(obj, dict):
+        raise DataError(f"{p}: expected a dict {{id: list}}, found {type(obj).__name__}; delete it and re-run")
+    return obj
+
+
+def save_pt_map(path: str | os.PathLike, obj: dict) -> None:
+    """Atomically ``torch.save`` a ``{id: list}`` map."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, str(tmp))
+
+
+def model_fingerprint(path: str | os.PathLike) -> dict:
+    """Cheap identity of a model file (name, size, mtime) to decide whether cached results are stale."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return {"model": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def check_same_ids(named_sets: dict[str, set[str]], reference: str) -> list[str]:
+    """Compare id sets against ``reference``; return human-readable problems (empty if all agree)."""
+    ref = named_sets[reference]
+    problems = []
+    for name, ids in named_sets.items():
+        if name == reference:
+            continue
+        extra, missing = ids - ref, ref - ids
+        if missing:
+            problems.append(f"{name} lacks {len(missing)} id(s) of {reference}: {_listing(sorted(missing))}")
+        if extra:
+            problems.append(f"{name} has {len(extra)} id(s) not in {reference}: {_listing(sorted(extra))}")
+    return problems
+
+
+def safe_call(fn):
+    """Wrap ``fn`` so per-item failures (bad audio, decode errors) come back as the exception object.
+
+    Used with thread pools so one bad file becomes a recorded reject instead of aborting the stage.
+    """
+
+    def run(arg):
+        try:
+            return fn(arg)
+        except (CosytuneError, OSError, ValueError, RuntimeError) as e:
+            return e
+
+    return run
