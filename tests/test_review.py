@@ -80,13 +80,18 @@ def test_review_round_trip_and_rerun_keeps_edits(tmp_path, capsys):
     rejects = {(r["stage"], r["reason"]) for r in read_jsonl(out / "rejects.jsonl")}
     assert rejects == {("transcribe", "deleted_in_review")}
     meta = {m["utt"]: m for m in read_jsonl(out / "metadata.jsonl")}
-    assert meta["spk_a"]["text_source"] == "review" and set(meta) == {
-        "spk_a",
-        "spk_c",
-        "spk_d",
-        "spk_e",
-        "spk_f",
-    }
+    assert (
+        meta["spk_a"]["edited"]
+        and meta["spk_a"]["text_source"] == "transcripts"
+        and set(meta)
+        == {
+            "spk_a",
+            "spk_c",
+            "spk_d",
+            "spk_e",
+            "spk_f",
+        }
+    )
 
     # apply-review is idempotent; the rewritten review file still carries every edit
     before = (out / "review.tsv").read_text()
@@ -105,6 +110,11 @@ def test_review_round_trip_and_rerun_keeps_edits(tmp_path, capsys):
     _edit(out / "review.tsv", {"spk_b": ("", None)})
     s3 = apply_review(out, ["dev_size=2"])
     assert s3.dev == 2 and s3.kept == 6 and _all_texts(out)["spk_b"] == TEXTS["b"]
+    # reverting an edit by hand restores the backend's text and clears the edited mark
+    _edit(out / "review.tsv", {"spk_a": (None, TEXTS["a"])})
+    apply_review(out)
+    meta = {m["utt"]: m for m in read_jsonl(out / "metadata.jsonl")}
+    assert meta["spk_a"]["text"] == TEXTS["a"] and not meta["spk_a"]["edited"]
 
 
 def test_spreadsheet_quoting_and_crlf(tmp_path):

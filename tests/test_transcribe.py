@@ -402,3 +402,15 @@ def test_empty_input_folder_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["transcribe", "--in_dir", str(tmp_path / "empty"), "--backend", "transcripts"]) == 1
     assert "no audio found" in capsys.readouterr().err
+
+
+def test_clips_outside_duration_bounds_are_not_decoded(tmp_path):
+    wavs = make_prepared(tmp_path, {"a.wav": [3.0], "b.wav": [4.0]})
+
+    def no_model(name, cfg):
+        raise AssertionError("clips the duration filter rejects must not be sent to ASR")
+
+    with pytest.raises(DataError, match="no usable utterances remain"):
+        transcribe_dataset(wavs, tmp_path / "out", TranscribeConfig(max_sec=2.0), backend_factory=no_model)
+    reasons = {r["reason"] for r in read_jsonl(tmp_path / "out" / "rejects.jsonl")}
+    assert reasons == {"too_long"}

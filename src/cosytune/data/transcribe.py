@@ -203,7 +203,9 @@ class Utterance:
     orig_text: str = ""
     """Transcript as the backend gave it (to tell review edits apart)."""
     text_source: str = ""
-    """transcripts, faster-whisper, openai-whisper or review."""
+    """Backend the text came from: transcripts, faster-whisper or openai-whisper."""
+    edited: bool = False
+    """The text was changed in review.tsv."""
     text_error: str = ""
     """Why no text came from the backend (a reject reason), if none did."""
     language: str = ""
@@ -848,7 +850,7 @@ def merge_review(
         if row.text != u.orig_text:
             if row.text != u.text:
                 edits += 1
-            u = replace(u, text=row.text, text_source="review")
+            u = replace(u, text=row.text, edited=True)
         out.append(u)
     unknown = sorted(set(review) - {u.utt for u in utts})
     if unknown:
@@ -1030,6 +1032,9 @@ def transcribe_dataset(
     need_asr: list[Utterance] = []
     asr_name = cfg.asr_backend()
     for u in candidates:
+        if not cfg.min_sec <= u.duration_s <= cfg.max_sec:
+            with_text.append(u)  # the duration filter rejects it; no point decoding it
+            continue
         if cfg.backend != "transcripts":
             need_asr.append(u)
             continue
@@ -1165,7 +1170,7 @@ def apply_review(
         replace(
             u,
             text=u.orig_text,
-            text_source=u.text_source if u.text_source != "review" else "",
+            edited=False,
             status="",
             reject_reason="",
             flags=(),
