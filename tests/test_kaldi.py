@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from cosytune.data.kaldi import KaldiEntry, read_kaldi_dir, validate_kaldi_dir, write_kaldi_dir
+from cosytune.data.kaldi import (
+    KaldiEntry,
+    read_kaldi_dir,
+    upstream_warnings,
+    validate_kaldi_dir,
+    write_kaldi_dir,
+)
 from cosytune.errors import DataError
 
 INSTRUCT = "You are a helpful assistant.<|endofprompt|>"
@@ -85,3 +91,15 @@ def test_no_instruct_file_when_entries_have_none(tmp_path):
     write_kaldi_dir(d, [KaldiEntry(e.utt, e.wav, e.text, e.speaker) for e in _entries(tmp_path, 2)])
     assert not (d / "instruct").exists()
     assert validate_kaldi_dir(d, require_instruct=False) == []
+
+
+def test_paths_with_spaces_read_back_but_warn_for_upstream(tmp_path):
+    d = tmp_path / "e"
+    entries = _entries(tmp_path, 2)  # files are named "w 0.wav", "w 1.wav"
+    write_kaldi_dir(d, entries)
+    assert [e.wav for e in read_kaldi_dir(d)] == [e.wav for e in entries]
+    assert "make_parquet_list.py" in upstream_warnings(d)[0]
+    plain = tmp_path / "plain.wav"
+    plain.write_bytes(b"RIFF")
+    write_kaldi_dir(d, [KaldiEntry("spk_u0", str(plain), "t", "spk", INSTRUCT)])
+    assert upstream_warnings(d) == []

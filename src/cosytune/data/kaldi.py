@@ -177,6 +177,30 @@ def _id_problems(directory: Path, wavs: dict, texts: dict, spks: dict, instructs
     return problems
 
 
+def upstream_warnings(directory: str | os.PathLike) -> list[str]:
+    """Things upstream CosyVoice's tools would misread in a data dir that our readers accept.
+
+    Upstream's ``tools/make_parquet_list.py`` splits every ``wav.scp`` line at *any* whitespace
+    and keeps the second field, so an audio path containing a space is cut short there (and the
+    file is not found). cosytune's own readers split at the first space only and are unaffected.
+
+    Returns:
+        Warning messages (empty when upstream would read the dir as we do).
+    """
+    directory = Path(directory)
+    wavs = read_kaldi_map(directory / "wav.scp")
+    spaced = sorted(p for p in wavs.values() if any(c.isspace() for c in p))
+    if not spaced:
+        return []
+    msg = (
+        f"{len(spaced)} audio path(s) in {directory / 'wav.scp'} contain whitespace, e.g. {spaced[0]!r}; "
+        "cosytune reads them fine, but upstream CosyVoice's tools/make_parquet_list.py splits wav.scp "
+        "lines at whitespace and would cut them short. For upstream compatibility keep the prepared "
+        "wavs under a path without spaces."
+    )
+    return [msg]
+
+
 def validate_kaldi_dir(
     directory: str | os.PathLike,
     check_audio: bool = True,

@@ -57,7 +57,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cosytune.config.loading import dump_config, load_config
-from cosytune.data.kaldi import ENDOFPROMPT, KaldiEntry, kaldi_sort_key, validate_kaldi_dir, write_kaldi_dir
+from cosytune.data.kaldi import (
+    ENDOFPROMPT,
+    KaldiEntry,
+    kaldi_sort_key,
+    upstream_warnings,
+    validate_kaldi_dir,
+    write_kaldi_dir,
+)
 from cosytune.data.rejects import RejectLog
 from cosytune.data.review import ReviewRow, read_review, write_review
 from cosytune.errors import CosytuneError, DataError, UsageError, require
@@ -903,6 +910,8 @@ def finalize_dataset(
         problems = validate_kaldi_dir(out_dir / name)
         if problems:  # our own writer produced it, so this is a bug, not bad input
             raise CosytuneError(f"internal error: {out_dir / name} failed validation: {problems}")
+        for w in upstream_warnings(out_dir / name):
+            logger.warning(w)
     meta = []
     for u in final:
         if u.status == "rejected":
