@@ -158,3 +158,35 @@ def test_draw_index_and_config_validation():
     assert len(e.value.problems) == 5
     with pytest.raises(ValueError, match="one"):
         ras_sample(torch.zeros(2, 3), [], SamplingConfig())
+
+
+def _reference_nucleus(logp: torch.Tensor, top_p: float, top_k: int, accumulate_in_double: bool) -> list[int]:
+    """Spec §2.6 written naively: walk the stable descending sort, add while sum < top_p and n < top_k.
+
+    The running sum is a 0-d float32 tensor (as upstream's), or a Python float when
+    ``accumulate_in_double`` (the tempting but wrong vectorisation).
+    """
+    values, ids = logp.softmax(dim=0).sort(descending=True, stable=True)
+    running, kept = 0.0, []
+    for v, i in zip(values, ids):
+        if not (running < top_p and len(kept) < top_k):
+            break
+        running = running + (float(v) if accumulate_in_double else v)
+        kept.append(int(i))
+    return kept
+
+
+def test_nucleus_running_sum_is_float32_sequential():
+    """Quantised logits put the running sum within float32 rounding of top_p; ours follows float32."""
+    gen = torch.Generator().manual_seed(0)
+    discriminating = 0
+    for _ in range(400):
+        n = int(torch.randint(3, 12, (1,), generator=gen))
+        logp = (torch.randint(0, 4, (n,), generator=gen).float() * 0.6931471805599453).log_softmax(0)
+        for top_p in (0.6, 0.75, 0.8):
+            ids, probs = nucleus_candidates(logp, top_p, 25)
+            expected = _reference_nucleus(logp, top_p, 25, accumulate_in_double=False)
+            assert ids.tolist() == expected
+            assert torch.equal(probs, logp.softmax(0)[ids])
+            discriminating += expected != _reference_nucleus(logp, top_p, 25, accumulate_in_double=True)
+    assert discriminating > 0, "no case separates float32 from float64 accumulation; the test is too weak"

@@ -14,8 +14,8 @@ Tensor layout and shape legend
     each group of H / K query heads shares one key/value head.
 
 Three entry points
-    * ``Qwen2Model.forward(x, input_lens)``: no cache, causal attention over the T positions,
-      right padding masked as keys (training, and a full recompute for tests).
+    * ``Qwen2Model.forward(x, input_lens)``: no cache, causal attention over the T positions of
+      right-padded rows (training, and a full recompute for tests); no mask tensor is needed.
     * ``Qwen2Model.prefill(x, cache, input_lens)``: appends T positions to a :class:`KVCache`
       (the prompt, or a chunk of one) and attends to everything cached before them.
     * ``Qwen2Model.decode_step(x, cache)``: exactly one new position per row. Every tensor shape
@@ -34,7 +34,8 @@ The KV cache
 Numerics (match transformers' Qwen2)
     RMSNorm runs in float32 and casts back before the weight multiply. RoPE inverse frequencies and
     cos/sin tables are computed in float32 from integer positions, then cast to the activation
-    dtype. Attention uses ``torch.nn.functional.scaled_dot_product_attention``.
+    dtype. Attention uses ``torch.nn.functional.scaled_dot_product_attention``; query heads sharing
+    a K/V head are grouped as in transformers (query head h uses K/V head h // (H / K)).
 
 Parameter names follow transformers (``model.embed_tokens``, ``model.layers.{i}.self_attn.q_proj``,
 ..., ``model.norm``, ``lm_head``), so nested as ``llm.model`` inside the CosyVoice 3 LM they produce
@@ -331,14 +332,36 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-    """SDPA with grouped K/V heads; q (B, H, T, d), k/v (B, K, S, d), mask bool (B, 1, T, S) or None."""
+def _causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal SDPA within one sequence; q (B, H, T, d), k/v (B, K, T, d) -> (B, H, T, d).
+
+    No mask tensor, so the flash / memory-efficient kernels apply; K/V heads are shared through
+    ``enable_gqa`` (or repeated on torch < 2.5, matching transformers' head order h -> h // (H/K)).
+    """
     groups = q.shape[1] // k.shape[1]
-    if groups > 1 and not _SDPA_HAS_GQA:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    kwargs = {"enable_gqa": True} if groups > 1 and _SDPA_HAS_GQA else {}
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, **kwargs)
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if _SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _cached_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """SDPA of new queries over a whole cache; q (B, H, T, d), k/v (B, K, S, d), mask (B, 1, T, S).
+
+    The H/K query heads that share a K/V head are folded into the query axis, (B, K, G*T, d), so the
+    cache is read as is (no per-step copy of K/V into H heads) by whichever SDPA kernel applies.
+    """
+    b, h, t, d = q.shape
+    kv = k.shape[1]
+    groups = h // kv
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    q = q.reshape(b, kv, groups * t, d)  # heads k*G .. k*G+G-1 share K/V head k (as transformers)
+    mask = mask[:, :, None].expand(b, 1, groups, t, mask.shape[-1]).reshape(b, 1, groups * t, -1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, K, G*T, d)
+    return out.reshape(b, h, t, d)
 
 
 class Qwen2Attention(nn.Module):
@@ -360,11 +383,11 @@ class Qwen2Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
-        """Attention within x only. mask: bool (B, 1, T, T) or None for plain causal."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Causal attention within x only (no cache)."""
         b, t, _ = x.shape
         q, k, v = self._qkv(x, cos, sin)
-        out = _attention(q, k, v, mask, causal=True)  # (B, H, T, d)
+        out = _causal_attention(q, k, v)  # (B, H, T, d)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def forward_cached(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, write_index: Tensor,
@@ -383,7 +406,7 @@ class Qwen2Attention(nn.Module):
         cache_k.scatter_(2, write_index, k.to(cache_k.dtype))
         cache_v.scatter_(2, write_index, v.to(cache_v.dtype))
         # Under autocast q/k/v come out in the autocast dtype while the cache may be float32.
-        out = _attention(q.to(cache_k.dtype), cache_k, cache_v, mask, causal=False)
+        out = _cached_attention(q.to(cache_k.dtype), cache_k, cache_v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -410,8 +433,8 @@ class Qwen2DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward_cached(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, write_index: Tensor,
@@ -436,8 +459,10 @@ class Qwen2Model(nn.Module):
 
         Args:
             x: (B, T, D) input embeddings, right-padded.
-            input_lens: (B,) valid lengths; ``None`` means every row is T long. Padded positions are
-                hidden from valid queries; their own outputs are meaningless.
+            input_lens: (B,) valid lengths (optional, checked only). Right padding needs no mask: a
+                causal query at a valid position never sees a later, padded key, so valid outputs
+                equal upstream's key-masked ones exactly, and the mask-free flash path applies.
+                Outputs at padded positions are finite but meaningless.
 
         Returns:
             (B, T, D) hidden states after the final norm (HF ``hidden_states[-1]``).
@@ -446,18 +471,12 @@ class Qwen2Model(nn.Module):
         if t > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {t} positions exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
+        if input_lens is not None and tuple(input_lens.shape) != (b,):
+            raise ValueError(f"input_lens must have shape ({b},), got {tuple(input_lens.shape)}")
         positions = torch.arange(t, device=x.device).expand(b, t)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        mask = None
-        if input_lens is not None and bool((input_lens.to(x.device) < t).any()):
-            idx = torch.arange(t, device=x.device)
-            causal = idx[None, :] <= idx[:, None]  # (T_q, T_k)
-            key_valid = idx[None, :] < input_lens.to(x.device)[:, None]  # (B, T_k)
-            # A padded query also sees itself so that no row is fully masked (SDPA would give NaN).
-            mask = (causal[None] & (key_valid[:, None, :] | torch.eye(t, dtype=torch.bool, device=x.device)))
-            mask = mask[:, None]  # (B, 1, T, T)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+            x = layer(x, cos, sin)
         return self.norm(x)
 
     def _forward_cached(self, x: Tensor, cache: KVCache, advance: Tensor) -> Tensor:
