@@ -764,7 +764,7 @@ def check_utterance(u: Utterance, cfg: TranscribeConfig) -> tuple[str, str] | No
 def review_flags(u: Utterance) -> tuple[str, ...]:
     """Hints for the review file: why a kept row deserves a look."""
     flags = []
-    if u.chars_per_s is not None and u.chars_per_s < TYPICAL_CPS[0]:
+    if u.chars_per_s and u.chars_per_s < TYPICAL_CPS[0]:
         flags.append("slow_speech")
     if u.chars_per_s is not None and u.chars_per_s > TYPICAL_CPS[1]:
         flags.append("fast_speech")
@@ -891,8 +891,13 @@ def finalize_dataset(
         raise DataError(
             f"no usable utterances remain ({len(checked)} candidate(s), reasons: "
             f"{dict(rejects.counts())}); see {rejects.path} and {out_dir / 'review.tsv'}. Type transcripts "
-            "into review.tsv and run 'cosytune apply-review', pass --transcripts FILE or --asr_fallback "
-            "faster-whisper, or adjust the filter bounds (min_sec, max_sec, min_cps, max_cps)"
+            "into review.tsv and run 'cosytune apply-review'"
+            + (
+                ", pass --transcripts FILE or --asr_fallback faster-whisper"
+                if cfg.backend == "transcripts"
+                else ""
+            )
+            + ", or adjust the filter bounds (min_sec, max_sec, min_cps, max_cps)"
         )
     try:
         train, dev = split_train_dev(kept, cfg.dev_size, cfg.seed)
