@@ -228,6 +228,19 @@ def test_prepared_manifest_slices_and_transcripts_formats(tmp_path):
         assert utts["spk_long__001"]["reject_reason"] == "sliced_source_needs_asr"
 
 
+def test_transcript_lines_that_match_nothing_are_reported(tmp_path, caplog):
+    wavs = make_prepared(tmp_path, {"a.mp3": [3.0], "b.mp3": [3.0]})
+    tf = tmp_path / "t.txt"
+    tf.write_text(
+        "a.mp3|The first one is right.\nb.mp3|So is the second.\nc_typo.mp3|But this name is wrong.\n"
+    )
+    with caplog.at_level("WARNING", logger="cosytune.data.transcribe"):
+        transcribe_dataset(
+            wavs, tmp_path / "out", TranscribeConfig(backend="transcripts", transcripts=tf, dev_size=1)
+        )
+    assert "1 of 3 line(s)" in caplog.text and "c_typo.mp3" in caplog.text
+
+
 def test_earlier_stage_rejects_are_carried(tmp_path):
     wavs = make_prepared(tmp_path, {"a.mp3": [3.0], "b.mp3": [3.0], "c.mp3": [3.0]})
     write_jsonl(

@@ -446,22 +446,30 @@ class TranscriptTable:
 
     def __init__(self, entries: dict[str, str], origin: str) -> None:
         self.origin = origin
-        self.by_key: dict[str, str] = {}
+        self.names = list(entries)
+        self.by_key: dict[str, tuple[str, str]] = {}
         self.ambiguous: set[str] = set()
+        self.used: set[str] = set()
         for name, text in entries.items():
             p = Path(name.replace("\\", "/"))
             for key in {name, p.as_posix(), p.name, p.stem, p.with_suffix("").as_posix()}:
-                if key in self.by_key and self.by_key[key] != text:
+                if key in self.by_key and self.by_key[key][1] != text:
                     self.ambiguous.add(key)
-                self.by_key.setdefault(key, text)
+                self.by_key.setdefault(key, (name, text))
 
     def lookup(self, source: str, source_rel: str) -> str | None:
         """Text for a source recording, trying the most specific key first."""
         s, r = Path(source), Path(source_rel)
         for key in (source, s.as_posix(), r.as_posix(), r.with_suffix("").as_posix(), s.name, s.stem):
             if key in self.by_key and key not in self.ambiguous:
-                return self.by_key[key]
+                name, text = self.by_key[key]
+                self.used.add(name)
+                return text
         return None
+
+    def unused(self) -> list[str]:
+        """Entries that matched no audio file so far (often a typo in the name)."""
+        return [n for n in self.names if n not in self.used]
 
 
 def load_transcripts(path: str | os.PathLike) -> TranscriptTable:
@@ -1070,6 +1078,16 @@ def transcribe_dataset(
             need_asr.append(u)
         else:
             with_text.append(replace(u, text_error=reason, language=cfg.language or ""))
+
+    if table is not None and table.unused():
+        unused = table.unused()
+        logger.warning(
+            "%d of %d line(s) of %s matched no audio file (check the names), e.g. %s",
+            len(unused),
+            len(table.names),
+            table.origin,
+            unused[:3],
+        )
 
     # 2. ASR with a per-utterance cache
     summary_asr = [0, 0]
