@@ -25,7 +25,8 @@ Batching:
   packed into zero-padded batches under a frame budget; each row is cut to its own token count
   (a second model output with lengths if the model has one, else ``length // 4`` as upstream's
   training code does). Before trusting a model with batches, the first call checks that batched
-  tokens equal one-by-one tokens on a few utterances; if not, it warns once and uses batch 1.
+  tokens equal one-by-one tokens on a few utterances (same lengths, >= 98 % of codes — batched GEMMs may
+  flip a rounding-edge code); if not, it warns once and uses batch 1.
   With a fixed batch axis of 1 (the released non-batch file) single calls run on the thread pool.
 """
 
@@ -58,6 +59,7 @@ FORCE_CPU_ENV = "COSYVOICE_ORT_FORCE_CPU"
 CAMPPLUS_FILE = "campplus.onnx"
 TOKENIZER_FILE = "speech_tokenizer_v3.onnx"
 TOKENIZER_FRAMES_PER_TOKEN = 4
+MIN_BATCH_AGREEMENT = 0.98  # share of tokens a batched call must reproduce before batching is trusted
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,11 +344,20 @@ class SpeechTokenizer:
             return
         batched = self._run_batch(probe)
         single = [self._run_one(f) for f in probe]
-        if any(b.shape != s.shape or not np.array_equal(b, s) for b, s in zip(batched, single)):
+        same_len = all(b.shape == s.shape for b, s in zip(batched, single))
+        total = sum(s.size for s in single)
+        agree = sum(int(np.sum(b == s)) for b, s in zip(batched, single)) if same_len else 0
+        # Batched GEMMs round differently, so an FSQ code can flip now and then even in a correctly
+        # masked model (upstream trains on such batched tokens); a model that lets padding leak in
+        # changes far more than that, or the lengths.
+        if not same_len or agree < MIN_BATCH_AGREEMENT * total:
             logger.warning(
-                "%s gives different tokens for padded batches than for single utterances; "
-                "tokenising one utterance per call (slower, but exactly upstream's result)", self.path.name)
+                "%s gives different tokens for padded batches than for single utterances (%d of %d agree); "
+                "tokenising one utterance per call (slower, but exactly upstream's result)",
+                self.path.name, agree, total)
             self.max_batch = 1
+        else:
+            logger.debug("%s: batched tokens agree with single calls on %d of %d tokens", self.path.name, agree, total)
 
     def _batches(self, feats: Sequence[np.ndarray]) -> list[list[int]]:
         order = sorted(range(len(feats)), key=lambda i: feats[i].shape[1])
