@@ -140,6 +140,12 @@ def test_config_from_hf_json_roundtrip(golden, tmp_path):
     assert Qwen2Config.from_json(path) == config
     full = golden.json("fullsize_keys")["qwen2_config"]
     assert Qwen2Config.from_hf_dict(full) == Qwen2Config()  # our defaults are the real backbone
+    # transformers >= 5 writes rope_theta inside rope_parameters; informational fields do not count.
+    v5 = {k: v for k, v in written.items() if k != "rope_theta"}
+    v5.update(rope_parameters={"rope_type": "default", "rope_theta": written["rope_theta"]}, max_window_layers=1,
+              dtype="bfloat16")
+    v5.pop("torch_dtype", None)
+    assert Qwen2Config.from_hf_dict(v5) == config
 
 
 def test_config_errors_list_every_problem(tmp_path):
@@ -147,6 +153,8 @@ def test_config_errors_list_every_problem(tmp_path):
         Qwen2Config.from_hf_dict({"model_type": "llama", "hidden_size": 32, "mystery": 1})
     text = str(e.value)
     assert "llama" in text and "mystery" in text
+    with pytest.raises(ConfigError, match="rope_parameters"):
+        Qwen2Config.from_hf_dict({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4}})
     with pytest.raises(ConfigError) as e:
         Qwen2Config(hidden_size=30, num_attention_heads=4, use_sliding_window=True, hidden_act="gelu",
                     rope_scaling={"type": "yarn"})

@@ -39,7 +39,8 @@ Inference layout
 
 Min-length rule (spec §2.5, golden-notes §1.3): while ``step < min_len`` a stop must not be sampled.
     ``min_len_mode="all_stops"`` (default) sets all 200 stop ids to -inf, which is what the rule is
-    for and what upstream did before commit 0e62489. ``min_len_mode="upstream"`` reproduces HEAD
+    for (before commit 0e62489 upstream also kept every stop id out, by re-sampling until a speech
+    token came out). ``min_len_mode="upstream"`` reproduces HEAD
     bit for bit: it masks only id 6561 (``sos``, CosyVoice 2's eos id), so a short text can still end
     early on 6562..6760 (fixture ``B_greedy`` stops at step 7 with min_len 10). The default is the
     corrected behaviour because the HEAD rule is a leftover of the CosyVoice 2 id layout, and an

@@ -81,6 +81,7 @@ _HF_METADATA_KEYS = frozenset({
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
     "num_beam_groups", "diversity_penalty", "tf_legacy_loss", "use_bfloat16", "dtype",
 })
+# Fields kept only so config.json round-trips; they do not change the network (compare=False).
 
 
 @dataclass(frozen=True)
@@ -116,15 +117,15 @@ class Qwen2Config:
     """Attention dropout probability (0 in every Qwen2 release)."""
     use_sliding_window: bool = False
     """Sliding-window attention; not supported (no CosyVoice checkpoint uses it)."""
-    sliding_window: int | None = 32768
+    sliding_window: int | None = field(default=32768, compare=False)
     """Window size, kept for round-tripping config.json; unused while use_sliding_window is false."""
-    max_window_layers: int = 24
+    max_window_layers: int = field(default=24, compare=False)
     """Kept for round-tripping config.json; unused."""
-    bos_token_id: int | None = 151643
+    bos_token_id: int | None = field(default=151643, compare=False)
     """Kept for round-tripping config.json; unused by CosyVoice."""
-    eos_token_id: int | None = 151643
+    eos_token_id: int | None = field(default=151643, compare=False)
     """Kept for round-tripping config.json; unused by CosyVoice."""
-    torch_dtype: str = "float32"
+    torch_dtype: str = field(default="float32", compare=False)
     """Storage dtype named in config.json (informational; the caller chooses the run dtype)."""
     rope_scaling: dict | None = None
     """Only ``None`` (plain RoPE) is supported."""
@@ -187,12 +188,23 @@ class Qwen2Config:
         model_type = data.get("model_type", "qwen2")
         if model_type != "qwen2":
             problems.append(f"model_type must be 'qwen2', got {model_type!r}")
-        unknown = sorted(k for k in data if k not in known and k not in _HF_METADATA_KEYS)
+        unknown = sorted(k for k in data if k not in known and k not in _HF_METADATA_KEYS
+                         and k != "rope_parameters")
         if unknown:
             problems.append(f"unknown keys {unknown}: this does not look like a Qwen2 config this code understands")
+        rope = data.get("rope_parameters")  # transformers >= 5 moves rope_theta in here
+        if rope is not None:
+            if (not isinstance(rope, Mapping) or rope.get("rope_type", "default") != "default"
+                    or "rope_theta" not in rope):
+                problems.append("rope_parameters must be a plain RoPE {'rope_type': 'default', 'rope_theta': ...}, "
+                                f"got {rope!r}")
+            elif "rope_theta" in data and data["rope_theta"] != rope["rope_theta"]:
+                problems.append(f"rope_theta {data['rope_theta']} disagrees with rope_parameters {rope!r}")
         if problems:
             raise ConfigError(problems, source=source)
         kwargs = {k: v for k, v in data.items() if k in known}
+        if rope is not None:
+            kwargs["rope_theta"] = rope["rope_theta"]
         if kwargs.get("layer_types") is not None:
             kwargs["layer_types"] = tuple(kwargs["layer_types"])
         if "torch_dtype" not in kwargs and isinstance(data.get("dtype"), str):
