@@ -147,3 +147,17 @@ def test_malformed_review_files_name_the_line(tmp_path):
 def test_apply_review_needs_a_transcribe_dir(tmp_path, capsys):
     assert main(["apply-review", "--dir", str(tmp_path)]) == 1
     assert "transcribe_config.yaml" in capsys.readouterr().err
+
+
+def test_failed_rebuild_leaves_no_stale_lists(tmp_path):
+    src = _make(tmp_path)
+    out = tmp_path / "out"
+    transcribe_dataset(src, out, TranscribeConfig(backend="transcripts", dev_size=1))
+    assert (out / "train" / "wav.scp").is_file()
+    _edit(out / "review.tsv", {u: ("x", None) for u in ("spk_a", "spk_b", "spk_c", "spk_d")})
+    with pytest.raises(DataError, match="too little data to split"):
+        apply_review(out)
+    assert not (out / "train" / "wav.scp").exists() and not (out / "metadata.jsonl").exists()
+    assert read_review(out / "review.tsv")["spk_a"].delete  # the edits are kept for the next try
+    _edit(out / "review.tsv", {"spk_a": ("", None)})
+    assert apply_review(out).kept == 2

@@ -59,6 +59,7 @@ from typing import Any, Literal
 from cosytune.config.loading import dump_config, load_config
 from cosytune.data.kaldi import (
     ENDOFPROMPT,
+    KALDI_FILES,
     KaldiEntry,
     kaldi_sort_key,
     upstream_warnings,
@@ -896,6 +897,7 @@ def finalize_dataset(
     if not kept:
         rejects.save()
         _write_review_and_utts(out_dir, checked)
+        _clear_stale_outputs(out_dir)
         raise DataError(
             f"no usable utterances remain ({len(checked)} candidate(s), reasons: "
             f"{dict(rejects.counts())}); see {rejects.path} and {out_dir / 'review.tsv'}. Type transcripts "
@@ -912,6 +914,7 @@ def finalize_dataset(
     except DataError:
         rejects.save()
         _write_review_and_utts(out_dir, checked)
+        _clear_stale_outputs(out_dir)
         raise
     final = [
         replace(u, status="train" if u.utt in train else "dev") if u.status != "rejected" else u
@@ -950,6 +953,16 @@ def finalize_dataset(
         rejects=rejects.counts(),
     )
     return summary
+
+
+def _clear_stale_outputs(out_dir: Path) -> None:
+    """Remove train/dev/metadata of an earlier run so nothing downstream trains on outdated lists."""
+    stale = [out_dir / "metadata.jsonl"] + [out_dir / d / f for d in ("train", "dev") for f in KALDI_FILES]
+    removed = [p for p in stale if p.is_file()]
+    for p in removed:
+        p.unlink()
+    if removed:
+        logger.warning("removed the previous run's metadata.jsonl and train/dev lists: they no longer match")
 
 
 def _write_review_and_utts(out_dir: Path, utts: list[Utterance]) -> None:
