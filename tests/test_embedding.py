@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from frontend_data import small_dataset
 
 from cosytune.data.embedding import compute_campplus_feature, extract_embeddings
 from cosytune.data.frontend_common import load_audio, read_kaldi_dir
 from cosytune.errors import DataError
 from cosytune.models.onnx_models import CampPlus
 from cosytune.models.onnx_tiny import build_tiny_campplus
-from frontend_data import small_dataset
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+from frontend_data import sample_clips, write_data_dir
 
 from cosytune.cli.main import main
 from cosytune.data.frontend_common import read_kaldi_dir
 from cosytune.data.parquet import read_parquet_rows
 from cosytune.models.onnx_tiny import build_tiny_campplus, build_tiny_speech_tokenizer
-from frontend_data import sample_clips, write_data_dir
 
 
 def test_sample_dataset_through_all_three_commands(tmp_path, sample_speaker_dir, capsys, monkeypatch):
@@ -38,7 +40,7 @@ def test_sample_dataset_through_all_three_commands(tmp_path, sample_speaker_dir,
     assert len(rows) == len(clips) and [r["utt"] for r in rows] == kd.utts
     for r in rows:
         u = r["utt"]
-        assert r["audio_data"] == open(kd.utt2wav[u], "rb").read()
+        assert r["audio_data"] == Path(kd.utt2wav[u]).read_bytes()
         assert r["text"] == kd.utt2text[u] and r["spk"] == "allison"
         assert np.array_equal(np.float32(r["utt_embedding"]), np.float32(utt2emb[u]))
         assert np.array_equal(np.float32(r["spk_embedding"]), np.float32(spk2emb["allison"]))

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from frontend_data import INSTRUCT, small_dataset
 
 from cosytune.data.frontend_common import read_kaldi_dir
 from cosytune.data.parquet import make_parquet, read_parquet_rows
 from cosytune.errors import DataError
-from frontend_data import INSTRUCT, small_dataset
 
 
 def _fake_maps(d, utts, spk_of, *, drop_token: str | None = None):
@@ -47,7 +48,7 @@ def test_rows_read_back_equal_with_upstream_columns(tmp_path, sample_speaker_dir
     for r in rows:
         u = r["utt"]
         wav = kd.path / kd.utt2wav[u] if not os.path.isabs(kd.utt2wav[u]) else kd.utt2wav[u]
-        assert r["audio_data"] == open(wav, "rb").read()
+        assert r["audio_data"] == Path(wav).read_bytes()
         assert r["wav"] == os.path.abspath(wav) and r["text"] == kd.utt2text[u] and r["spk"] == kd.utt2spk[u]
         assert r["instruct"] == INSTRUCT
         assert np.array_equal(np.array(r["utt_embedding"], np.float32), np.array(utt2emb[u], np.float32))

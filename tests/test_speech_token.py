@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from frontend_data import small_dataset
 
 from cosytune.data.frontend_common import load_audio, read_kaldi_dir
 from cosytune.data.speech_token import compute_tokenizer_feature, extract_speech_tokens
 from cosytune.models.onnx_models import SpeechTokenizer
 from cosytune.models.onnx_tiny import build_tiny_speech_tokenizer
-from frontend_data import small_dataset
 
 
 @pytest.fixture(scope="module")

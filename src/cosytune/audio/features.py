@@ -35,16 +35,16 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "MEL24K_HOP",
+    "MEL24K_N_FFT",
+    "WHISPER_HOP",
+    "WHISPER_N_FFT",
     "cmn",
     "kaldi_fbank",
     "kaldi_mel_banks",
     "mel_spectrogram",
     "slaney_mel_filterbank",
     "whisper_log_mel",
-    "WHISPER_N_FFT",
-    "WHISPER_HOP",
-    "MEL24K_N_FFT",
-    "MEL24K_HOP",
 ]
 
 # Whisper log-mel (speech tokenizer input, 16 kHz).

@@ -45,7 +45,7 @@ from cosytune.fileio import write_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EmbeddingSummary", "compute_campplus_feature", "extract_embeddings", "STAGE"]
+__all__ = ["STAGE", "EmbeddingSummary", "compute_campplus_feature", "extract_embeddings"]
 
 STAGE = "extract-embedding"
 UTT_FILE = "utt2embedding.pt"

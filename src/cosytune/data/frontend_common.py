@@ -168,7 +168,7 @@ def load_pt_map(path: str | os.PathLike) -> dict:
     p = Path(path)
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - boundary
+    except Exception as e:
         raise DataError(f"cannot read {p}: {e}. Delete it and re-run the command that writes it.") from e
     if not isinstance(obj, dict):
         raise DataError(f"{p}: expected a dict {{id: list}}, found {type(obj).__name__}; delete it and re-run")

@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COLUMNS", "ParquetSummary", "make_parquet", "parquet_schema", "read_parquet_rows", "STAGE"]
+__all__ = ["COLUMNS", "STAGE", "ParquetSummary", "make_parquet", "parquet_schema", "read_parquet_rows"]
 
 STAGE = "make-parquet"
 STATE_FILE = ".make-parquet.state.json"

@@ -47,7 +47,7 @@ from cosytune.fileio import write_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SpeechTokenSummary", "compute_tokenizer_feature", "extract_speech_tokens", "MAX_SECONDS", "STAGE"]
+__all__ = ["MAX_SECONDS", "STAGE", "SpeechTokenSummary", "compute_tokenizer_feature", "extract_speech_tokens"]
 
 STAGE = "extract-speech-token"
 TOKEN_FILE = "utt2speech_token.pt"

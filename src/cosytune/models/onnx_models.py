@@ -47,12 +47,12 @@ from cosytune.errors import ModelDirError, UsageError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "FORCE_CPU_ENV",
     "CampPlus",
     "ProviderChoice",
     "SpeechTokenizer",
     "resolve_onnx_path",
     "resolve_providers",
-    "FORCE_CPU_ENV",
 ]
 
 FORCE_CPU_ENV = "COSYVOICE_ORT_FORCE_CPU"
@@ -100,8 +100,8 @@ def _cuda_provider_problem() -> str | None:
             # onnxruntime >= 1.21 can preload CUDA/cuDNN from pip-installed nvidia-* wheels or torch.
             try:
                 ort.preload_dlls(directory="")
-            except Exception:  # noqa: BLE001 - best effort only; the load below is the real test
-                pass
+            except Exception as e:  # noqa: BLE001 - best effort only; the load below is the real test
+                logger.debug("onnxruntime.preload_dlls failed: %s", e)
         shared = sorted(capi.glob("libonnxruntime_providers_shared*.so*"))
         if shared:
             ctypes.CDLL(str(shared[0]), mode=ctypes.RTLD_GLOBAL)
@@ -159,7 +159,7 @@ def _make_session(path: Path, device: str, intra_op_threads: int, env: Mapping[s
     opts.log_severity_level = 3  # errors only: provider fallbacks are reported by us, once
     try:
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=choice.providers)
-    except Exception as e:  # noqa: BLE001 - boundary: turn onnxruntime's error into a user message
+    except Exception as e:
         raise ModelDirError(
             f"cannot load ONNX model {path}: {e}. Expected an ONNX file as shipped with Fun-CosyVoice3-0.5B "
             "(or one written by `cosytune init-model`); re-download or rebuild it."
@@ -379,6 +379,9 @@ class SpeechTokenizer:
 
     def tokenize_many(self, feats: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Tokenise many utterances; results are in input order.
+
+        Batched results equal one-by-one calls except, rarely, a code on a rounding edge (batched GEMMs
+        round differently); pass ``max_batch=1`` to the constructor for exact single-call results.
 
         Args:
             feats: ``(128, T_i)`` float32 Whisper log-mels, each from one utterance.
