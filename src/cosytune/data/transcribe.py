@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from cosytune.config.loading import dump_config, load_config
+from cosytune.config.loading import config_to_dict, dump_config, load_config
 from cosytune.data.kaldi import (
     ENDOFPROMPT,
     KALDI_FILES,
@@ -1166,7 +1166,7 @@ def transcribe_dataset(
     summary = finalize_dataset(out_dir, with_text, cfg, rejects, deleted)
     summary.asr_decoded, summary.asr_cached = summary_asr
     summary.review_edits = edits
-    write_json(out_dir / "transcribe_summary.json", _summary_json(summary, in_dir))
+    write_json(out_dir / "transcribe_summary.json", _summary_json(summary, in_dir, cfg))
     return summary
 
 
@@ -1228,7 +1228,7 @@ def apply_review(
         rejects.add(r["input"], r["reason"], r.get("detail", ""))
     summary = finalize_dataset(directory, merged, cfg, rejects, deleted)
     summary.review_edits = edits
-    write_json(directory / "transcribe_summary.json", _summary_json(summary, None))
+    write_json(directory / "transcribe_summary.json", _summary_json(summary, None, cfg))
     return summary
 
 
@@ -1243,9 +1243,12 @@ def _previous_input_rejects(directory: Path) -> list[dict]:
     return [r for r in read_jsonl(path) if r.get("stage") == STAGE and r.get("reason") in _INPUT_REASONS]
 
 
-def _summary_json(s: TranscribeSummary, in_dir: Path | None) -> dict:
+def _summary_json(s: TranscribeSummary, in_dir: Path | None, cfg: TranscribeConfig) -> dict:
+    """Counts plus hashes of the settings and the resulting manifest (lets a pipeline skip a done stage)."""
     return {
         "in_dir": str(in_dir) if in_dir else None,
+        "config_sha256": sha256_json(config_to_dict(cfg)),
+        "metadata_sha256": sha256_file(s.out_dir / "metadata.jsonl"),
         "candidates": s.candidates,
         "kept": s.kept,
         "train": s.train,
