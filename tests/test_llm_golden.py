@@ -214,3 +214,21 @@ def test_kv_cache_equals_full_recompute(golden, tiny_lm):
             start = prompt.lm_input.shape[1] - 1
             full = torch.log_softmax(tiny_lm.llm_decoder(hidden[0, start:start + len(steps)]), dim=-1)
         golden.check(INFER, f"{name}.step_logp", torch.stack([s.logp for s in steps]), full)
+
+
+def test_generate_batch_equals_single_runs(golden, tiny_lm):
+    """Prompts of different lengths decoded in one batch give each prompt's single-run tokens."""
+    tensors = golden.tensors(INFER)
+    cases = _infer_cases(golden)
+    names = list(cases)
+    prompts = [_prompt(tiny_lm, tensors, n, cases[n]) for n in names]
+    for sampling in (SamplingConfig(temperature=0.0), SamplingConfig()):
+        singles = [list(tiny_lm.generate(
+            tensors[f"{n}.text"], tensors[f"{n}.prompt_text"], tensors[f"{n}.prompt_speech_token"],
+            sampling=sampling, generator=torch.Generator().manual_seed(cases[n]["seed"]),
+            min_len_mode="upstream", min_token_text_ratio=cases[n]["min_token_text_ratio"],
+            max_token_text_ratio=cases[n]["max_token_text_ratio"])) for n in names]
+        batched = tiny_lm.generate_batch(
+            prompts, sampling=sampling, min_len_mode="upstream",
+            generators=[torch.Generator().manual_seed(cases[n]["seed"]) for n in names])
+        assert batched == singles

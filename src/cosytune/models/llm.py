@@ -11,7 +11,8 @@ Public API
       ``prepare_inputs`` -> :class:`LMInputs`, ``hidden_states`` and ``loss_from_hidden`` exposed.
     * Inference: ``build_prompt`` -> :class:`InferencePrompt`; ``generate(...)`` yields token ids;
       ``decode(...)`` yields a :class:`DecodeStep` per step with the log-probabilities and the
-      sampling bookkeeping; ``step_logp(token_ids, cache)`` is the shape-stable single-token step.
+      sampling bookkeeping; ``generate_batch(prompts)`` decodes several prompts in one batch;
+      ``step_logp(token_ids, cache)`` is the shape-stable single-token step.
 
 Speech vocabulary (``speech_token_size`` = 6561 FSQ tokens, then 200 specials; spec §2.3)
     0..6560 speech tokens; 6561 ``sos``; 6562 ``eos``; 6563 ``task``; 6564 ``fill`` (bistream);
@@ -654,6 +655,70 @@ class CosyVoice3LM(nn.Module):
             if step.stop:
                 return
             yield step.token_id
+
+    @torch.inference_mode()
+    def generate_batch(self, prompts: Sequence[InferencePrompt], *, sampling: SamplingConfig | None = None,
+                       generators: Sequence[torch.Generator | None] | None = None,
+                       min_len_mode: MinLenMode = "all_stops") -> list[list[int]]:
+        """Decode several prompts together (one backbone call per step for all of them).
+
+        Each row follows exactly the rules of :meth:`decode` (its own min/max length, history and
+        generator), so a row's tokens equal a single-prompt run with the same generator up to the
+        float rounding of batched matrix products. Rows that have finished keep feeding a dummy token
+        until all are done; their outputs are ignored.
+
+        Args:
+            prompts: from :meth:`build_prompt`, any lengths.
+            sampling: sampler parameters (default: the config's).
+            generators: one per prompt (or None for all: torch's global generator).
+            min_len_mode: see :meth:`decode`.
+
+        Returns:
+            The speech tokens of each prompt (stop ids excluded).
+        """
+        cfg = self.config
+        sampling = sampling or cfg.sampling
+        if min_len_mode not in ("all_stops", "upstream"):
+            raise ValueError(f"min_len_mode must be 'all_stops' or 'upstream', got {min_len_mode!r}")
+        b = len(prompts)
+        gens = list(generators) if generators is not None else [None] * b
+        if len(gens) != b:
+            raise ValueError(f"got {len(gens)} generators for {b} prompts")
+        outputs: list[list[int]] = [[] for _ in range(b)]
+        active = [p.max_len > 0 for p in prompts]
+        if not any(active):
+            return outputs
+        lens = [p.lm_input.shape[1] for p in prompts]
+        first = prompts[0].lm_input
+        x = first.new_zeros(b, max(lens), cfg.hidden_size)  # (B, L_max, D), right-padded
+        for i, p in enumerate(prompts):
+            x[i, : lens[i]] = p.lm_input[0]
+        input_lens = torch.tensor(lens, device=first.device)
+        cache = KVCache.allocate(cfg.qwen2, b, max(lens) + max(p.max_len for p in prompts),
+                                 device=first.device, dtype=first.dtype)
+        hidden, cache = self.llm.model.model.prefill(x, cache, input_lens)
+        logp = self._logp(hidden[torch.arange(b, device=first.device), input_lens - 1])  # (B, V_sp)
+        step = 0
+        while True:
+            feed = []
+            for i in range(b):
+                if not active[i]:
+                    feed.append(0)
+                    continue
+                row = logp[i].clone()
+                if step < prompts[i].min_len:
+                    self.suppress_stops(row, min_len_mode)
+                token = ras_sample(row, outputs[i], sampling, generator=gens[i]).token_id
+                if cfg.is_stop(token):
+                    active[i] = False
+                else:
+                    outputs[i].append(token)
+                    active[i] = step + 1 < prompts[i].max_len
+                feed.append(token if active[i] else 0)
+            if not any(active):
+                return outputs
+            logp, cache = self.step_logp(torch.tensor(feed, device=first.device), cache)
+            step += 1
 
 
 def count_parameters(module: nn.Module) -> int:
