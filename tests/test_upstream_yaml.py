@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from cosytune.errors import ConfigError
+from cosytune.models.presets import preset_hparams
 from cosytune.models.upstream_yaml import (
     CosyVoice3Hparams,
     TaggedNode,
@@ -15,7 +16,6 @@ from cosytune.models.upstream_yaml import (
     load_upstream_yaml,
     parse_cosyvoice3_yaml,
 )
-from cosytune.models.presets import preset_hparams
 
 
 def test_tags_are_recorded_not_executed(tmp_path):

@@ -126,7 +126,7 @@ def check_onnxruntime() -> Section:
         opts.log_severity_level = 4
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CUDAExecutionProvider"])
         active = sess.get_providers()
-    except Exception as e:  # boundary: report, never crash the doctor
+    except Exception as e:  # noqa: BLE001 - boundary: report, never crash the doctor
         active, err = [], f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     else:
         err = ""

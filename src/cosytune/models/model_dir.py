@@ -252,7 +252,12 @@ class ModelDir:
         return FileStatus(BLANKEN_NAME + "/", "ok", f"Qwen2 {qwen.hidden_size}-d × {qwen.num_hidden_layers}{note}")
 
     def _check_weights(self, kind: str, deep: bool) -> FileStatus:
-        from cosytune.weights.io import TIED_ALIASES, check_state_dict, normalize_upstream_keys, read_state_dict
+        from cosytune.weights.io import (
+            TIED_ALIASES,
+            check_state_dict,
+            normalize_upstream_keys,
+            read_state_dict,
+        )
 
         name = WEIGHT_FILES[kind]
         path = self.weight_path(kind)
@@ -287,7 +292,7 @@ class ModelDir:
             import onnx
 
             model = onnx.load(str(path), load_external_data=False)
-        except Exception as e:  # boundary: any protobuf failure means a corrupted file
+        except Exception as e:  # noqa: BLE001 - boundary: any protobuf failure means a corrupted file
             return FileStatus(name, "malformed", f"not a readable ONNX model ({type(e).__name__}: {e})")
         inputs = [(i.name, [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim])
                   for i in model.graph.input]
@@ -307,7 +312,7 @@ class ModelDir:
                               required=False)
         try:
             table = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # boundary: unreadable or unsafe pickle
+        except Exception as e:  # noqa: BLE001 - boundary: unreadable or unsafe pickle
             return FileStatus(SPK2INFO_NAME, "malformed", f"cannot be read safely ({type(e).__name__}: "
                                                           f"{str(e).splitlines()[0] if str(e) else ''})",
                               required=False)

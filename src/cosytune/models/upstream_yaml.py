@@ -34,7 +34,7 @@ import logging
 import operator
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +156,7 @@ def _construct_tuple(loader: _InertLoader, node: yaml.Node) -> tuple:
     text = str(loader.construct_scalar(node)).strip()
     if text.startswith("(") and text.endswith(")"):
         text = text[1:-1]
-    return tuple(yaml.load(f"[{text}]", Loader=_InertLoader))  # noqa: S506 - our SafeLoader subclass
+    return tuple(yaml.load(f"[{text}]", Loader=_InertLoader))
 
 
 def _unsupported(loader: _InertLoader, suffix: str, node: yaml.Node) -> Any:
@@ -295,7 +295,7 @@ def load_upstream_yaml(
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read the file ({e})", name) from e
     try:
-        doc = yaml.load(text, Loader=_InertLoader)  # noqa: S506 - SafeLoader subclass, tags are inert
+        doc = yaml.load(text, Loader=_InertLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"not valid (Hyper)YAML: {e}", name) from e
     if not isinstance(doc, dict):
@@ -396,7 +396,7 @@ class HiFTHparams:
     sampling_rate: int = 24000
     nsf_alpha: float = 0.1
     nsf_sigma: float = 0.003
-    nsf_voiced_threshold: float = 10
+    nsf_voiced_threshold: float = 10.0
     upsample_rates: tuple[int, ...] = (8, 5, 3)
     upsample_kernel_sizes: tuple[int, ...] = (16, 11, 7)
     istft_n_fft: int = 16
@@ -422,7 +422,7 @@ class MelHparams:
     sampling_rate: int = 24000
     hop_size: int = 480
     win_size: int = 1920
-    fmin: float = 0
+    fmin: float = 0.0
     fmax: float | None = None
     center: bool = False
 
@@ -522,11 +522,10 @@ def _coerce(value: Any, default: Any, where: str, problems: list[str]) -> Any:
     elif isinstance(default, str):
         if isinstance(value, str):
             return value
-    elif isinstance(default, tuple):
-        if isinstance(value, (list, tuple)) and len(value) > 0:
-            inner = default[0] if default else 0
-            out = [_coerce(v, inner, f"{where}[{i}]", problems) for i, v in enumerate(value)]
-            return _BAD if any(o is _BAD for o in out) else tuple(out)
+    elif isinstance(default, tuple) and isinstance(value, (list, tuple)) and len(value) > 0:
+        inner = default[0] if default else 0
+        out = [_coerce(v, inner, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return _BAD if any(o is _BAD for o in out) else tuple(out)
     problems.append(f"{where}: expected {type(default).__name__ if default is not None else 'number or null'}, "
                     f"found {_describe(value)}")
     return _BAD

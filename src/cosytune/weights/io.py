@@ -87,7 +87,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
         try:
             return dict(load_file(str(path))), {}
-        except Exception as e:  # boundary: report any parse failure as one message
+        except Exception as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
     try:
         # mmap keeps large files (llm.pt ~2 GB) out of RAM until a tensor is touched; it needs the zip format.
@@ -98,7 +98,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             f"cosytune never unpickles arbitrary objects ({str(e).splitlines()[0]}). Re-save it as a plain "
             "state dict ({name: tensor})."
         ) from e
-    except Exception as e:  # boundary: truncated zip, wrong format, …
+    except Exception as e:
         raise CheckpointError(
             f"{path}: not a readable torch weight file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             "it may be truncated or corrupted: copy it again"
