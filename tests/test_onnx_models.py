@@ -153,3 +153,27 @@ def test_model_path_errors(tmp_path, models):
         CampPlus(bad, device="cpu")
     with pytest.raises(ModelDirError, match="speech tokenizer"):
         SpeechTokenizer(models / "campplus.onnx", device="cpu")
+
+
+def test_cuda_provider_problem_names_the_missing_library(tmp_path):
+    """A provider library whose dependency is missing (the seed's libcublasLt.so.11) is reported by name."""
+    import shutil
+    import subprocess
+
+    from cosytune.models.onnx_models import _cuda_provider_problem
+
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc to build a stand-in provider library")
+    dep_dir, capi = tmp_path / "dep", tmp_path / "capi"
+    dep_dir.mkdir()
+    capi.mkdir()
+    (tmp_path / "dep.c").write_text("int cublas_stub(void) { return 1; }\n")
+    (tmp_path / "prov.c").write_text("int cublas_stub(void);\nint provider(void) { return cublas_stub(); }\n")
+    dep = dep_dir / "libcublasLt.so.11"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(dep), str(tmp_path / "dep.c")], check=True)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(capi / "libonnxruntime_providers_cuda.so"),
+                    str(tmp_path / "prov.c"), str(dep)], check=True)
+    dep.unlink()  # now the provider's dependency is missing, as on the seed machine
+    problem = _cuda_provider_problem(capi, available=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert problem is not None and "libcublasLt.so.11" in problem
+    assert _cuda_provider_problem(capi, available=["CPUExecutionProvider"]).startswith("this onnxruntime build")

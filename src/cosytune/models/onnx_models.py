@@ -79,24 +79,29 @@ class ProviderChoice:
     """Why CUDA was wanted but is not used (shown once as a warning), else ``None``."""
 
 
-def _cuda_provider_problem() -> str | None:
+def _cuda_provider_problem(capi_dir: Path | None = None, available: Sequence[str] | None = None) -> str | None:
     """Return why onnxruntime's CUDA provider cannot load here, or ``None`` if it can.
 
     onnxruntime only reports a failed provider through its own C++ log (and then quietly runs on
     CPU), so the reason is found by loading the provider library the way onnxruntime would: the
     dynamic loader's message names the missing dependency (``libcublasLt.so.11: cannot open ...``).
+
+    Args:
+        capi_dir: where the provider libraries live (default: onnxruntime's ``capi`` folder).
+        available: the build's providers (default: ``onnxruntime.get_available_providers()``).
     """
     import onnxruntime as ort
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
+    available = ort.get_available_providers() if available is None else available
+    if "CUDAExecutionProvider" not in available:
         return (f"this onnxruntime build ({ort.__version__}) has no CUDAExecutionProvider; "
                 "install the matching onnxruntime-gpu package to use a GPU")
-    capi = Path(ort.__file__).parent / "capi"
+    capi = Path(ort.__file__).parent / "capi" if capi_dir is None else Path(capi_dir)
     libs = sorted(capi.glob("libonnxruntime_providers_cuda*.so*")) + sorted(capi.glob("onnxruntime_providers_cuda*.dll"))
     if not libs:
         return None  # cannot check; let the session decide
     try:
-        if hasattr(ort, "preload_dlls"):
+        if hasattr(ort, "preload_dlls") and capi_dir is None:
             # onnxruntime >= 1.21 can preload CUDA/cuDNN from pip-installed nvidia-* wheels or torch.
             try:
                 ort.preload_dlls(directory="")
