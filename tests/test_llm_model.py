@@ -235,3 +235,22 @@ def test_llm_config_validation():
     assert "speech_token_size" in str(e.value) and "llm_input_size" in str(e.value)
     tiny = LLMConfig.tiny()
     assert tiny.qwen2.hidden_size == 32 and tiny.speech_vocab_size == 6761
+
+
+def test_step_logp_is_one_static_graph():
+    """The single-token step traces as one graph: no host syncs, no data-dependent Python branches.
+
+    That is what CUDA-graph capture needs; ``backend="eager"`` checks the trace without compiling.
+    """
+    from cosytune.models.qwen2 import KVCache
+
+    model = _small_model(seed=7)
+    cache = KVCache.allocate(model.config.qwen2, 2, 8)
+    step = torch.compile(model.step_logp, backend="eager", fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        model.llm.model.model.prefill(torch.randn(2, 3, 16), cache, torch.tensor([3, 2]))
+        traced, _ = step(torch.tensor([5, 6]), cache)
+        cache.lengths -= 1
+        eager, _ = model.step_logp(torch.tensor([5, 6]), cache)
+    assert torch.equal(traced, eager)
+    assert cache.lengths.tolist() == [4, 3]
