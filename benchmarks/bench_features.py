@@ -178,6 +178,21 @@ def run_one(kind: str, args: argparse.Namespace, root: Path) -> dict:
     extract_embeddings(warm, cam, device=args.device, num_threads=args.threads)
     extract_speech_tokens(warm, tok, device=args.device, num_threads=args.threads, max_batch=args.batch_size)
 
+    # Decode + resample + features alone (what surrounds the ONNX calls), on the same threads.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cosytune.data import embedding as emb_mod
+    from cosytune.data import speech_token as tok_mod
+    from cosytune.data.frontend_common import read_kaldi_dir
+
+    paths = list(read_kaldi_dir(d).utt2wav.values())
+    feat_s = {}
+    for name, fn in (("fbank", emb_mod._prepare), ("whisper_log_mel", tok_mod._prepare)):
+        t = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=args.threads) as pool:
+            list(pool.map(fn, [Path(p) for p in paths]))
+        feat_s[name] = time.perf_counter() - t
+
     emb = extract_embeddings(d, cam, device=args.device, num_threads=args.threads, force=True)
     tokr = extract_speech_tokens(d, tok, device=args.device, num_threads=args.threads, max_batch=args.batch_size,
                                  force=True)
@@ -186,6 +201,8 @@ def run_one(kind: str, args: argparse.Namespace, root: Path) -> dict:
         "model_build_s": round(build_s, 2),
         "utterances": args.utts,
         "audio_s": round(audio_s, 1),
+        "features_only": {k: {"seconds": round(v, 3), "utt_per_s": round(args.utts / v, 1),
+                               "x_real_time": round(audio_s / v, 1)} for k, v in feat_s.items()},
         "embedding": {"device": emb.device, "seconds": round(emb.seconds, 3),
                       "utt_per_s": round(args.utts / emb.seconds, 1), "x_real_time": round(audio_s / emb.seconds, 1)},
         "speech_token": {"device": tokr.device, "batched": tokr.batched, "seconds": round(tokr.seconds, 3),
@@ -220,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             results["runs"].append(r)
             e, s = r["embedding"], r["speech_token"]
             print(f"[{kind}] {r['models']}: {r['utterances']} utts, {r['audio_s']} s of audio")
-            print(f"  embedding     {e['utt_per_s']:8.1f} utt/s  {e['x_real_time']:8.1f}x real time  ({e['device']})")
-            print(f"  speech tokens {s['utt_per_s']:8.1f} utt/s  {s['x_real_time']:8.1f}x real time  "
+            for k, v in r["features_only"].items():
+                print(f"  {'decode+' + k:<24} {v['utt_per_s']:8.1f} utt/s  {v['x_real_time']:8.1f}x real time  (torch, CPU)")
+            print(f"  {'embedding':<24} {e['utt_per_s']:8.1f} utt/s  {e['x_real_time']:8.1f}x real time  ({e['device']})")
+            print(f"  {'speech tokens':<24} {s['utt_per_s']:8.1f} utt/s  {s['x_real_time']:8.1f}x real time  "
                   f"({s['device']}{', batched' if s['batched'] else ''})")
             sys.stdout.flush()
     print(json.dumps(results["env"]))
