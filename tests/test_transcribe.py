@@ -166,10 +166,11 @@ def test_mp3_under_unicode_path_with_spaces_and_sidecars(tmp_path):
         write_wav(src / name, 3.0 + i, sr=16000, fmt="MP3")
         (src / name).with_suffix(".txt" if i != 1 else ".lab").write_text(text + "\n", encoding="utf-8")
     write_wav(src / "no text here.mp3", 2.0, sr=16000, fmt="MP3")
+    (src / "phone memo.m4a").write_bytes(b"\x00\x00\x00\x18ftypM4A ")  # not readable here: a reject
     out = tmp_path / "数据 out"
     summary = transcribe_dataset(src.parent, out, TranscribeConfig(backend="transcripts", dev_size=1))
-    ds = check_dataset(out, {str(p.resolve()) for p in src.glob("*.mp3")})
-    assert summary.kept == 3 and summary.rejects == Counter({"no_transcript": 1})
+    ds = check_dataset(out, {str(p.resolve()) for p in src.glob("*.m*")})
+    assert summary.kept == 3 and summary.rejects == Counter({"no_transcript": 1, "needs_prepare_audio": 1})
     by_src = {Path(m["source"]).name: m for m in ds["meta"]}
     assert by_src["第一 句.mp3"]["text"] == texts["第一 句.mp3"] and by_src["第一 句.mp3"]["language"] == "zh"
     assert by_src["second take.mp3"]["text"] == texts["second take.mp3"]

@@ -76,6 +76,9 @@ logger = logging.getLogger(__name__)
 STAGE = "transcribe"
 DEFAULT_INSTRUCT = "You are a helpful assistant.<|endofprompt|>"
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus")
+# Formats libsndfile cannot read: in a plain folder they are recorded as rejects (prepare-audio
+# decodes them) rather than silently skipped.
+OTHER_MEDIA_EXTENSIONS = (".m4a", ".aac", ".mp4", ".wma", ".amr", ".webm", ".mkv", ".mov", ".avi", ".3gp")
 TRANSCRIPT_SIDECARS = (".txt", ".lab")
 CJK_WEIGHT = 3.0
 DIGIT_WEIGHT = 3.0
@@ -406,10 +409,13 @@ def discover_inputs(in_dir: str | os.PathLike, speaker: str, rejects: RejectLog)
             (p for p in in_dir.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS),
             key=lambda p: kaldi_sort_key(p.relative_to(in_dir).as_posix()),
         )
+        for p in sorted(in_dir.rglob("*")):
+            if p.is_file() and p.suffix.lower() in OTHER_MEDIA_EXTENSIONS:
+                rejects.add(
+                    str(p), "needs_prepare_audio", "run 'cosytune prepare-audio' to convert it to wav"
+                )
         for p in files:
             rel = p.relative_to(in_dir)
-            if rel.parts[0] in ("train", "dev"):  # our own output when out_dir == in_dir has no audio,
-                continue  # but never treat a previous dataset's dirs as input
             try:
                 info = sf.info(str(p))
                 if info.frames <= 0:
@@ -1232,7 +1238,7 @@ def apply_review(
     return summary
 
 
-_INPUT_REASONS = ("missing_wav", "unreadable_audio")
+_INPUT_REASONS = ("missing_wav", "unreadable_audio", "needs_prepare_audio")
 
 
 def _previous_input_rejects(directory: Path) -> list[dict]:
