@@ -47,6 +47,7 @@ def test_soundfile_formats(tmp_path, speech, name, kw):
         ("clip.m4a", "aac", 16000),
         ("clip.opus", "libopus", 48000),
         ("clip.webm", "libopus", 48000),
+        ("clip.mka", "flac", 16000),  # integer samples: the libswresample path
     ],
 )
 def test_ffmpeg_formats(tmp_path, speech, name, codec, rate):

@@ -9,6 +9,8 @@ import pytest
 from audio_media import sample_speech, tone
 
 from cosytune.audio.trim import (
+    _above,
+    _first_run_start,
     running_rms,
     sox_silence_start,
     sox_window_size,
@@ -86,6 +88,27 @@ def test_vectorised_rule_matches_sox_state_machine():
     # after shorter runs were discarded.
     assert any(o is None for o in outcomes)
     assert sum(1 for o in outcomes if o is not None and o > 0.3 * sr) >= 5
+
+
+def test_prefix_search_equals_whole_signal_search():
+    # sox_silence_start looks at growing prefixes; the answer must equal a whole-signal pass,
+    # including runs that straddle a prefix boundary.
+    rng = np.random.default_rng(3)
+    for lead_s in (0.0, 0.97, 3.9, 17.3, 70.0):
+        lead = (rng.standard_normal(int(lead_s * SR)) * 10 ** (-50 / 20)).astype(np.float32)
+        # A short burst (discarded) right before the real start.
+        signal = np.concatenate(
+            [
+                lead,
+                tone(0.1, SR, 300.0, 0.3),
+                np.zeros(SR // 10, np.float32),
+                tone(2.0, SR, 300.0, 0.3),
+                np.zeros(SR, np.float32),
+            ]
+        )
+        whole = _first_run_start(_above(running_rms(signal, 480), -35.0, 16), 3600)
+        assert sox_silence_start(signal, SR) == whole
+        assert abs(whole - len(lead) - int(0.2 * SR)) < 24
 
 
 def test_known_silence_lengths_are_removed():

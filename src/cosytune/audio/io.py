@@ -143,20 +143,37 @@ def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
             kinds = sorted({s.type for s in container.streams}) or ["no streams"]
             raise AudioDecodeError("not_audio", f"no audio stream (found: {', '.join(kinds)})")
         stream = container.streams.audio[0]
-        # Planar float at the stream's own rate and layout: to_ndarray() is then (channels, n).
+        # Planar float at the stream's own rate and layout. Most decoders (mp3, aac, opus,
+        # vorbis) already emit planar float; their planes are read directly (one copy), the
+        # rest go through libswresample.
         resampler = av.AudioResampler(format="fltp")
-        parts: list[np.ndarray] = []
+        planes: list[list[np.ndarray]] = []
         sample_rate = stream.rate or stream.codec_context.sample_rate
+
+        def take(frame) -> None:
+            n = frame.samples
+            chans = [np.frombuffer(p, dtype=np.float32, count=n) for p in frame.planes]
+            while len(planes) < len(chans):
+                planes.append([])
+            for k, c in enumerate(chans):
+                planes[k].append(c.copy())
+
         for frame in container.decode(stream):
-            for out in resampler.resample(frame):
-                sample_rate = out.sample_rate
-                parts.append(out.to_ndarray())
+            sample_rate = frame.sample_rate or sample_rate
+            if frame.format.name == "fltp":
+                take(frame)
+            else:
+                for out in resampler.resample(frame):
+                    take(out)
         for out in resampler.resample(None):
-            parts.append(out.to_ndarray())
-    if not parts:
+            take(out)
+    if not planes or not planes[0]:
         return np.zeros((1, 0), dtype=np.float32), int(sample_rate or 0)
-    channels = min(p.shape[0] for p in parts)
-    data = np.concatenate([p[:channels] for p in parts], axis=1).astype(np.float32, copy=False)
+    # A stream whose channel count changes midway keeps only the channels present throughout
+    # (channel 0 always is), so no stretch of audio is dropped.
+    joined = [np.concatenate(chan) for chan in planes]
+    full = len(joined[0])
+    data = np.stack([c for c in joined if len(c) == full])
     return data, int(sample_rate)
 
 

@@ -136,5 +136,7 @@ def clipping_fraction(audio: np.ndarray, level: float = 0.99) -> float:
     """
     if audio.size == 0:
         return 0.0
+    if max(float(audio.max()), -float(audio.min())) < level:
+        return 0.0  # the common case, without allocating |audio|
     mag = np.abs(audio) if audio.ndim == 1 else np.max(np.abs(audio), axis=0)
     return float(np.count_nonzero(mag >= level)) / mag.shape[-1]
