@@ -473,7 +473,7 @@ class Qwen2Model(nn.Module):
             x: (B, T, D) input embeddings, right-padded.
             input_lens: (B,) valid lengths (optional, checked only). Right padding needs no mask: a
                 causal query at a valid position never sees a later, padded key, so valid outputs
-                equal upstream's key-masked ones exactly, and the mask-free flash path applies.
+                are those of upstream's key-masked attention, and the mask-free flash path applies.
                 Outputs at padded positions are finite but meaningless.
 
         Returns:
