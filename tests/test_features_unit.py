@@ -76,3 +76,11 @@ def test_silence_hits_the_documented_floors():
     assert torch.allclose(mel_spectrogram(z), torch.full((80, 50), math.log(1e-5)))
     fb = kaldi_fbank(torch.zeros(16000))
     assert torch.allclose(fb, torch.full_like(fb, math.log(torch.finfo(torch.float32).eps)))
+
+
+def test_non_contiguous_views_give_the_same_features():
+    stereo = torch.randn(16000, 2) * 0.1  # (N, C) as soundfile returns it; [:, 0] is a strided view
+    left = stereo[:, 0]
+    assert not left.is_contiguous()
+    assert torch.equal(kaldi_fbank(left), kaldi_fbank(left.contiguous()))
+    assert torch.equal(whisper_log_mel(left), whisper_log_mel(left.contiguous()))

@@ -215,7 +215,8 @@ def kaldi_fbank(
     Returns:
         ``(T, num_mel_bins)`` float32 with ``T = 1 + (N - win) // shift`` (0 frames when ``N < win``).
     """
-    x = _check_wave(waveform, "kaldi_fbank").to(torch.float32)
+    # as_strided below reads raw storage, so the samples must be contiguous (a channel view is not).
+    x = _check_wave(waveform, "kaldi_fbank").to(torch.float32).contiguous()
     win = int(sample_rate * frame_length_ms * 0.001)
     shift = int(sample_rate * frame_shift_ms * 0.001)
     padded = 1 << (win - 1).bit_length()  # round_to_power_of_two
