@@ -21,6 +21,7 @@ from cosytune.data.transcribe import (
     DEFAULT_INSTRUCT,
     TranscribeConfig,
     Utterance,
+    apply_review,
     guess_language,
     speakable_units,
     split_train_dev,
@@ -261,6 +262,8 @@ def test_earlier_stage_rejects_are_carried(tmp_path):
         wavs, out, TranscribeConfig(backend="transcripts", dev_size=1)
     )  # re-run: no duplicates
     assert len(read_jsonl(out / "rejects.jsonl")) == 2
+    apply_review(out)  # rebuilding from the review file keeps both
+    assert Counter((r["stage"], r["reason"]) for r in read_jsonl(out / "rejects.jsonl")) == reasons
 
 
 def test_filters_become_rejects(tmp_path):
