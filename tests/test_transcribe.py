@@ -133,7 +133,7 @@ def test_shipped_sample_with_seed_flag_names(sample_speaker_dir, tmp_path, capsy
     )
     for m in ds["meta"]:
         assert m["text"] == texts[Path(m["wav"]).name] and m["language"] == "en" and m["speaker"] == "allison"
-        assert m["duration_s"] > 1 and 5 < m["chars_per_s"] < 20
+        assert m["duration_s"] > 1 and 5 < m["chars_per_s"] < 20 and m["instruct"] == DEFAULT_INSTRUCT
     assert set(read_kaldi_map(out / "train" / "instruct").values()) == {DEFAULT_INSTRUCT}
     assert "kept        28 (train 25, dev 3)" in capsys.readouterr().out
     # deterministic: the same seed gives the same split, another seed (usually) another

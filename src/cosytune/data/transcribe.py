@@ -22,8 +22,11 @@ Text comes from a backend:
 Output (in out_dir):
 
 * ``utterances.jsonl``: every candidate with readable audio, kept or not (the review base).
-* ``metadata.jsonl``: kept utterances: ``utt``, ``wav``, ``duration_s``, ``text``, ``speaker``,
-  ``language``, ``source``, ``split``, ASR confidence fields, ``chars_per_s``, ``flags``.
+* ``metadata.jsonl``: kept utterances: ``utt``, ``wav``, ``duration_s``, ``sample_rate``,
+  ``text``, ``speaker``, ``language``, ``instruct``, ``source``, ``source_rel``,
+  ``segment_index``, ``num_segments``, ``split``, ``text_source``, ``edited``, ASR confidence
+  (``asr_avg_logprob``, ``asr_no_speech_prob``, ``asr_compression_ratio``,
+  ``asr_language_prob``; null without ASR), ``chars_per_s`` and review ``flags``.
 * ``train/`` and ``dev/``: Kaldi dirs (see :mod:`cosytune.data.kaldi`) with ``instruct``.
 * ``review.tsv``: the editable review file (see :mod:`cosytune.data.review`).
 * ``rejects.jsonl``: rows of stage ``transcribe`` (plus the input folder's earlier stages).
@@ -944,6 +947,7 @@ def finalize_dataset(
             if k not in ("status", "reject_reason", "text_error", "orig_text")
         }
         d["split"] = u.status
+        d["instruct"] = cfg.instruct
         meta.append(d)
     write_jsonl(out_dir / "metadata.jsonl", meta)
     _write_review_and_utts(out_dir, final)
