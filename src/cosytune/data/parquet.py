@@ -114,8 +114,12 @@ def _write_shard(job: dict) -> str:
     for r in rows:
         for c in columns:
             if c == "audio_data":
-                with open(r["wav"], "rb") as f:
-                    data[c].append(f.read())
+                try:
+                    with open(r["wav"], "rb") as f:
+                        data[c].append(f.read())
+                except OSError as e:
+                    raise DataError(f"cannot read audio {r['wav']} of utterance {r['utt']} while writing "
+                                    f"{job['parquet']}: {e}; restore the file and re-run make-parquet") from e
             else:
                 data[c].append(r[c])
     table = pa.Table.from_pydict(data, schema=parquet_schema(columns))
