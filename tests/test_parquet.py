@@ -109,3 +109,14 @@ def test_earlier_rejects_are_left_out(tmp_path, sample_speaker_dir):
     (d / "rejects.jsonl").unlink()
     with pytest.raises(DataError, match=gone):
         make_parquet(d, tmp_path / "pq")
+
+
+def test_dpo_adds_reject_speech_token(tmp_path, sample_speaker_dir):
+    d = small_dataset(tmp_path, sample_speaker_dir, n=3)
+    kd = read_kaldi_dir(d)
+    reject_dir = Path(str(d) + "_reject")
+    reject_dir.mkdir()
+    torch.save({kd.utts[0]: [1, 2, 3]}, reject_dir / "utt2speech_token.pt")
+    make_parquet(d, tmp_path / "pq", dpo=True)
+    rows = read_parquet_rows(tmp_path / "pq" / "parquet_000000000.tar")
+    assert [r["reject_speech_token"] for r in rows] == [[1, 2, 3], None, None]

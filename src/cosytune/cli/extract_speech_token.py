@@ -17,6 +17,12 @@ from cosytune.cli.extract_embedding import add_onnx_flags
 EPILOG = """examples:
   cosytune extract-speech-token --dir data/train --onnx_path pretrained/Fun-CosyVoice3-0.5B/speech_tokenizer_v3.onnx
   cosytune extract-speech-token --dir data/train --onnx_path pretrained/Fun-CosyVoice3-0.5B --onnx_device cuda
+  cosytune extract-speech-token --dir data/train --onnx_path pretrained/Fun-CosyVoice3-0.5B/speech_tokenizer_v3.batch.onnx
+
+A model dir means its speech_tokenizer_v3.onnx, the file upstream's tool uses. A model whose batch axis
+is fixed to 1 runs one utterance per call on --num_thread threads; one with a dynamic batch axis (e.g.
+speech_tokenizer_v3.batch.onnx) gets --batch_size utterances per call, after a first check that batched
+tokens match single calls (it falls back to single calls if they do not).
 
 COSYVOICE_ORT_FORCE_CPU=1 forces onnxruntime onto the CPU whatever --onnx_device says."""
 
