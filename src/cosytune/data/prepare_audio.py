@@ -229,10 +229,18 @@ class PrepareSummary:
                     f"{self.num_sliced_sources} long source(s) sliced"
                 ),
             ),
-            ("kept untrimmed", f"{self.num_untrimmed_overtrim} (trimming would have left < 1.5 s)"),
+            (
+                "kept untrimmed",
+                f"{self.num_untrimmed_overtrim} (over-trim rule: trimming would leave too little)",
+            ),
             ("rejects", rej),
             ("inputs with no output", self.num_sources_without_output),
-            ("time", f"{self.elapsed_s:.1f} s on {self.num_workers} worker(s), {speed:.0f}x real time"),
+            (
+                "time",
+                f"{self.elapsed_s:.1f} s on {self.num_workers} worker(s), {speed:.0f}x real time"
+                if self.num_processed
+                else f"{self.elapsed_s:.1f} s (nothing changed, nothing to do)",
+            ),
             ("manifest", str(Path(self.out_dir) / MANIFEST_NAME)),
         ]
 
