@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -187,3 +189,45 @@ def test_overtrim_rule_keeps_clip_untrimmed():
     long = np.concatenate([sil, tone(2.0, SR, 300.0, 0.3), sil])
     res = trim_with_overtrim_rule(long, SR)
     assert not res.untrimmed_overtrim and abs((res.end - res.start) / SR - 2.0) < 0.002
+
+
+@pytest.mark.skipif(
+    shutil.which("sox") is None, reason="the sox binary is not installed (apt-get install sox)"
+)
+def test_bit_identical_to_real_sox(tmp_path, sample_speaker_dir):
+    """Parity with SoX itself, when installed: same kept samples as the seed's exact command."""
+    import soundfile as sf
+    import soxr
+
+    rng = np.random.default_rng(1)
+    cases = []
+    for name in ("demo-thanks.mp3", "vm-intro.mp3", "privacy-prompt.mp3"):
+        x, rate = sample_speech(sample_speaker_dir, (name,))
+        x = soxr.resample(x, rate, SR).astype(np.float32)
+        lead, tail = (np.zeros(int(rng.uniform(0, 1) * SR), np.float32) for _ in range(2))
+        padded = np.concatenate([lead, x, tail])
+        cases.append(padded + _noise_floor(len(padded), -60.0, rng))
+    cases += [_bursty_signal(seed, SR) for seed in range(3)]
+    for x in cases:
+        pcm = np.clip(np.rint(x * 32768), -32768, 32767).astype(np.int16)
+        src, dst = tmp_path / "in.wav", tmp_path / "out.wav"
+        sf.write(str(src), pcm, SR, subtype="PCM_16")
+        cmd = [
+            "sox",
+            str(src),
+            str(dst),
+            "silence",
+            "1",
+            "0.15",
+            "-35d",
+            "reverse",
+            "silence",
+            "1",
+            "0.15",
+            "-35d",
+            "reverse",
+        ]
+        subprocess.run(cmd, check=True, capture_output=True)
+        expected, _ = sf.read(str(dst), dtype="int16")
+        res = trim_silence(pcm.astype(np.float32) / 32768, SR)
+        np.testing.assert_array_equal(pcm[res.start : res.end], expected)

@@ -24,12 +24,15 @@ read from sox 14.4's ``src/silence.c`` (``SILENCE_TRIM`` mode, the only mode use
    ``D`` consecutive above-threshold samples.
 
 :func:`trim_silence` implements exactly that, vectorised with numpy (cumulative sums instead of
-sox's sample loop), on a mono signal. Two deliberate, documented differences: we run on the
-mono 24 kHz signal we write (the seed ran sox on the output of its own conversion, also mono
-24 kHz), and the precision mask is applied for ``precision_bits`` (default 16, the precision
-of the PCM16 output; ``None`` disables it). Tests check the behaviour on synthetic signals with
-known silence lengths, plus the corner cases above (run shorter than D, window edge, strict
-comparison).
+sox's sample loop, and a growing prefix instead of the whole file, which is exact because the
+RMS is causal). Differences, by design: it works on one mono channel (prepare-audio mixes to
+mono and resamples to 24 kHz *before* trimming, whatever order a sox command line would imply),
+on float samples, and applies sox's precision mask for ``precision_bits`` (default 16, the
+precision of the PCM16 output; ``None`` disables it). On a 16-bit signal the result is exactly
+sox's. Tests check known silence lengths, the corner cases above (run shorter than D, window
+edge, strict comparison), a literal per-sample transcription of sox's state machine, and, when
+the ``sox`` binary is installed, SoX 14.4.2 itself: the kept samples are bit-identical to the
+seed's exact command.
 
 The seed's over-trim rule is in :func:`trim_with_overtrim_rule`: a clip longer than
 ``min_keep_s`` (1.5 s) that trimming would make shorter than ``min_keep_s`` is kept untrimmed
