@@ -1,0 +1,192 @@
+"""Synthesise one segment of speech from a model dir (SFT speaker, zero-shot prompt, instruct2, cross-lingual).
+
+The text is never split: one run, one segment, one output file (splitting makes the voice and emotion
+drift between pieces; use `cosytune infer-batch` for many segments). The mode is inferred when
+--mode is omitted: --prompt_wav with --prompt_text → zero_shot, --prompt_wav alone → cross_lingual,
+--spk_id → sft (or zero_shot for a speaker stored from a prompt). CosyVoice 3 needs <|endofprompt|>
+before the text; without --prompt_text the training instruct
+'You are a helpful assistant.<|endofprompt|>' is used. run.json (settings, model file hashes, seed,
+timings) is written beside the audio; with --text the text itself is not stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from cosytune.cli.common import flag, print_summary
+
+logger = logging.getLogger(__name__)
+
+EPILOG = """examples:
+  # fine-tuned speaker (SFT entry of spk2info.pt)
+  cosytune infer --model_dir models/alice --spk_id alice --text "Hello there." --out_dir out/hello
+  # the same with an epoch checkpoint of the LLM and the base flow, exact output path, fixed seed
+  cosytune infer --model_dir models/alice --spk_id alice --llm_ckpt exp/llm/epoch_5_whole.pt \\
+      --flow_ckpt base/flow.pt --text_file line.txt --out_wav out/line.wav --seed 42
+  # zero-shot from a prompt clip and its transcript
+  cosytune infer --model_dir base --prompt_wav ref.wav \\
+      --prompt_text "You are a helpful assistant.<|endofprompt|>Transcript of ref.wav." \\
+      --text "Text to speak." --out_dir out/zs
+  # instruct2 (instruction + prompt clip), streaming pieces as they are produced
+  cosytune infer --model_dir base --mode instruct2 --prompt_wav ref.wav \\
+      --prompt_text "Please speak as fast as possible.<|endofprompt|>" --text "..." --stream --out_dir out/i2
+"""
+
+
+def add_synthesis_flags(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
+    """Flags shared by ``infer`` and ``infer-batch`` (model, voice, sampling, text front end)."""
+    flag(p, "model_dir", required=True, type=Path, help="model dir (upstream layout, e.g. from 'cosytune assemble')")
+    flag(p, "llm_ckpt", type=Path, default=None, help="load this LLM weight file instead of the dir's llm.pt "
+         "(epoch_N_whole.pt, averaged file)")
+    flag(p, "flow_ckpt", type=Path, default=None, help="load this flow weight file instead of the dir's flow.pt "
+         "(e.g. the base flow.pt: 'tuned LLM + base flow')")
+    flag(p, "mode", choices=["sft", "zero_shot", "instruct2", "cross_lingual"], default=None,
+         help="inference mode (default: inferred from --spk_id / --prompt_wav / --prompt_text)")
+    flag(p, "spk_id", default=None, help="speaker id in the model dir's spk2info.pt")
+    flag(p, "prompt_wav", type=Path, default=None, help="prompt clip (3-10 s) for zero_shot / instruct2 / "
+         "cross_lingual")
+    flag(p, "prompt_text", default=None, help="text before the target text in the LLM input, with <|endofprompt|>: "
+         "'<instruction><|endofprompt|><transcript of --prompt_wav>' (zero_shot) or '<instruction><|endofprompt|>'")
+    flag(p, "prompt_strategy", choices=["default", "guide_prefix"], default="default",
+         help="default: the prompt text conditions the LLM and is not spoken; guide_prefix: the prompt text "
+              "without <|endofprompt|> is spoken first, joined to the text by --guide_sep")
+    flag(p, "guide_sep", default=" ", help="separator between the spoken prompt and the text (guide_prefix)")
+    flag(p, "speed", type=float, default=1.0, help="speaking-rate factor (>1 faster; not with --stream)")
+    flag(p, "seed", type=int, default=None, help="sampling seed: same seed + inputs → same audio on the same "
+         "device (default: a random seed, recorded in run.json)")
+    flag(p, "temperature", type=float, default=None, help="sampling temperature (default 1.0 = upstream)")
+    flag(p, "top_p", type=float, default=None, help="nucleus mass (default: the model yaml's, 0.8)")
+    flag(p, "top_k", type=int, default=None, help="max candidates (default: the model yaml's, 25)")
+    flag(p, "win_size", type=int, default=None, help="repetition window (default: the model yaml's, 10)")
+    flag(p, "tau_r", type=float, default=None, help="repetition threshold ratio (default: the model yaml's, 0.1)")
+    p.add_argument("--text_frontend", "--text-frontend", dest="text_frontend", action="store_true", default=True,
+                   help="normalise numbers, dates, symbols with wetext (default)")
+    p.add_argument("--no-text_frontend", "--no_text_frontend", "--no-text-frontend", dest="text_frontend",
+                   action="store_false", help="feed the text to the tokenizer unchanged")
+    flag(p, "device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    flag(p, "dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+         help="LLM and flow precision (the vocoder always runs in float32)")
+
+
+def build_parser(p: argparse.ArgumentParser) -> None:
+    add_synthesis_flags(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", default=None, help="the text to speak (not stored in run.json)")
+    src.add_argument("--text_file", "--text-file", dest="text_file", type=Path, default=None,
+                     help="UTF-8 file holding the text to speak (the whole file is one segment)")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out_dir", "--out-dir", dest="out_dir", type=Path, default=None,
+                     help="write chunk_0000.wav and run.json here")
+    out.add_argument("--out_wav", "--out-wav", dest="out_wav", type=Path, default=None,
+                     help="write exactly this wav; run.json goes to its folder")
+    flag(p, "stream", action="store_true", help="stream: also write piece_NNNN.wav as chunks are produced")
+
+
+def sampling_from_args(args: argparse.Namespace, default: Any) -> Any:
+    """The model's SamplingConfig with the CLI overrides applied."""
+    import dataclasses
+
+    from cosytune.errors import ConfigError, UsageError
+
+    changes = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "win_size", "tau_r")
+               if getattr(args, k, None) is not None}
+    try:
+        return dataclasses.replace(default, **changes)
+    except ConfigError as e:
+        raise UsageError(f"invalid sampling flags: {'; '.join(e.problems)}") from e
+
+
+def options_from_args(args: argparse.Namespace, synth: Any, **overrides: Any) -> Any:
+    """SynthesisOptions from the CLI flags (``overrides`` win, e.g. per-line batch options)."""
+    from cosytune.infer.synthesizer import SynthesisOptions
+
+    values = {"speed": args.speed, "seed": args.seed, "text_frontend": args.text_frontend,
+              "prompt_strategy": args.prompt_strategy, "guide_sep": args.guide_sep}
+    values.update({k: v for k, v in overrides.items() if k in values})
+    ns = argparse.Namespace(**{**vars(args), **{k: v for k, v in overrides.items()
+                                                if k in ("temperature", "top_p", "top_k", "win_size", "tau_r")}})
+    options = SynthesisOptions(sampling=sampling_from_args(ns, synth.llm.config.sampling), **values)
+    options.check()
+    return options
+
+
+def load_synthesizer(args: argparse.Namespace) -> tuple[Any, float]:
+    """Build the Synthesizer from the flags; returns it and the load time in seconds."""
+    import torch
+
+    from cosytune.infer.synthesizer import Synthesizer
+
+    t0 = time.perf_counter()
+    synth = Synthesizer.from_dir(args.model_dir, device=args.device, dtype=getattr(torch, args.dtype),
+                                 llm_ckpt=args.llm_ckpt, flow_ckpt=args.flow_ckpt)
+    return synth, time.perf_counter() - t0
+
+
+def read_text_arg(args: argparse.Namespace) -> str:
+    """--text, or the whole --text_file (UTF-8)."""
+    from cosytune.errors import DataError
+
+    if args.text is not None:
+        return args.text
+    path: Path = args.text_file
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\n")
+    except FileNotFoundError as e:
+        raise DataError(f"--text_file {path} does not exist") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"--text_file {path} is not valid UTF-8 ({e}); save it as UTF-8") from e
+
+
+def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Every CLI setting (the raw text is redacted by run.json's writer)."""
+    skip = {"func", "debug", "log_level", "no_progress"}
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def run(args: argparse.Namespace) -> int:
+    from cosytune.audio.io import write_wav_pcm16
+    from cosytune.infer.runinfo import write_run_json
+
+    text = read_text_arg(args)
+    synth, load_s = load_synthesizer(args)
+    options = options_from_args(args, synth)
+    if args.out_wav is not None:
+        out_wav: Path = args.out_wav
+        out_dir = out_wav.parent
+    else:
+        out_dir = args.out_dir
+        out_wav = out_dir / "chunk_0000.wav"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    request = dict(text=text, mode=args.mode, spk_id=args.spk_id, prompt_text=args.prompt_text,
+                   prompt_wav=args.prompt_wav, options=options)
+    outputs = []
+    if args.stream:
+        result = None
+        for chunk in synth.stream(**request):
+            piece = out_dir / f"piece_{chunk.index:04d}.wav"
+            write_wav_pcm16(piece, chunk.audio, chunk.sample_rate)
+            outputs.append({"path": str(piece), "samples": int(chunk.audio.shape[0]),
+                            "seconds": chunk.audio.shape[0] / chunk.sample_rate, "elapsed_s": chunk.elapsed_s})
+            logger.info("piece %d: %.2f s of audio after %.2f s", chunk.index, chunk.audio.shape[0] /
+                        chunk.sample_rate, chunk.elapsed_s)
+            result = chunk.result if chunk.final else result
+        assert result is not None
+    else:
+        result = synth.synthesize(**request)
+    write_wav_pcm16(out_wav, result.audio, result.sample_rate)
+    outputs.insert(0, {"path": str(out_wav), "samples": int(result.audio.shape[0]), "seconds": result.duration_s})
+    timings = {"load_s": load_s, **result.timings}
+    run_json = write_run_json(out_dir / "run.json", settings=settings_from_args(args), seed=result.seed,
+                              model_files=synth.model_files, outputs=outputs, timings=timings, request=result.info,
+                              device=str(synth.device), dtype=args.dtype)
+    items = [("output", out_wav), ("mode", result.info["mode"]), ("audio", f"{result.duration_s:.2f} s"),
+             ("speech tokens", len(result.tokens)), ("seed", result.seed), ("RTF", f"{result.timings['rtf']:.3f}")]
+    if args.stream:
+        items += [("pieces", len(outputs) - 1), ("first chunk", f"{result.timings['first_chunk_s']:.2f} s")]
+    items.append(("run.json", run_json))
+    print_summary("infer", items)
+    return 0

@@ -1,0 +1,203 @@
+"""Synthesise many segments, one wav each (plus, optionally, one joined wav with gaps).
+
+Input (--input, alias --text_file), UTF-8:
+  * .txt (or any non-.jsonl file): one segment per non-empty line;
+  * .jsonl: one object per line with "text" and any per-line options: "name" (output file stem),
+    "spk_id", "prompt_wav", "prompt_text", "mode", "speed", "seed", "temperature", "top_p", "top_k",
+    "win_size", "tau_r", "text_frontend", "prompt_strategy", "guide_sep". Command-line flags are the
+    defaults of every line.
+Each segment is synthesised on its own and never split. Outputs are OUT_DIR/<name>.wav (default name
+seg_NNNN, the 0-based segment number), batch.jsonl (one row per segment: file, seconds, seed, settings
+hash) and run.json. Re-running skips segments whose wav exists with unchanged settings. A segment that
+fails (e.g. empty text) is recorded in rejects.jsonl and the others still run; the exit code is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from cosytune.cli.common import flag, print_summary, progress
+from cosytune.cli.infer import add_synthesis_flags, load_synthesizer, options_from_args, settings_from_args
+
+logger = logging.getLogger(__name__)
+
+EPILOG = """examples:
+  cosytune infer-batch --model_dir models/alice --spk_id alice --input lines.txt --out_dir out/book --seed 7
+  cosytune infer-batch --model_dir base --input requests.jsonl --out_dir out/mix --join all.wav --gap_s 0.4
+      (requests.jsonl lines: {"text": "...", "name": "intro", "prompt_wav": "ref.wav",
+                              "prompt_text": "You are a helpful assistant.<|endofprompt|>...", "speed": 1.1})
+"""
+
+#: Per-line keys of a JSONL input (besides "text" and "name").
+LINE_OPTIONS = ("spk_id", "prompt_wav", "prompt_text", "mode", "speed", "seed", "temperature", "top_p", "top_k",
+                "win_size", "tau_r", "text_frontend", "prompt_strategy", "guide_sep")
+MANIFEST = "batch.jsonl"
+
+
+def build_parser(p: argparse.ArgumentParser) -> None:
+    add_synthesis_flags(p, batch=True)
+    flag(p, "input", "--text_file", required=True, type=Path, help="segments: .txt (one per line) or .jsonl")
+    flag(p, "out_dir", required=True, type=Path, help="where the wavs, batch.jsonl and run.json go")
+    flag(p, "join", type=Path, default=None, help="also write all segments joined into this wav "
+         "(relative paths are inside --out_dir)")
+    flag(p, "gap_s", type=float, default=0.3, help="silence between joined segments in seconds (default 0.3)")
+    flag(p, "force", action="store_true", help="re-synthesise segments that already exist")
+
+
+def read_segments(path: Path) -> list[dict[str, Any]]:
+    """Parse the batch input into ``[{"text", "name", options...}]``; every problem is reported at once.
+
+    Raises:
+        DataError: missing file, not UTF-8, bad JSON, unknown keys, missing text, duplicate names.
+    """
+    from cosytune.errors import DataError
+
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise DataError(f"--input {path} does not exist") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"--input {path} is not valid UTF-8 ({e}); save it as UTF-8") from e
+    rows: list[dict[str, Any]] = []
+    problems: list[str] = []
+    is_jsonl = path.suffix.lower() == ".jsonl"
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        if not is_jsonl:
+            rows.append({"text": line.strip(), "line": n})
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"line {n}: not JSON ({e.msg})")
+            continue
+        if not isinstance(obj, dict):
+            problems.append(f"line {n}: expected an object, found {type(obj).__name__}")
+            continue
+        unknown = sorted(set(obj) - {"text", "name", *LINE_OPTIONS})
+        if unknown:
+            problems.append(f"line {n}: unknown key(s) {unknown}; allowed: text, name, {', '.join(LINE_OPTIONS)}")
+        if not isinstance(obj.get("text"), str):
+            problems.append(f"line {n}: \"text\" (a string) is required")
+        if "name" in obj and (not isinstance(obj["name"], str) or not obj["name"] or "/" in obj["name"]
+                              or obj["name"].startswith(".")):
+            problems.append(f"line {n}: \"name\" must be a plain file stem, got {obj['name']!r}")
+        obj["line"] = n
+        rows.append(obj)
+    for i, row in enumerate(rows):
+        row.setdefault("name", f"seg_{i:04d}")
+    seen: dict[str, int] = {}
+    for row in rows:
+        if row["name"] in seen:
+            problems.append(f"line {row['line']}: name {row['name']!r} already used on line {seen[row['name']]}")
+        seen.setdefault(row["name"], row["line"])
+    if problems:
+        raise DataError(f"{path}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+    if not rows:
+        raise DataError(f"{path} holds no segments; expected one text per line (or JSONL objects with \"text\")")
+    return rows
+
+
+def _settings_hash(row: dict[str, Any], args: argparse.Namespace, model_files: dict[str, Any]) -> str:
+    keys = {k: row.get(k, getattr(args, k, None)) for k in ("text", "mode", *LINE_OPTIONS)}
+    keys["model_files"] = {k: v.get("sha256") for k, v in model_files.items()}
+    blob = json.dumps(keys, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _join(paths: list[Path], out: Path, gap_s: float) -> float:
+    import numpy as np
+    import soundfile as sf
+
+    from cosytune.audio.io import write_wav_pcm16
+
+    parts, sr = [], None
+    for p in paths:
+        data, rate = sf.read(str(p), dtype="int16")
+        sr = sr or rate
+        if parts and gap_s > 0:
+            parts.append(np.zeros(int(round(gap_s * sr)), dtype=np.int16))
+        parts.append(data)
+    audio = np.concatenate(parts) if parts else np.zeros(0, np.int16)
+    write_wav_pcm16(out, audio, sr or 24000)
+    return audio.shape[0] / (sr or 24000)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cosytune.audio.io import write_wav_pcm16
+    from cosytune.data.rejects import RejectLog
+    from cosytune.errors import CosytuneError, UsageError
+    from cosytune.fileio import read_jsonl, write_jsonl
+    from cosytune.infer.runinfo import redact_text, write_run_json
+
+    if args.gap_s < 0:
+        raise UsageError(f"--gap_s must be >= 0, got {args.gap_s}")
+    rows = read_segments(args.input)
+    synth, load_s = load_synthesizer(args)
+    out_dir: Path = args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / MANIFEST
+    previous = {r["name"]: r for r in read_jsonl(manifest_path)} if manifest_path.exists() else {}
+    rejects = RejectLog(out_dir / "rejects.jsonl", "infer-batch")
+    done: list[dict[str, Any]] = []
+    timings = {"load_s": load_s, "llm_s": 0.0, "flow_s": 0.0, "hift_s": 0.0, "audio_s": 0.0}
+    skipped = 0
+    t0 = time.perf_counter()
+    for row in progress(rows, total=len(rows), desc="segments", enabled=not args.no_progress):
+        wav = out_dir / f"{row['name']}.wav"
+        digest = _settings_hash(row, args, synth.model_files)
+        old = previous.get(row["name"])
+        if not args.force and old and old.get("settings_sha256") == digest and wav.is_file():
+            done.append(old)
+            skipped += 1
+            continue
+        try:
+            overrides = {k: row[k] for k in LINE_OPTIONS if k in row}
+            options = options_from_args(args, synth, **overrides)
+            result = synth.synthesize(row["text"], mode=row.get("mode", args.mode),
+                                      spk_id=row.get("spk_id", args.spk_id),
+                                      prompt_text=row.get("prompt_text", args.prompt_text),
+                                      prompt_wav=row.get("prompt_wav", args.prompt_wav), options=options)
+        except CosytuneError as e:
+            rejects.add(f"{args.input}:{row['line']}", type(e).__name__, str(e))
+            logger.error("segment %s (line %d) failed: %s", row["name"], row["line"], e)
+            continue
+        write_wav_pcm16(wav, result.audio, result.sample_rate)
+        for k in ("llm_s", "flow_s", "hift_s", "audio_s"):
+            timings[k] += result.timings[k]
+        done.append({"name": row["name"], "line": row["line"], "path": str(wav), "seconds": result.duration_s,
+                     "seed": result.seed, "mode": result.info["mode"], "speech_tokens": len(result.tokens),
+                     "text": redact_text(row["text"]), "settings_sha256": digest})
+        write_jsonl(manifest_path, done + [r for n, r in previous.items() if n not in {d["name"] for d in done}])
+    rejects.save()
+    order = {r["name"]: i for i, r in enumerate(rows)}
+    done.sort(key=lambda r: order.get(r["name"], len(order)))
+    write_jsonl(manifest_path, done)
+    total = time.perf_counter() - t0
+    timings["total_s"] = total
+    timings["rtf"] = total / timings["audio_s"] if timings["audio_s"] else None
+    joined = None
+    if args.join is not None and done:
+        joined = args.join if args.join.is_absolute() else out_dir / args.join
+        _join([Path(r["path"]) for r in done], joined, args.gap_s)
+    settings = settings_from_args(args)
+    write_run_json(out_dir / "run.json", settings=settings, seed=[r["seed"] for r in done],
+                   model_files=synth.model_files, outputs=[{k: r[k] for k in ("path", "seconds")} for r in done]
+                   + ([{"path": str(joined), "joined": True}] if joined else []), timings=timings,
+                   request={"segments": len(rows), "written": len(done) - skipped, "skipped": skipped,
+                            "failed": len(rejects)}, device=str(synth.device), dtype=args.dtype,
+                   command="infer-batch")
+    print_summary("infer-batch", [
+        ("segments", len(rows)), ("written", len(done) - skipped), ("skipped (unchanged)", skipped),
+        ("failed", f"{len(rejects)}" + (f" (see {rejects.path})" if len(rejects) else "")),
+        ("audio", f"{sum(r['seconds'] for r in done):.1f} s"), ("joined", joined or "-"),
+        ("manifest", manifest_path),
+    ])
+    return 1 if len(rejects) else 0

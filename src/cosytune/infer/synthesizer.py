@@ -1,0 +1,690 @@
+"""``Synthesizer``: text → 24 kHz speech with a CosyVoice 3 model dir, in every upstream mode, one segment.
+
+Public API
+    * ``Synthesizer.from_dir(model_dir, *, device, dtype, llm_ckpt=None, flow_ckpt=None)`` loads the
+      three networks strictly (optionally swapping ``llm.pt``/``flow.pt`` for other weight files, e.g. an
+      epoch or averaged checkpoint, or the base ``flow.pt`` for "tuned LLM + base flow"), the tokenizer,
+      the text normaliser and ``spk2info.pt``. ``Synthesizer(llm, flow, hift, tokenizer=...)`` assembles
+      one from networks you built yourself (the golden tests do).
+    * ``synthesize(text, *, mode, spk_id, prompt_text, prompt_wav, speaker, options) -> SynthesisResult``.
+    * ``stream(...)`` (same arguments) yields :class:`AudioChunk` s as the LLM produces tokens, following
+      upstream's chunk schedule (:mod:`cosytune.infer.streaming`). All state of a request lives in local
+      variables of the generator: nothing is stored on the Synthesizer, no threads.
+    * ``prepare(...) -> PreparedRequest`` (text front end, mode resolution, prompt features),
+      ``generate_tokens``, ``tokens_to_mel``, ``mel_to_wav``: the stages, public so tests and tools can
+      drive them one by one.
+    * ``speaker_from_prompt(prompt_wav, prompt_text) -> (Speaker, spk2info entry)``: a zero-shot speaker
+      to store in ``spk2info.pt`` and reuse by id.
+
+One request (spec §2.5, §5.7, §6)
+    1. Text: the spoken text is normalised without splitting (``TextNormalizer.normalize(split=False)``
+       returns exactly one segment; never one per character) and tokenised.
+    2. Mode → what conditions the LLM and the flow:
+
+       ============== ====================================== ============================================
+       mode           LLM input                              flow prompt
+       ============== ====================================== ============================================
+       sft            ``[sos] instruct + text [task]``       none; ``spk2info[spk]["embedding"]``
+       zero_shot      ``[sos] prompt_text + text [task] P``  prompt tokens P + prompt mel + embedding
+       cross_lingual  ``[sos] instruct + text [task]``       as zero_shot
+       instruct2      ``[sos] prompt_text + text [task]``    as zero_shot
+       ============== ====================================== ============================================
+
+       ``instruct`` is ``--prompt_text`` when given, else ``options.instruct`` (the training instruct,
+       ``You are a helpful assistant.<|endofprompt|>``). ``<|endofprompt|>`` must appear in the LLM text;
+       a prompt text without it is an error that says how to fix it (upstream asserts).
+       ``prompt_strategy="guide_prefix"``: the prompt text minus ``<|endofprompt|>`` is *spoken* first,
+       joined to the text by ``guide_sep``; the LLM is then conditioned on ``options.instruct`` only
+       (its prompt speech is dropped too, since its transcript is no longer in the LLM text).
+    3. LLM decoding with RAS sampling from a ``torch.Generator`` seeded with ``options.seed`` (a random seed
+       is drawn and reported when None, so every run can be repeated). Silent tokens beyond 5 in a row
+       are not given to the flow (upstream's CosyVoice 3 runtime).
+    4. Flow (token → mel, fixed CFM noise) and HiFT (mel → wav, fixed source noise). Non-streaming: one
+       flow call with full attention; ``speed ≠ 1`` time-stretches the mel linearly to ``int(T / speed)``
+       frames before the vocoder (upstream; non-streaming only).
+
+Modes are inferred when not given: ``--prompt_wav`` with ``--prompt_text`` → zero_shot, without →
+cross_lingual; ``--spk_id`` of a zero-shot ``spk2info`` entry → zero_shot, of an SFT entry → sft.
+
+Shapes: tokens (1, N) int64; mel (1, 80, 2N) float32; audio (samples,) float32 at 24 kHz in ±0.99.
+
+Upstream reference (facts only): ``cosyvoice/cli/cosyvoice.py`` (``inference_*``),
+``cosyvoice/cli/frontend.py``, ``cosyvoice/cli/model.py`` (``tts``, ``token2wav``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cosytune.errors import DataError, UsageError
+from cosytune.infer.frontend import PromptFrontend, Speaker, speaker_from_spk2info, speaker_to_spk2info
+from cosytune.infer.streaming import SILENT_TOKENS, SilenceThinner, StreamSchedule, StreamState
+from cosytune.models.sampling import SamplingConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_INSTRUCT",
+    "ENDOFPROMPT",
+    "MODES",
+    "AudioChunk",
+    "PreparedRequest",
+    "SynthesisOptions",
+    "SynthesisResult",
+    "Synthesizer",
+]
+
+ENDOFPROMPT = "<|endofprompt|>"
+#: The instruct CosyVoice 3 training data carries (transcribe's default ``instruct`` file).
+DEFAULT_INSTRUCT = "You are a helpful assistant.<|endofprompt|>"
+Mode = Literal["sft", "zero_shot", "instruct2", "cross_lingual"]
+MODES: tuple[str, ...] = ("sft", "zero_shot", "instruct2", "cross_lingual")
+PromptStrategy = Literal["default", "guide_prefix"]
+PROMPT_STRATEGIES: tuple[str, ...] = ("default", "guide_prefix")
+SAMPLE_RATE = 24000
+
+
+@dataclass(frozen=True)
+class SynthesisOptions:
+    """Per-request settings (all optional; defaults reproduce upstream except where noted)."""
+
+    speed: float = 1.0
+    """Time-stretch factor (> 1 is faster); non-streaming only, as upstream."""
+    seed: int | None = None
+    """Seed of the LLM sampler; None draws one (reported in the result)."""
+    sampling: SamplingConfig | None = None
+    """top_p/top_k/win_size/tau_r/temperature; None uses the model's yaml values."""
+    text_frontend: bool = True
+    """Normalise the text (wetext + inflect); False feeds it to the tokenizer unchanged."""
+    prompt_strategy: PromptStrategy = "default"
+    """``default`` (prompt text conditions the LLM, unspoken) or ``guide_prefix`` (spoken first)."""
+    guide_sep: str = " "
+    """Joins the spoken guide and the text under ``guide_prefix``."""
+    instruct: str = DEFAULT_INSTRUCT
+    """LLM prefix where no prompt text is given (sft, cross_lingual) and under ``guide_prefix``."""
+    min_len_mode: Literal["all_stops", "upstream"] = "all_stops"
+    """How min_len blocks stop ids (see ``cosytune.models.llm``); ``upstream`` = HEAD's bit-exact quirk."""
+    max_silent_run: int = 5
+    """Consecutive silent tokens kept for the flow (upstream 5); 0 keeps every token."""
+
+    def check(self) -> None:
+        """Raise UsageError on invalid values (all problems at once)."""
+        problems = []
+        if not (self.speed > 0 and np.isfinite(self.speed)):
+            problems.append(f"speed must be a positive number, got {self.speed}")
+        if self.prompt_strategy not in PROMPT_STRATEGIES:
+            problems.append(f"prompt_strategy must be one of {', '.join(PROMPT_STRATEGIES)}, "
+                            f"got {self.prompt_strategy!r}")
+        if self.seed is not None and not 0 <= int(self.seed) < 2**63:
+            problems.append(f"seed must be in [0, 2**63), got {self.seed}")
+        if ENDOFPROMPT not in self.instruct:
+            problems.append(f"instruct must contain {ENDOFPROMPT}, got {self.instruct!r}")
+        if self.max_silent_run < 0:
+            problems.append(f"max_silent_run must be >= 0, got {self.max_silent_run}")
+        if problems:
+            raise UsageError("invalid synthesis options: " + "; ".join(problems))
+
+
+@dataclass
+class PreparedRequest:
+    """Everything a request feeds the networks (the output of :meth:`Synthesizer.prepare`)."""
+
+    mode: str
+    """Resolved mode."""
+    text_ids: list[int]
+    """Ids of the spoken text (what min_len/max_len count)."""
+    llm_prompt_ids: list[int]
+    """Ids before the spoken text in the LLM input (instruct or prompt text)."""
+    llm_prompt_speech: list[int]
+    """Prompt speech tokens in the LLM input (zero_shot only)."""
+    speaker: Speaker
+    """Flow conditioning (embedding; prompt tokens and mel unless sft)."""
+    flow_prompt: bool
+    """Whether the flow gets the speaker's prompt tokens/mel."""
+    spoken_text: str
+    """The normalised spoken text (not written to run.json)."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Non-private facts for run.json (mode, lengths, speaker source, frontend branch)."""
+
+
+@dataclass
+class AudioChunk:
+    """One piece of a streamed request."""
+
+    audio: np.ndarray
+    """(n,) float32 new samples (n may be 0)."""
+    index: int
+    """0-based chunk number."""
+    final: bool
+    """True for the last chunk of the request."""
+    tokens: int
+    """Speech tokens turned into audio so far."""
+    elapsed_s: float
+    """Seconds since the request started."""
+    sample_rate: int = SAMPLE_RATE
+    result: SynthesisResult | None = None
+    """On the final chunk: the whole request's result (audio joined, timings, info)."""
+
+
+@dataclass
+class SynthesisResult:
+    """A finished request."""
+
+    audio: np.ndarray
+    """(samples,) float32 at ``sample_rate``."""
+    sample_rate: int
+    tokens: list[int]
+    """Speech tokens the LLM produced (before silence thinning)."""
+    seed: int
+    timings: dict[str, float]
+    """``llm_s``, ``flow_s``, ``hift_s``, ``total_s``, ``audio_s``, ``rtf`` (+ ``first_chunk_s``)."""
+    info: dict[str, Any]
+    """Mode, lengths, sampling, speaker source... (no raw text)."""
+
+    @property
+    def duration_s(self) -> float:
+        """Audio length in seconds."""
+        return self.audio.shape[0] / self.sample_rate
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available in this torch build/machine; use --device cpu")
+    return dev
+
+
+class Synthesizer:
+    """CosyVoice 3 inference over loaded networks (see the module docstring).
+
+    Args:
+        llm: ``CosyVoice3LM`` in eval mode.
+        flow: the flow network (``cosytune.models.flow``), eval mode.
+        hift: ``HiFTGenerator``, eval mode (runs in float32).
+        tokenizer: anything with ``encode(str) -> list[int]`` (``CosyVoice3Tokenizer``).
+        normalizer: a ``TextNormalizer`` (built on first need when None).
+        spk2info: the speaker table (``spk2info.pt`` contents).
+        prompt_frontend: turns prompt wavs into speakers (None: prompt wavs are refused).
+        sample_rate: output rate (the yaml's ``sample_rate``).
+        schedule: streaming constants (the flow's ``pre_lookahead_len``/``token_mel_ratio``).
+        model_files: name → {path, sha256} of the files loaded, for run.json.
+    """
+
+    def __init__(self, llm: Any, flow: Any, hift: Any, *, tokenizer: Any, normalizer: Any = None,
+                 spk2info: Mapping[str, Mapping[str, Any]] | None = None,
+                 prompt_frontend: PromptFrontend | None = None, sample_rate: int = SAMPLE_RATE,
+                 schedule: StreamSchedule | None = None, model_files: dict[str, Any] | None = None) -> None:
+        self.llm = llm
+        self.flow = flow
+        self.hift = hift
+        self.tokenizer = tokenizer
+        self._normalizer = normalizer
+        self.spk2info = dict(spk2info or {})
+        self.prompt_frontend = prompt_frontend
+        self.sample_rate = sample_rate
+        self.schedule = schedule or StreamSchedule()
+        self.model_files = dict(model_files or {})
+        self.device = next(llm.parameters()).device
+        self.endofprompt_id = int(getattr(llm.config, "endofprompt_id", 151646))
+
+    # ---------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_dir(cls, model_dir: str | os.PathLike, *, device: str | torch.device | None = "cpu",
+                 dtype: torch.dtype = torch.float32, llm_ckpt: str | os.PathLike | None = None,
+                 flow_ckpt: str | os.PathLike | None = None, hash_files: bool = True) -> Synthesizer:
+        """Load a model dir (upstream layout) strictly.
+
+        Args:
+            model_dir: the directory (``cosyvoice3.yaml``, ``llm.pt``, ``flow.pt``, ``hift.pt``, ONNX models,
+                ``CosyVoice-BlankEN/``, optional ``spk2info.pt``).
+            device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+            dtype: dtype of the LLM and flow (float32, bfloat16, float16); HiFT stays float32.
+            llm_ckpt: a weight file to load instead of ``llm.pt`` (epoch/step checkpoints and averaged
+                files are accepted; ``epoch``/``step`` entries are ignored).
+            flow_ckpt: a weight file to load instead of ``flow.pt``.
+            hash_files: record the SHA-256 of every model file used (for run.json).
+
+        Raises:
+            ModelDirError: missing or malformed files (all listed).
+            CheckpointError: weights that do not match the networks (keys named).
+        """
+        from cosytune.fileio import sha256_file
+        from cosytune.models.model_dir import ModelDir
+
+        dev = _resolve_device(device)
+        md = ModelDir.open(model_dir)
+        hp = md.hparams
+        weights = {"llm": Path(llm_ckpt) if llm_ckpt else md.weight_path("llm"),
+                   "flow": Path(flow_ckpt) if flow_ckpt else md.weight_path("flow"),
+                   "hift": md.weight_path("hift")}
+        llm = md.load("llm", dev, dtype, weights=weights["llm"] if llm_ckpt else None)
+        flow = md.load("flow", dev, dtype, weights=weights["flow"] if flow_ckpt else None)
+        hift = md.load("hift", dev, None)
+        tokenizer = md.load_tokenizer()
+        spk2info = md.load_spk2info()
+        frontend = PromptFrontend(md.campplus_path, md.speech_tokenizer_path,
+                                  device="cuda" if dev.type == "cuda" else "cpu",
+                                  token_mel_ratio=hp.flow.token_mel_ratio)
+        schedule = StreamSchedule(token_hop_len=hp.chunk_size, pre_lookahead_len=hp.flow.pre_lookahead_len,
+                                  token_mel_ratio=hp.flow.token_mel_ratio)
+        files: dict[str, Any] = {}
+        named = {"cosyvoice3.yaml": md.yaml_path, "llm": weights["llm"], "flow": weights["flow"],
+                 "hift": weights["hift"]}
+        if md.spk2info_path.is_file():
+            named["spk2info.pt"] = md.spk2info_path
+        for name, path in named.items():
+            files[name] = {"path": str(Path(path).resolve()),
+                           "sha256": sha256_file(path) if hash_files else None}
+        files["llm"]["swapped"] = llm_ckpt is not None
+        files["flow"]["swapped"] = flow_ckpt is not None
+        logger.info("loaded %s on %s (%s)%s%s", md.path, dev, str(dtype).replace("torch.", ""),
+                    f", llm from {llm_ckpt}" if llm_ckpt else "", f", flow from {flow_ckpt}" if flow_ckpt else "")
+        return cls(llm, flow, hift, tokenizer=tokenizer, spk2info=spk2info, prompt_frontend=frontend,
+                   sample_rate=hp.sample_rate, schedule=schedule, model_files=files)
+
+    @property
+    def normalizer(self) -> Any:
+        """The text normaliser (wetext is imported on first use)."""
+        if self._normalizer is None:
+            from cosytune.text.normalize import TextNormalizer
+
+            self._normalizer = TextNormalizer(token_counter=lambda s: len(self.tokenizer.encode(s)))
+        return self._normalizer
+
+    # ---------------------------------------------------------------------------------- speakers
+    def speaker_by_id(self, spk_id: str) -> Speaker:
+        """The ``spk2info.pt`` speaker ``spk_id``.
+
+        Raises:
+            DataError: unknown id (the available ids are listed).
+        """
+        if spk_id not in self.spk2info:
+            if self.spk2info:
+                shown = ", ".join(sorted(map(str, self.spk2info))[:50])
+                more = f" (and {len(self.spk2info) - 50} more)" if len(self.spk2info) > 50 else ""
+                raise DataError(f"unknown speaker id {spk_id!r}; spk2info.pt has: {shown}{more}")
+            raise DataError(f"unknown speaker id {spk_id!r}: this model dir has no speakers (spk2info.pt is absent "
+                            "or empty). Add one with 'cosytune spk2info', or use --prompt_wav/--prompt_text")
+        return speaker_from_spk2info(spk_id, self.spk2info[spk_id])
+
+    def speaker_from_wav(self, prompt_wav: str | os.PathLike) -> Speaker:
+        """Prompt features of a wav (tokens, mel, embedding).
+
+        Raises:
+            DataError: unreadable or unusable wav; UsageError: no ONNX front end available.
+        """
+        if self.prompt_frontend is None:
+            raise UsageError("this Synthesizer has no prompt front end (campplus.onnx, speech_tokenizer_v3.onnx); "
+                             "build it with Synthesizer.from_dir to use prompt wavs")
+        return self.prompt_frontend.speaker_from_wav(prompt_wav)
+
+    def speaker_from_prompt(self, prompt_wav: str | os.PathLike, prompt_text: str) -> tuple[Speaker, dict]:
+        """A zero-shot speaker and its ``spk2info.pt`` entry (upstream ``add_zero_shot_spk``).
+
+        Args:
+            prompt_wav: the prompt clip.
+            prompt_text: what the LLM sees before the text, including ``<|endofprompt|>``, e.g.
+                ``"You are a helpful assistant.<|endofprompt|>" + transcript``. Stored unnormalised.
+
+        Raises:
+            DataError: missing ``<|endofprompt|>``, unreadable wav.
+        """
+        ids = self._prompt_ids(prompt_text, "--prompt_text", transcript_hint=True)
+        speaker = self.speaker_from_wav(prompt_wav)
+        speaker.prompt_text_ids = ids
+        return speaker, speaker_to_spk2info(speaker, ids)
+
+    # ---------------------------------------------------------------------------------- preparation
+    def _prompt_ids(self, prompt_text: str, what: str, *, transcript_hint: bool = False) -> list[int]:
+        if ENDOFPROMPT not in prompt_text:
+            example = (f"'{DEFAULT_INSTRUCT}<transcript of the prompt wav>'" if transcript_hint
+                       else f"'{DEFAULT_INSTRUCT}' or an instruction such as "
+                            f"'Please speak as fast as possible.{ENDOFPROMPT}'")
+            raise DataError(f"{what} {prompt_text[:60]!r} lacks {ENDOFPROMPT}: CosyVoice 3 needs it between the "
+                            f"instruction and what follows. Write e.g. {example}")
+        return list(self.tokenizer.encode(prompt_text))
+
+    def resolve_mode(self, mode: str | None, *, spk_id: str | None, prompt_text: str | None,
+                     prompt_wav: str | os.PathLike | None, speaker: Speaker | None = None) -> str:
+        """The mode a request runs in (given, or inferred from what was passed).
+
+        Raises:
+            UsageError: an unknown mode, or inputs that do not fit it.
+        """
+        if mode is not None and mode not in MODES:
+            raise UsageError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        given = [n for n, v in (("--spk_id", spk_id), ("--prompt_wav", prompt_wav), ("speaker", speaker))
+                 if v is not None]
+        if len(given) > 1:
+            raise UsageError(f"give only one of {' / '.join(given)}: a stored speaker or a prompt wav")
+        if not given:
+            raise UsageError("no voice given: pass --spk_id (a speaker of spk2info.pt) or --prompt_wav "
+                             "(with --prompt_text for zero-shot)")
+        if mode is None:
+            if prompt_wav is not None:
+                return "zero_shot" if prompt_text is not None else "cross_lingual"
+            spk = speaker if speaker is not None else self.speaker_by_id(spk_id)  # type: ignore[arg-type]
+            return "zero_shot" if spk.has_prompt_speech else "sft"
+        if mode == "instruct2" and prompt_text is None:
+            raise UsageError("--mode instruct2 needs --prompt_text: the instruction, ending with "
+                             f"{ENDOFPROMPT} (e.g. 'Please speak slowly.{ENDOFPROMPT}')")
+        if mode == "zero_shot" and prompt_wav is not None and prompt_text is None:
+            raise UsageError("--mode zero_shot needs --prompt_text: the prompt wav's transcript after the "
+                             f"instruction, e.g. '{DEFAULT_INSTRUCT}<transcript>'; without it use "
+                             "--mode cross_lingual")
+        return mode
+
+    def prepare(self, text: str, *, mode: str | None = None, spk_id: str | None = None,
+                prompt_text: str | None = None, prompt_wav: str | os.PathLike | None = None,
+                speaker: Speaker | None = None, options: SynthesisOptions | None = None) -> PreparedRequest:
+        """Text front end, mode resolution and prompt features of one request.
+
+        Args:
+            text: the text to speak (one segment; it is never split).
+            mode: ``sft``, ``zero_shot``, ``instruct2``, ``cross_lingual`` or None (inferred).
+            spk_id: a speaker of ``spk2info.pt``.
+            prompt_text: instruction / prompt transcript, with ``<|endofprompt|>``.
+            prompt_wav: a prompt clip (zero_shot, instruct2, cross_lingual).
+            speaker: an already prepared :class:`Speaker` (instead of ``spk_id``/``prompt_wav``).
+            options: :class:`SynthesisOptions`.
+
+        Raises:
+            DataError: empty or punctuation-only text, missing ``<|endofprompt|>``, unknown speaker,
+                unreadable prompt wav. UsageError: inconsistent arguments.
+        """
+        options = options or SynthesisOptions()
+        options.check()
+        if not isinstance(text, str):
+            raise UsageError(f"text must be a str, got {type(text).__name__}")
+        mode = self.resolve_mode(mode, spk_id=spk_id, prompt_text=prompt_text, prompt_wav=prompt_wav,
+                                 speaker=speaker)
+        if speaker is None:
+            speaker = self.speaker_from_wav(prompt_wav) if prompt_wav is not None else self.speaker_by_id(spk_id)  # type: ignore[arg-type]
+        if mode != "sft" and not speaker.has_prompt_speech:
+            raise UsageError(f"mode {mode} needs prompt speech, but speaker {speaker.source!r} is an SFT entry "
+                             "(embedding only); use --mode sft, or pass --prompt_wav")
+
+        # Spoken text (never split: one request, one segment).
+        spoken = text
+        guide = options.prompt_strategy == "guide_prefix"
+        if guide:
+            if prompt_text is None:
+                raise UsageError("--prompt_strategy guide_prefix speaks the prompt text first; pass --prompt_text")
+            guide_text = prompt_text.replace(ENDOFPROMPT, "").strip()
+            spoken = f"{guide_text}{options.guide_sep}{text}" if guide_text else text
+        segments = self.normalizer.normalize(spoken, split=False, enabled=options.text_frontend)
+        if len(segments) != 1:  # the normaliser guarantees one segment; never synthesise per character
+            raise AssertionError(f"text front end returned {len(segments)} segments for split=False")
+        spoken_norm = segments[0]
+        self._check_speakable(spoken_norm)
+        text_ids = list(self.tokenizer.encode(spoken_norm))
+
+        # What precedes the spoken text in the LLM input.
+        stored_prompt = speaker.prompt_text_ids
+        if guide:
+            llm_prompt_ids = self._prompt_ids(options.instruct, "instruct")
+            llm_speech: list[int] = []
+        elif mode == "zero_shot":
+            if prompt_text is not None:
+                if stored_prompt is not None:
+                    logger.warning("--prompt_text replaces the prompt text stored with speaker %s", speaker.source)
+                llm_prompt_ids = self._prompt_ids(prompt_text, "--prompt_text", transcript_hint=True)
+            elif stored_prompt is not None:
+                llm_prompt_ids = list(stored_prompt)
+            else:
+                raise UsageError("zero_shot needs the prompt wav's transcript: pass --prompt_text "
+                                 f"'{DEFAULT_INSTRUCT}<transcript>'")
+            llm_speech = speaker.speech_token.reshape(-1).tolist()
+        else:
+            if prompt_text is not None:
+                llm_prompt_ids = self._prompt_ids(prompt_text, "--prompt_text")
+            elif ENDOFPROMPT in spoken_norm:
+                llm_prompt_ids = []  # upstream style: the instruct is already part of the text
+            else:
+                llm_prompt_ids = self._prompt_ids(options.instruct, "instruct")
+            llm_speech = []
+        if self.endofprompt_id not in llm_prompt_ids + text_ids:
+            raise DataError(f"{ENDOFPROMPT} is in neither the prompt text nor the text; CosyVoice 3 needs it. "
+                            f"Pass --prompt_text '{DEFAULT_INSTRUCT}' (plus the transcript in zero-shot mode)")
+        info = {
+            "mode": mode,
+            "speaker": speaker.source,
+            "prompt_strategy": options.prompt_strategy,
+            "text_frontend": options.text_frontend,
+            "text_chars": len(text),
+            "text_tokens": len(text_ids),
+            "llm_prompt_tokens": len(llm_prompt_ids),
+            "llm_prompt_speech_tokens": len(llm_speech),
+            "flow_prompt_tokens": speaker.num_prompt_tokens if mode != "sft" else 0,
+        }
+        return PreparedRequest(mode, text_ids, llm_prompt_ids, llm_speech, speaker, mode != "sft", spoken_norm, info)
+
+    @staticmethod
+    def _check_speakable(spoken: str) -> None:
+        import re
+
+        from cosytune.text.normalize import is_only_punctuation
+
+        rest = re.sub(r"<\|[^|]*\|>", "", spoken).strip()
+        if not rest or is_only_punctuation(rest):
+            raise DataError("the text has nothing to speak (empty, or only punctuation/special tokens); expected "
+                            "at least one word after any instruction")
+
+    # ---------------------------------------------------------------------------------- stages
+    def generate_tokens(self, req: PreparedRequest, options: SynthesisOptions, seed: int,
+                        draw_q: Any = None) -> Iterator[int]:
+        """Speech tokens of the LLM for ``req`` (the stop id is not yielded).
+
+        Args:
+            req: from :meth:`prepare`.
+            options: sampling, min_len_mode.
+            seed: seeds a fresh ``torch.Generator`` on the LLM's device for this request.
+            draw_q: inject Exp(1) draws (tests; see ``cosytune.models.sampling``).
+        """
+        prompt = self.llm.build_prompt(req.text_ids, req.llm_prompt_ids, req.llm_prompt_speech)
+        generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        for step in self.llm.decode(prompt, sampling=options.sampling, generator=generator, draw_q=draw_q,
+                                    min_len_mode=options.min_len_mode):
+            if step.stop:
+                return
+            yield step.token_id
+
+    def _flow_inputs(self, req: PreparedRequest) -> tuple[Tensor, Tensor, Tensor]:
+        spk = req.speaker
+        dev = self.device
+        if req.flow_prompt:
+            return (spk.speech_token.to(dev, torch.int64), spk.speech_feat.to(dev), spk.embedding.to(dev))
+        return (torch.zeros(1, 0, dtype=torch.int64, device=dev), torch.zeros(1, 0, spk.speech_feat.shape[-1],
+                device=dev), spk.embedding.to(dev))
+
+    def tokens_to_mel(self, tokens: list[int] | Tensor, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
+                      *, streaming: bool, finalize: bool) -> Tensor:
+        """Flow inference on prompt + ``tokens``; returns the mel of ``tokens`` only.
+
+        Args:
+            tokens: speech tokens (list or (1, N)); when not finalizing the last ``pre_lookahead_len`` are
+                look-ahead context only and get no mel.
+            prompt_token: (1, P) flow prompt tokens (P may be 0).
+            prompt_feat: (1, 2P, 80) prompt mel.
+            embedding: (1, 192) speaker embedding.
+            streaming: chunk-masked attention (non-final streaming chunks).
+            finalize: whether the tokens end the utterance.
+
+        Returns:
+            (1, 80, frames) float32.
+        """
+        dev = self.device
+        tok = tokens if isinstance(tokens, Tensor) else torch.tensor([list(tokens)], dtype=torch.int64)
+        tok = tok.to(dev, torch.int64).reshape(1, -1)
+        dtype = next(self.flow.parameters()).dtype
+        with torch.inference_mode():
+            mel = self.flow.inference(tok, prompt_token.to(dev, torch.int64), prompt_feat.to(dev, dtype),
+                                      embedding.to(dev, dtype), streaming=streaming, finalize=finalize)
+        mel = mel[0] if isinstance(mel, tuple) else mel
+        return mel.float()
+
+    def mel_to_wav(self, mel: Tensor, *, speed: float = 1.0) -> Tensor:
+        """Vocode a whole utterance (``finalize=True``), time-stretching the mel first when ``speed ≠ 1``.
+
+        Returns:
+            (samples,) float32 on the CPU.
+        """
+        mel = mel.float()
+        if speed != 1.0:
+            frames = int(mel.shape[2] / speed)
+            if frames < 1:
+                raise DataError(f"speed {speed} leaves no mel frames of {mel.shape[2]}; use a smaller --speed")
+            mel = F.interpolate(mel, size=frames, mode="linear")
+        return self.hift.inference(mel, finalize=True).wav[0].detach().cpu()
+
+    # ---------------------------------------------------------------------------------- requests
+    @staticmethod
+    def _seed(options: SynthesisOptions) -> int:
+        return int(options.seed) if options.seed is not None else secrets.randbits(63)
+
+    def _result_info(self, req: PreparedRequest, options: SynthesisOptions, tokens: list[int], flow_tokens: int,
+                     thinner: SilenceThinner, stream: bool) -> dict[str, Any]:
+        sampling = options.sampling or self.llm.config.sampling
+        info = dict(req.info)
+        info.update({
+            "stream": stream,
+            "speed": options.speed,
+            "sampling": {k: getattr(sampling, k) for k in ("top_p", "top_k", "win_size", "tau_r", "temperature")},
+            "min_len_mode": options.min_len_mode,
+            "speech_tokens": len(tokens),
+            "flow_tokens": flow_tokens,
+            "silent_tokens_dropped": thinner.dropped,
+            "guide_sep": options.guide_sep if options.prompt_strategy == "guide_prefix" else None,
+        })
+        return info
+
+    def synthesize(self, text: str, *, mode: str | None = None, spk_id: str | None = None,
+                   prompt_text: str | None = None, prompt_wav: str | os.PathLike | None = None,
+                   speaker: Speaker | None = None, options: SynthesisOptions | None = None) -> SynthesisResult:
+        """Synthesise one segment (non-streaming). Arguments as :meth:`prepare`.
+
+        Returns:
+            :class:`SynthesisResult` (audio, tokens, seed, timings, info).
+
+        Raises:
+            DataError / UsageError: see :meth:`prepare`; DataError when the LLM produces no speech.
+        """
+        options = options or SynthesisOptions()
+        t0 = time.perf_counter()
+        req = self.prepare(text, mode=mode, spk_id=spk_id, prompt_text=prompt_text, prompt_wav=prompt_wav,
+                           speaker=speaker, options=options)
+        seed = self._seed(options)
+        t1 = time.perf_counter()
+        tokens = list(self.generate_tokens(req, options, seed))
+        thinner = SilenceThinner(SILENT_TOKENS, options.max_silent_run)
+        flow_tokens = [t for t in tokens if thinner.accept(t)]
+        if not flow_tokens:
+            raise DataError("the LLM produced no speech tokens for this text (it stopped at once); try another "
+                            "--seed, or check that the model dir and --llm_ckpt belong together")
+        t2 = time.perf_counter()
+        mel = self.tokens_to_mel(flow_tokens, *self._flow_inputs(req), streaming=False, finalize=True)
+        t3 = time.perf_counter()
+        wav = self.mel_to_wav(mel, speed=options.speed)
+        t4 = time.perf_counter()
+        audio = wav.numpy().astype(np.float32, copy=False)
+        audio_s = audio.shape[0] / self.sample_rate
+        timings = {"prepare_s": t1 - t0, "llm_s": t2 - t1, "flow_s": t3 - t2, "hift_s": t4 - t3, "total_s": t4 - t0,
+                   "audio_s": audio_s, "rtf": (t4 - t0) / audio_s if audio_s else float("inf")}
+        info = self._result_info(req, options, tokens, len(flow_tokens), thinner, stream=False)
+        return SynthesisResult(audio, self.sample_rate, tokens, seed, timings, info)
+
+    def stream(self, text: str, *, mode: str | None = None, spk_id: str | None = None,
+               prompt_text: str | None = None, prompt_wav: str | os.PathLike | None = None,
+               speaker: Speaker | None = None, options: SynthesisOptions | None = None) -> Iterator[AudioChunk]:
+        """Synthesise one segment in chunks, yielding audio as soon as each chunk is ready.
+
+        Arguments as :meth:`prepare`; ``options.speed`` must be 1 (upstream's rule: a time-stretch needs the
+        whole mel). The concatenated chunks have the same length as :meth:`synthesize`'s audio for the same
+        tokens; the last chunk carries the whole :class:`SynthesisResult` in ``.result``.
+
+        Raises:
+            UsageError: ``speed ≠ 1``; otherwise as :meth:`synthesize`.
+        """
+        options = options or SynthesisOptions()
+        if options.speed != 1.0:
+            raise UsageError(f"--speed {options.speed} cannot be used with --stream: the time-stretch needs the "
+                             "whole mel (upstream has the same rule). Drop --stream or --speed")
+        from cosytune.models.hift import HiFTStreamState
+
+        t0 = time.perf_counter()
+        req = self.prepare(text, mode=mode, spk_id=spk_id, prompt_text=prompt_text, prompt_wav=prompt_wav,
+                           speaker=speaker, options=options)
+        seed = self._seed(options)
+        prompt_token, prompt_feat, embedding = self._flow_inputs(req)
+        state = StreamState(self.schedule, int(prompt_token.shape[1]))
+        thinner = SilenceThinner(SILENT_TOKENS, options.max_silent_run)
+        vocoder = HiFTStreamState()
+        ratio = self.schedule.token_mel_ratio
+        tokens: list[int] = []
+        pieces: list[np.ndarray] = []
+        times = {"llm_s": 0.0, "flow_s": 0.0, "hift_s": 0.0}
+        first_chunk_s: float | None = None
+
+        def render(chunk) -> AudioChunk:
+            nonlocal first_chunk_s
+            ta = time.perf_counter()
+            mel = self.tokens_to_mel(state.tokens[: chunk.end], prompt_token, prompt_feat, embedding,
+                                     streaming=not chunk.final, finalize=chunk.final)[:, :, chunk.offset * ratio:]
+            tb = time.perf_counter()
+            new = self.hift.stream_step(vocoder, mel.float(), finalize=chunk.final)[0].detach().cpu().numpy()
+            tc = time.perf_counter()
+            times["flow_s"] += tb - ta
+            times["hift_s"] += tc - tb
+            new = new.astype(np.float32, copy=False)
+            pieces.append(new)
+            elapsed = tc - t0
+            if first_chunk_s is None:
+                first_chunk_s = elapsed
+            return AudioChunk(new, chunk.index, chunk.final, chunk.offset + chunk.hop, elapsed, self.sample_rate)
+
+        tl = time.perf_counter()
+        for token in self.generate_tokens(req, options, seed):
+            tokens.append(token)
+            if not thinner.accept(token):
+                continue
+            state.tokens.append(token)
+            chunk = state.next_chunk()
+            if chunk is not None:
+                times["llm_s"] += time.perf_counter() - tl
+                yield render(chunk)
+                tl = time.perf_counter()
+        times["llm_s"] += time.perf_counter() - tl
+        # After the LLM ends, the remaining due chunks come first (upstream's loop), then the final one.
+        while (chunk := state.next_chunk()) is not None:
+            yield render(chunk)
+        if not state.tokens:
+            raise DataError("the LLM produced no speech tokens for this text (it stopped at once); try another "
+                            "--seed, or check that the model dir and --llm_ckpt belong together")
+        last = render(state.final_chunk())
+        audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+        total = time.perf_counter() - t0
+        audio_s = audio.shape[0] / self.sample_rate
+        timings = {"prepare_s": 0.0, **times, "total_s": total, "audio_s": audio_s,
+                   "rtf": total / audio_s if audio_s else float("inf"), "first_chunk_s": first_chunk_s or total,
+                   "chunks": state.chunks}
+        info = self._result_info(req, options, tokens, len(state.tokens), thinner, stream=True)
+        last.result = SynthesisResult(audio, self.sample_rate, tokens, seed, timings, info)
+        yield last
+
+    def with_options(self, options: SynthesisOptions, **changes: Any) -> SynthesisOptions:
+        """``dataclasses.replace`` for options (convenience for batch callers)."""
+        return replace(options, **changes)
