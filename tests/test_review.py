@@ -40,10 +40,10 @@ def _edit(path: Path, edits: dict[str, tuple[str | None, str | None]]) -> None:
     lines = path.read_text(encoding="utf-8").split("\n")
     for i, line in enumerate(lines):
         f = line.split("\t")
-        if len(f) == 6 and f[0] in edits:
+        if len(f) == 7 and f[0] in edits:
             mark, text = edits[f[0]]
             f[4] = f[4] if mark is None else mark
-            f[5] = f[5] if text is None else text
+            f[6] = f[6] if text is None else text
             lines[i] = "\t".join(f)
     path.write_text("\n".join(lines), encoding="utf-8")
 
@@ -120,21 +120,22 @@ def test_review_round_trip_and_rerun_keeps_edits(tmp_path, capsys):
 def test_spreadsheet_quoting_and_crlf(tmp_path):
     p = tmp_path / "review.tsv"
     p.write_bytes(
-        "utt_id\tduration_s\tstatus\tflags\tdelete\ttext\r\n"
-        'spk_a\t3.00\ttrain\t\t\t"She said ""hi"", then left."\r\n'
-        "spk_b\t2.50\tdev\tdigits\tX\tCall 911.\r\n"
-        "spk_c\t2.00\trejected:no_transcript\t\t\r\n".encode("utf-8-sig")
+        "utt_id\tduration_s\tstatus\tflags\tdelete\tasr_check\ttext\r\n"
+        'spk_a\t3.00\ttrain\t\t\t\t"She said ""hi"", then left."\r\n'
+        "spk_b\t2.50\tdev\tdigits\tX\tcall nine one one\tCall 911.\r\n"
+        "spk_c\t2.00\trejected:no_transcript\t\t\t\r\n".encode("utf-8-sig")
     )
     rows = read_review(p)
     assert rows["spk_a"].text == 'She said "hi", then left.' and not rows["spk_a"].delete
     assert rows["spk_b"].delete and rows["spk_b"].flags == ("digits",)
+    assert rows["spk_b"].check_text == "call nine one one"
     assert rows["spk_c"].text == ""
 
 
 def test_malformed_review_files_name_the_line(tmp_path):
     p = tmp_path / "review.tsv"
     p.write_text(
-        "utt_id\tduration_s\tstatus\tflags\tdelete\ttext\nspk_a\t3\ttrain\t\tmaybe\tText.\nspk_b\t3\n"
+        "utt_id\tduration_s\tstatus\tflags\tdelete\tasr_check\ttext\nspk_a\t3\ttrain\t\tmaybe\t\tText.\nspk_b\t3\n"
     )
     with pytest.raises(DataError) as e:
         read_review(p)

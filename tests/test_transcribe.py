@@ -22,6 +22,7 @@ from cosytune.data.transcribe import (
     TranscribeConfig,
     Utterance,
     apply_review,
+    char_error_rate,
     guess_language,
     speakable_units,
     split_train_dev,
@@ -320,6 +321,14 @@ def test_filters_become_rejects(tmp_path):
     assert s2.kept == 5
 
 
+def test_char_error_rate():
+    assert char_error_rate("Hello, World!", "hello world") == 0
+    assert char_error_rate("abcd", "abxd") == 0.25
+    assert char_error_rate("今天天气很好。", "今天天气不好") == 1 / 6
+    assert char_error_rate("abc", "") == 1 and char_error_rate("...", "") == 0
+    assert char_error_rate("ab", "abab") == 1  # insertions count too
+
+
 def test_speakable_units_and_language_guess():
     assert speakable_units("Hello, world!") == 10
     assert speakable_units("你好。") == 6  # two CJK characters, weight 3 each
@@ -368,6 +377,8 @@ def test_config_validation_and_custom_instruct(tmp_path):
         load_config(TranscribeConfig, overrides=["instruct=Speak slowly.", "dev_size=1.5", "speaker=my spk"])
     msg = str(e.value)
     assert "<|endofprompt|>" in msg and "dev_size" in msg and "speaker" in msg
+    with pytest.raises(ConfigError, match="cross_check: must differ from backend"):
+        load_config(TranscribeConfig, overrides=["cross_check=faster-whisper"])
     wavs = make_prepared(tmp_path, {"a.wav": [3.0], "b.wav": [3.0]})
     (tmp_path / "raw").mkdir()
     for n in "ab":

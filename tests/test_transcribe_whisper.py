@@ -22,6 +22,7 @@ import soundfile as sf
 pytest.importorskip("faster_whisper")
 pytest.importorskip("ctranslate2")
 
+from cosytune.data.review import read_review
 from cosytune.data.transcribe import TranscribeConfig, build_asr_backend, transcribe_dataset
 from cosytune.errors import DataError
 from cosytune.fileio import read_jsonl, write_jsonl
@@ -173,7 +174,7 @@ def test_faster_whisper_decodes_caches_and_resumes(tiny_whisper, sample_speaker_
         assert u["text_source"] == "faster-whisper" and u["language"]
         assert isinstance(u["asr_avg_logprob"], float) and 0 <= u["asr_no_speech_prob"] <= 1
         assert 0 <= u["asr_language_prob"] <= 1
-    cache = json.loads((out / "asr_cache.json").read_text())["entries"]
+    cache = json.loads((out / "asr_cache_faster-whisper.json").read_text())["entries"]
     assert sorted(cache) == sorted(u["utt"] for u in utts)
 
     def no_model(name, cfg):
@@ -234,3 +235,23 @@ def test_unloadable_model_is_a_clear_error(tmp_path):
         build_asr_backend("faster-whisper", _cfg(bad, backend="faster-whisper"))
     with pytest.raises(DataError, match="does not exist"):
         build_asr_backend("faster-whisper", _cfg(tmp_path / "missing", backend="faster-whisper"))
+
+
+def test_cross_check_flags_disagreeing_transcripts(tiny_whisper, sample_speaker_dir, tmp_path):
+    src = _clips(sample_speaker_dir, tmp_path / "clips", 3)
+    cfg = _cfg(
+        tiny_whisper,
+        backend="transcripts",
+        transcripts=sample_speaker_dir / "transcripts.txt",
+        cross_check="faster-whisper",
+        min_cps=2.0,
+        max_cps=30.0,
+    )
+    s = transcribe_dataset(src, tmp_path / "out", cfg)
+    assert s.kept == 3 and s.asr_decoded == 3  # user text kept; the random model only adds a second opinion
+    rows = read_review(tmp_path / "out" / "review.tsv")
+    for u in read_jsonl(tmp_path / "out" / "metadata.jsonl"):
+        assert u["text_source"] == "transcripts" and u["check_text"] and u["check_cer"] > 0.35
+        assert "asr_disagrees" in u["flags"] and rows[u["utt"]].check_text == u["check_text"]
+    s2 = transcribe_dataset(src, tmp_path / "out", cfg)
+    assert (s2.asr_decoded, s2.asr_cached) == (0, 3)

@@ -35,6 +35,8 @@ CONFIG_FLAGS = (
     "backend",
     "transcripts",
     "asr_fallback",
+    "cross_check",
+    "max_disagreement",
     "speaker",
     "language",
     "whisper_model",
@@ -97,6 +99,18 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
         "asr_fallback",
         choices=["none", "faster-whisper", "openai-whisper"],
         help="with --backend transcripts: ASR for sliced sources and clips without text (default none)",
+    )
+    _add(
+        g,
+        "cross_check",
+        choices=["none", "faster-whisper", "openai-whisper"],
+        help="also transcribe with this ASR and flag rows whose text disagrees (asr_disagrees) for review",
+    )
+    _add(
+        g,
+        "max_disagreement",
+        type=float,
+        help="character error rate above which a row is flagged (default 0.35)",
     )
     _add(g, "speaker", "--spk_id", metavar="ID", help="speaker id, prefixes utterance ids (default spk)")
     _add(g, "language", metavar="CODE", help="language code (en, zh, ...); default: detect per clip")

@@ -2,13 +2,15 @@
 
 ``review.tsv`` is tab-separated UTF-8 with a header row and these columns::
 
-    utt_id  duration_s  status  flags  delete  text
+    utt_id  duration_s  status  flags  delete  asr_check  text
 
 * ``status``: ``train``, ``dev`` or ``rejected:<reason>`` (information only).
 * ``flags``: comma-separated hints why a row deserves a look (low ASR confidence, unusual
   speaking rate, digits, ...), information only. Rows with a reject or flags come first.
 * ``delete``: type ``x`` (or ``1``/``yes``/``y``/``true``/``delete``) to drop the row; leave it
   empty to keep it.
+* ``asr_check``: what the cross-check ASR heard (``cross_check`` setting), information only;
+  a row whose text disagrees with it is flagged ``asr_disagrees``.
 * ``text``: the transcript; edit it in place. It is the last column so it may contain anything
   except tabs and line breaks. A rejected row (e.g. ``rejected:no_transcript``) comes back
   when its text is typed in and it passes the filters.
@@ -32,7 +34,7 @@ from pathlib import Path
 from cosytune.errors import DataError
 from cosytune.fileio import write_text
 
-REVIEW_COLUMNS = ("utt_id", "duration_s", "status", "flags", "delete", "text")
+REVIEW_COLUMNS = ("utt_id", "duration_s", "status", "flags", "delete", "asr_check", "text")
 DELETE_MARKS = frozenset({"x", "1", "yes", "y", "true", "delete", "d"})
 KEEP_MARKS = frozenset({"", "0", "no", "n", "false", "keep"})
 
@@ -47,6 +49,7 @@ class ReviewRow:
     flags: tuple[str, ...]
     delete: bool
     text: str
+    check_text: str = ""
 
 
 def _clean_field(value: str) -> str:
@@ -72,7 +75,15 @@ def write_review(path: str | os.PathLike, rows: Iterable[ReviewRow]) -> int:
         "\t".join(REVIEW_COLUMNS),
     ]
     for r in rows:
-        fields = [r.utt, f"{r.duration_s:.2f}", r.status, ",".join(r.flags), "x" if r.delete else "", r.text]
+        fields = [
+            r.utt,
+            f"{r.duration_s:.2f}",
+            r.status,
+            ",".join(r.flags),
+            "x" if r.delete else "",
+            r.check_text,
+            r.text,
+        ]
         lines.append("\t".join(_clean_field(f) for f in fields))
     write_text(path, "\n".join(lines) + "\n")
     return len(rows)
@@ -120,7 +131,7 @@ def read_review(path: str | os.PathLike) -> dict[str, ReviewRow]:
                 continue
             if len(fields) == len(REVIEW_COLUMNS) - 1:  # an empty text column lost its trailing tab
                 fields.append("")
-            utt, dur, status, flags, delete, text = fields
+            utt, dur, status, flags, delete, check_text, text = fields
             utt = utt.strip()
             mark = delete.strip().lower()
             if mark not in DELETE_MARKS and mark not in KEEP_MARKS:
@@ -142,6 +153,7 @@ def read_review(path: str | os.PathLike) -> dict[str, ReviewRow]:
                 flags=tuple(x for x in flags.strip().split(",") if x),
                 delete=mark in DELETE_MARKS,
                 text=" ".join(text.split()),
+                check_text=check_text.strip(),
             )
     if not header_seen:
         raise DataError(f"{path} has no header row; expected {'<TAB>'.join(REVIEW_COLUMNS)}")

@@ -16,8 +16,12 @@ Text comes from a backend:
   prepare-audio sliced cannot be split reliably, so such slices go to ASR when
   ``asr_fallback`` names a backend and otherwise become rejects (``sliced_source_needs_asr``).
 * ``faster-whisper`` / ``openai-whisper``: ASR, imported lazily (extras ``asr`` / ``whisper``).
-  Results are cached per utterance in ``asr_cache.json`` (keyed by the wav's SHA-256 and the
-  decoding settings), so a re-run does not decode again.
+  Results are cached per utterance in ``asr_cache_<backend>.json`` (keyed by the wav's SHA-256
+  and the decoding settings), so a re-run does not decode again.
+* ``cross_check`` (optional): a second, independent transcript by an ASR backend of clips whose
+  text came from elsewhere; rows whose character error rate against it exceeds
+  ``max_disagreement`` are flagged ``asr_disagrees`` in the review file (a wrong or misplaced
+  transcript shows up this way), never dropped.
 
 Output (in out_dir):
 
@@ -139,6 +143,11 @@ class TranscribeConfig:
     """Cap on decoded tokens per 30 s window (None = Whisper's own limit)."""
     num_threads: int = 0
     """CPU threads for faster-whisper (0 = its default)."""
+    cross_check: Literal["none", "faster-whisper", "openai-whisper"] = "none"
+    """Also transcribe clips whose text came from elsewhere (your transcripts, another ASR) with
+    this ASR and flag rows that disagree (``asr_disagrees``) for review."""
+    max_disagreement: float = 0.35
+    """Character error rate between the text and the cross-check above which a row is flagged."""
     instruct: str = DEFAULT_INSTRUCT
     """Instruct written for every utterance; CosyVoice 3 needs it to end with <|endofprompt|>."""
     dev_size: float = 0.1
@@ -181,6 +190,12 @@ class TranscribeConfig:
             problems.append("transcripts: a transcripts file is only read with backend=transcripts")
         if self.backend in ASR_BACKENDS and self.asr_fallback != "none":
             problems.append("asr_fallback: only used with backend=transcripts; remove it or set it to none")
+        if self.cross_check != "none" and self.cross_check == self.backend:
+            problems.append(
+                "cross_check: must differ from backend (the same ASR would only agree with itself)"
+            )
+        if not 0 < self.max_disagreement <= 1:
+            problems.append(f"max_disagreement: expected a fraction in (0, 1]; found {self.max_disagreement}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -227,6 +242,10 @@ class Utterance:
     asr_no_speech_prob: float | None = None
     asr_compression_ratio: float | None = None
     asr_language_prob: float | None = None
+    check_text: str = ""
+    """Transcript of the cross-check ASR, if one ran."""
+    check_cer: float | None = None
+    """Character error rate of ``orig_text`` against ``check_text``."""
     chars_per_s: float | None = None
     flags: tuple[str, ...] = ()
     status: str = ""
@@ -318,6 +337,28 @@ def speakable_units(text: str) -> float:
         elif ch.isalpha():
             units += 1.0
     return units
+
+
+def _cer_units(text: str) -> list[str]:
+    """Characters compared by :func:`char_error_rate`: letters and digits, case-folded."""
+    return [c for c in unicodedata.normalize("NFKC", _ANNOTATION.sub(" ", text)).casefold() if c.isalnum()]
+
+
+def char_error_rate(reference: str, hypothesis: str) -> float:
+    """Levenshtein distance over letters and digits (punctuation, spaces and case ignored) / reference length.
+
+    Returns 0 for two texts without letters or digits and 1 when only the reference has none.
+    """
+    ref, hyp = _cer_units(reference), _cer_units(hypothesis)
+    if not ref:
+        return 0.0 if not hyp else 1.0
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1] / len(ref)
 
 
 def guess_language(text: str) -> str:
@@ -779,9 +820,11 @@ def check_utterance(u: Utterance, cfg: TranscribeConfig) -> tuple[str, str] | No
     return None
 
 
-def review_flags(u: Utterance) -> tuple[str, ...]:
+def review_flags(u: Utterance, max_disagreement: float = 0.35) -> tuple[str, ...]:
     """Hints for the review file: why a kept row deserves a look."""
     flags = []
+    if u.check_cer is not None and u.check_cer > max_disagreement and not u.edited:
+        flags.append("asr_disagrees")
     if u.chars_per_s and u.chars_per_s < TYPICAL_CPS[0]:
         flags.append("slow_speech")
     if u.chars_per_s is not None and u.chars_per_s > TYPICAL_CPS[1]:
@@ -901,7 +944,7 @@ def finalize_dataset(
         if problem:
             rejects.add(u.wav, problem[0], f"{u.utt}: {problem[1]}")
             u = replace(u, status="rejected", reject_reason=problem[0])
-        checked.append(replace(u, flags=review_flags(u)))
+        checked.append(replace(u, flags=review_flags(u, cfg.max_disagreement)))
     kept = [u for u in checked if u.status != "rejected"]
     if not kept:
         rejects.save()
@@ -987,6 +1030,7 @@ def _write_review_and_utts(out_dir: Path, utts: list[Utterance]) -> None:
                 u.flags,
                 u.reject_reason == "deleted_in_review",
                 u.text,
+                u.check_text,
             )
             for u in utts
         ],
@@ -1016,6 +1060,54 @@ def _load_previous(out_dir: Path) -> dict[str, Utterance]:
     except (ValueError, TypeError) as e:
         logger.warning("ignoring unreadable %s (%s)", path, e)
         return {}
+
+
+def _run_asr(
+    utts: list[Utterance],
+    name: str,
+    cfg: TranscribeConfig,
+    out_dir: Path,
+    progress: bool,
+    backend_factory: Callable[[str, TranscribeConfig], Any],
+    counts: list[int],
+) -> dict[str, AsrResult]:
+    """Decode ``utts`` with ASR backend ``name``, reusing ``asr_cache_<name>.json``.
+
+    The model loads only when some clip is not cached. A clip whose decoding raises is left
+    out of the result (the caller records it as ``asr_failed``). ``counts`` gets
+    ``[decoded, from_cache]`` added.
+    """
+    from tqdm.auto import tqdm
+
+    out: dict[str, AsrResult] = {}
+    if not utts:
+        return out
+    cache = AsrCache(out_dir / f"asr_cache_{name}.json", sha256_json(asr_settings(cfg, name)))
+    backend = None
+    try:
+        for u in tqdm(utts, desc=name, disable=not progress, leave=False, unit="clip"):
+            sha = sha256_file(u.wav)
+            res = cache.get(u.utt, sha)
+            if res is not None:
+                counts[1] += 1
+                out[u.utt] = res
+                continue
+            if backend is None:
+                logger.info("loading %s model %s", name, cfg.whisper_model)
+                backend = backend_factory(name, cfg)
+            try:
+                res = backend.transcribe(load_audio_16k(u.wav))
+            except CosytuneError:
+                raise
+            except Exception as e:  # noqa: BLE001 - one bad clip is a reject, not a crashed run
+                logger.warning("%s failed on %s: %s", name, u.wav, e)
+                continue
+            cache.put(u.utt, sha, res)
+            counts[0] += 1
+            out[u.utt] = res
+    finally:
+        cache.save()
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -1049,8 +1141,6 @@ def transcribe_dataset(
         DataError: no usable utterance, too few to split, unreadable transcripts file.
         MissingDependencyError: the ASR backend's package is not installed.
     """
-    from tqdm.auto import tqdm
-
     in_dir, out_dir = Path(in_dir).resolve(), Path(out_dir).resolve()
     logger.info(
         "transcribe %s -> %s: backend %s%s, speaker %s, language %s, dev_size %g, seed %d",
@@ -1113,46 +1203,39 @@ def transcribe_dataset(
         )
 
     # 2. ASR with a per-utterance cache
-    summary_asr = [0, 0]
+    asr_counts = [0, 0]
     if need_asr:
-        settings = asr_settings(cfg, asr_name)
-        cache = AsrCache(out_dir / "asr_cache.json", sha256_json(settings))
-        backend = None
-        try:
-            for u in tqdm(need_asr, desc=f"{asr_name}", disable=not progress, leave=False, unit="clip"):
-                sha = sha256_file(u.wav)
-                res = cache.get(u.utt, sha)
-                if res is None:
-                    if backend is None:
-                        logger.info("loading %s model %s", asr_name, cfg.whisper_model)
-                        backend = backend_factory(asr_name, cfg)
-                    try:
-                        res = backend.transcribe(load_audio_16k(u.wav))
-                    except CosytuneError:
-                        raise
-                    except Exception as e:  # noqa: BLE001 - one bad clip is a reject, not a crashed run
-                        logger.warning("ASR failed on %s: %s", u.wav, e)
-                        with_text.append(replace(u, text_error="asr_failed"))
-                        continue
-                    cache.put(u.utt, sha, res)
-                    summary_asr[0] += 1
-                else:
-                    summary_asr[1] += 1
-                with_text.append(
-                    replace(
-                        u,
-                        text=res.text,
-                        orig_text=res.text,
-                        text_source=asr_name,
-                        language=res.language or cfg.language or guess_language(res.text),
-                        asr_avg_logprob=res.avg_logprob,
-                        asr_no_speech_prob=res.no_speech_prob,
-                        asr_compression_ratio=res.compression_ratio,
-                        asr_language_prob=res.language_prob,
-                    )
+        results = _run_asr(need_asr, asr_name, cfg, out_dir, progress, backend_factory, asr_counts)
+        for u in need_asr:
+            res = results.get(u.utt)
+            if res is None:
+                with_text.append(replace(u, text_error="asr_failed"))
+                continue
+            with_text.append(
+                replace(
+                    u,
+                    text=res.text,
+                    orig_text=res.text,
+                    text_source=asr_name,
+                    language=res.language or cfg.language or guess_language(res.text),
+                    asr_avg_logprob=res.avg_logprob,
+                    asr_no_speech_prob=res.no_speech_prob,
+                    asr_compression_ratio=res.compression_ratio,
+                    asr_language_prob=res.language_prob,
                 )
-        finally:
-            cache.save()
+            )
+
+    # 2b. optional cross-check: a second transcript of clips whose text did not come from that ASR
+    if cfg.cross_check != "none":
+        to_check = [u for u in with_text if u.orig_text and u.text_source != cfg.cross_check]
+        checks = _run_asr(to_check, cfg.cross_check, cfg, out_dir, progress, backend_factory, asr_counts)
+        by_utt = {u.utt: u for u in with_text}
+        for utt, res in checks.items():
+            u = by_utt[utt]
+            by_utt[utt] = replace(
+                u, check_text=res.text, check_cer=round(char_error_rate(u.orig_text, res.text), 4)
+            )
+        with_text = list(by_utt.values())
 
     # 3. keep review edits made since the last run
     with_text.sort(key=lambda u: kaldi_sort_key(u.utt))
@@ -1174,7 +1257,7 @@ def transcribe_dataset(
             logger.info("kept %d edit(s) from %s", edits, review_path)
 
     summary = finalize_dataset(out_dir, with_text, cfg, rejects, deleted)
-    summary.asr_decoded, summary.asr_cached = summary_asr
+    summary.asr_decoded, summary.asr_cached = asr_counts
     summary.review_edits = edits
     write_json(out_dir / "transcribe_summary.json", _summary_json(summary, in_dir, cfg))
     return summary
