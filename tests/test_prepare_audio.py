@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -350,3 +351,49 @@ def test_loudness_normalisation_option(tmp_path, sample_speaker_dir):
         if not r["loudness"]["ceiling_applied"]:
             assert measure_lufs(x, sr) == pytest.approx(-20.0, abs=0.1)
         assert r["loudness"]["lufs_in"] is not None
+
+
+def test_unexpected_failure_is_a_reject_without_orphans(tmp_path, sample_speaker_dir, monkeypatch):
+    from cosytune.audio import loudness
+
+    src = tmp_path / "src"
+    speech, sr = sample_speech(sample_speaker_dir, LONG_CLIPS)
+    write_sf(src / "long.flac", speech, sr)
+    shutil.copy2(sample_speaker_dir / "audio" / "demo-thanks.mp3", src / "ok.mp3")
+    real = loudness.apply_gain_and_ceiling
+    calls = []
+
+    def flaky(y, *args, **kw):
+        calls.append(len(y))
+        if len(calls) == 2:  # the second slice of the long file
+            raise RuntimeError("injected failure")
+        return real(y, *args, **kw)
+
+    monkeypatch.setattr(loudness, "apply_gain_and_ceiling", flaky)
+    out = tmp_path / "out"
+    summary = prepare_audio(src, out, PrepareAudioConfig(num_workers=1))
+    assert summary.reject_counts == {"processing_error": 1}
+    (rej,) = read_jsonl(out / REJECTS_NAME)
+    assert rej["input"].endswith("long.flac") and "injected failure" in rej["detail"]
+    assert [p.name for p in out.glob("*.wav")] == ["ok.wav"]  # the slice written first is gone too
+
+
+def test_crashing_worker_becomes_a_reject(tmp_path, sample_speaker_dir, monkeypatch):
+    import cosytune.audio.io as audio_io
+
+    src = _small_input(tmp_path, sample_speaker_dir, n=4)
+    victim = sorted(src.glob("*.mp3"))[2]
+    real = audio_io.load_audio
+
+    def crashing(path):
+        if Path(path).name == victim.name:
+            os._exit(3)  # a decoder segfault, as far as the pool can tell
+        return real(path)
+
+    # Workers are forked, so they inherit the patched decoder.
+    monkeypatch.setattr(audio_io, "load_audio", crashing)
+    out = tmp_path / "out"
+    summary = prepare_audio(src, out, PrepareAudioConfig(num_workers=2))
+    assert summary.num_outputs == 3 and summary.reject_counts == {"worker_crashed": 1}
+    (rej,) = read_jsonl(out / REJECTS_NAME)
+    assert rej["input"] == str(victim)

@@ -329,6 +329,9 @@ def _process(task: _Task) -> _Result:
         raise
     except Exception as e:  # boundary: record, never crash the run
         logger.debug("processing %s failed", task.source, exc_info=True)
+        for row in res.rows:  # slices written before the failure would be orphans
+            with contextlib.suppress(OSError):
+                (Path(task.out_dir) / row["wav"]).unlink()
         res.rows.clear()
         res.rejects.append(
             {"input": task.source, "reason": "processing_error", "detail": f"{type(e).__name__}: {e}"}
@@ -342,7 +345,7 @@ def _process_decoded(task: _Task, audio: np.ndarray, source_rate: int, res: _Res
     from cosytune.audio.io import to_mono, write_wav_pcm16
     from cosytune.audio.loudness import apply_gain_and_ceiling, clipping_fraction
     from cosytune.audio.slicing import Segment, slice_at_pauses
-    from cosytune.audio.trim import TrimResult, trim_silence, trim_with_overtrim_rule
+    from cosytune.audio.trim import TrimResult, trim_with_overtrim_rule
 
     cfg = task.cfg
     sr = cfg.sample_rate
@@ -367,21 +370,19 @@ def _process_decoded(task: _Task, audio: np.ndarray, source_rate: int, res: _Res
         )
     n = len(mono)
 
-    def trim(x: np.ndarray, overtrim_rule: bool) -> TrimResult:
+    def trim(x: np.ndarray) -> TrimResult:
         if not cfg.trim:
             return TrimResult(0, len(x), len(x), sox_start=0, sox_end=len(x))
-        if overtrim_rule:
-            return trim_with_overtrim_rule(
-                x,
-                sr,
-                cfg.trim_threshold_db,
-                cfg.trim_start_duration_s,
-                cfg.trim_end_duration_s,
-                cfg.overtrim_min_s,
-            )
-        return trim_silence(x, sr, cfg.trim_threshold_db, cfg.trim_start_duration_s, cfg.trim_end_duration_s)
+        return trim_with_overtrim_rule(
+            x,
+            sr,
+            cfg.trim_threshold_db,
+            cfg.trim_start_duration_s,
+            cfg.trim_end_duration_s,
+            cfg.overtrim_min_s,
+        )
 
-    whole = trim(mono, overtrim_rule=True)
+    whole = trim(mono)
     if not whole.found_sound:
         res.rejects.append(
             {
@@ -423,10 +424,7 @@ def _process_decoded(task: _Task, audio: np.ndarray, source_rate: int, res: _Res
     num_segments = len(segments)
     for k, seg in enumerate(segments):
         x = mono[seg.start : seg.end]
-        if num_segments == 1:
-            tr = whole
-        else:
-            tr = trim(x, overtrim_rule=True)
+        tr = whole if num_segments == 1 else trim(x)
         where = (
             f"slice {k} of {num_segments} ({seg.start / sr:.2f}-{seg.end / sr:.2f} s): "
             if num_segments > 1
