@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from cosytune.data.transcribe import (
     apply_review,
     char_error_rate,
     guess_language,
+    review_flags,
     speakable_units,
     split_train_dev,
     transcribe_dataset,
@@ -319,6 +321,34 @@ def test_filters_become_rejects(tmp_path):
         wavs, tmp_path / "o2", TranscribeConfig(backend="transcripts", transcripts=tf, dev_size=1, max_sec=35)
     )
     assert s2.kept == 5
+
+
+def test_review_flags():
+    base = Utterance(
+        utt="spk_a", wav="", duration_s=3, sample_rate=SR, speaker="spk", source="a", source_rel="a"
+    )
+    asr = replace(
+        base,
+        text="Thank you for watching",
+        text_source="faster-whisper",
+        chars_per_s=7.0,
+        asr_avg_logprob=-1.5,
+        asr_no_speech_prob=0.9,
+        asr_compression_ratio=3.0,
+    )
+    assert set(review_flags(asr)) == {
+        "asr_known_hallucination",
+        "asr_low_confidence",
+        "asr_no_speech",
+        "asr_repetitive",
+        "no_punctuation",
+    }
+    assert review_flags(
+        replace(asr, edited=True, asr_avg_logprob=None, asr_no_speech_prob=None, asr_compression_ratio=None)
+    ) == ("no_punctuation",)
+    mine = replace(base, text="Call 911 now.", text_source="transcripts", chars_per_s=30.0, check_cer=0.5)
+    assert review_flags(mine) == ("asr_disagrees", "fast_speech", "digits")
+    assert review_flags(mine, max_disagreement=0.6) == ("fast_speech", "digits")
 
 
 def test_char_error_rate():

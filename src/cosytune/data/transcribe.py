@@ -104,6 +104,13 @@ PUNCTUATION_PROMPTS = {
     "yue": "你好，歡迎收聽。呢個係有標點符號嘅句子。",
 }
 ASR_BACKENDS = ("faster-whisper", "openai-whisper")
+# Phrases Whisper is known to invent on silence or music (learnt from subtitle credits in its
+# training data); an ASR text containing one is flagged for review, not dropped.
+_KNOWN_HALLUCINATIONS = re.compile(
+    r"thanks? (you )?for watching|please subscribe|like and subscribe|subtitles? by|amara\.org"
+    r"|字幕|请不吝点赞|订阅|明镜与点点|ご視聴ありがとうございました",
+    re.IGNORECASE,
+)
 _ANNOTATION = re.compile(r"\[[^\]]*\]|\([^)]*\)|（[^）]*）|【[^】]*】|<[^>]*>|♪")
 _SPEAKER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -843,6 +850,8 @@ def review_flags(u: Utterance, max_disagreement: float = 0.35) -> tuple[str, ...
         and not any(unicodedata.category(c).startswith("P") for c in u.text)
     ):
         flags.append("no_punctuation")
+    if u.text_source in ASR_BACKENDS and not u.edited and _KNOWN_HALLUCINATIONS.search(u.text):
+        flags.append("asr_known_hallucination")
     return tuple(flags)
 
 
