@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--utts", type=int, default=56, help="utterances (the 28 sample clips repeated; default 56)")
     p.add_argument("--threads", type=int, default=max(1, min(8, os.cpu_count() or 1)),
                    help="worker threads (default min(8, cores))")
-    p.add_argument("--batch_size", type=int, default=32, help="tokenizer batch (default 32)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="tokenizer batch (default: the library's choice, 32 on CUDA and 1 on CPU)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")

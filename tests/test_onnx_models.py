@@ -102,6 +102,12 @@ def test_tokenizer_batched_equals_single(models, threads):
         assert b.min() >= 0 and b.max() < TOKENIZER_VOCAB
 
 
+def test_tokenizer_batches_by_default_only_on_cuda(models):
+    tok = SpeechTokenizer(models / "speech_tokenizer_v3.batch.onnx", device="cpu")
+    assert tok.dynamic_batch and tok.max_batch == 1  # CPU: threads beat padded batches
+    assert SpeechTokenizer(models / "speech_tokenizer_v3.batch.onnx", device="cpu", max_batch=16).max_batch == 16
+
+
 def test_tokenizer_falls_back_when_padding_changes_tokens(models, caplog):
     rng = np.random.default_rng(2)
     feats = _feats(rng, 6, 128, 40, 200, time_first=False)

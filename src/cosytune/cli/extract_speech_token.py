@@ -20,9 +20,9 @@ EPILOG = """examples:
   cosytune extract-speech-token --dir data/train --onnx_path pretrained/Fun-CosyVoice3-0.5B/speech_tokenizer_v3.batch.onnx
 
 A model dir means its speech_tokenizer_v3.onnx, the file upstream's tool uses. A model whose batch axis
-is fixed to 1 runs one utterance per call on --num_thread threads; one with a dynamic batch axis (e.g.
-speech_tokenizer_v3.batch.onnx) gets --batch_size utterances per call, after a first check that batched
-tokens match single calls (it falls back to single calls if they do not).
+is fixed to 1 runs one utterance per call on --num_thread threads. One with a dynamic batch axis (e.g.
+speech_tokenizer_v3.batch.onnx) gets --batch_size utterances per call (by default on CUDA only), after
+a first check that batched tokens match single calls (it falls back to single calls if they do not).
 
 COSYVOICE_ORT_FORCE_CPU=1 forces onnxruntime onto the CPU whatever --onnx_device says."""
 
@@ -30,8 +30,9 @@ COSYVOICE_ORT_FORCE_CPU=1 forces onnxruntime onto the CPU whatever --onnx_device
 def build_parser(parser: argparse.ArgumentParser) -> None:
     flag(parser, "dir", "data_dir", required=True, help="Kaldi-style data dir with wav.scp")
     add_onnx_flags(parser)
-    flag(parser, "batch_size", type=int, default=32,
-         help="most utterances per ONNX call when the model takes a dynamic batch (default 32; 1 = no batching)")
+    flag(parser, "batch_size", type=int, default=None,
+         help="most utterances per ONNX call when the model takes a dynamic batch "
+              "(default: 32 on CUDA, 1 on CPU where threads are faster; 1 = no batching)")
 
 
 def run(args: argparse.Namespace) -> int:

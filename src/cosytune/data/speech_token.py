@@ -93,7 +93,7 @@ def extract_speech_tokens(
     *,
     device: str = "auto",
     num_threads: int = 2,
-    max_batch: int = 32,
+    max_batch: int | None = None,
     chunk_size: int = 128,
     force: bool = False,
     rejects_path: str | os.PathLike | None = None,
@@ -106,7 +106,8 @@ def extract_speech_tokens(
         onnx_path: ``speech_tokenizer_v3.onnx`` (or ``.batch.onnx``) or a model dir containing the former.
         device: onnxruntime device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         num_threads: worker threads for decoding/features and concurrent model calls.
-        max_batch: most utterances per ONNX call when the model takes a dynamic batch.
+        max_batch: most utterances per ONNX call when the model takes a dynamic batch
+            (``None``: 32 on CUDA, 1 on CPU).
         chunk_size: utterances decoded and tokenised per step (bounds memory).
         force: recompute every utterance even if a previous run's results exist.
         rejects_path: ``rejects.jsonl`` to record rejects in (default ``<data_dir>/rejects.jsonl``).
