@@ -120,3 +120,11 @@ def test_dpo_adds_reject_speech_token(tmp_path, sample_speaker_dir):
     make_parquet(d, tmp_path / "pq", dpo=True)
     rows = read_parquet_rows(tmp_path / "pq" / "parquet_000000000.tar")
     assert [r["reject_speech_token"] for r in rows] == [[1, 2, 3], None, None]
+
+
+def test_missing_instruct_warns_and_omits_the_column(tmp_path, sample_speaker_dir, caplog):
+    d = small_dataset(tmp_path, sample_speaker_dir, n=2)
+    (d / "instruct").unlink()
+    with caplog.at_level("WARNING"):
+        s = make_parquet(d, tmp_path / "pq")
+    assert "instruct" not in s.columns and any("no instruct file" in r.message for r in caplog.records)

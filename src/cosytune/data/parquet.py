@@ -243,6 +243,10 @@ def make_parquet(
         columns.append("speech_token")
     if kd.utt2instruct is not None:
         columns.append("instruct")
+    else:
+        logger.warning("%s has no instruct file: the shards get no instruct column, which CosyVoice 3 LLM "
+                       "training requires (write one line per utterance: '<utt> You are a helpful "
+                       "assistant.<|endofprompt|>')", kd.path)
     if dpo:
         columns.append("reject_speech_token")
 
