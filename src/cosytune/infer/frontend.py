@@ -49,6 +49,7 @@ __all__ = [
     "align_token_mel",
     "speaker_from_spk2info",
     "speaker_to_spk2info",
+    "zero_shot_entry_from_dir",
 ]
 
 #: Upstream asserts the prompt is at most 30 s (speech tokenizer limit).
@@ -248,3 +249,34 @@ class PromptFrontend:
         if token.shape[1] == 0:
             raise DataError(f"prompt wav {path}: the speech tokenizer produced no tokens; use a longer clip")
         return Speaker(embedding, token, feat, None, str(path))
+
+
+def zero_shot_entry_from_dir(model_dir: str | os.PathLike, prompt_wav: str | os.PathLike, prompt_text: str, *,
+                             device: str = "cpu") -> dict[str, Tensor]:
+    """A zero-shot ``spk2info.pt`` entry from a model dir's tokenizer and ONNX models (no networks loaded).
+
+    Args:
+        model_dir: the model dir (``CosyVoice-BlankEN/``, ``campplus.onnx``, ``speech_tokenizer_v3.onnx``).
+        prompt_wav: the prompt clip.
+        prompt_text: ``"<instruction><|endofprompt|><transcript of the clip>"`` (stored unnormalised, as
+            upstream's ``add_zero_shot_spk`` does).
+        device: onnxruntime device of the speech tokenizer.
+
+    Raises:
+        DataError: missing ``<|endofprompt|>``, unusable wav. ModelDirError: missing model files.
+    """
+    from cosytune.models.model_dir import ModelDir
+
+    if "<|endofprompt|>" not in prompt_text:
+        raise DataError(f"--prompt_text {prompt_text[:60]!r} lacks <|endofprompt|>; CosyVoice 3 needs it, e.g. "
+                        "'You are a helpful assistant.<|endofprompt|><transcript of the prompt wav>'")
+    md = ModelDir(model_dir)
+    missing = [p.name for p in (md.campplus_path, md.speech_tokenizer_path, md.blanken_path) if not p.exists()]
+    if missing:
+        from cosytune.errors import ModelDirError
+
+        raise ModelDirError(f"{md.path} lacks {missing}, needed to turn a prompt wav into a speaker entry")
+    ratio = md.hparams.flow.token_mel_ratio if md.yaml_path.is_file() else 2
+    frontend = PromptFrontend(md.campplus_path, md.speech_tokenizer_path, device=device, token_mel_ratio=ratio)
+    ids = list(md.load_tokenizer().encode(prompt_text))
+    return speaker_to_spk2info(frontend.speaker_from_wav(prompt_wav), ids)
