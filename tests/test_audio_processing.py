@@ -114,3 +114,15 @@ def test_clipping_fraction():
     assert clipping_fraction(clipped) > 0.5
     stereo = np.stack([clean, clipped])
     assert clipping_fraction(stereo) == clipping_fraction(clipped)
+
+
+@pytest.mark.parametrize(
+    "rate,n", [(16000, 16000 * 3 + 77), (22050, 22050 * 2 + 219), (24000, 480 * 4096 + 5)]
+)
+def test_frame_levels_match_direct_computation(rate, n):
+    x = np.random.default_rng(rate).standard_normal(n).astype(np.float32) * 0.1
+    levels, hop, win = frame_levels_db(x, rate)
+    assert win == 2 * hop and hop == round(0.01 * rate)
+    direct = [np.mean(x[k * hop : k * hop + win].astype(np.float64) ** 2) for k in range(len(levels))]
+    np.testing.assert_allclose(levels, 10 * np.log10(np.array(direct) + 1e-20), atol=1e-6)
+    assert (len(levels) - 1) * hop < n <= (len(levels) + 1) * hop

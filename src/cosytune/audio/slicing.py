@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 
 _HOP_S = 0.01
-_WIN_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -52,14 +51,30 @@ def frame_levels_db(signal: np.ndarray, sample_rate: int) -> tuple[np.ndarray, i
         covers ``signal[k*hop : k*hop + win]``.
     """
     hop = max(1, round(_HOP_S * sample_rate))
-    win = max(hop, round(_WIN_S * sample_rate))
+    win = 2 * hop  # a frame is two hops, so frame energies are sums of adjacent hop energies
     n = len(signal)
     if n == 0:
         return np.zeros(0), hop, win
-    csum = np.concatenate(([0.0], np.cumsum(np.square(signal, dtype=np.float64))))
-    starts = np.arange(0, max(n - win, 0) + 1, hop)
-    ends = np.minimum(starts + win, n)
-    energy = np.maximum(csum[ends] - csum[starts], 0.0) / np.maximum(ends - starts, 1)
+    # Energy per hop-sized block, computed in chunks so an hour-long recording never needs a
+    # float64 copy of itself (a cumulative sum would).
+    num_blocks = -(-n // hop)
+    block_energy = np.empty(num_blocks, dtype=np.float64)
+    chunk = hop * 4096
+    for start in range(0, n, chunk):
+        part = signal[start : start + chunk].astype(np.float64)
+        full = len(part) // hop
+        b0 = start // hop
+        blocks = part[: full * hop].reshape(full, hop)
+        block_energy[b0 : b0 + full] = np.einsum("ij,ij->i", blocks, blocks)
+        if len(part) > full * hop:
+            tail = part[full * hop :]
+            block_energy[b0 + full] = float(np.dot(tail, tail))
+    if num_blocks == 1:
+        return 10.0 * np.log10(block_energy / n + 1e-20), hop, win
+    # Frame k covers blocks k and k+1; the last frame may be short (the signal's tail).
+    lengths = np.full(num_blocks - 1, float(win))
+    lengths[-1] = hop + (n - (num_blocks - 1) * hop)
+    energy = (block_energy[:-1] + block_energy[1:]) / lengths
     return 10.0 * np.log10(energy + 1e-20), hop, win
 
 
