@@ -131,3 +131,27 @@ def test_write_wav_pcm16_roundtrip_and_atomic(tmp_path):
     with pytest.raises(ValueError):
         write_wav_pcm16(bad, np.zeros((2, 2, 2), np.float32), 24000)
     assert not bad.exists() and os.listdir(bad.parent) == []
+
+
+@pytest.mark.parametrize("name,codec", [("long.wav", None), ("long.m4a", "aac"), ("long.mka", "flac")])
+def test_load_mono_matches_load_audio(tmp_path, speech, name, codec):
+    from cosytune.audio.io import load_mono
+    from cosytune.audio.loudness import clipping_fraction
+
+    x, sr = speech
+    # Several decode chunks long, stereo, with a clipped stretch on the right channel only.
+    left = np.tile(x, 4)
+    right = 0.5 * left
+    right[sr : 2 * sr] = np.clip(right[sr : 2 * sr] * 40, -1, 1)
+    stereo = np.stack([left, right], axis=1)
+    path = (
+        write_sf(tmp_path / name, stereo, sr)
+        if codec is None
+        else write_av(tmp_path / name, stereo, sr, codec)
+    )
+    audio, rate = load_audio(path)
+    mono = load_mono(path, clip_level=0.95)
+    assert audio.shape[1] > 65536 * 2 and mono.channels == 2 and mono.sample_rate == rate
+    np.testing.assert_allclose(mono.samples, to_mono(audio), atol=1e-6)
+    assert mono.clipped_fraction == pytest.approx(clipping_fraction(audio, 0.95))
+    assert mono.clipped_fraction > 0.005

@@ -42,6 +42,7 @@ EXPECTED = {
     "silence.wav": "all_silence",
     "tone.wav": "ok",
     "clipped.wav": "heavy_clipping",
+    "clipped speech.m4a": "heavy_clipping",
     "corrupt.mp3": "unreadable",
     "long 45 s.flac": "sliced",
     "speech_8k.wav": "ok",
@@ -65,6 +66,8 @@ def _build_edge_cases(root: Path, sample_dir: Path) -> None:
     write_sf(root / "silence.wav", (rng.standard_normal(3 * sr) * 10 ** (-70 / 20)).astype(np.float32), sr)
     write_sf(root / "tone.wav", tone(2.0, sr, 440.0, 0.3), sr)
     write_sf(root / "clipped.wav", np.clip(tone(2.0, sr, 200.0, 4.0), -1, 1), sr)
+    # Speech driven 5x into the rails, then AAC-encoded (lossy smears the flat tops).
+    write_av(root / "clipped speech.m4a", np.clip(5 * speech / np.abs(speech).max(), -1, 1), sr, "aac")
     (root / "corrupt.mp3").write_bytes(rng.integers(0, 256, 40000, np.uint8).tobytes())
     long_speech, _ = sample_speech(sample_dir, LONG_CLIPS)
     write_sf(root / "long 45 s.flac", long_speech, sr)
@@ -125,7 +128,8 @@ def test_edge_cases_every_input_accounted_for(edge_run):
             assert all(r["stage"] == "prepare-audio" and r["detail"] for r in rejected[src])
     assert set(kept) | {Path(i).relative_to(root).as_posix() for i in rejected} == set(EXPECTED)
     assert summary.reject_counts == {
-        k: 1 for k in ("all_silence", "heavy_clipping", "unreadable", "not_audio", "zero_length", "too_short")
+        "heavy_clipping": 2,
+        **{k: 1 for k in ("all_silence", "unreadable", "not_audio", "zero_length", "too_short")},
     }
     assert summary.num_outputs == len(rows)
 
@@ -383,15 +387,15 @@ def test_crashing_worker_becomes_a_reject(tmp_path, sample_speaker_dir, monkeypa
 
     src = _small_input(tmp_path, sample_speaker_dir, n=4)
     victim = sorted(src.glob("*.mp3"))[2]
-    real = audio_io.load_audio
+    real = audio_io.load_mono
 
-    def crashing(path):
+    def crashing(path, *args):
         if Path(path).name == victim.name:
             os._exit(3)  # a decoder segfault, as far as the pool can tell
-        return real(path)
+        return real(path, *args)
 
     # Workers are forked, so they inherit the patched decoder.
-    monkeypatch.setattr(audio_io, "load_audio", crashing)
+    monkeypatch.setattr(audio_io, "load_mono", crashing)
     out = tmp_path / "out"
     summary = prepare_audio(src, out, PrepareAudioConfig(num_workers=2))
     assert summary.num_outputs == 3 and summary.reject_counts == {"worker_crashed": 1}

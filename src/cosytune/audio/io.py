@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -128,14 +129,91 @@ class AudioDecodeError(Exception):
         self.detail = detail
 
 
-def _read_soundfile(path: Path) -> tuple[np.ndarray, int]:
+#: Decoded samples are gathered into chunks of about this many frames before any processing.
+_CHUNK = 1 << 16
+
+
+class _Sink:
+    """Receives decoded channel blocks; keeps them as is or downmixed, and counts clipping.
+
+    Decoders deliver small blocks (an mp3 frame is 1152 samples); they are gathered into
+    chunks of :data:`_CHUNK` frames so the per-chunk numpy work stays cheap. In mono mode each
+    chunk is downmixed at once, so a long stereo recording never exists as a float32 stereo
+    array in memory.
+    """
+
+    def __init__(self, mono: bool, clip_level: float | None) -> None:
+        self.mono = mono
+        self.clip_level = clip_level
+        self.reset()
+
+    def reset(self) -> None:
+        self.parts: list[np.ndarray] = []
+        self.pending: list[list[np.ndarray]] = []
+        self.pending_len = 0
+        self.channels = 0
+        self.num_samples = 0
+        self.num_clipped = 0
+
+    def add(self, chans: list[np.ndarray]) -> None:
+        if self.pending and len(chans) != len(self.pending[0]):
+            self._flush()
+        self.pending.append(chans)
+        self.pending_len += len(chans[0])
+        if self.pending_len >= _CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        num_channels = len(self.pending[0])
+        block = np.empty((num_channels, self.pending_len), dtype=np.float32)
+        pos = 0
+        for chans in self.pending:
+            n = len(chans[0])
+            for k, c in enumerate(chans):
+                block[k, pos : pos + n] = c
+            pos += n
+        self.pending, self.pending_len = [], 0
+        if not np.isfinite(block).all():
+            raise AudioDecodeError("unreadable", "decoded samples contain NaN or infinity")
+        self.channels = max(self.channels, num_channels)
+        self.num_samples += block.shape[1]
+        if self.clip_level is not None and max(float(block.max()), -float(block.min())) >= self.clip_level:
+            self.num_clipped += int(np.count_nonzero(np.max(np.abs(block), axis=0) >= self.clip_level))
+        if self.mono:
+            self.parts.append(block[0] if num_channels == 1 else block.mean(axis=0, dtype=np.float32))
+        else:
+            self.parts.append(block)
+
+    def result(self) -> np.ndarray:
+        self._flush()
+        if self.mono:
+            out = np.concatenate(self.parts) if self.parts else np.zeros(0, np.float32)
+        elif not self.parts:
+            out = np.zeros((1, 0), np.float32)
+        else:
+            # A stream whose channel count changes midway keeps the channels present throughout.
+            keep = min(p.shape[0] for p in self.parts)
+            out = np.concatenate([p[:keep] for p in self.parts], axis=1)
+        self.parts = []
+        return out
+
+
+def _decode_soundfile(path: Path, sink: _Sink) -> int:
     import soundfile as sf
 
-    data, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)
-    return np.ascontiguousarray(data.T), int(sample_rate)
+    with sf.SoundFile(str(path)) as f:
+        sample_rate = int(f.samplerate)
+        while True:
+            data = f.read(_CHUNK, dtype="float32", always_2d=True)
+            if not len(data):
+                break
+            sink.add(list(data.T))
+    return sample_rate
 
 
-def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
+def _decode_pyav(path: Path, sink: _Sink) -> int:
     import av
 
     with av.open(str(path), metadata_errors="ignore") as container:
@@ -144,19 +222,16 @@ def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
             raise AudioDecodeError("not_audio", f"no audio stream (found: {', '.join(kinds)})")
         stream = container.streams.audio[0]
         # Planar float at the stream's own rate and layout. Most decoders (mp3, aac, opus,
-        # vorbis) already emit planar float; their planes are read directly (one copy), the
-        # rest go through libswresample.
+        # vorbis) already emit planar float, whose planes are read in place; the rest go
+        # through libswresample.
         resampler = av.AudioResampler(format="fltp")
-        planes: list[list[np.ndarray]] = []
         sample_rate = stream.rate or stream.codec_context.sample_rate
 
         def take(frame) -> None:
             n = frame.samples
-            chans = [np.frombuffer(p, dtype=np.float32, count=n) for p in frame.planes]
-            while len(planes) < len(chans):
-                planes.append([])
-            for k, c in enumerate(chans):
-                planes[k].append(c.copy())
+            if n:
+                # Views into the frame's buffers (kept alive by the views until the sink copies them).
+                sink.add([np.frombuffer(p, dtype=np.float32, count=n) for p in frame.planes])
 
         for frame in container.decode(stream):
             sample_rate = frame.sample_rate or sample_rate
@@ -167,23 +242,44 @@ def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
                     take(out)
         for out in resampler.resample(None):
             take(out)
-    if not planes or not planes[0]:
-        return np.zeros((1, 0), dtype=np.float32), int(sample_rate or 0)
-    # A stream whose channel count changes midway keeps only the channels present throughout
-    # (channel 0 always is), so no stretch of audio is dropped.
-    full = sum(len(c) for c in planes[0])
-    keep = [chan for chan in planes if sum(len(c) for c in chan) == full]
-    # Fill one preallocated array, releasing the per-frame pieces as we go: peak memory is
-    # about twice the decoded audio rather than three times.
-    data = np.empty((len(keep), full), dtype=np.float32)
-    for k, chan in enumerate(keep):
-        pos = 0
-        chan.reverse()
-        while chan:
-            piece = chan.pop()
-            data[k, pos : pos + len(piece)] = piece
-            pos += len(piece)
-    return data, int(sample_rate)
+    return int(sample_rate or 0)
+
+
+def _decode(path: str | os.PathLike, sink: _Sink) -> int:
+    """Run the decoders on ``path`` into ``sink``; returns the sample rate."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise AudioDecodeError("unreadable", f"cannot stat file: {e}") from e
+    if size == 0:
+        raise AudioDecodeError("zero_length", "file is empty (0 bytes)")
+    ext = path.suffix.lower()
+    errors: list[str] = []
+    if ext in SOUNDFILE_EXTENSIONS:
+        try:
+            return _decode_soundfile(path, sink)
+        # libsndfile raises several exception types; any failure means "try ffmpeg".
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"libsndfile: {e}")
+            sink.reset()
+    try:
+        return _decode_pyav(path, sink)
+    except AudioDecodeError:
+        if errors and ext in AUDIO_EXTENSIONS:
+            raise AudioDecodeError("unreadable", f"{errors[0]}; ffmpeg: file has no audio stream") from None
+        raise
+    except Exception as e:  # av.error.* (a ValueError subclass tree) and OSError
+        errors.append(f"ffmpeg: {e}")
+        reason = "unreadable" if ext in AUDIO_EXTENSIONS | VIDEO_EXTENSIONS else "not_audio"
+        raise AudioDecodeError(reason, "; ".join(errors)) from e
+
+
+def _check_decoded(num_samples: int, sample_rate: int) -> None:
+    if num_samples == 0:
+        raise AudioDecodeError("zero_length", "decoded to 0 samples")
+    if sample_rate <= 0:
+        raise AudioDecodeError("unreadable", f"decoder reported sample rate {sample_rate}")
 
 
 def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
@@ -199,44 +295,52 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
         AudioDecodeError: the file is empty, holds no audio, or cannot be decoded; ``reason``
             says which.
     """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise AudioDecodeError("unreadable", f"cannot stat file: {e}") from e
-    if size == 0:
-        raise AudioDecodeError("zero_length", "file is empty (0 bytes)")
-    ext = path.suffix.lower()
-    errors: list[str] = []
-    if ext in SOUNDFILE_EXTENSIONS:
-        try:
-            data, sample_rate = _read_soundfile(path)
-        # libsndfile raises several exception types; any failure means "try ffmpeg".
-        except Exception as e:  # noqa: BLE001
-            errors.append(f"libsndfile: {e}")
-        else:
-            return _check_decoded(data, sample_rate)
-    try:
-        data, sample_rate = _read_pyav(path)
-    except AudioDecodeError:
-        if errors and ext in AUDIO_EXTENSIONS:
-            raise AudioDecodeError("unreadable", f"{errors[0]}; ffmpeg: file has no audio stream") from None
-        raise
-    except Exception as e:  # av.error.* (a ValueError subclass tree) and OSError
-        errors.append(f"ffmpeg: {e}")
-        reason = "unreadable" if ext in AUDIO_EXTENSIONS | VIDEO_EXTENSIONS else "not_audio"
-        raise AudioDecodeError(reason, "; ".join(errors)) from e
-    return _check_decoded(data, sample_rate)
+    sink = _Sink(mono=False, clip_level=None)
+    sample_rate = _decode(path, sink)
+    audio = sink.result()
+    _check_decoded(audio.shape[1], sample_rate)
+    return audio, sample_rate
 
 
-def _check_decoded(data: np.ndarray, sample_rate: int) -> tuple[np.ndarray, int]:
-    if data.shape[-1] == 0:
-        raise AudioDecodeError("zero_length", "decoded to 0 samples")
-    if sample_rate <= 0:
-        raise AudioDecodeError("unreadable", f"decoder reported sample rate {sample_rate}")
-    if not np.all(np.isfinite(data)):
-        raise AudioDecodeError("unreadable", "decoded samples contain NaN or infinity")
-    return data, sample_rate
+@dataclass(frozen=True)
+class MonoAudio:
+    """A decoded file mixed down to mono, with what we learnt about the original on the way.
+
+    Attributes:
+        samples: (samples,) float32, the average of the source channels.
+        sample_rate: the source's sample rate in Hz.
+        channels: the source's channel count.
+        clipped_fraction: share of sample instants where any source channel reached the
+            ``clip_level`` given to :func:`load_mono`.
+    """
+
+    samples: np.ndarray
+    sample_rate: int
+    channels: int
+    clipped_fraction: float
+
+
+def load_mono(path: str | os.PathLike, clip_level: float = 0.95) -> MonoAudio:
+    """Decode like :func:`load_audio`, downmixing to mono chunk by chunk as it decodes.
+
+    Peak memory is about two mono copies of the file instead of two multi-channel ones; the
+    clipping statistic is measured on the original channels before the downmix.
+
+    Args:
+        path: any file; the extension only picks which decoder is tried first.
+        clip_level: amplitude (full scale 1.0) at which a sample counts as clipped.
+
+    Returns:
+        A :class:`MonoAudio`.
+
+    Raises:
+        AudioDecodeError: as :func:`load_audio`.
+    """
+    sink = _Sink(mono=True, clip_level=clip_level)
+    sample_rate = _decode(path, sink)
+    samples = sink.result()
+    _check_decoded(len(samples), sample_rate)
+    return MonoAudio(samples, sample_rate, sink.channels, sink.num_clipped / max(sink.num_samples, 1))
 
 
 def to_mono(audio: np.ndarray) -> np.ndarray:

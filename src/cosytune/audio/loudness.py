@@ -123,13 +123,13 @@ def apply_gain_and_ceiling(
     return out, info
 
 
-def clipping_fraction(audio: np.ndarray, level: float = 0.99) -> float:
+def clipping_fraction(audio: np.ndarray, level: float = 0.95) -> float:
     """Fraction of sample instants where any channel reaches ``level`` (linear, full scale 1).
 
     Args:
         audio: (samples,) or (channels, samples) float signal as decoded.
-        level: amplitude that counts as clipped; lossy decoders smear flat tops, so slightly
-            below 1.0.
+        level: amplitude that counts as clipped; lossy codecs smear flat tops into ripples
+            below full scale, so somewhat below 1.0.
 
     Returns:
         A value in [0, 1].
