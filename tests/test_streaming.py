@@ -62,7 +62,7 @@ def test_short_utterance_is_one_final_chunk():
 
 
 def test_silence_thinning_keeps_five_in_a_row():
-    s = sorted(SILENT_TOKENS)[0]
+    s = min(SILENT_TOKENS)
     thinner = SilenceThinner(max_run=5)
     seq = [7] + [s] * 8 + [9] + [s] * 3
     kept = [t for t in seq if thinner.accept(t)]

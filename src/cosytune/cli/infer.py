@@ -161,8 +161,8 @@ def run(args: argparse.Namespace) -> int:
         out_dir = args.out_dir
         out_wav = out_dir / "chunk_0000.wav"
     out_dir.mkdir(parents=True, exist_ok=True)
-    request = dict(text=text, mode=args.mode, spk_id=args.spk_id, prompt_text=args.prompt_text,
-                   prompt_wav=args.prompt_wav, options=options)
+    request = {"text": text, "mode": args.mode, "spk_id": args.spk_id, "prompt_text": args.prompt_text,
+               "prompt_wav": args.prompt_wav, "options": options}
     outputs = []
     if args.stream:
         result = None

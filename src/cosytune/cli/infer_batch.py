@@ -123,7 +123,7 @@ def _join(paths: list[Path], out: Path, gap_s: float) -> float:
         data, rate = sf.read(str(p), dtype="int16")
         sr = sr or rate
         if parts and gap_s > 0:
-            parts.append(np.zeros(int(round(gap_s * sr)), dtype=np.int16))
+            parts.append(np.zeros(round(gap_s * sr), dtype=np.int16))
         parts.append(data)
     audio = np.concatenate(parts) if parts else np.zeros(0, np.int16)
     write_wav_pcm16(out, audio, sr or 24000)

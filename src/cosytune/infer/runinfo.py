@@ -19,6 +19,7 @@ Layout (one JSON object, written atomically beside the audio)::
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import platform
 import sys
@@ -48,7 +49,7 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, float) and value != value:  # NaN is not JSON
+    if isinstance(value, float) and math.isnan(value):  # NaN is not JSON
         return None
     if value is None or isinstance(value, (bool, int, float, str)):
         return value

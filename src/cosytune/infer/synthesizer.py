@@ -629,6 +629,7 @@ class Synthesizer:
         req = self.prepare(text, mode=mode, spk_id=spk_id, prompt_text=prompt_text, prompt_wav=prompt_wav,
                            speaker=speaker, options=options)
         seed = self._seed(options)
+        prepare_s = time.perf_counter() - t0
         prompt_token, prompt_feat, embedding = self._flow_inputs(req)
         state = StreamState(self.schedule, int(prompt_token.shape[1]))
         thinner = SilenceThinner(SILENT_TOKENS, options.max_silent_run)
@@ -678,7 +679,7 @@ class Synthesizer:
         audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
         total = time.perf_counter() - t0
         audio_s = audio.shape[0] / self.sample_rate
-        timings = {"prepare_s": 0.0, **times, "total_s": total, "audio_s": audio_s,
+        timings = {"prepare_s": prepare_s, **times, "total_s": total, "audio_s": audio_s,
                    "rtf": total / audio_s if audio_s else float("inf"), "first_chunk_s": first_chunk_s or total,
                    "chunks": state.chunks}
         info = self._result_info(req, options, tokens, len(state.tokens), thinner, stream=True)
