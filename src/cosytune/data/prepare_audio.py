@@ -638,6 +638,20 @@ def prepare_audio(
         num_workers=workers,
     )
     fingerprints = {t.source_rel: _fingerprint(Path(t.source)) for t in tasks}
+    logger.info(
+        "prepare-audio %s -> %s: %d input files, %d to process (%d unchanged), %d worker(s); "
+        "%d Hz mono PCM16, trim %s, slices <= %g s, loudness %s",
+        in_abs,
+        out_abs,
+        len(files),
+        len(tasks),
+        num_reused,
+        workers,
+        cfg.sample_rate,
+        f"{cfg.trim_threshold_db:g} dBFS" if cfg.trim else "off",
+        cfg.max_duration_s,
+        f"{cfg.loudness_target_lufs:g} LUFS" if cfg.loudness_target_lufs is not None else "unchanged",
+    )
 
     # The journal is appended to as files finish (the old entries stay until the final
     # compaction, so an interrupted run still knows which old outputs to clean up).
@@ -675,7 +689,7 @@ def prepare_audio(
 
     # Outputs of sources that vanished, changed or were re-sliced into fewer pieces.
     keep_wavs = {r["wav"] for e in entries.values() for r in e["rows"]}
-    for rel, old in old_state.items():
+    for old in old_state.values():
         for r in old.get("rows", []):
             if r["wav"] not in keep_wavs:
                 with contextlib.suppress(OSError):
@@ -712,13 +726,7 @@ def prepare_audio(
     summary.reject_counts = dict(rejects.counts())
     summary.num_sources_without_output = sum(1 for e in entries.values() if not e["rows"])
     summary.elapsed_s = time.perf_counter() - t0
-    logger.info(
-        "prepare-audio: %d wavs from %d inputs (%d skipped as unchanged), %d rejects",
-        summary.num_outputs,
-        summary.num_inputs,
-        num_reused,
-        len(rejects),
-    )
+    logger.debug("prepare-audio finished: %s", summary)
     return summary
 
 
