@@ -155,3 +155,28 @@ def test_load_mono_matches_load_audio(tmp_path, speech, name, codec):
     np.testing.assert_allclose(mono.samples, to_mono(audio), atol=1e-6)
     assert mono.clipped_fraction == pytest.approx(clipping_fraction(audio, 0.95))
     assert mono.clipped_fraction > 0.005
+
+
+@pytest.mark.parametrize("name,rate", [("a.wav", 44100), ("b.m4a", 16000), ("c.flac", 24000)])
+def test_load_mono_resamples_like_one_shot_soxr(tmp_path, speech, name, rate):
+    import soxr
+
+    from cosytune.audio.io import load_mono
+
+    x, sr = speech
+    x = soxr.resample(np.tile(x, 3), sr, rate).astype(np.float32)
+    stereo = np.stack([x, -0.25 * x], axis=1)
+    path = (
+        write_sf(tmp_path / name, stereo, rate)
+        if name[-3:] != "m4a"
+        else write_av(tmp_path / name, stereo, rate, "aac")
+    )
+    audio, got_rate = load_audio(path)
+    mono = load_mono(path, target_rate=24000, quality="HQ")
+    expected = (
+        to_mono(audio) if got_rate == 24000 else soxr.resample(to_mono(audio), got_rate, 24000, quality="HQ")
+    )
+    assert mono.sample_rate == 24000 and mono.source_sample_rate == got_rate and mono.channels == 2
+    assert mono.source_duration_s == pytest.approx(audio.shape[1] / got_rate)
+    assert len(mono.samples) == len(expected)
+    np.testing.assert_allclose(mono.samples, expected, atol=1e-6)

@@ -139,15 +139,32 @@ class _Sink:
     Decoders deliver small blocks (an mp3 frame is 1152 samples); they are gathered into
     chunks of :data:`_CHUNK` frames so the per-chunk numpy work stays cheap. In mono mode each
     chunk is downmixed at once, so a long stereo recording never exists as a float32 stereo
-    array in memory.
+    array in memory; with ``target_rate`` the mono chunks are also resampled as they come
+    (soxr's streaming resampler gives the same samples as a one-shot call).
     """
 
-    def __init__(self, mono: bool, clip_level: float | None) -> None:
+    def __init__(
+        self, mono: bool, clip_level: float | None, target_rate: int | None = None, quality: str = "HQ"
+    ) -> None:
         self.mono = mono
         self.clip_level = clip_level
+        self.target_rate = target_rate
+        self.quality = quality
         self.reset()
 
+    def start(self, sample_rate: int) -> None:
+        """Called by a decoder before the first block, with the rate of every block it sends."""
+        self.source_rate = int(sample_rate)
+        if self.mono and self.target_rate and self.source_rate > 0 and self.source_rate != self.target_rate:
+            import soxr
+
+            self.stream = soxr.ResampleStream(
+                self.source_rate, self.target_rate, 1, dtype="float32", quality=self.quality
+            )
+
     def reset(self) -> None:
+        self.source_rate = 0
+        self.stream = None
         self.parts: list[np.ndarray] = []
         self.pending: list[list[np.ndarray]] = []
         self.pending_len = 0
@@ -182,12 +199,16 @@ class _Sink:
         if self.clip_level is not None and max(float(block.max()), -float(block.min())) >= self.clip_level:
             self.num_clipped += int(np.count_nonzero(np.max(np.abs(block), axis=0) >= self.clip_level))
         if self.mono:
-            self.parts.append(block[0] if num_channels == 1 else block.mean(axis=0, dtype=np.float32))
+            mono = block[0] if num_channels == 1 else block.mean(axis=0, dtype=np.float32)
+            self.parts.append(mono if self.stream is None else self.stream.resample_chunk(mono, last=False))
         else:
             self.parts.append(block)
 
     def result(self) -> np.ndarray:
         self._flush()
+        if self.stream is not None:
+            self.parts.append(self.stream.resample_chunk(np.zeros(0, np.float32), last=True))
+            self.stream = None
         if self.mono:
             out = np.concatenate(self.parts) if self.parts else np.zeros(0, np.float32)
         elif not self.parts:
@@ -205,6 +226,7 @@ def _decode_soundfile(path: Path, sink: _Sink) -> int:
 
     with sf.SoundFile(str(path)) as f:
         sample_rate = int(f.samplerate)
+        sink.start(sample_rate)
         while True:
             data = f.read(_CHUNK, dtype="float32", always_2d=True)
             if not len(data):
@@ -222,10 +244,10 @@ def _decode_pyav(path: Path, sink: _Sink) -> int:
             raise AudioDecodeError("not_audio", f"no audio stream (found: {', '.join(kinds)})")
         stream = container.streams.audio[0]
         # Planar float at the stream's own rate and layout. Most decoders (mp3, aac, opus,
-        # vorbis) already emit planar float, whose planes are read in place; the rest go
-        # through libswresample.
-        resampler = av.AudioResampler(format="fltp")
-        sample_rate = stream.rate or stream.codec_context.sample_rate
+        # vorbis) already emit planar float, whose planes are read in place; the rest, and any
+        # frame whose rate differs from the first one, go through libswresample.
+        sample_rate = 0
+        resampler = None
 
         def take(frame) -> None:
             n = frame.samples
@@ -234,15 +256,19 @@ def _decode_pyav(path: Path, sink: _Sink) -> int:
                 sink.add([np.frombuffer(p, dtype=np.float32, count=n) for p in frame.planes])
 
         for frame in container.decode(stream):
-            sample_rate = frame.sample_rate or sample_rate
-            if frame.format.name == "fltp":
+            if not sample_rate:
+                sample_rate = int(frame.sample_rate or stream.rate or 0)
+                sink.start(sample_rate)
+                resampler = av.AudioResampler(format="fltp", rate=sample_rate or None)
+            if frame.format.name == "fltp" and frame.sample_rate == sample_rate:
                 take(frame)
             else:
                 for out in resampler.resample(frame):
                     take(out)
-        for out in resampler.resample(None):
-            take(out)
-    return int(sample_rate or 0)
+        if resampler is not None:
+            for out in resampler.resample(None):
+                take(out)
+    return int(sample_rate or stream.rate or 0)
 
 
 def _decode(path: str | os.PathLike, sink: _Sink) -> int:
@@ -307,8 +333,10 @@ class MonoAudio:
     """A decoded file mixed down to mono, with what we learnt about the original on the way.
 
     Attributes:
-        samples: (samples,) float32, the average of the source channels.
-        sample_rate: the source's sample rate in Hz.
+        samples: (samples,) float32, the average of the source channels, at ``sample_rate``.
+        sample_rate: rate of ``samples`` in Hz (the target rate if one was asked for).
+        source_sample_rate: the source's sample rate in Hz.
+        source_duration_s: the source's duration in seconds.
         channels: the source's channel count.
         clipped_fraction: share of sample instants where any source channel reached the
             ``clip_level`` given to :func:`load_mono`.
@@ -316,19 +344,30 @@ class MonoAudio:
 
     samples: np.ndarray
     sample_rate: int
+    source_sample_rate: int
+    source_duration_s: float
     channels: int
     clipped_fraction: float
 
 
-def load_mono(path: str | os.PathLike, clip_level: float = 0.95) -> MonoAudio:
-    """Decode like :func:`load_audio`, downmixing to mono chunk by chunk as it decodes.
+def load_mono(
+    path: str | os.PathLike,
+    clip_level: float = 0.95,
+    target_rate: int | None = None,
+    quality: str = "HQ",
+) -> MonoAudio:
+    """Decode like :func:`load_audio`, downmixing (and resampling) chunk by chunk as it decodes.
 
-    Peak memory is about two mono copies of the file instead of two multi-channel ones; the
-    clipping statistic is measured on the original channels before the downmix.
+    Peak memory is about two mono copies of the output instead of two multi-channel copies at
+    the source rate (an hour of 44.1 kHz stereo: ~0.7 GB instead of ~2.5 GB). The clipping
+    statistic is measured on the original channels before the downmix.
 
     Args:
         path: any file; the extension only picks which decoder is tried first.
         clip_level: amplitude (full scale 1.0) at which a sample counts as clipped.
+        target_rate: resample to this rate with soxr (same samples as ``soxr.resample`` on the
+            whole signal); None keeps the source rate.
+        quality: soxr quality preset (``"HQ"``, ``"VHQ"``, ...).
 
     Returns:
         A :class:`MonoAudio`.
@@ -336,11 +375,18 @@ def load_mono(path: str | os.PathLike, clip_level: float = 0.95) -> MonoAudio:
     Raises:
         AudioDecodeError: as :func:`load_audio`.
     """
-    sink = _Sink(mono=True, clip_level=clip_level)
-    sample_rate = _decode(path, sink)
+    sink = _Sink(mono=True, clip_level=clip_level, target_rate=target_rate, quality=quality)
+    source_rate = _decode(path, sink)
     samples = sink.result()
-    _check_decoded(len(samples), sample_rate)
-    return MonoAudio(samples, sample_rate, sink.channels, sink.num_clipped / max(sink.num_samples, 1))
+    _check_decoded(sink.num_samples, source_rate)
+    return MonoAudio(
+        samples=samples,
+        sample_rate=int(target_rate or source_rate),
+        source_sample_rate=int(source_rate),
+        source_duration_s=sink.num_samples / source_rate,
+        channels=sink.channels,
+        clipped_fraction=sink.num_clipped / max(sink.num_samples, 1),
+    )
 
 
 def to_mono(audio: np.ndarray) -> np.ndarray:

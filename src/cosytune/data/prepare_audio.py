@@ -1,8 +1,9 @@
 """Stage ``prepare-audio``: a folder of raw recordings → 24 kHz mono PCM16 wavs + a manifest.
 
 Pipeline per input file (one worker process per file, see :func:`prepare_audio`):
-decode (:mod:`cosytune.audio.io`) → reject heavy clipping (measured on the decoded channels) →
-mix to mono → resample to ``sample_rate`` with soxr → trim both ends like sox
+decode, mixing to mono and resampling to ``sample_rate`` with soxr chunk by chunk as it
+decodes (:func:`cosytune.audio.io.load_mono`, so long recordings stay small in memory) → reject
+heavy clipping (measured on the source channels during decoding) → trim both ends like sox
 (:mod:`cosytune.audio.trim`) → if longer than ``max_duration_s``, slice at pauses
 (:mod:`cosytune.audio.slicing`) and trim each slice → over-trim rule (clips > 1.5 s that would
 end < 1.5 s stay untrimmed) → reject too-short → optional LUFS normalisation and peak ceiling
@@ -316,7 +317,7 @@ def _process(task: _Task) -> _Result:
 
     res = _Result(task.source_rel, [], [])
     try:
-        decoded = load_mono(task.source, task.cfg.clip_level)
+        decoded = load_mono(task.source, task.cfg.clip_level, task.cfg.sample_rate, task.cfg.resample_quality)
     except AudioDecodeError as e:
         res.rejects.append({"input": task.source, "reason": e.reason, "detail": e.detail})
         return res
@@ -343,8 +344,6 @@ def _process(task: _Task) -> _Result:
 
 
 def _process_decoded(task: _Task, decoded: MonoAudio, res: _Result) -> None:
-    import soxr
-
     from cosytune.audio.io import write_wav_pcm16
     from cosytune.audio.loudness import apply_gain_and_ceiling
     from cosytune.audio.slicing import Segment, slice_at_pauses
@@ -352,8 +351,8 @@ def _process_decoded(task: _Task, decoded: MonoAudio, res: _Result) -> None:
 
     cfg = task.cfg
     sr = cfg.sample_rate
-    source_rate, channels, clipped = decoded.sample_rate, decoded.channels, decoded.clipped_fraction
-    res.source_duration_s = len(decoded.samples) / source_rate
+    source_rate, channels, clipped = decoded.source_sample_rate, decoded.channels, decoded.clipped_fraction
+    res.source_duration_s = decoded.source_duration_s
     if clipped > cfg.max_clipped_fraction:
         res.rejects.append(
             {
@@ -364,12 +363,10 @@ def _process_decoded(task: _Task, decoded: MonoAudio, res: _Result) -> None:
             }
         )
         return
+    # Already mono at the output rate: load_mono downmixes and resamples while decoding.
+    assert decoded.sample_rate == sr
     mono = decoded.samples
     del decoded
-    if source_rate != sr:
-        mono = soxr.resample(mono, source_rate, sr, quality=cfg.resample_quality).astype(
-            np.float32, copy=False
-        )
     n = len(mono)
 
     def trim(x: np.ndarray) -> TrimResult:
