@@ -10,8 +10,10 @@ Decoding goes through two backends, no system ``ffmpeg`` binary needed:
   resync notes straight to stderr on damaged files, and ffmpeg honours the LAME gapless header.
 
 Layout: :func:`load_audio` returns ``(channels, samples)`` float32 in [-1, 1] (values slightly
-beyond ±1 can come out of lossy decoders) and the native sample rate. Nothing is resampled
-here; dataset preparation resamples with soxr (:mod:`cosytune.data.prepare_audio`).
+beyond ±1 can come out of lossy decoders) at the native sample rate. :func:`load_mono` is what
+dataset preparation uses: it downmixes to mono, optionally resamples with soxr and measures
+clipping *while* decoding, in chunks of 65536 frames, so an hour-long stereo recording never
+sits in memory as a multi-channel float array. Both functions share the decoders.
 
 Failures raise :class:`AudioDecodeError` whose ``reason`` is a stable reject reason
 (``zero_length``, ``not_audio``, ``unreadable``), so callers can record a reject row.
