@@ -401,3 +401,35 @@ def test_crashing_worker_becomes_a_reject(tmp_path, sample_speaker_dir, monkeypa
     assert summary.num_outputs == 3 and summary.reject_counts == {"worker_crashed": 1}
     (rej,) = read_jsonl(out / REJECTS_NAME)
     assert rej["input"] == str(victim)
+
+
+def test_cli_no_slice_and_no_trim(tmp_path, sample_speaker_dir):
+    src = tmp_path / "src"
+    speech, sr = sample_speech(sample_speaker_dir, LONG_CLIPS)
+    write_sf(src / "long.flac", speech, sr)
+    write_sf(src / "short.wav", np.concatenate([np.zeros(sr), speech[: 3 * sr], np.zeros(sr)]), sr)
+    write_sf(src / "silence.wav", np.zeros(3 * sr), sr)  # no trimming, but still "all silence"
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "prepare-audio",
+                "--in_dir",
+                str(src),
+                "--out_dir",
+                str(out),
+                "--no_slice",
+                "--no_trim",
+                "--num_workers",
+                "1",
+                "--no_progress",
+            ]
+        )
+        == 0
+    )
+    (row,) = read_jsonl(out / MANIFEST_NAME)
+    assert row["source_rel"] == "short.wav" and row["duration_s"] == pytest.approx(5.0, abs=1e-3)
+    assert not row["trim"]["applied"]
+    rejects = {Path(r["input"]).name: r for r in read_jsonl(out / REJECTS_NAME)}
+    assert rejects["long.flac"]["reason"] == "too_long" and "slice_long" in rejects["long.flac"]["detail"]
+    assert rejects["silence.wav"]["reason"] == "all_silence" and len(rejects) == 2

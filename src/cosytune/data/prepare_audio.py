@@ -347,7 +347,7 @@ def _process_decoded(task: _Task, decoded: MonoAudio, res: _Result) -> None:
     from cosytune.audio.io import write_wav_pcm16
     from cosytune.audio.loudness import apply_gain_and_ceiling
     from cosytune.audio.slicing import Segment, slice_at_pauses
-    from cosytune.audio.trim import TrimResult, trim_with_overtrim_rule
+    from cosytune.audio.trim import TrimResult, trim_silence, trim_with_overtrim_rule
 
     cfg = task.cfg
     sr = cfg.sample_rate
@@ -371,7 +371,11 @@ def _process_decoded(task: _Task, decoded: MonoAudio, res: _Result) -> None:
 
     def trim(x: np.ndarray) -> TrimResult:
         if not cfg.trim:
-            return TrimResult(0, len(x), len(x), sox_start=0, sox_end=len(x))
+            # Keep everything, but still find out whether there is any sound at all.
+            probe = trim_silence(
+                x, sr, cfg.trim_threshold_db, cfg.trim_start_duration_s, cfg.trim_end_duration_s
+            )
+            return TrimResult(0, len(x), len(x), sox_start=probe.sox_start, sox_end=probe.sox_end)
         return trim_with_overtrim_rule(
             x,
             sr,
