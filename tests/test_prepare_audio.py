@@ -394,7 +394,15 @@ def test_crashing_worker_becomes_a_reject(tmp_path, sample_speaker_dir, monkeypa
             os._exit(3)  # a decoder segfault, as far as the pool can tell
         return real(path, *args)
 
-    # Workers are forked, so they inherit the patched decoder.
+    # Forked workers inherit the patched decoder (pytest may run helper threads, which would
+    # otherwise make prepare-audio choose forkserver).
+    import multiprocessing
+
+    import cosytune.data.prepare_audio as stage
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs the fork start method")
+    monkeypatch.setattr(stage, "_mp_context", lambda: multiprocessing.get_context("fork"))
     monkeypatch.setattr(audio_io, "load_mono", crashing)
     out = tmp_path / "out"
     summary = prepare_audio(src, out, PrepareAudioConfig(num_workers=2))

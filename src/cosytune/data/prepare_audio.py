@@ -547,9 +547,15 @@ def _remove_temp_files(out_dir: Path) -> None:
 
 def _mp_context() -> multiprocessing.context.BaseContext:
     # fork starts workers in milliseconds (spawn re-imports numpy/soxr/av per worker, which
-    # dominates short jobs); workers receive every input as an argument, so either is correct.
+    # dominates short jobs); workers receive every input as an argument, so any method is
+    # correct. Forking a process that runs other Python threads can deadlock, so then the
+    # (slower) forkserver is used.
+    import threading
+
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    if "fork" in methods and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
 def prepare_audio(
