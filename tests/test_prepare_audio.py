@@ -441,3 +441,21 @@ def test_cli_no_slice_and_no_trim(tmp_path, sample_speaker_dir):
     rejects = {Path(r["input"]).name: r for r in read_jsonl(out / REJECTS_NAME)}
     assert rejects["long.flac"]["reason"] == "too_long" and "slice_long" in rejects["long.flac"]["detail"]
     assert rejects["silence.wav"]["reason"] == "all_silence" and len(rejects) == 2
+
+
+def test_output_samples_are_the_resampled_source(tmp_path, sample_speaker_dir):
+    import soxr
+
+    from cosytune.audio.io import load_audio, to_mono
+
+    src = _small_input(tmp_path, sample_speaker_dir, n=2)
+    out = tmp_path / "out"
+    prepare_audio(src, out, PrepareAudioConfig(num_workers=1))
+    for row in read_jsonl(out / MANIFEST_NAME):
+        audio, rate = load_audio(row["source"])
+        ref = soxr.resample(to_mono(audio), rate, 24000, quality="HQ")
+        start = round(row["source_start_s"] * 24000)
+        ref = ref[start : start + row["num_samples"]]
+        got, _ = sf.read(str(out / row["wav"]), dtype="float32")
+        assert row["loudness"]["gain_db"] == 0.0
+        np.testing.assert_allclose(got, ref, atol=1.0 / 32768)

@@ -308,7 +308,8 @@ class _Result:
 
 
 def _r(x: float) -> float:
-    return round(float(x), 4)
+    # Microseconds: enough to recover exact sample positions at any audio rate.
+    return round(float(x), 6)
 
 
 def _process(task: _Task) -> _Result:
