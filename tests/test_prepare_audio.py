@@ -459,3 +459,26 @@ def test_output_samples_are_the_resampled_source(tmp_path, sample_speaker_dir):
         got, _ = sf.read(str(out / row["wav"]), dtype="float32")
         assert row["loudness"]["gain_db"] == 0.0
         np.testing.assert_allclose(got, ref, atol=1.0 / 32768)
+
+
+def test_cli_config_file_and_precedence(tmp_path, sample_speaker_dir):
+    src = _small_input(tmp_path, sample_speaker_dir, n=1)
+    cfg = tmp_path / "prep.yaml"
+    cfg.write_text("trim_threshold_db: -40\nmin_duration_s: 0.7\npeak_ceiling_db: -2\n", encoding="utf-8")
+    out = tmp_path / "out"
+    argv = [
+        "prepare-audio",
+        "--in_dir",
+        str(src),
+        "--out_dir",
+        str(out),
+        "--config",
+        str(cfg),
+        "--no_progress",
+    ]
+    # file < key=value < explicit flag
+    assert main([*argv, "--peak_ceiling_db", "-6", "min_duration_s=0.6", "peak_ceiling_db=-4"]) == 0
+    used = load_config(PrepareAudioConfig, out / "prepare_audio.yaml")
+    assert (used.trim_threshold_db, used.min_duration_s, used.peak_ceiling_db) == (-40.0, 0.6, -6.0)
+    cfg.write_text("trim_threshold: -40\n", encoding="utf-8")
+    assert main(argv) == 2
