@@ -346,7 +346,7 @@ def _process(task: _Task) -> _Result:
 
 def _process_decoded(task: _Task, decoded: MonoAudio, res: _Result) -> None:
     from cosytune.audio.io import write_wav_pcm16
-    from cosytune.audio.loudness import apply_gain_and_ceiling
+    from cosytune.audio.loudness import apply_gain_and_ceiling, peak_dbfs
     from cosytune.audio.slicing import Segment, slice_at_pauses
     from cosytune.audio.trim import TrimResult, trim_silence, trim_with_overtrim_rule
 
@@ -393,7 +393,13 @@ def _process_decoded(task: _Task, decoded: MonoAudio, res: _Result) -> None:
                 "input": task.source,
                 "reason": "all_silence",
                 "detail": f"{n / sr:.2f} s with no 20 ms RMS above {cfg.trim_threshold_db} dBFS for "
-                f"{cfg.trim_start_duration_s} s",
+                f"{cfg.trim_start_duration_s} s "
+                + (
+                    f"(sample peak {peak_dbfs(mono):.1f} dBFS; if it does hold speech, it is very quiet: "
+                    "lower trim_threshold_db)"
+                    if np.any(mono)
+                    else "(digital silence: every sample is 0)"
+                ),
             }
         )
         return
