@@ -159,7 +159,10 @@ def _border_jumps(audio: np.ndarray, borders: list[int], window: int = HOP) -> l
 
 
 def test_streaming_matches_length_and_joins_without_clicks(synth):
-    text = "Streaming needs a text long enough for several chunks of speech tokens to arrive in turn."
+    # min_len = 2 tokens per text token: this text guarantees at least two full chunks before the last.
+    text = ("Streaming needs a text long enough for several chunks of speech tokens to arrive in turn, "
+            "so this sentence keeps going for a while, with commas, clauses and a few more words, "
+            "until the language model has produced well over a hundred tokens in one single request.")
     opts = _opts()
     chunks = list(synth.stream(text, spk_id="alice", options=opts))
     result = chunks[-1].result

@@ -479,6 +479,8 @@ class Synthesizer:
 
         from cosytune.text.normalize import is_only_punctuation
 
+        # Upstream-style text carries its instruction before <|endofprompt|>; only what follows is spoken.
+        spoken = spoken.rsplit(ENDOFPROMPT, 1)[-1]
         rest = re.sub(r"<\|[^|]*\|>", "", spoken).strip()
         if not rest or is_only_punctuation(rest):
             raise DataError("the text has nothing to speak (empty, or only punctuation/special tokens); expected "
