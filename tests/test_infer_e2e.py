@@ -202,6 +202,12 @@ def test_llm_and_flow_ckpt_really_swap_weights(dirs):
     reference, _ = run(mixed)
     assert np.array_equal(swapped.audio, reference.audio) and swapped.tokens == reference.tokens
     assert swapped.tokens != base.tokens
+    # A training checkpoint (epoch/step entries beside the weights) loads the same weights.
+    ckpt = root / "epoch_3_whole.pt"
+    sd = torch.load(b / "llm.pt", map_location="cpu", weights_only=True)
+    torch.save({**sd, "epoch": 3, "step": 120}, ckpt)
+    from_ckpt, _ = run(a, llm_ckpt=ckpt, flow_ckpt=b / "flow.pt")
+    assert np.array_equal(from_ckpt.audio, reference.audio)
     # Flow only: same tokens as the base (same LLM), other audio.
     flow_only, _ = run(a, flow_ckpt=b / "flow.pt")
     assert flow_only.tokens == base.tokens and not np.array_equal(flow_only.audio, base.audio)
