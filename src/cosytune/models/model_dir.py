@@ -265,8 +265,8 @@ class ModelDir:
             return FileStatus(name, "missing", f"the {kind} weights")
         size = path.stat().st_size
         if size == 0 or not _is_torch_file(path):
-            return FileStatus(name, "malformed", f"{'empty' if size == 0 else 'not a torch.save file'} "
-                                                 f"({size} bytes); copy it again")
+            what = "empty" if size == 0 else "not a complete torch.save file (truncated or corrupted?)"
+            return FileStatus(name, "malformed", f"{what}, {size} bytes; copy it again")
         if not deep:
             return FileStatus(name, "ok", f"{size / 2**20:.1f} MiB")
         try:

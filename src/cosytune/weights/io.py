@@ -229,7 +229,7 @@ def check_state_dict(
         hint = " The file may belong to another network (llm.pt vs flow.pt vs hift.pt) or another model version."
     raise CheckpointError(
         f"{source}: the weights do not match the model ({len(expected)} keys expected, {len(actual)} in the file):\n"
-        + "\n".join(parts) + hint
+        + "\n".join(parts) + (f"\n  {hint.strip()}" if hint else "")
     )
 
 
