@@ -1,0 +1,271 @@
+"""The DiT estimator of CosyVoice 3's flow: the velocity field of conditional flow matching.
+
+``DiT(config)(x, mask, mu, t, spks, cond, streaming) -> v``, all channels-first ``(B, 80, T)``
+in and out (``spks`` is ``(B, 80)``, ``t`` is ``(B,)`` or a 0-d tensor, ``mask`` ``(B, 1, T)``).
+
+Layout (spec §3.3):
+
+1. time: sinusoidal embedding of ``1000·t`` (256 dims) → Linear → SiLU → Linear = ``t_emb`` (B, D);
+2. input: ``Linear(concat[x, cond, mu, spks])`` (320 → D), plus a causal grouped-conv position
+   embedding (two × [left-pad 30, Conv1d k=31 groups=16, Mish]);
+3. ``depth`` × block: AdaLN-Zero modulation from ``t_emb`` (shift, scale, gate for attention, then
+   for the MLP), self-attention with rotary embeddings, GELU(tanh) MLP; padded frames of the
+   attention output are zeroed;
+4. final AdaLN (scale first, then shift) and ``Linear(D → 80)``.
+
+Attention mask: key padding; with ``streaming`` also block-causal over ``static_chunk_size``-frame
+chunks with unlimited left context (chunk boundaries at absolute frame indices).
+
+Shapes: B batch, T mel frames (50 Hz), D model width, H heads, Dh head width.
+
+Reference: upstream ``FunAudioLLM/CosyVoice:cosyvoice/flow/DiT/dit.py`` and ``modules.py`` (F5-TTS
+style), ``cosyvoice/utils/mask.py``; read for facts only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """DiT sizes (upstream yaml ``estimator: DiT`` arguments)."""
+
+    dim: int = 1024
+    depth: int = 22
+    heads: int = 16
+    dim_head: int = 64
+    ff_mult: int = 2
+    mel_dim: int = 80
+    mu_dim: int = 80
+    spk_dim: int = 80
+    out_channels: int = 80
+    static_chunk_size: int = 50
+    num_decoding_left_chunks: int = -1
+    dropout: float = 0.1
+    long_skip_connection: bool = False
+    time_freq_dim: int = 256
+    conv_pos_kernel: int = 31
+    conv_pos_groups: int = 16
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.heads * self.dim_head != self.dim:
+            problems.append(f"heads × dim_head must equal dim ({self.heads}×{self.dim_head} != {self.dim})")
+        if self.dim % self.conv_pos_groups:
+            problems.append(f"dim {self.dim} must be divisible by conv_pos_groups {self.conv_pos_groups}")
+        if self.dim_head % 2:
+            problems.append(f"dim_head must be even for rotary embeddings, got {self.dim_head}")
+        if self.long_skip_connection:
+            problems.append("long_skip_connection=True is not used by CosyVoice 3 and not implemented")
+        if self.static_chunk_size < 1:
+            problems.append(f"static_chunk_size must be >= 1, got {self.static_chunk_size}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal embedding of ``1000·t`` followed by a 2-layer MLP."""
+
+    def __init__(self, dim: int, freq_dim: int) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.time_mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def sinusoid(self, t: Tensor) -> Tensor:
+        half = self.freq_dim // 2
+        scale = math.log(10000) / (half - 1)
+        freqs = torch.exp(torch.arange(half, device=t.device).float() * -scale)
+        arg = 1000.0 * t[:, None] * freqs[None, :]  # (B, half)
+        return torch.cat((arg.sin(), arg.cos()), dim=-1).to(t.dtype)
+
+    def forward(self, t: Tensor) -> Tensor:
+        emb = self.sinusoid(t)
+        return self.time_mlp(emb.to(self.time_mlp[0].weight.dtype))
+
+
+class CausalConvPositionEmbedding(nn.Module):
+    """Two causal grouped convolutions (left-padded by ``kernel - 1``) with Mish."""
+
+    def __init__(self, dim: int, kernel: int, groups: int) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.conv1 = nn.Sequential(nn.Conv1d(dim, dim, kernel, groups=groups, padding=0), nn.Mish())
+        self.conv2 = nn.Sequential(nn.Conv1d(dim, dim, kernel, groups=groups, padding=0), nn.Mish())
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, T, D)
+        h = x.transpose(1, 2)
+        h = self.conv1(F.pad(h, (self.kernel - 1, 0)))
+        h = self.conv2(F.pad(h, (self.kernel - 1, 0)))
+        return h.transpose(1, 2)
+
+
+class InputEmbedding(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.proj = nn.Linear(cfg.mel_dim * 2 + cfg.mu_dim + cfg.spk_dim, cfg.dim)
+        self.conv_pos_embed = CausalConvPositionEmbedding(cfg.dim, cfg.conv_pos_kernel, cfg.conv_pos_groups)
+
+    def forward(self, x: Tensor, cond: Tensor, mu: Tensor, spks: Tensor) -> Tensor:
+        # (B, T, 80) each, spks (B, 80); the concat order x, cond, mu, spk is a checkpoint contract.
+        spks = spks[:, None, :].expand(-1, x.shape[1], -1)
+        h = self.proj(torch.cat((x, cond, mu, spks), dim=-1))  # (B, T, D)
+        return h + self.conv_pos_embed(h)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary frequencies with pairwise-duplicated layout ([f0, f0, f1, f1, ...]).
+
+    CHECKPOINT-COMPAT: ``inv_freq`` is a persistent buffer in upstream's flow.pt (x-transformers
+    keeps it in the state dict), so it is one here too.
+    """
+
+    def __init__(self, dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=True)
+
+    def forward(self, seq_len: int) -> Tensor:
+        pos = torch.arange(seq_len, device=self.inv_freq.device, dtype=self.inv_freq.dtype)
+        freqs = pos[:, None] * self.inv_freq[None, :]  # (T, Dh/2)
+        return torch.stack((freqs, freqs), dim=-1).flatten(-2)[None]  # (1, T, Dh)
+
+
+def apply_rotary(x: Tensor, freqs: Tensor) -> Tensor:
+    """Rotate adjacent channel pairs of the first ``freqs.shape[-1]`` channels of ``x`` (B, T, C).
+
+    CHECKPOINT-COMPAT: upstream applies this to the flattened ``heads·dim_head``-wide q and k
+    *before* splitting heads, so only the first ``dim_head`` channels — head 0 — are rotated and
+    heads 1… get no positional rotation. Computed in fp32, then cast back (as x-transformers does).
+    """
+    dtype = x.dtype
+    rot = freqs.shape[-1]
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        xr, xp = x[..., :rot].float(), x[..., rot:]
+        f = freqs.float()
+        pairs = xr.unflatten(-1, (-1, 2))
+        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+        out = xr * f.cos() + rotated * f.sin()
+    return torch.cat((out.to(dtype), xp), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        inner = cfg.heads * cfg.dim_head
+        self.heads, self.dim_head = cfg.heads, cfg.dim_head
+        self.to_q = nn.Linear(cfg.dim, inner)
+        self.to_k = nn.Linear(cfg.dim, inner)
+        self.to_v = nn.Linear(cfg.dim, inner)
+        self.to_out = nn.Sequential(nn.Linear(inner, cfg.dim), nn.Dropout(cfg.dropout))
+
+    def forward(self, x: Tensor, attn_mask: Tensor, freqs: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q = apply_rotary(self.to_q(x), freqs)
+        k = apply_rotary(self.to_k(x), freqs)
+        v = self.to_v(x)
+        q, k, v = (z.view(b, t, self.heads, self.dim_head).transpose(1, 2) for z in (q, k, v))  # (B, H, T, Dh)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0)
+        o = o.transpose(1, 2).reshape(b, t, self.heads * self.dim_head).to(q.dtype)
+        o = self.to_out(o)
+        # Zero padded frames: the last query row's key mask is the key-padding mask in both modes.
+        return o.masked_fill(~attn_mask[:, 0, -1, :, None], 0.0)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        inner = cfg.dim * cfg.ff_mult
+        self.ff = nn.Sequential(nn.Sequential(nn.Linear(cfg.dim, inner), nn.GELU(approximate="tanh")),
+                                nn.Dropout(cfg.dropout), nn.Linear(inner, cfg.dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ff(x)
+
+
+class AdaLayerNormZero(nn.Module):
+    """Modulation (shift, scale, gate) × (attention, MLP) from the time embedding."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim * 6)
+
+    def forward(self, emb: Tensor) -> tuple[Tensor, ...]:
+        return self.linear(F.silu(emb)).chunk(6, dim=-1)
+
+
+class AdaLayerNormZeroFinal(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim * 2)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        scale, shift = self.linear(F.silu(emb)).chunk(2, dim=-1)  # CHECKPOINT-COMPAT: scale first
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.attn_norm = AdaLayerNormZero(cfg.dim)
+        self.attn = Attention(cfg)
+        self.ff = FeedForward(cfg)
+
+    def forward(self, x: Tensor, t_emb: Tensor, attn_mask: Tensor, freqs: Tensor) -> Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(t_emb)
+        d = x.shape[-1:]
+        n = F.layer_norm(x, d, eps=1e-6) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+        x = x + gate_msa[:, None] * self.attn(n, attn_mask, freqs)
+        m = F.layer_norm(x, d, eps=1e-6) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        return x + gate_mlp[:, None] * self.ff(m)
+
+
+def attention_mask(mask: Tensor, streaming: bool, chunk: int) -> Tensor:
+    """(B, 1, T, T) bool: key padding, plus block-causal chunks of ``chunk`` frames when streaming.
+
+    Rows with no visible key are opened fully (upstream does the same, with a printed warning).
+    """
+    key = mask[:, 0].bool()  # (B, T)
+    t = key.shape[1]
+    m = key[:, None, :].expand(-1, t, -1)  # (B, T, T)
+    if streaming:
+        idx = torch.arange(t, device=mask.device)
+        chunk_end = (idx // chunk + 1) * chunk  # (T,)
+        m = m & (idx[None, :] < chunk_end[:, None])[None]
+    m = m | ~m.any(dim=-1, keepdim=True)
+    return m[:, None]
+
+
+class DiT(nn.Module):
+    """The estimator; see the module docstring."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.time_embed = TimestepEmbedding(cfg.dim, cfg.time_freq_dim)
+        self.input_embed = InputEmbedding(cfg)
+        self.rotary_embed = RotaryEmbedding(cfg.dim_head)
+        self.transformer_blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.norm_out = AdaLayerNormZeroFinal(cfg.dim)
+        self.proj_out = nn.Linear(cfg.dim, cfg.out_channels)
+
+    def forward(self, x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor,
+                streaming: bool = False) -> Tensor:
+        """Velocity (B, 80, T) for noisy mel ``x`` at time ``t`` (see the module docstring)."""
+        b = x.shape[0]
+        x, mu, cond = (z.transpose(1, 2) for z in (x, mu, cond))  # (B, T, 80)
+        if t.ndim == 0:
+            t = t.repeat(b)
+        t_emb = self.time_embed(t)  # (B, D)
+        h = self.input_embed(x, cond, mu, spks)  # (B, T, D)
+        freqs = self.rotary_embed(h.shape[1])
+        attn_mask = attention_mask(mask, streaming, self.config.static_chunk_size)
+        for block in self.transformer_blocks:
+            h = block(h, t_emb, attn_mask, freqs)
+        h = self.norm_out(h, t_emb)
+        return self.proj_out(h).transpose(1, 2)
