@@ -18,8 +18,6 @@ from cosytune.cli.main import main
 from cosytune.errors import DataError, UsageError
 from cosytune.infer.synthesizer import SynthesisOptions, Synthesizer
 
-pytest.importorskip("cosytune.models.flow", reason="the tiny model dir needs the flow network")
-
 HOP = 480  # samples per mel frame at 24 kHz
 INSTRUCT = "You are a helpful assistant.<|endofprompt|>"
 SECRET = "Seven secret swans sang softly."

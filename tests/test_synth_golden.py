@@ -48,12 +48,11 @@ def hift(golden):
 
 @pytest.fixture(scope="module")
 def flow(golden):
-    flow_mod = pytest.importorskip("cosytune.models.flow")
-    FlowConfig, build_flow = flow_mod.FlowConfig, flow_mod.build_flow
-    config = FlowConfig.from_upstream(golden.json("flow_tiny_config"))
-    model = build_flow(config).eval()
+    from cosytune.models.flow import FlowConfig, build_flow
     from cosytune.weights.io import strict_load
 
+    config = FlowConfig.from_upstream(golden.json("flow_tiny_config"))
+    model = build_flow(config).eval()
     strict_load(model, golden.tensors("flow_tiny_weights"), source="flow_tiny_weights")
     return model
 
