@@ -176,8 +176,38 @@ def test_streaming_matches_length_and_joins_without_clicks(synth):
     assert borders
     for jump, around in _border_jumps(joined, borders):
         assert jump <= around, f"click at a chunk border: jump {jump:.4f} > local max {around:.4f}"
-    # The first chunk holds upstream's first hop of new tokens (25 + prompt padding, SFT: P = 0).
-    assert chunks[0].audio.shape[0] <= 25 * 2 * HOP
+    # The first chunk covers upstream's first hop (25 tokens, no prompt padding for SFT) minus the
+    # vocoder's held-back look-ahead frames.
+    hop = synth.schedule.token_hop_len
+    assert chunks[0].audio.shape[0] == (hop * 2 - synth.hift.config.chunk_trim_frames) * HOP
+
+
+def test_interleaved_streams_share_no_state(synth, dirs):
+    """Two requests consumed alternately give exactly what each gives alone (per-request state only)."""
+    long = ("A first request that is long enough to be cut into several streamed chunks, so that the two "
+            "generators really take turns while both are still producing audio, chunk after chunk.")
+    alone_a = [c.audio for c in synth.stream(long, spk_id="alice", options=_opts(seed=1))]
+    alone_b = [c.audio for c in synth.stream(long, spk_id="bob", options=_opts(seed=2))]
+    gen_a = synth.stream(long, spk_id="alice", options=_opts(seed=1))
+    gen_b = synth.stream(long, spk_id="bob", options=_opts(seed=2))
+    got_a, got_b = [], []
+    for a, b in zip(gen_a, gen_b):
+        got_a.append(a.audio)
+        got_b.append(b.audio)
+    got_a += [c.audio for c in gen_a]
+    got_b += [c.audio for c in gen_b]
+    assert len(got_a) == len(alone_a) and len(got_b) == len(alone_b)
+    assert all(np.array_equal(x, y) for x, y in zip(got_a, alone_a))
+    assert all(np.array_equal(x, y) for x, y in zip(got_b, alone_b))
+
+
+def test_cross_lingual_and_instruct2_synthesise(synth, dirs):
+    xl = synth.synthesize("Cross lingual.", prompt_wav=dirs["clip"], options=_opts())
+    i2 = synth.synthesize("Instructed.", mode="instruct2", prompt_wav=dirs["clip"],
+                          prompt_text="Please speak slowly.<|endofprompt|>", options=_opts())
+    for r, mode in ((xl, "cross_lingual"), (i2, "instruct2")):
+        assert r.info["mode"] == mode and r.info["flow_prompt_tokens"] > 0 and r.info["llm_prompt_speech_tokens"] == 0
+        assert r.audio.shape[0] == r.info["flow_tokens"] * 2 * HOP
 
 
 # ----------------------------------------------------------------------------------------- weights

@@ -147,6 +147,19 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
+def _warn_if_replacing_other_run(run_json: Path, out_wav: Path) -> None:
+    """run.json describes one run; say so when it is about to replace the record of another wav."""
+    import json
+
+    try:
+        previous = json.loads(run_json.read_text(encoding="utf-8"))["outputs"][0]["path"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return
+    if Path(previous).resolve() != out_wav.resolve():
+        logger.warning("%s described %s and now describes %s; give each run its own --out_dir (or folder of "
+                       "--out_wav) to keep every run.json", run_json, previous, out_wav)
+
+
 def run(args: argparse.Namespace) -> int:
     from cosytune.audio.io import write_wav_pcm16
     from cosytune.infer.runinfo import write_run_json
@@ -180,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
     write_wav_pcm16(out_wav, result.audio, result.sample_rate)
     outputs.insert(0, {"path": str(out_wav), "samples": int(result.audio.shape[0]), "seconds": result.duration_s})
     timings = {"load_s": load_s, **result.timings}
+    _warn_if_replacing_other_run(out_dir / "run.json", out_wav)
     run_json = write_run_json(out_dir / "run.json", settings=settings_from_args(args), seed=result.seed,
                               model_files=synth.model_files, outputs=outputs, timings=timings, request=result.info,
                               device=str(synth.device), dtype=args.dtype)
