@@ -236,6 +236,10 @@ def test_llm_and_flow_ckpt_really_swap_weights(dirs):
     torch.save({**sd, "epoch": 3, "step": 120}, ckpt)
     from_ckpt, _ = run(a, llm_ckpt=ckpt, flow_ckpt=b / "flow.pt")
     assert np.array_equal(from_ckpt.audio, reference.audio)
+    # Upstream's construction-time vocoder noise: same tokens and length, other noise values.
+    upstream, s_up = run(a, upstream_noise=True)
+    assert s_up.hift.fixed_noise(1).seed is None and upstream.tokens == base.tokens
+    assert upstream.audio.shape == base.audio.shape and not np.array_equal(upstream.audio, base.audio)
     # Flow only: same tokens as the base (same LLM), other audio.
     flow_only, _ = run(a, flow_ckpt=b / "flow.pt")
     assert flow_only.tokens == base.tokens and not np.array_equal(flow_only.audio, base.audio)

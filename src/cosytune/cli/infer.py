@@ -70,6 +70,8 @@ def add_synthesis_flags(p: argparse.ArgumentParser, *, batch: bool = False) -> N
     flag(p, "device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     flag(p, "dtype", choices=["float32", "bfloat16", "float16"], default="float32",
          help="LLM and flow precision (the vocoder always runs in float32)")
+    flag(p, "upstream_noise", action="store_true", help="use the vocoder noise upstream CosyVoice draws "
+         "(bit-exact parity with upstream; ~260 MB more memory, 300 s cap)")
 
 
 def build_parser(p: argparse.ArgumentParser) -> None:
@@ -122,7 +124,8 @@ def load_synthesizer(args: argparse.Namespace) -> tuple[Any, float]:
 
     t0 = time.perf_counter()
     synth = Synthesizer.from_dir(args.model_dir, device=args.device, dtype=getattr(torch, args.dtype),
-                                 llm_ckpt=args.llm_ckpt, flow_ckpt=args.flow_ckpt)
+                                 llm_ckpt=args.llm_ckpt, flow_ckpt=args.flow_ckpt,
+                                 upstream_noise=args.upstream_noise)
     return synth, time.perf_counter() - t0
 
 

@@ -245,7 +245,8 @@ class Synthesizer:
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike, *, device: str | torch.device | None = "cpu",
                  dtype: torch.dtype = torch.float32, llm_ckpt: str | os.PathLike | None = None,
-                 flow_ckpt: str | os.PathLike | None = None, hash_files: bool = True) -> Synthesizer:
+                 flow_ckpt: str | os.PathLike | None = None, hash_files: bool = True,
+                 upstream_noise: bool = False) -> Synthesizer:
         """Load a model dir (upstream layout) strictly.
 
         Args:
@@ -257,6 +258,9 @@ class Synthesizer:
                 files are accepted; ``epoch``/``step`` entries are ignored).
             flow_ckpt: a weight file to load instead of ``flow.pt``.
             hash_files: record the SHA-256 of every model file used (for run.json).
+            upstream_noise: give the vocoder the fixed source noise upstream draws when it builds the
+                model (bit-exact upstream parity; ~260 MB of CPU memory, 300 s cap per call). Default: the
+                vocoder's own seeded noise (same distribution, different values).
 
         Raises:
             ModelDirError: missing or malformed files (all listed).
@@ -274,6 +278,10 @@ class Synthesizer:
         llm = md.load("llm", dev, dtype, weights=weights["llm"] if llm_ckpt else None)
         flow = md.load("flow", dev, dtype, weights=weights["flow"] if flow_ckpt else None)
         hift = md.load("hift", dev, None)
+        if upstream_noise:
+            f = hp.flow
+            hift.use_upstream_noise(flow_vocab_size=f.vocab_size, flow_output_size=f.output_size,
+                                    flow_spk_embed_dim=f.spk_embed_dim)
         tokenizer = md.load_tokenizer()
         spk2info = md.load_spk2info()
         frontend = PromptFrontend(md.campplus_path, md.speech_tokenizer_path,
