@@ -268,7 +268,7 @@ def test_cli_infer_out_dir_and_run_json(dirs, tmp_path, capsys):
 def test_cli_stream_out_wav_text_file_zero_shot(dirs, tmp_path):
     text_file = tmp_path / "t.txt"
     text_file.write_text("Zero shot from a file, streamed in pieces as they come out of the model.\n",
-                         encoding="utf-8")
+                         encoding="utf-8-sig")  # with a byte-order mark, as Windows editors write
     out_wav = tmp_path / "deep" / "exact.wav"
     rc = main(["infer", "--model_dir", str(dirs["a"]), "--prompt_wav", str(dirs["clip"]), "--prompt_text",
                INSTRUCT + "Agent logged on.", "--text_file", str(text_file), "--out_wav", str(out_wav),

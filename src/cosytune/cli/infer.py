@@ -137,7 +137,8 @@ def read_text_arg(args: argparse.Namespace) -> str:
         return args.text
     path: Path = args.text_file
     try:
-        return path.read_text(encoding="utf-8").rstrip("\n")
+        # utf-8-sig: a byte-order mark (Windows editors) is not part of the text.
+        return path.read_text(encoding="utf-8-sig").rstrip("\n")
     except FileNotFoundError as e:
         raise DataError(f"--text_file {path} does not exist") from e
     except UnicodeDecodeError as e:

@@ -59,7 +59,7 @@ def read_segments(path: Path) -> list[dict[str, Any]]:
     from cosytune.errors import DataError
 
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError as e:
         raise DataError(f"--input {path} does not exist") from e
     except UnicodeDecodeError as e:
