@@ -299,7 +299,9 @@ class Runner:
                 continue
             t0 = time.time()
             note = self.run_stage(name)
-            status = "not requested" if note.startswith("not requested") else "done"
+            status = "done"
+            if note.startswith("not requested"):
+                status, note = "not requested", note[len("not requested"):].strip(" ()")
             self.state[name] = {"hash": key,
                                 "done_at": time.strftime("%Y-%m-%d %H:%M:%S")}
             write_json(self.state_path, self.state)
