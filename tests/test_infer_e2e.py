@@ -324,6 +324,24 @@ def test_cli_infer_batch_resume_rejects_and_join(dirs, tmp_path):
     info = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert info["request"]["skipped"] == 2 and info["command"] == "infer-batch"
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"txt": "x"}\nnot json\n', encoding="utf-8")
+    bad.write_text('{"txt": "x"}\nnot json\n{"text": "a", "speed": "fast", "seed": true}\n', encoding="utf-8")
     assert main(["infer-batch", "--model_dir", str(dirs["a"]), "--spk_id", "alice", "--input", str(bad),
                  "--out_dir", str(tmp_path / "b2")]) == 1
+
+
+def test_batch_input_problems_are_all_listed(tmp_path):
+    from cosytune.cli.infer_batch import read_segments
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"txt": "x"}\nnot json\n{"text": "a", "speed": "fast", "seed": true}\n'
+                   '{"text": "b", "name": "n"}\n{"text": "c", "name": "n"}\n', encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        read_segments(bad)
+    msg = str(e.value)
+    for part in ("line 1: unknown key", "line 2: not JSON", '"speed" must be', '"seed" must be int',
+                 "already used on line 4"):
+        assert part in msg
+    txt = tmp_path / "lines.txt"
+    txt.write_text("\ufeffone\n\n  two  \n", encoding="utf-8")
+    rows = read_segments(txt)
+    assert [(r["text"], r["name"]) for r in rows] == [("one", "seg_0000"), ("two", "seg_0001")]

@@ -38,6 +38,11 @@ EPILOG = """examples:
 LINE_OPTIONS = ("spk_id", "prompt_wav", "prompt_text", "mode", "speed", "seed", "temperature", "top_p", "top_k",
                 "win_size", "tau_r", "text_frontend", "prompt_strategy", "guide_sep")
 MANIFEST = "batch.jsonl"
+_LINE_TYPES: dict[str, tuple[type, ...]] = {
+    "spk_id": (str,), "prompt_wav": (str,), "prompt_text": (str,), "mode": (str,), "prompt_strategy": (str,),
+    "guide_sep": (str,), "speed": (int, float), "temperature": (int, float), "top_p": (int, float),
+    "tau_r": (int, float), "seed": (int,), "top_k": (int,), "win_size": (int,), "text_frontend": (bool,),
+}
 
 
 def build_parser(p: argparse.ArgumentParser) -> None:
@@ -84,6 +89,12 @@ def read_segments(path: Path) -> list[dict[str, Any]]:
         unknown = sorted(set(obj) - {"text", "name", *LINE_OPTIONS})
         if unknown:
             problems.append(f"line {n}: unknown key(s) {unknown}; allowed: text, name, {', '.join(LINE_OPTIONS)}")
+        for key, types in _LINE_TYPES.items():
+            value = obj.get(key)
+            # bool is an int subclass: refuse true/false where a number is expected.
+            if key in obj and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+                problems.append(f"line {n}: \"{key}\" must be {' or '.join(t.__name__ for t in types)}, "
+                                f"got {value!r}")
         if not isinstance(obj.get("text"), str):
             problems.append(f"line {n}: \"text\" (a string) is required")
         if "name" in obj and (not isinstance(obj["name"], str) or not obj["name"] or "/" in obj["name"]
