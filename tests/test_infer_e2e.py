@@ -345,3 +345,8 @@ def test_batch_input_problems_are_all_listed(tmp_path):
     txt.write_text("\ufeffone\n\n  two  \n", encoding="utf-8")
     rows = read_segments(txt)
     assert [(r["text"], r["name"]) for r in rows] == [("one", "seg_0000"), ("two", "seg_0001")]
+    sub = tmp_path / "req"
+    sub.mkdir()
+    (sub / "ref.wav").write_bytes(b"x")
+    (sub / "r.jsonl").write_text('{"text": "hi", "prompt_wav": "ref.wav"}\n', encoding="utf-8")
+    assert read_segments(sub / "r.jsonl")[0]["prompt_wav"] == str(sub / "ref.wav")

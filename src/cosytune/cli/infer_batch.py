@@ -5,7 +5,7 @@ Input (--input, alias --text_file), UTF-8:
   * .jsonl: one object per line with "text" and any per-line options: "name" (output file stem),
     "spk_id", "prompt_wav", "prompt_text", "mode", "speed", "seed", "temperature", "top_p", "top_k",
     "win_size", "tau_r", "text_frontend", "prompt_strategy", "guide_sep". Command-line flags are the
-    defaults of every line.
+    defaults of every line; a relative "prompt_wav" may be relative to the input file's folder.
 Each segment is synthesised on its own and never split. Outputs are OUT_DIR/<name>.wav (default name
 seg_NNNN, the 0-based segment number), batch.jsonl (one row per segment: file, seconds, seed, settings
 hash) and run.json. Re-running skips segments whose wav exists with unchanged settings. A segment that
@@ -104,6 +104,11 @@ def read_segments(path: Path) -> list[dict[str, Any]]:
         rows.append(obj)
     for i, row in enumerate(rows):
         row.setdefault("name", f"seg_{i:04d}")
+        # A relative prompt_wav that is not found from the working dir is looked up beside the input file.
+        wav = row.get("prompt_wav")
+        if isinstance(wav, str) and not Path(wav).is_absolute() and not Path(wav).exists() \
+                and (path.parent / wav).exists():
+            row["prompt_wav"] = str(path.parent / wav)
     seen: dict[str, int] = {}
     for row in rows:
         if row["name"] in seen:
