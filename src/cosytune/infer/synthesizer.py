@@ -9,7 +9,9 @@ Public API
     * ``synthesize(text, *, mode, spk_id, prompt_text, prompt_wav, speaker, options) -> SynthesisResult``.
     * ``stream(...)`` (same arguments) yields :class:`AudioChunk` s as the LLM produces tokens, following
       upstream's chunk schedule (:mod:`cosytune.infer.streaming`). All state of a request lives in local
-      variables of the generator: nothing is stored on the Synthesizer, no threads.
+      variables of the generator: nothing is stored on the Synthesizer, no threads. (The only caches are
+      the vocoder's fixed noise, grown lazily with a stable prefix, and the lazily built text normaliser;
+      neither depends on a request.)
     * ``prepare(...) -> PreparedRequest`` (text front end, mode resolution, prompt features),
       ``generate_tokens``, ``tokens_to_mel``, ``mel_to_wav``: the stages, public so tests and tools can
       drive them one by one.
