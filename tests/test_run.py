@@ -57,7 +57,7 @@ def test_interrupted_run_resumes_and_yields_a_usable_model_dir(tiny_base, tmp_pa
     assert (work / "exp" / "llm" / "epoch_2_whole.pt").exists()
     model = work / "models" / "allison"
     assert (model / "llm.pt").exists() and (model / "spk2info.pt").exists()
-    audio, sr = sf.read(work / "out" / "sample_tuned.wav")
+    audio, sr = sf.read(work / "out" / "tuned" / "sample.wav")
     assert sr == 24000 and len(audio) > 0
 
     # A third run with nothing changed skips every stage.

@@ -9,7 +9,7 @@ Work dir layout (made for people to find things)::
       data/train/, data/dev/   Kaldi dirs, metadata, review.tsv, embeddings, tokens, parquet/
       exp/llm/, exp/flow/      training runs (checkpoints, TensorBoard, config.yaml)
       models/<speaker>/        the tuned model dir (base files linked + llm.pt [+ flow.pt] + spk2info.pt)
-      out/                     sample syntheses to listen to
+      out/tuned/               sample synthesis (+ run.json); out/tuned_llm_base_flow/ with --train_flow
 
 A stage is skipped when its recorded hash equals the hash of its current inputs (content hashes of
 the files earlier stages produced, size+mtime fingerprints of the raw audio and base model) and
@@ -213,7 +213,7 @@ class Runner:
             "train-flow": [self.w / "exp" / "flow" / "config.yaml"] if self.cfg.train_flow else [],
             "average": [self.w / "exp" / "llm" / "llm_avg.pt"],
             "assemble": [self.model_dir / "llm.pt", self.model_dir / "spk2info.pt"],
-            "synthesize": [self.w / "out" / "sample_tuned.wav"],
+            "synthesize": [self.w / "out" / "tuned" / "sample.wav"],
         }[name]
         return all(p.exists() for p in need)
 
@@ -270,10 +270,11 @@ class Runner:
             out = self.w / "out"
             common = ["infer", "--model_dir", str(self.model_dir), "--spk_id", c.speaker, "--text", c.sample_text,
                       "--seed", "1986", "--device", c.device]
-            self._call(name, common + ["--out_wav", str(out / "sample_tuned.wav")])
+            # One folder per variant: each keeps its own run.json beside the wav.
+            self._call(name, common + ["--out_wav", str(out / "tuned" / "sample.wav")])
             if c.train_flow:
                 self._call(name, common + ["--flow_ckpt", str(base / "flow.pt"),
-                                           "--out_wav", str(out / "sample_tuned_llm_base_flow.wav")])
+                                           "--out_wav", str(out / "tuned_llm_base_flow" / "sample.wav")])
         return ""
 
     def run(self, start: str | None = None, until: str | None = None, force: tuple[str, ...] = ()) -> RunResult:
@@ -308,5 +309,5 @@ class Runner:
             result.stages.append(StageResult(name, status, time.time() - t0, note))
         if (self.model_dir / "llm.pt").exists():
             result.model_dir = self.model_dir
-        result.listen = sorted((self.w / "out").glob("*.wav")) if (self.w / "out").exists() else []
+        result.listen = sorted((self.w / "out").rglob("*.wav")) if (self.w / "out").exists() else []
         return result

@@ -70,7 +70,7 @@ def report(res, cfg) -> None:
     for p in res.listen:
         rows.append(("listen", p))
     if cfg.train_flow:
-        rows.append(("compare", "sample_tuned.wav (tuned LLM + tuned flow) vs sample_tuned_llm_base_flow.wav"))
+        rows.append(("compare", "out/tuned/ (tuned LLM + tuned flow) vs out/tuned_llm_base_flow/ (the seed's fallback)"))
     else:
         rows.append(("compare", "the flow is the base one; try --train_flow only if the voice timbre is off"))
     print_summary("run", rows)
