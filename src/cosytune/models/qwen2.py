@@ -241,6 +241,10 @@ class Qwen2Config:
         else:
             out["layer_types"] = list(out["layer_types"])
         out["use_cache"] = True
+        # The transformers version upstream CosyVoice pins. Without this key transformers >= 4.57.3
+        # cannot rule out a Mistral tokenizer in the same folder and warns about a "wrong regex"
+        # on every load of our tokenizer (a false alarm: it is Qwen2's pattern).
+        out["transformers_version"] = "4.51.3"
         return out
 
 
