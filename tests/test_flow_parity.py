@@ -5,7 +5,6 @@ Every config, input and tolerance comes from the fixture files (``flow_tiny_*``,
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
@@ -35,12 +34,12 @@ def test_estimator_outputs_and_intermediates(golden, model):
     for mode, streaming in (("full", False), ("stream", True)):
         inter: dict[str, torch.Tensor] = {}
         hooks = [
-            d.time_embed.register_forward_hook(lambda m, i, o: inter.__setitem__("t_emb", o)),
-            d.input_embed.register_forward_hook(lambda m, i, o: inter.__setitem__("input_embed_out", o)),
-            d.norm_out.register_forward_hook(lambda m, i, o: inter.__setitem__("norm_out", o)),
+            d.time_embed.register_forward_hook(lambda m, i, o, inter=inter: inter.__setitem__("t_emb", o)),
+            d.input_embed.register_forward_hook(lambda m, i, o, inter=inter: inter.__setitem__("input_embed_out", o)),
+            d.norm_out.register_forward_hook(lambda m, i, o, inter=inter: inter.__setitem__("norm_out", o)),
         ]
         for j, blk in enumerate(d.transformer_blocks):
-            hooks.append(blk.register_forward_hook(lambda m, i, o, j=j: inter.__setitem__(f"block{j}_out", o)))
+            hooks.append(blk.register_forward_hook(lambda m, i, o, j=j, inter=inter: inter.__setitem__(f"block{j}_out", o)))
         with torch.no_grad():
             out = d(est["x"], est["mask"], est["mu"], est["t"], est["spks"], est["cond"], streaming)
         for h in hooks:
@@ -69,7 +68,7 @@ def test_training_loss_replays_upstream_draws(golden, model):
             p = model.config.dit.dropout
             for mod in (m for m in model.modules() if isinstance(m, torch.nn.Dropout)):
                 hooks.append(mod.register_forward_hook(
-                    lambda m, i, o: i[0] * next(masks).to(i[0].dtype) / (1 - p)))
+                    lambda m, i, o, masks=masks, p=p: i[0] * next(masks).to(i[0].dtype) / (1 - p)))
         random.seed(info["seed_python_random"])
         torch.manual_seed(info["seed_torch"])
         rec: dict = {}
@@ -156,3 +155,34 @@ def test_config_errors_are_collected():
                                                                                   "dim_head": 16, "nope": 2}})
     msg = str(e.value)
     assert "bogus" in msg and "nope" in msg
+
+
+def test_training_dropout_draws_follow_upstream_rng_stream(golden, model):
+    """Without replay hooks, our dropout consumes the global torch RNG exactly as upstream's did."""
+    tr = golden.tensors("flow_tiny_train")
+    runs = golden.json("flow_tiny_train")
+    batch = {k: tr[k] for k in ("speech_token", "speech_token_len", "speech_feat", "speech_feat_len", "embedding")}
+    train_runs = [r for r, info in runs.items() if info["module_mode"] == "train"]
+    if not train_runs:
+        pytest.skip("fixture has no train-mode run")
+    for run in train_runs:
+        info = runs[run]
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        hooks = [m.register_forward_hook(lambda m, i, o, seen=seen: seen.append((i[0].clone(), o.clone())))
+                 for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        model.train()
+        random.seed(info["seed_python_random"])
+        torch.manual_seed(info["seed_torch"])
+        try:
+            with torch.no_grad():
+                out = model(batch, random)
+        finally:
+            for h in hooks:
+                h.remove()
+            model.eval()
+        assert len(seen) == len(info["dropout_modules_in_call_order"])
+        for j, (inp, outp) in enumerate(seen):
+            keep = tr[f"{run}.dropout{j}.keep_mask"].bool()
+            nz = inp != 0
+            assert torch.equal((outp != 0)[nz], keep[nz]), f"{run}: dropout {j} mask differs from upstream's draw"
+        golden.check("flow_tiny_train", f"{run}.loss", out["loss"].reshape(1), tr[f"{run}.loss"])
