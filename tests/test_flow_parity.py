@@ -186,3 +186,25 @@ def test_training_dropout_draws_follow_upstream_rng_stream(golden, model):
             nz = inp != 0
             assert torch.equal((outp != 0)[nz], keep[nz]), f"{run}: dropout {j} mask differs from upstream's draw"
         golden.check("flow_tiny_train", f"{run}.loss", out["loss"].reshape(1), tr[f"{run}.loss"])
+
+
+def test_bad_inputs_give_clear_errors(golden, model):
+    from cosytune.errors import DataError
+    from cosytune.models.flow import NOISE_FRAMES
+
+    with pytest.raises(DataError, match="at most"):
+        model.decoder.fixed_noise(NOISE_FRAMES + 1, torch.device("cpu"), torch.float32)
+    inf = golden.tensors("flow_tiny_infer")
+    with pytest.raises(DataError, match="2 per token"):
+        model.inference(inf["token"], inf["prompt_token"], inf["prompt_feat"][:, :-1], inf["embedding"])
+    look = model.config.pre_lookahead_len
+    with pytest.raises(DataError, match="non-final chunk"):
+        model.inference(inf["token"][:, :look], inf["prompt_token"], inf["prompt_feat"], inf["embedding"],
+                        streaming=True, finalize=False)
+    tr = golden.tensors("flow_tiny_train")
+    batch = {k: tr[k] for k in ("speech_token", "speech_token_len", "speech_feat", "speech_feat_len", "embedding")}
+    batch["speech_feat"] = batch["speech_feat"][:, :-2]
+    with pytest.raises(DataError, match="2 mel frames per token"):
+        model(batch, random.Random(0))
+    with pytest.raises(DataError, match="lacks"):
+        model({"speech_token": tr["speech_token"]}, random.Random(0))
