@@ -18,6 +18,15 @@ chunks with unlimited left context (chunk boundaries at absolute frame indices).
 
 Shapes: B batch, T mel frames (50 Hz), D model width, H heads, Dh head width.
 
+Rotary quirk (CHECKPOINT-COMPAT, spec §3.3): the rotary table is ``dim_head`` wide but is applied to
+the flattened ``(B, T, D)`` query/key *before* the head split, so only head 0 is rotated; the other
+heads see position only through the conv position embedding. The ``rotary_embed.inv_freq`` buffer is
+persistent (it is in flow.pt) and is the one used, as upstream.
+
+Public API: :class:`DiTConfig` (field names = upstream ``DiT`` arguments, plus the fixed
+``time_freq_dim``/``conv_pos_*``), :class:`DiT`, :func:`attention_mask`, :func:`apply_rotary`.
+``DiT.state_dict()`` keys = upstream ``decoder.estimator.*`` without the prefix.
+
 Reference: upstream ``FunAudioLLM/CosyVoice:cosyvoice/flow/DiT/dit.py`` and ``modules.py`` (F5-TTS
 style), ``cosyvoice/utils/mask.py``; read for facts only.
 """
