@@ -1,0 +1,266 @@
+"""GPU inference speed paths: a CUDA-graph LLM decode step, a batched CFG flow sampler, compile helpers.
+
+Role
+    Optional fast paths for synthesis. Each one computes what the reference path computes
+    (``CosyVoice3LM.step_logp``, ``CausalConditionalCFM.sample``, ``HiFTGenerator.inference``); they
+    only remove launch overhead (CUDA graphs, ``torch.compile``), batch rows, or lower precision on
+    request. Everything also runs on CPU (graphs and compile switch off there), so callers need no
+    device-specific branches.
+
+Public API (for ``cosytune.infer`` and ``benchmarks/bench_infer.py``)
+    * :class:`GraphedDecoder`: owns a preallocated :class:`~cosytune.models.qwen2.KVCache` for
+      (batch B, capacity S) and a static-shape single-token step; on CUDA the step is captured once
+      and replayed. ``prefill`` -> ``step`` / ``step_argmax`` / ``decode`` (RAS sampling on the host).
+    * :func:`batched_cfg_sample`: Euler + classifier-free guidance for B utterances at once; the
+      estimator sees one (2B, ...) batch per step (rows 0..B-1 conditional, B..2B-1 unconditional).
+    * :func:`compile_flow_estimator`, :func:`compile_hift`: wrap in ``torch.compile`` (no-ops on CPU
+      unless forced).
+
+Layouts / shape legend
+    B rows (utterances), S cache positions, V_sp speech vocab (+ specials), T mel frames, 80 mel bins.
+    token ids (B,) int64; log-probs (B, V_sp) float32; mel (B, 80, T).
+
+Sampling is outside the graph. Repetition-aware sampling needs the token history and a data-dependent
+redraw, and the sampled id has to reach the host anyway (stop detection, streaming hand-off to the
+flow), so a device-side sampler would still sync every step. The graph covers embedding -> 24 layers ->
+``llm_decoder`` -> log_softmax, which is where the launch overhead is. :meth:`GraphedDecoder.step_argmax`
+keeps the whole loop on the device (no sync) for benchmarks with a fixed token count.
+
+Upstream reference: ``cosyvoice/llm/llm.py`` (``inference``/``forward_one_step``),
+``cosyvoice/flow/flow_matching.py`` (``solve_euler``), ``cosyvoice/hifigan/generator.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cosytune.models.llm import CosyVoice3LM, DecodeStep, InferencePrompt, MinLenMode
+from cosytune.models.qwen2 import KVCache
+from cosytune.models.sampling import SamplingConfig, ras_sample
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GraphedDecoder", "batched_cfg_sample", "compile_flow_estimator", "compile_hift", "autocast_ctx"]
+
+
+def autocast_ctx(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``dtype`` on ``device``'s type, or a null context when dtype is None/float32."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+class GraphedDecoder:
+    """Static-shape LLM decoding for B rows with a preallocated cache; CUDA-graph replay on GPU.
+
+    The graph is captured lazily at the first :meth:`step` (once per instance, i.e. per (B, S));
+    later prefills write into the same cache tensors, so the captured graph stays valid across
+    utterances. Row lengths live on the device (``cache.lengths``) and advance inside the graph.
+
+    Args:
+        model: the speech LM (eval mode, on its device and dtype).
+        batch_size: rows B.
+        capacity: cache positions S per row (longest prompt + tokens to generate).
+        use_graph: capture a CUDA graph (ignored on CPU, where the same static step runs eagerly).
+        autocast_dtype: run the step under autocast in this dtype (e.g. bfloat16); None = model dtype.
+    """
+
+    def __init__(self, model: CosyVoice3LM, batch_size: int, capacity: int, *, use_graph: bool = True,
+                 autocast_dtype: torch.dtype | None = None) -> None:
+        self.model = model
+        dev = model.speech_embedding.weight.device
+        self.device = dev
+        cache_dtype = autocast_dtype or model.speech_embedding.weight.dtype
+        self.cache = KVCache.allocate(model.config.qwen2, batch_size, capacity, device=dev, dtype=cache_dtype)
+        self.autocast_dtype = autocast_dtype
+        self.use_graph = bool(use_graph and dev.type == "cuda")
+        self.tokens = torch.zeros(batch_size, dtype=torch.long, device=dev)  # static input
+        self.logp = torch.zeros(batch_size, model.config.speech_vocab_size, dtype=torch.float32, device=dev)
+        self.argmax = torch.zeros(batch_size, dtype=torch.long, device=dev)  # static greedy output
+        self._graph: Any = None
+
+    @property
+    def batch_size(self) -> int:
+        """Rows B."""
+        return self.cache.batch_size
+
+    def _eager_step(self) -> None:
+        with torch.inference_mode(), autocast_ctx(self.device, self.autocast_dtype):
+            logp, _ = self.model.step_logp(self.tokens, self.cache)
+            self.logp.copy_(logp)
+            self.argmax.copy_(logp.argmax(dim=-1))
+
+    def _capture(self) -> None:
+        # Warm up on a side stream (cuBLAS workspaces, SDPA kernel choice) with the cache state
+        # restored afterwards, then capture one step.
+        saved = self.cache.lengths.clone()
+        stream = torch.cuda.Stream(device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._eager_step()
+                self.cache.lengths.copy_(saved)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._eager_step()
+        self.cache.lengths.copy_(saved)  # capture ran the step once; undo its advance
+        self._graph = graph
+
+    @torch.inference_mode()
+    def prefill(self, lm_inputs: Sequence[Tensor]) -> Tensor:
+        """Reset the cache and run the prompts; returns the (B, V_sp) log-probs after each prompt.
+
+        Args:
+            lm_inputs: B tensors (1, L_i, D) or (L_i, D), e.g. ``InferencePrompt.lm_input``.
+        """
+        b = self.batch_size
+        if len(lm_inputs) != b:
+            raise ValueError(f"this decoder was built for {b} rows, got {len(lm_inputs)} prompts")
+        rows = [x[0] if x.dim() == 3 else x for x in lm_inputs]
+        lens = [r.shape[0] for r in rows]
+        if max(lens) >= self.cache.capacity:
+            raise ValueError(f"prompt of {max(lens)} positions leaves no room in a cache of {self.cache.capacity}")
+        x = rows[0].new_zeros(b, max(lens), rows[0].shape[-1])
+        for i, r in enumerate(rows):
+            x[i, : lens[i]] = r
+        input_lens = torch.tensor(lens, device=self.device)
+        self.cache.reset()
+        qwen = self.model.llm.model.model
+        with autocast_ctx(self.device, self.autocast_dtype):
+            hidden, _ = qwen.prefill(x, self.cache, input_lens)
+            logp = self.model._logp(hidden[torch.arange(b, device=self.device), input_lens - 1])
+        self.logp.copy_(logp)
+        return self.logp
+
+    def step(self, token_ids: Tensor) -> Tensor:
+        """Feed one id per row and return the static (B, V_sp) log-prob buffer (overwritten next step).
+
+        The caller keeps every row's length below the capacity (not checked: that would sync).
+        """
+        self.tokens.copy_(token_ids)
+        if not self.use_graph:
+            self._eager_step()
+        else:
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()
+        return self.logp
+
+    def step_argmax(self) -> Tensor:
+        """Feed the previous greedy ids (device-side, no host sync) and return the new greedy ids (B,)."""
+        return self.step(self.argmax)
+
+    @torch.inference_mode()
+    def decode(self, prompt: InferencePrompt, *, sampling: SamplingConfig | None = None,
+               generator: torch.Generator | None = None,
+               min_len_mode: MinLenMode = "all_stops") -> Iterator[DecodeStep]:
+        """Batch-1 decoding with the same rules and draws as :meth:`CosyVoice3LM.decode`.
+
+        Needs ``batch_size == 1`` and ``capacity >= L + max_len``.
+        """
+        if self.batch_size != 1:
+            raise ValueError("decode() is for a batch-1 decoder; use prefill/step for batches")
+        cfg = self.model.config
+        sampling = sampling or cfg.sampling
+        if prompt.max_len <= 0:
+            return
+        if prompt.lm_input.shape[1] + prompt.max_len > self.cache.capacity:
+            raise ValueError(f"prompt ({prompt.lm_input.shape[1]}) + max_len ({prompt.max_len}) exceeds the "
+                             f"cache capacity {self.cache.capacity}; build the decoder with a larger capacity")
+        logp = self.prefill([prompt.lm_input])[0]
+        history: list[int] = []
+        for step in range(prompt.max_len):
+            raw = logp.clone()
+            logp = raw.clone()
+            if step < prompt.min_len:
+                self.model.suppress_stops(logp, min_len_mode)
+            result = ras_sample(logp, history, sampling, generator=generator)
+            stop = cfg.is_stop(result.token_id)
+            yield DecodeStep(step, raw, result, result.token_id, stop)
+            if stop or step + 1 == prompt.max_len:
+                return
+            history.append(result.token_id)
+            logp = self.step(torch.tensor([result.token_id], device=self.device))[0]
+
+
+@torch.inference_mode()
+def batched_cfg_sample(estimator: torch.nn.Module, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor,
+                       noise: Tensor, t_span: Tensor, cfg_rate: float, *, streaming: bool = False,
+                       autocast_dtype: torch.dtype | None = None) -> Tensor:
+    """Euler integration with CFG for B utterances, one (2B, ...) estimator call per step.
+
+    Same arithmetic as ``CausalConditionalCFM.sample`` (which takes one utterance): rows 0..B-1 carry
+    (mu, spks, cond), rows B..2B-1 the same x with those zeroed; ``x += dt·((1+w)·v_c - w·v_u)``.
+
+    Args:
+        estimator: the DiT (``flow.decoder.estimator``), possibly compiled.
+        mu: (B, 80, T); mask: (B, 1, T) (1 on valid frames); spks: (B, 80); cond: (B, 80, T).
+        noise: (B, 80, T) starting point (``decoder.fixed_noise(T)·temperature`` for parity).
+        t_span: (n+1,) time grid (``decoder.time_grid``).
+        cfg_rate: guidance weight w.
+        streaming: chunked DiT attention.
+        autocast_dtype: run the estimator under autocast (e.g. bfloat16); the Euler update stays float32.
+
+    Returns:
+        (B, 80, T) float32 mel.
+    """
+    b = mu.shape[0]
+    dtype = spks.dtype
+    x = noise.to(dtype)
+    zeros = torch.zeros_like
+    mask_in = torch.cat((mask, mask)).to(dtype)
+    mu_in = torch.cat((mu, zeros(mu))).to(dtype)
+    spks_in = torch.cat((spks, zeros(spks))).to(dtype)
+    cond_in = torch.cat((cond, zeros(cond))).to(dtype)
+    t, dt = t_span[0], t_span[1] - t_span[0]
+    n = len(t_span) - 1
+    for step in range(1, n + 1):
+        x_in = torch.cat((x, x))
+        t_in = t.reshape(1).expand(2 * b).to(dtype)
+        with autocast_ctx(x.device, autocast_dtype):
+            v = estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming)
+        v = v.to(dtype)
+        x = x + dt * ((1.0 + cfg_rate) * v[:b] - cfg_rate * v[b:])
+        t = t + dt
+        if step < n:
+            dt = t_span[step + 1] - t
+    return x.float()
+
+
+def _compile(fn: Any, mode: str, device: torch.device, force: bool) -> Any:
+    if device.type != "cuda" and not force:
+        logger.info("torch.compile skipped on %s (pass force=True to compile anyway)", device.type)
+        return fn
+    return torch.compile(fn, mode=mode, dynamic=False)
+
+
+def compile_flow_estimator(flow: torch.nn.Module, mode: str = "max-autotune-no-cudagraphs", *,
+                           force: bool = False) -> torch.nn.Module:
+    """Replace ``flow.decoder.estimator`` by its ``torch.compile`` wrapper (in place); returns ``flow``.
+
+    Each new (rows, frames) shape recompiles (``dynamic=False``), so callers should bucket frame
+    counts. The parameters are shared, so state_dict keys gain an ``_orig_mod`` level only on the
+    wrapper attribute; do not save a compiled flow (save the original module instead).
+    """
+    est = flow.decoder.estimator
+    dev = next(est.parameters()).device
+    flow.decoder.estimator = _compile(est, mode, dev, force)
+    return flow
+
+
+def compile_hift(hift: torch.nn.Module, mode: str = "max-autotune-no-cudagraphs", *,
+                 force: bool = False) -> torch.nn.Module:
+    """Compile the vocoder's mel+source -> waveform path (``hift.decode``, instance attribute); returns ``hift``.
+
+    The f0 predictor and the sine source stay eager (they are cheap and hold the fixed-noise logic).
+    """
+    dev = next(hift.parameters()).device
+    hift.decode = _compile(hift.decode, mode, dev, force)
+    return hift
