@@ -135,3 +135,16 @@ def test_cuda_graph_matches_eager_on_gpu():
             a, b = graph.step(feed).clone(), eager.step(feed).clone()
             torch.testing.assert_close(a, b, rtol=tol, atol=tol)
         assert torch.equal(graph.cache.lengths, eager.cache.lengths)
+
+
+def test_step_argmax_feeds_back_greedy_ids_on_device():
+    model = _lm()
+    prompts = _prompts(model, 2)
+    dec = GraphedDecoder(model, 2, 24)
+    first = dec.prefill([p.lm_input for p in prompts]).argmax(-1)
+    dec.argmax.copy_(first)
+    ids = dec.step_argmax().clone()
+    assert ids.shape == (2,) and ids.dtype == torch.long
+    ref = GraphedDecoder(model, 2, 24)
+    ref.prefill([p.lm_input for p in prompts])
+    assert torch.equal(ref.step(first).argmax(-1), ids)

@@ -46,7 +46,7 @@ from cosytune.models.sampling import SamplingConfig, ras_sample
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GraphedDecoder", "batched_cfg_sample", "compile_flow_estimator", "compile_hift", "autocast_ctx"]
+__all__ = ["GraphedDecoder", "autocast_ctx", "batched_cfg_sample", "compile_flow_estimator", "compile_hift"]
 
 
 def autocast_ctx(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -155,7 +155,8 @@ class GraphedDecoder:
 
     def step_argmax(self) -> Tensor:
         """Feed the previous greedy ids (device-side, no host sync) and return the new greedy ids (B,)."""
-        return self.step(self.argmax)
+        self.step(self.argmax)
+        return self.argmax
 
     @torch.inference_mode()
     def decode(self, prompt: InferencePrompt, *, sampling: SamplingConfig | None = None,

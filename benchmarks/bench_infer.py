@@ -1,0 +1,310 @@
+"""Inference speed of the CosyVoice 3 pipeline (issue 8, inference figures), eager vs fast paths.
+
+Builds the three networks with random weights (speed does not depend on weight values) and times,
+in one run:
+  * LLM decode: ms/token at batch 1 and tokens/s at batch ``--llm_batch`` (fixed token count, greedy
+    on the device, stop disabled), for each of ``--llm_modes`` (eager static step, CUDA graph);
+  * flow: 10 Euler steps with CFG (cond+uncond rows in one DiT call), ms per second of audio for a
+    ``--utt_s`` utterance with a 3 s prompt, for each of ``--flow_modes`` (eager fp32, eager at
+    ``--dtype``, torch.compile at ``--dtype``), and the bf16-vs-fp32 mel error;
+  * HiFT: ms per second of audio (eager, compiled);
+  * end-to-end RTF for a ``--utt_s`` utterance (prefill + tokens + flow + HiFT chained on the models);
+  * first streaming chunk (prefill + 28 tokens + non-final flow chunk + HiFT chunk);
+  * offline throughput (x real time) for ``--offline_batch`` segments decoded, rendered and vocoded
+    as one batch.
+Writes a JSON (``--out``) and prints a table.
+
+GPU:        python benchmarks/bench_infer.py --preset full --device cuda --dtype bf16 --out bench_infer.json
+GPU, compile comparison:  add --flow_modes fp32,eager,compile --hift_modes eager,compile \
+            --compile_mode max-autotune-no-cudagraphs   (or reduce-overhead)
+CPU (tiny): python benchmarks/bench_infer.py --preset tiny --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from cosytune.fileio import write_json
+from cosytune.infer.fast import GraphedDecoder, autocast_ctx, batched_cfg_sample, compile_flow_estimator, compile_hift
+from cosytune.models.builders import build_network
+from cosytune.models.presets import preset_hparams, preset_qwen2_config
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOKEN_RATE = 25  # speech tokens per second of audio
+MEL_RATE = 50  # mel frames per second
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    """Median wall seconds of ``fn`` over ``iters`` runs after ``warmup`` runs (device-synchronised)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=("tiny", "full"), default="tiny")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                   help="LLM weights/cache dtype and DiT autocast dtype (default bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--utt_s", type=float, default=10.0, help="seconds of audio per utterance")
+    p.add_argument("--prompt_s", type=float, default=3.0, help="prompt speech seconds (tokens + mel)")
+    p.add_argument("--prompt_text", type=int, default=25, help="text positions in the LLM prompt")
+    p.add_argument("--llm_batch", type=int, default=32)
+    p.add_argument("--offline_batch", type=int, default=None, help="segments per offline batch (16 cuda, 2 cpu)")
+    p.add_argument("--llm_modes", default=None, help="comma list of eager,graph (default: both on cuda)")
+    p.add_argument("--flow_modes", default=None, help="comma list of fp32,eager,compile (eager/compile use --dtype)")
+    p.add_argument("--hift_modes", default=None, help="comma list of eager,compile")
+    p.add_argument("--compile_mode", default="default",
+                   help="torch.compile mode for flow/HiFT (e.g. default, reduce-overhead, max-autotune-no-cudagraphs)")
+    p.add_argument("--n_timesteps", type=int, default=10)
+    p.add_argument("--iters", type=int, default=None, help="timed repetitions (default 5 cuda, 2 cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the JSON here (atomic)")
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    args.offline_batch = args.offline_batch or (16 if cuda else 2)
+    args.iters = args.iters or (5 if cuda else 2)
+    args.llm_modes = (args.llm_modes or ("eager,graph" if cuda else "eager")).split(",")
+    args.flow_modes = (args.flow_modes or ("fp32,eager,compile" if cuda else "eager")).split(",")
+    args.hift_modes = (args.hift_modes or ("eager,compile" if cuda else "eager")).split(",")
+    if not cuda:
+        args.llm_batch = min(args.llm_batch, 4)
+    return args
+
+
+def build(args: argparse.Namespace, device: torch.device) -> tuple:
+    hp = preset_hparams(args.preset)
+    torch.manual_seed(args.seed)
+    llm = build_network("llm", hp, preset_qwen2_config(args.preset), device).eval()
+    llm.to(DTYPES[args.dtype])
+    flow = build_network("flow", hp, device=device).eval()
+    hift = build_network("hift", hp, device=device).eval()
+    for m in (llm, flow, hift):
+        m.requires_grad_(False)
+    return llm, flow, hift
+
+
+def bench_llm(args, llm, device, results: dict) -> dict[str, GraphedDecoder]:
+    """Decode ms/token (batch 1) and tokens/s (batch B); returns the batch-1 decoders per mode."""
+    n_tok = int(args.utt_s * TOKEN_RATE)
+    plen = 1 + args.prompt_text + 1 + int(args.prompt_s * TOKEN_RATE)
+    d = llm.config.hidden_size
+    dtype = DTYPES[args.dtype]
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    prompt = (0.02 * torch.randn(1, plen, d, generator=g)).to(device, dtype)
+    decoders: dict[str, GraphedDecoder] = {}
+    for mode in args.llm_modes:
+        for b in (1, args.llm_batch):
+            dec = GraphedDecoder(llm, b, plen + n_tok + 2, use_graph=(mode == "graph"))
+
+            def run(dec=dec, b=b) -> None:
+                dec.prefill([prompt] * b)
+                for _ in range(n_tok):
+                    dec.step_argmax()
+
+            t_prefill = timeit(lambda dec=dec, b=b: dec.prefill([prompt] * b), device, 1, args.iters)
+            t = timeit(run, device, 1, args.iters)
+            per_tok = (t - t_prefill) / n_tok
+            key = f"llm_{mode}_b{b}"
+            results[key] = {"batch": b, "tokens": n_tok, "prompt_positions": plen,
+                            "prefill_ms": 1e3 * t_prefill, "ms_per_token": 1e3 * per_tok,
+                            "tokens_per_s": b / per_tok, "x_realtime": b / per_tok / TOKEN_RATE}
+            if b == 1:
+                decoders[mode] = dec
+    return decoders
+
+
+def _flow_inputs(args, flow, device, batch: int) -> dict:
+    cfg = flow.config
+    n_tok, n_ptok = int(args.utt_s * TOKEN_RATE), int(args.prompt_s * TOKEN_RATE)
+    g = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+    return {
+        "token": torch.randint(0, cfg.vocab_size, (1, n_tok), generator=g).to(device),
+        "prompt_token": torch.randint(0, cfg.vocab_size, (1, n_ptok), generator=g).to(device),
+        "prompt_feat": torch.randn(1, 2 * n_ptok, cfg.output_size, generator=g).to(device),
+        "embedding": torch.randn(1, cfg.spk_embed_dim, generator=g).to(device),
+        "T": 2 * (n_tok + n_ptok),
+        "mu_b": torch.randn(batch, cfg.output_size, 2 * (n_tok + n_ptok), generator=g).to(device),
+        "spks_b": torch.randn(batch, cfg.output_size, generator=g).to(device),
+    }
+
+
+def flow_call(flow, inp, args, dtype, *, token=None, streaming=False, finalize=True):
+    with autocast_ctx(inp["token"].device, dtype):
+        return flow.inference(inp["token"] if token is None else token, inp["prompt_token"], inp["prompt_feat"],
+                              inp["embedding"], streaming=streaming, finalize=finalize, n_timesteps=args.n_timesteps)
+
+
+def bench_flow(args, flow, device, results: dict) -> str:
+    """Flow ms per audio second per mode; returns the fastest mode name."""
+    inp = _flow_inputs(args, flow, device, 1)
+    ref = None
+    best, best_t = "fp32", float("inf")
+    for mode in args.flow_modes:
+        dtype = None if mode == "fp32" else DTYPES[args.dtype]
+        original = flow.decoder.estimator
+        if mode == "compile" and not getattr(flow, "_bench_compiled", False):
+            compile_flow_estimator(flow, args.compile_mode, force=True)
+            flow._bench_compiled = True
+        t0 = time.perf_counter()
+        try:
+            mel = flow_call(flow, inp, args, dtype)
+        except Exception as exc:  # a failed compile must not sink the other figures
+            flow.decoder.estimator = original
+            results[f"flow_{mode}"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            continue
+        _sync(device)
+        first_call_s = time.perf_counter() - t0
+        t = timeit(lambda dtype=dtype: flow_call(flow, inp, args, dtype), device, 1, args.iters)
+        entry = {"ms_per_audio_s": 1e3 * t / args.utt_s, "ms_per_utterance": 1e3 * t, "dtype": str(dtype or "fp32"),
+                 "dit_frames": inp["T"], "first_call_s": first_call_s}
+        if mode == "fp32":
+            ref = mel.float()
+        elif ref is not None:
+            err = (mel.float() - ref).abs()
+            entry.update(max_abs_err_vs_fp32=float(err.max()), mean_abs_err_vs_fp32=float(err.mean()),
+                         rel_rms_err_vs_fp32=float(err.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()))
+        results[f"flow_{mode}"] = entry
+        if t < best_t:
+            best, best_t = mode, t
+    return best
+
+
+def bench_hift(args, hift, device, results: dict) -> str:
+    frames = int(args.utt_s * MEL_RATE)
+    mel = torch.randn(1, hift.config.in_channels, frames, device=device)
+    for mode in args.hift_modes:
+        if mode == "compile" and not getattr(hift, "_bench_compiled", False):
+            compile_hift(hift, args.compile_mode, force=True)
+            hift._bench_compiled = True
+        t0 = time.perf_counter()
+        try:
+            hift.inference(mel)
+        except Exception as exc:  # fall back to eager for the pipeline figures
+            if "decode" in vars(hift):
+                del hift.decode
+            results[f"hift_{mode}"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            continue
+        _sync(device)
+        first = time.perf_counter() - t0
+        t = timeit(lambda: hift.inference(mel), device, 1, args.iters)
+        results[f"hift_{mode}"] = {"ms_per_audio_s": 1e3 * t / args.utt_s, "mel_frames": frames, "first_call_s": first}
+    return "compile" if "decode" in vars(hift) else "eager"
+
+
+@torch.inference_mode()
+def bench_pipeline(args, llm, flow, hift, dec: GraphedDecoder, flow_dtype, device, results: dict) -> None:
+    n_tok, plen = int(args.utt_s * TOKEN_RATE), dec.cache.capacity - int(args.utt_s * TOKEN_RATE) - 2
+    d = llm.config.hidden_size
+    prompt = (0.02 * torch.randn(1, plen, d)).to(device, DTYPES[args.dtype])
+    inp = _flow_inputs(args, flow, device, args.offline_batch)
+    vocab = flow.config.vocab_size
+
+    def e2e() -> None:
+        dec.prefill([prompt])
+        toks = [dec.step_argmax().clone() for _ in range(n_tok)]
+        token = torch.stack(toks, dim=1) % vocab  # random weights: fold stop ids into the vocabulary
+        mel = flow_call(flow, inp, args, flow_dtype, token=token)
+        hift.inference(mel)
+
+    t = timeit(e2e, device, 1, args.iters)
+    results["e2e"] = {"audio_s": args.utt_s, "wall_ms": 1e3 * t, "rtf": t / args.utt_s}
+
+    first_tok = 25 + flow.config.pre_lookahead_len
+
+    def first_chunk() -> None:
+        dec.prefill([prompt])
+        toks = [dec.step_argmax().clone() for _ in range(first_tok)]
+        token = torch.stack(toks, dim=1) % vocab
+        mel = flow_call(flow, inp, args, flow_dtype, token=token, streaming=True, finalize=False)
+        hift.inference(mel, finalize=False)
+
+    t = timeit(first_chunk, device, 1, args.iters)
+    results["first_chunk"] = {"tokens": first_tok, "latency_ms": 1e3 * t}
+
+    # Offline: one LLM batch, one batched CFG flow call, one batched HiFT call.
+    b = args.offline_batch
+    bdec = GraphedDecoder(llm, b, dec.cache.capacity, use_graph=dec.use_graph)
+    T = inp["T"]
+    n_prompt_frames = 2 * int(args.prompt_s * TOKEN_RATE)
+    dec_flow = flow.decoder
+    t_span = dec_flow.time_grid(args.n_timesteps, torch.float32, device)
+    noise = dec_flow.fixed_noise(T, device, torch.float32).expand(b, -1, -1)
+    mask = torch.ones(b, 1, T, device=device)
+    cond = torch.zeros(b, flow.config.output_size, T, device=device)
+    cond[:, :, :n_prompt_frames] = 0.5
+
+    def offline() -> None:
+        bdec.prefill([prompt] * b)
+        for _ in range(n_tok):
+            bdec.step_argmax()
+        mel = batched_cfg_sample(dec_flow.estimator, inp["mu_b"], mask, inp["spks_b"], cond, noise, t_span,
+                                 flow.config.inference_cfg_rate, autocast_dtype=flow_dtype)
+        hift.inference(mel[:, :, n_prompt_frames:])
+
+    t = timeit(offline, device, 1, max(1, args.iters // 2))
+    results["offline"] = {"segments": b, "audio_s": b * args.utt_s, "wall_ms": 1e3 * t,
+                          "x_realtime": b * args.utt_s / t}
+
+
+def table(results: dict) -> str:
+    rows = []
+    for key, val in results.items():
+        if not isinstance(val, dict):
+            continue
+        for metric in ("ms_per_token", "tokens_per_s", "ms_per_audio_s", "rtf", "latency_ms", "x_realtime",
+                       "rel_rms_err_vs_fp32"):
+            if metric in val:
+                rows.append(f"| {key} | {metric} | {val[metric]:.4g} |")
+    return "\n".join(["| stage | metric | value |", "|---|---|---|", *rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    t_start = time.perf_counter()
+    llm, flow, hift = build(args, device)
+    results: dict = {"config": {k: v for k, v in vars(args).items()},
+                     "torch": torch.__version__,
+                     "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    decoders = bench_llm(args, llm, device, results)
+    best_flow = bench_flow(args, flow, device, results)
+    hift_path = bench_hift(args, hift, device, results)
+    dec = decoders.get("graph") or decoders[args.llm_modes[-1]]
+    flow_dtype = None if best_flow == "fp32" else DTYPES[args.dtype]
+    results["pipeline_paths"] = {"llm": "graph" if dec.use_graph else "eager", "flow": best_flow,
+                                 "hift": hift_path}
+    bench_pipeline(args, llm, flow, hift, dec, flow_dtype, device, results)
+    results["wall_s"] = time.perf_counter() - t_start
+    print(table(results))
+    print(json.dumps(results, indent=1, default=str))
+    if args.out:
+        write_json(args.out, json.loads(json.dumps(results, default=str)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
