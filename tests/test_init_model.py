@@ -10,8 +10,6 @@ import pytest
 from cosytune.cli.main import main
 from cosytune.models.model_dir import ModelDir
 
-pytest.importorskip("cosytune.models.flow", reason="a model dir needs the flow network")
-
 SHARED_NAME = "cosytune_tiny_seed0"  # same dir test_model_dir.py uses: built once per session
 
 

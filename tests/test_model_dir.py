@@ -16,8 +16,6 @@ from cosytune.models.presets import is_complete_model_dir, preset_hparams, write
 from cosytune.models.upstream_yaml import parse_cosyvoice3_yaml
 from cosytune.weights import save_state_dict, save_weights
 
-pytest.importorskip("cosytune.models.flow", reason="a model dir needs the flow network")
-
 SHARED_NAME = "cosytune_tiny_seed0"  # one tiny model dir per test session (write_model_dir reuses it)
 
 
