@@ -5,7 +5,7 @@ speech_tokenizer_v3.onnx, CosyVoice-BlankEN/ with a real Qwen2-vocabulary tokeni
 command that takes --model_dir can use it, and so can upstream CosyVoice. The ONNX models are tiny
 stand-ins with the real inputs and outputs. Random weights produce noise-like speech: the 'tiny' preset
 exists for tests, demos and trying the pipeline without downloading the real model; 'full' has the
-released sizes (~3.5 GB) for memory and speed tests.
+released sizes (~5.2 GB) for memory and speed tests.
 """
 
 from __future__ import annotations

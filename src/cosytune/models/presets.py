@@ -4,9 +4,9 @@ Presets:
 
 * ``tiny``: the architecture of Fun-CosyVoice3-0.5B at test size (the golden fixtures' widths:
   Qwen2 32-d × 2 layers with the real 151,936-row text table, DiT 64-d × 2, HiFT 64 channels).
-  A whole model dir is ~40 MB and builds in ~15 s on one CPU core, most of it the tokenizer.
+  A whole model dir is ~67 MB and builds in 5-15 s on one CPU core, most of it the tokenizer.
 * ``full``: the released sizes (llm 506,148,480, flow 332,257,088, hift 20,779,887 parameters),
-  random weights. Useful to test memory and speed without the real checkpoint (~3.5 GB on disk).
+  random weights. Useful to test memory and speed without the real checkpoint (~5.2 GB on disk, ~40 s).
 
 The written directory has every file the real one has (spec §1.1): ``cosyvoice3.yaml`` in upstream's
 tagged format, ``llm.pt``/``flow.pt``/``hift.pt`` in upstream's key names, tiny stand-ins for
