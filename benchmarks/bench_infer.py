@@ -31,7 +31,13 @@ from collections.abc import Callable
 import torch
 
 from cosytune.fileio import write_json
-from cosytune.infer.fast import GraphedDecoder, autocast_ctx, batched_cfg_sample, compile_flow_estimator, compile_hift
+from cosytune.infer.fast import (
+    GraphedDecoder,
+    autocast_ctx,
+    batched_cfg_sample,
+    compile_flow_estimator,
+    compile_hift,
+)
 from cosytune.models.builders import build_network
 from cosytune.models.presets import preset_hparams, preset_qwen2_config
 
@@ -169,7 +175,7 @@ def bench_flow(args, flow, device, results: dict) -> str:
         t0 = time.perf_counter()
         try:
             mel = flow_call(flow, inp, args, dtype)
-        except Exception as exc:  # a failed compile must not sink the other figures
+        except Exception as exc:  # noqa: BLE001 -- a failed compile must not sink the other figures
             flow.decoder.estimator = original
             results[f"flow_{mode}"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
             continue
@@ -200,7 +206,7 @@ def bench_hift(args, hift, device, results: dict) -> str:
         t0 = time.perf_counter()
         try:
             hift.inference(mel)
-        except Exception as exc:  # fall back to eager for the pipeline figures
+        except Exception as exc:  # noqa: BLE001 -- fall back to eager for the pipeline figures
             if "decode" in vars(hift):
                 del hift.decode
             results[f"hift_{mode}"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
@@ -290,14 +296,21 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"config": {k: v for k, v in vars(args).items()},
                      "torch": torch.__version__,
                      "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    sections: dict[str, float] = {}
+    t0 = time.perf_counter()
     decoders = bench_llm(args, llm, device, results)
+    sections["llm"] = time.perf_counter() - t0
     best_flow = bench_flow(args, flow, device, results)
+    sections["flow"] = time.perf_counter() - t0 - sum(sections.values())
     hift_path = bench_hift(args, hift, device, results)
+    sections["hift"] = time.perf_counter() - t0 - sum(sections.values())
     dec = decoders.get("graph") or decoders[args.llm_modes[-1]]
     flow_dtype = None if best_flow == "fp32" else DTYPES[args.dtype]
     results["pipeline_paths"] = {"llm": "graph" if dec.use_graph else "eager", "flow": best_flow,
                                  "hift": hift_path}
     bench_pipeline(args, llm, flow, hift, dec, flow_dtype, device, results)
+    sections["pipeline"] = time.perf_counter() - t0 - sum(sections.values())
+    results["section_wall_s"] = sections
     results["wall_s"] = time.perf_counter() - t_start
     print(table(results))
     print(json.dumps(results, indent=1, default=str))

@@ -19,8 +19,8 @@ CUDA = torch.cuda.is_available()
 
 
 def _lm(device: str = "cpu", config: LLMConfig = SMALL) -> CosyVoice3LM:
-    model = CosyVoice3LM(config).eval().to(device)
-    model.init_weights(torch.Generator().manual_seed(3), std=0.5)
+    model = CosyVoice3LM(config).eval()
+    model.init_weights(torch.Generator().manual_seed(3), std=0.5)  # on CPU, then moved
     return model.to(device)
 
 
