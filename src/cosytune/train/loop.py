@@ -242,6 +242,9 @@ def train(
         ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
         model = torch.nn.parallel.DistributedDataParallel(raw_model, find_unused_parameters=True, **ddp_kw)
 
+    if cfg.compile:
+        model = torch.compile(model)
+
     writer = None
     if dist.is_main and cfg.tensorboard:
         try:
