@@ -21,7 +21,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,18 +29,15 @@ import torch
 
 from cosytune.audio.features import cmn, kaldi_fbank
 from cosytune.data.frontend_common import (
+    ResumableExtraction,
     check_same_ids,
     load_audio,
-    load_pt_map,
     model_fingerprint,
     read_kaldi_dir,
-    resolve_wav_path,
-    safe_call,
     save_pt_map,
 )
 from cosytune.data.rejects import RejectLog
 from cosytune.errors import DataError
-from cosytune.fileio import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +49,6 @@ SPK_FILE = "spk2embedding.pt"
 STATE_FILE = ".extract-embedding.state.json"
 SAMPLE_RATE = 16000
 MIN_FRAMES = 10  # 0.115 s; CAM++'s strided convolutions need a handful of frames
-CHECKPOINT_EVERY_S = 60.0
 
 
 @dataclass
@@ -122,67 +117,33 @@ def extract_embeddings(
     model = CampPlus(onnx_path, device=device, num_threads=num_threads)
     rejects = RejectLog(Path(rejects_path) if rejects_path else kd.path / "rejects.jsonl", STAGE)
     utt_path, spk_path, state_path = kd.path / UTT_FILE, kd.path / SPK_FILE, kd.path / STATE_FILE
-    fingerprint = model_fingerprint(model.path)
-
-    cache: dict[str, list[float]] = {}
-    if not force and utt_path.is_file() and state_path.is_file():
-        import json
-
-        try:
-            state = json.loads(state_path.read_text())
-        except ValueError:
-            state = {}
-        if state.get("fingerprint") == fingerprint:
-            cache = {u: v for u, v in load_pt_map(utt_path).items() if u in kd.utt2wav and len(v) > 0}
-        else:
-            logger.info("%s was made with another model (or an older run); recomputing every utterance", utt_path)
-    todo = [u for u in kd.utts if u not in cache]
-    summary = EmbeddingSummary(utterances=len(kd.utts), reused=len(kd.utts) - len(todo), device=model.device)
+    job = ResumableExtraction(kd, utt_path, state_path, model_fingerprint(model.path), force)
+    cache = job.cache
+    summary = EmbeddingSummary(utterances=len(kd.utts), reused=len(cache), device=model.device)
     if summary.reused:
-        logger.info("reusing %d embeddings from a previous run; computing %d", summary.reused, len(todo))
+        logger.info("reusing %d embeddings from a previous run; computing %d", summary.reused, len(job.todo))
     if progress and summary.reused:
         progress(summary.reused)
 
-    def checkpoint() -> None:
-        save_pt_map(utt_path, {u: cache[u] for u in kd.utts if u in cache})
-        write_json(state_path, {"fingerprint": fingerprint})
+    def screen(p: Path, feat: np.ndarray, dur: float):
+        if feat.shape[0] < MIN_FRAMES:
+            detail = f"{p}: {dur:.3f} s gives {feat.shape[0]} fbank frames; CAM++ needs at least {MIN_FRAMES}"
+            return "too_short", detail
+        return None
 
-    last_save = time.monotonic()
-    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-        for start in range(0, len(todo), chunk_size):
-            chunk = todo[start : start + chunk_size]
-            paths = [resolve_wav_path(kd, kd.utt2wav[u]) for u in chunk]
-            prepared = list(pool.map(safe_call(_prepare), paths))
-            ok_utts, feats = [], []
-            for u, p, res in zip(chunk, paths, prepared):
-                if isinstance(res, Exception):
-                    rejects.add(u, "unreadable_audio", f"{p}: {res}")
-                    continue
-                feat, dur = res
-                if feat.shape[0] < MIN_FRAMES:
-                    rejects.add(u, "too_short", f"{p}: {dur:.3f} s gives {feat.shape[0]} fbank frames; "
-                                                f"CAM++ needs at least {MIN_FRAMES}")
-                    continue
-                summary.audio_seconds += dur
-                ok_utts.append(u)
-                feats.append(feat)
-            embs = model.embed_many(feats) if feats else []
-            for u, e in zip(ok_utts, embs):
-                if not np.all(np.isfinite(e)):
-                    rejects.add(u, "non_finite_embedding", f"{kd.utt2wav[u]}: CAM++ returned NaN/inf")
-                    continue
-                cache[u] = [float(x) for x in e]
-                summary.computed += 1
-            if progress:
-                progress(len(chunk))
-            if time.monotonic() - last_save > CHECKPOINT_EVERY_S:
-                checkpoint()
-                last_save = time.monotonic()
+    def convert(u: str, e: np.ndarray):
+        if not np.all(np.isfinite(e)):
+            return "non_finite_embedding", f"{kd.utt2wav[u]}: CAM++ returned NaN/inf"
+        return [float(x) for x in e]
+
+    job.run(prepare=_prepare, screen=screen, infer=model.embed_many, convert=convert, rejects=rejects,
+            chunk_size=chunk_size, num_threads=num_threads, progress=progress)
+    summary.audio_seconds, summary.computed = job.audio_seconds, job.computed
 
     if not cache:
         rejects.save()
         raise DataError(f"{kd.path}: no utterance could be embedded ({len(rejects)} rejects, see {rejects.path})")
-    checkpoint()
+    job.save()
     save_pt_map(spk_path, speaker_means(cache, kd.utt2spk, order=kd.utts))
     rejects.save()
     summary.speakers = len({kd.utt2spk[u] for u in cache})

@@ -13,23 +13,36 @@ The ``.pt`` maps (``utt2embedding.pt``, ``spk2embedding.pt``, ``utt2speech_token
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from cosytune.audio.resample import resample
 from cosytune.errors import CosytuneError, DataError
-from cosytune.fileio import atomic_path
+from cosytune.fileio import atomic_path, write_json
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "KaldiDir", "check_same_ids", "load_audio", "load_pt_map", "model_fingerprint", "read_kaldi_dir",
-    "resolve_wav_path", "safe_call", "save_pt_map",
+    "KaldiDir",
+    "ResumableExtraction",
+    "check_same_ids",
+    "load_audio",
+    "load_pt_map",
+    "model_fingerprint",
+    "read_kaldi_dir",
+    "resolve_wav_path",
+    "safe_call",
+    "save_pt_map",
 ]
 
 MAX_LISTED = 20
@@ -216,3 +229,116 @@ def safe_call(fn):
             return e
 
     return run
+
+
+#: Seconds between intermediate saves of a long extraction run.
+CHECKPOINT_EVERY_S = 60.0
+
+Reject = tuple[str, str]
+"""(reason, detail) of an utterance a stage drops."""
+
+
+@dataclass
+class ResumableExtraction:
+    """The per-utterance loop shared by extract-embedding and extract-speech-token.
+
+    Results already in ``out_path`` are reused when ``state_path`` records the same model
+    fingerprint (unless ``force``); the rest are computed chunk by chunk — audio decoded on a thread
+    pool, screened, run through the model in one call per chunk, converted — with rejects recorded,
+    progress reported and the map saved atomically every :data:`CHECKPOINT_EVERY_S` seconds, so an
+    interrupted run continues where it stopped.
+
+    Args:
+        kd: the data dir.
+        out_path: the ``{utt: list}`` map to write (``utt2embedding.pt``, ``utt2speech_token.pt``).
+        state_path: where the model fingerprint of ``out_path`` is kept.
+        fingerprint: :func:`model_fingerprint` of the model in use.
+        force: ignore earlier results.
+    """
+
+    kd: KaldiDir
+    out_path: Path
+    state_path: Path
+    fingerprint: dict
+    force: bool = False
+    cache: dict[str, list] = field(default_factory=dict)
+    audio_seconds: float = 0.0
+    computed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.force or not (self.out_path.is_file() and self.state_path.is_file()):
+            return
+        try:
+            state = json.loads(self.state_path.read_text())
+        except ValueError:
+            state = {}
+        if state.get("fingerprint") == self.fingerprint:
+            self.cache = {u: v for u, v in load_pt_map(self.out_path).items()
+                          if u in self.kd.utt2wav and len(v) > 0}
+        else:
+            logger.info("%s was made with another model (or an older run); recomputing every utterance",
+                        self.out_path)
+
+    @property
+    def todo(self) -> list[str]:
+        """Utterances without a reusable result, in data-dir order."""
+        return [u for u in self.kd.utts if u not in self.cache]
+
+    def save(self) -> None:
+        """Write the map (data-dir order) and the fingerprint atomically."""
+        save_pt_map(self.out_path, {u: self.cache[u] for u in self.kd.utts if u in self.cache})
+        write_json(self.state_path, {"fingerprint": self.fingerprint})
+
+    def run(
+        self,
+        *,
+        prepare: Callable[[Path], Any],
+        screen: Callable[[Path, Any, float], Reject | None],
+        infer: Callable[[Sequence[Any]], Sequence[Any]],
+        convert: Callable[[str, Any], list | Reject],
+        rejects: Any,
+        chunk_size: int,
+        num_threads: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Compute every utterance of :attr:`todo`.
+
+        Args:
+            prepare: wav path → ``(feature, duration_s)`` (raising for unreadable audio).
+            screen: ``(path, feature, duration_s)`` → a reject, or None to keep the utterance.
+            infer: the model on a list of features, one output per feature.
+            convert: ``(utt, output)`` → the list to store, or a reject (a tuple).
+            rejects: the stage's :class:`~cosytune.data.rejects.RejectLog`.
+        """
+        todo = self.todo
+        last_save = time.monotonic()
+        with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+            for start in range(0, len(todo), chunk_size):
+                chunk = todo[start : start + chunk_size]
+                paths = [resolve_wav_path(self.kd, self.kd.utt2wav[u]) for u in chunk]
+                ok_utts, feats = [], []
+                for u, p, res in zip(chunk, paths, pool.map(safe_call(prepare), paths)):
+                    if isinstance(res, Exception):
+                        rejects.add(u, "unreadable_audio", f"{p}: {res}")
+                        continue
+                    feat, dur = res
+                    problem = screen(p, feat, dur)
+                    if problem is not None:
+                        rejects.add(u, *problem)
+                        continue
+                    self.audio_seconds += dur
+                    ok_utts.append(u)
+                    feats.append(feat)
+                outputs = infer(feats) if feats else []
+                for u, out in zip(ok_utts, outputs):
+                    value = convert(u, out)
+                    if isinstance(value, tuple):
+                        rejects.add(u, *value)
+                        continue
+                    self.cache[u] = value
+                    self.computed += 1
+                if progress:
+                    progress(len(chunk))
+                if time.monotonic() - last_save > CHECKPOINT_EVERY_S:
+                    self.save()
+                    last_save = time.monotonic()

@@ -19,12 +19,10 @@ must align them (or use online tokens).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,17 +31,13 @@ import torch
 
 from cosytune.audio.features import whisper_log_mel
 from cosytune.data.frontend_common import (
+    ResumableExtraction,
     load_audio,
-    load_pt_map,
     model_fingerprint,
     read_kaldi_dir,
-    resolve_wav_path,
-    safe_call,
-    save_pt_map,
 )
 from cosytune.data.rejects import RejectLog
 from cosytune.errors import DataError
-from cosytune.fileio import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +49,6 @@ STATE_FILE = ".extract-speech-token.state.json"
 SAMPLE_RATE = 16000
 MAX_SECONDS = 30.0  # the tokenizer's limit (upstream frontend asserts it; the tool writes [])
 MIN_FRAMES = 4  # one token needs four 10 ms log-mel frames
-CHECKPOINT_EVERY_S = 60.0
 
 
 @dataclass
@@ -127,67 +120,34 @@ def extract_speech_tokens(
     model = SpeechTokenizer(onnx_path, device=device, num_threads=num_threads, max_batch=max_batch)
     rejects = RejectLog(Path(rejects_path) if rejects_path else kd.path / "rejects.jsonl", STAGE)
     out_path, state_path = kd.path / TOKEN_FILE, kd.path / STATE_FILE
-    fingerprint = model_fingerprint(model.path)
-
-    cache: dict[str, list[int]] = {}
-    if not force and out_path.is_file() and state_path.is_file():
-        try:
-            state = json.loads(state_path.read_text())
-        except ValueError:
-            state = {}
-        if state.get("fingerprint") == fingerprint:
-            cache = {u: v for u, v in load_pt_map(out_path).items() if u in kd.utt2wav and len(v) > 0}
-        else:
-            logger.info("%s was made with another model (or an older run); recomputing every utterance", out_path)
-    todo = [u for u in kd.utts if u not in cache]
-    summary = SpeechTokenSummary(utterances=len(kd.utts), reused=len(kd.utts) - len(todo), device=model.device)
+    job = ResumableExtraction(kd, out_path, state_path, model_fingerprint(model.path), force)
+    cache = job.cache
+    summary = SpeechTokenSummary(utterances=len(kd.utts), reused=len(cache), device=model.device)
     if progress and summary.reused:
         progress(summary.reused)
 
-    def checkpoint() -> None:
-        save_pt_map(out_path, {u: cache[u] for u in kd.utts if u in cache})
-        write_json(state_path, {"fingerprint": fingerprint})
+    def screen(p: Path, feat: np.ndarray | None, dur: float):
+        if feat is None:
+            detail = (f"{p}: {dur:.2f} s; speech_tokenizer_v3 takes at most {MAX_SECONDS:.0f} s — "
+                      "split it (cosytune prepare-audio slices long recordings)")
+            return "too_long_for_tokenizer", detail
+        if feat.shape[1] < MIN_FRAMES:
+            return "too_short", f"{p}: {dur:.3f} s is shorter than one speech token (40 ms)"
+        return None
 
-    last_save = time.monotonic()
-    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-        for start in range(0, len(todo), chunk_size):
-            chunk = todo[start : start + chunk_size]
-            paths = [resolve_wav_path(kd, kd.utt2wav[u]) for u in chunk]
-            prepared = list(pool.map(safe_call(_prepare), paths))
-            ok_utts, feats = [], []
-            for u, p, res in zip(chunk, paths, prepared):
-                if isinstance(res, Exception):
-                    rejects.add(u, "unreadable_audio", f"{p}: {res}")
-                    continue
-                feat, dur = res
-                if feat is None:
-                    rejects.add(u, "too_long_for_tokenizer",
-                                f"{p}: {dur:.2f} s; speech_tokenizer_v3 takes at most {MAX_SECONDS:.0f} s — "
-                                "split it (cosytune prepare-audio slices long recordings)")
-                    continue
-                if feat.shape[1] < MIN_FRAMES:
-                    rejects.add(u, "too_short", f"{p}: {dur:.3f} s is shorter than one speech token (40 ms)")
-                    continue
-                summary.audio_seconds += dur
-                ok_utts.append(u)
-                feats.append(feat)
-            tokens = model.tokenize_many(feats) if feats else []
-            for u, tok in zip(ok_utts, tokens):
-                if tok.size == 0:
-                    rejects.add(u, "no_tokens", f"{kd.utt2wav[u]}: the tokenizer returned no tokens")
-                    continue
-                cache[u] = [int(x) for x in tok]
-                summary.computed += 1
-            if progress:
-                progress(len(chunk))
-            if time.monotonic() - last_save > CHECKPOINT_EVERY_S:
-                checkpoint()
-                last_save = time.monotonic()
+    def convert(u: str, tok: np.ndarray):
+        if tok.size == 0:
+            return "no_tokens", f"{kd.utt2wav[u]}: the tokenizer returned no tokens"
+        return [int(x) for x in tok]
+
+    job.run(prepare=_prepare, screen=screen, infer=model.tokenize_many, convert=convert, rejects=rejects,
+            chunk_size=chunk_size, num_threads=num_threads, progress=progress)
+    summary.audio_seconds, summary.computed = job.audio_seconds, job.computed
 
     if not cache:
         rejects.save()
         raise DataError(f"{kd.path}: no utterance could be tokenised ({len(rejects)} rejects, see {rejects.path})")
-    checkpoint()
+    job.save()
     rejects.save()
     summary.batched = model.max_batch > 1
     summary.tokens = sum(len(v) for v in cache.values())
