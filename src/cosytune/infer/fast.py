@@ -160,11 +160,12 @@ class GraphedDecoder:
 
     @torch.inference_mode()
     def decode(self, prompt: InferencePrompt, *, sampling: SamplingConfig | None = None,
-               generator: torch.Generator | None = None,
+               generator: torch.Generator | None = None, draw_q: Any = None,
                min_len_mode: MinLenMode = "all_stops") -> Iterator[DecodeStep]:
         """Batch-1 decoding with the same rules and draws as :meth:`CosyVoice3LM.decode`.
 
-        Needs ``batch_size == 1`` and ``capacity >= L + max_len``.
+        Needs ``batch_size == 1`` and ``capacity >= L + max_len``. ``draw_q`` injects the sampler's
+        Exp(1) draws (tests), as in :meth:`CosyVoice3LM.decode`.
         """
         if self.batch_size != 1:
             raise ValueError("decode() is for a batch-1 decoder; use prefill/step for batches")
@@ -178,11 +179,11 @@ class GraphedDecoder:
         logp = self.prefill([prompt.lm_input])[0]
         history: list[int] = []
         for step in range(prompt.max_len):
-            raw = logp.clone()
+            raw = logp.clone()  # the static buffer is overwritten by the next step
             logp = raw.clone()
             if step < prompt.min_len:
                 self.model.suppress_stops(logp, min_len_mode)
-            result = ras_sample(logp, history, sampling, generator=generator)
+            result = ras_sample(logp, history, sampling, generator=generator, draw_q=draw_q)
             stop = cfg.is_stop(result.token_id)
             yield DecodeStep(step, raw, result, result.token_id, stop)
             if stop or step + 1 == prompt.max_len:
