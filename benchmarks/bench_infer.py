@@ -33,6 +33,7 @@ import torch
 from cosytune.fileio import write_json
 from cosytune.infer.fast import (
     GraphedDecoder,
+    GraphedFlowSampler,
     autocast_ctx,
     batched_cfg_sample,
     compile_flow_estimator,
@@ -75,9 +76,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt_s", type=float, default=3.0, help="prompt speech seconds (tokens + mel)")
     p.add_argument("--prompt_text", type=int, default=25, help="text positions in the LLM prompt")
     p.add_argument("--llm_batch", type=int, default=32)
-    p.add_argument("--offline_batch", type=int, default=None, help="segments per offline batch (16 cuda, 2 cpu)")
-    p.add_argument("--llm_modes", default=None, help="comma list of eager,graph (default: both on cuda)")
-    p.add_argument("--flow_modes", default=None, help="comma list of fp32,eager,compile (eager/compile use --dtype)")
+    p.add_argument("--offline_batch", default=None,
+                   help="comma list of segments per offline batch (default 16,32,64 on cuda, 2 on cpu)")
+    p.add_argument("--llm_modes", default=None,
+                   help="comma list of eager,graph,compiled (compiled = torch.compile'd step in a CUDA graph; "
+                        "default: all three on cuda)")
+    p.add_argument("--llm_compile_mode", default="default", help="torch.compile mode of the compiled LLM step")
+    p.add_argument("--flow_modes", default=None,
+                   help="comma list of fp32,eager,compile,graph (eager/compile/graph use --dtype; graph = the "
+                        "whole 10-step solve as one CUDA graph, over the compiled estimator when compile ran)")
     p.add_argument("--hift_modes", default=None, help="comma list of eager,compile")
     p.add_argument("--compile_mode", default="default",
                    help="torch.compile mode for flow/HiFT (e.g. default, reduce-overhead, max-autotune-no-cudagraphs)")
@@ -88,10 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
-    args.offline_batch = args.offline_batch or (16 if cuda else 2)
+    args.offline_batch = [int(b) for b in str(args.offline_batch or ("16,32,64" if cuda else "2")).split(",")]
     args.iters = args.iters or (5 if cuda else 2)
-    args.llm_modes = (args.llm_modes or ("eager,graph" if cuda else "eager")).split(",")
-    args.flow_modes = (args.flow_modes or ("fp32,eager,compile" if cuda else "eager")).split(",")
+    args.llm_modes = (args.llm_modes or ("eager,graph,compiled" if cuda else "eager")).split(",")
+    args.flow_modes = (args.flow_modes or ("fp32,eager,compile,graph" if cuda else "eager")).split(",")
     args.hift_modes = (args.hift_modes or ("eager,compile" if cuda else "eager")).split(",")
     if not cuda:
         args.llm_batch = min(args.llm_batch, 4)
@@ -121,7 +128,8 @@ def bench_llm(args, llm, device, results: dict) -> dict[str, GraphedDecoder]:
     decoders: dict[str, GraphedDecoder] = {}
     for mode in args.llm_modes:
         for b in (1, args.llm_batch):
-            dec = GraphedDecoder(llm, b, plen + n_tok + 2, use_graph=(mode == "graph"))
+            dec = GraphedDecoder(llm, b, plen + n_tok + 2, use_graph=(mode != "eager"),
+                                 compile_mode=args.llm_compile_mode if mode == "compiled" else None)
 
             def run(dec=dec, b=b) -> None:
                 dec.prefill([prompt] * b)
@@ -137,6 +145,23 @@ def bench_llm(args, llm, device, results: dict) -> dict[str, GraphedDecoder]:
                             "tokens_per_s": b / per_tok, "x_realtime": b / per_tok / TOKEN_RATE}
             if b == 1:
                 decoders[mode] = dec
+    ref = decoders.get("graph") or decoders.get("eager")
+    if ref is not None and "compiled" in decoders:
+        # The compiled step must give the reference step's logits: 16 greedy steps from one prompt.
+        fast = decoders["compiled"]
+        ids = {}
+        diff = 0.0
+        for name, d in (("ref", ref), ("fast", fast)):
+            d.prefill([prompt])
+            d.argmax.copy_(d.logp.argmax(-1))
+            seq, logps = [], []
+            for _ in range(16):
+                seq.append(int(d.step_argmax()[0]))
+                logps.append(d.logp.clone())
+            ids[name] = (seq, logps)
+        diff = max(float((a - b).abs().max()) for a, b in zip(ids["ref"][1], ids["fast"][1]))
+        results["llm_compiled_parity"] = {"max_abs_logp_diff": diff,
+                                          "same_greedy_ids": ids["ref"][0] == ids["fast"][0]}
     return decoders
 
 
@@ -155,33 +180,41 @@ def _flow_inputs(args, flow, device, batch: int) -> dict:
     }
 
 
-def flow_call(flow, inp, args, dtype, *, token=None, streaming=False, finalize=True):
+def flow_call(flow, inp, args, dtype, *, token=None, streaming=False, finalize=True, sampler=None):
     with autocast_ctx(inp["token"].device, dtype):
         return flow.inference(inp["token"] if token is None else token, inp["prompt_token"], inp["prompt_feat"],
-                              inp["embedding"], streaming=streaming, finalize=finalize, n_timesteps=args.n_timesteps)
+                              inp["embedding"], streaming=streaming, finalize=finalize, n_timesteps=args.n_timesteps,
+                              sampler=sampler)
 
 
-def bench_flow(args, flow, device, results: dict) -> str:
-    """Flow ms per audio second per mode; returns the fastest mode name."""
+def bench_flow(args, flow, device, results: dict) -> tuple[str, GraphedFlowSampler | None]:
+    """Flow ms per audio second per mode; returns the fastest mode name (and its graphed sampler)."""
     inp = _flow_inputs(args, flow, device, 1)
     ref = None
     best, best_t = "fp32", float("inf")
+    graphed: GraphedFlowSampler | None = None
     for mode in args.flow_modes:
         dtype = None if mode == "fp32" else DTYPES[args.dtype]
         original = flow.decoder.estimator
         if mode == "compile" and not getattr(flow, "_bench_compiled", False):
             compile_flow_estimator(flow, args.compile_mode, force=True)
             flow._bench_compiled = True
+        sampler = None
+        if mode == "graph":
+            graphed = sampler = GraphedFlowSampler(flow.decoder, autocast_dtype=dtype)
         t0 = time.perf_counter()
         try:
-            mel = flow_call(flow, inp, args, dtype)
+            mel = flow_call(flow, inp, args, dtype, sampler=sampler).clone()
         except Exception as exc:  # noqa: BLE001 -- a failed compile must not sink the other figures
             flow.decoder.estimator = original
+            if mode == "graph":
+                graphed = None
             results[f"flow_{mode}"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
             continue
         _sync(device)
         first_call_s = time.perf_counter() - t0
-        t = timeit(lambda dtype=dtype: flow_call(flow, inp, args, dtype), device, 1, args.iters)
+        t = timeit(lambda dtype=dtype, sampler=sampler: flow_call(flow, inp, args, dtype, sampler=sampler), device, 1,
+                   args.iters)
         entry = {"ms_per_audio_s": 1e3 * t / args.utt_s, "ms_per_utterance": 1e3 * t, "dtype": str(dtype or "fp32"),
                  "dit_frames": inp["T"], "first_call_s": first_call_s}
         if mode == "fp32":
@@ -193,7 +226,7 @@ def bench_flow(args, flow, device, results: dict) -> str:
         results[f"flow_{mode}"] = entry
         if t < best_t:
             best, best_t = mode, t
-    return best
+    return best, (graphed if best == "graph" else None)
 
 
 def bench_hift(args, hift, device, results: dict) -> str:
@@ -219,18 +252,19 @@ def bench_hift(args, hift, device, results: dict) -> str:
 
 
 @torch.inference_mode()
-def bench_pipeline(args, llm, flow, hift, dec: GraphedDecoder, flow_dtype, device, results: dict) -> None:
+def bench_pipeline(args, llm, flow, hift, dec: GraphedDecoder, flow_dtype, device, results: dict,
+                   sampler: GraphedFlowSampler | None = None) -> None:
     n_tok, plen = int(args.utt_s * TOKEN_RATE), dec.cache.capacity - int(args.utt_s * TOKEN_RATE) - 2
     d = llm.config.hidden_size
     prompt = (0.02 * torch.randn(1, plen, d)).to(device, DTYPES[args.dtype])
-    inp = _flow_inputs(args, flow, device, args.offline_batch)
+    inp = _flow_inputs(args, flow, device, 1)
     vocab = flow.config.vocab_size
 
     def e2e() -> None:
         dec.prefill([prompt])
         toks = [dec.step_argmax().clone() for _ in range(n_tok)]
         token = torch.stack(toks, dim=1) % vocab  # random weights: fold stop ids into the vocabulary
-        mel = flow_call(flow, inp, args, flow_dtype, token=token)
+        mel = flow_call(flow, inp, args, flow_dtype, token=token, sampler=sampler)
         hift.inference(mel)
 
     t = timeit(e2e, device, 1, args.iters)
@@ -242,46 +276,76 @@ def bench_pipeline(args, llm, flow, hift, dec: GraphedDecoder, flow_dtype, devic
         dec.prefill([prompt])
         toks = [dec.step_argmax().clone() for _ in range(first_tok)]
         token = torch.stack(toks, dim=1) % vocab
-        mel = flow_call(flow, inp, args, flow_dtype, token=token, streaming=True, finalize=False)
+        mel = flow_call(flow, inp, args, flow_dtype, token=token, streaming=True, finalize=False, sampler=sampler)
         hift.inference(mel, finalize=False)
 
     t = timeit(first_chunk, device, 1, args.iters)
     results["first_chunk"] = {"tokens": first_tok, "latency_ms": 1e3 * t}
 
-    # Offline: one LLM batch, one batched CFG flow call, one batched HiFT call.
-    b = args.offline_batch
-    bdec = GraphedDecoder(llm, b, dec.cache.capacity, use_graph=dec.use_graph)
-    T = inp["T"]
-    n_prompt_frames = 2 * int(args.prompt_s * TOKEN_RATE)
+    # Offline: one LLM batch, one batched CFG flow call, one batched HiFT call, per batch size.
     dec_flow = flow.decoder
-    t_span = dec_flow.time_grid(args.n_timesteps, torch.float32, device)
-    noise = dec_flow.fixed_noise(T, device, torch.float32).expand(b, -1, -1)
-    mask = torch.ones(b, 1, T, device=device)
-    cond = torch.zeros(b, flow.config.output_size, T, device=device)
-    cond[:, :, :n_prompt_frames] = 0.5
+    n_prompt_frames = 2 * int(args.prompt_s * TOKEN_RATE)
+    results["offline"] = {}
+    for b in args.offline_batch:
+        inp_b = _flow_inputs(args, flow, device, b)
+        bdec = GraphedDecoder(llm, b, dec.cache.capacity, use_graph=dec.use_graph,
+                              compile_mode=args.llm_compile_mode if dec.compiled else None)
+        T = inp_b["T"]
+        t_span = dec_flow.time_grid(args.n_timesteps, torch.float32, device)
+        noise = dec_flow.fixed_noise(T, device, torch.float32).expand(b, -1, -1)
+        mask = torch.ones(b, 1, T, device=device)
+        cond = torch.zeros(b, flow.config.output_size, T, device=device)
+        cond[:, :, :n_prompt_frames] = 0.5
+        stages: dict[str, float] = {}
 
-    def offline() -> None:
-        bdec.prefill([prompt] * b)
-        for _ in range(n_tok):
-            bdec.step_argmax()
-        mel = batched_cfg_sample(dec_flow.estimator, inp["mu_b"], mask, inp["spks_b"], cond, noise, t_span,
-                                 flow.config.inference_cfg_rate, autocast_dtype=flow_dtype)
-        hift.inference(mel[:, :, n_prompt_frames:])
+        def offline(b=b, bdec=bdec, inp_b=inp_b, mask=mask, cond=cond, noise=noise, t_span=t_span,
+                    stages=stages) -> None:
+            marks = [time.perf_counter()]
+            bdec.prefill([prompt] * b)
+            for _ in range(n_tok):
+                bdec.step_argmax()
+            _sync(device)
+            marks.append(time.perf_counter())
+            if sampler is not None:
+                mel = sampler(inp_b["mu_b"], mask, inp_b["spks_b"], cond, n_timesteps=args.n_timesteps)
+            else:
+                mel = batched_cfg_sample(dec_flow.estimator, inp_b["mu_b"], mask, inp_b["spks_b"], cond, noise,
+                                         t_span, flow.config.inference_cfg_rate, autocast_dtype=flow_dtype)
+            _sync(device)
+            marks.append(time.perf_counter())
+            hift.inference(mel[:, :, n_prompt_frames:])
+            _sync(device)
+            marks.append(time.perf_counter())
+            stages.update(llm_ms=1e3 * (marks[1] - marks[0]), flow_ms=1e3 * (marks[2] - marks[1]),
+                          hift_ms=1e3 * (marks[3] - marks[2]))
 
-    t = timeit(offline, device, 1, max(1, args.iters // 2))
-    results["offline"] = {"segments": b, "audio_s": b * args.utt_s, "wall_ms": 1e3 * t,
-                          "x_realtime": b * args.utt_s / t}
+        try:
+            t = timeit(offline, device, 1, max(1, args.iters // 2))
+        except torch.OutOfMemoryError as exc:
+            results["offline"][f"b{b}"] = {"error": f"out of memory: {exc}"[:500]}
+            break
+        results["offline"][f"b{b}"] = {"segments": b, "audio_s": b * args.utt_s, "wall_ms": 1e3 * t,
+                                       "x_realtime": b * args.utt_s / t, **stages}
+        del bdec
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def table(results: dict) -> str:
     rows = []
+    flat: list[tuple[str, dict]] = []
     for key, val in results.items():
-        if not isinstance(val, dict):
-            continue
+        if isinstance(val, dict) and key == "offline":
+            flat += [(f"offline_{k}", v) for k, v in val.items() if isinstance(v, dict)]
+        elif isinstance(val, dict):
+            flat.append((key, val))
+    for key, val in flat:
         for metric in ("ms_per_token", "tokens_per_s", "ms_per_audio_s", "rtf", "latency_ms", "x_realtime",
-                       "rel_rms_err_vs_fp32"):
+                       "rel_rms_err_vs_fp32", "max_abs_logp_diff", "llm_ms", "flow_ms", "hift_ms", "error"):
             if metric in val:
-                rows.append(f"| {key} | {metric} | {val[metric]:.4g} |")
+                v = val[metric]
+                rows.append(f"| {key} | {metric} | {v:.4g} |" if isinstance(v, (int, float)) else
+                            f"| {key} | {metric} | {str(v)[:120]} |")
     return "\n".join(["| stage | metric | value |", "|---|---|---|", *rows])
 
 
@@ -300,15 +364,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     decoders = bench_llm(args, llm, device, results)
     sections["llm"] = time.perf_counter() - t0
-    best_flow = bench_flow(args, flow, device, results)
+    best_flow, sampler = bench_flow(args, flow, device, results)
     sections["flow"] = time.perf_counter() - t0 - sum(sections.values())
     hift_path = bench_hift(args, hift, device, results)
     sections["hift"] = time.perf_counter() - t0 - sum(sections.values())
-    dec = decoders.get("graph") or decoders[args.llm_modes[-1]]
+    dec = decoders.get("compiled") or decoders.get("graph") or decoders[args.llm_modes[-1]]
     flow_dtype = None if best_flow == "fp32" else DTYPES[args.dtype]
-    results["pipeline_paths"] = {"llm": "graph" if dec.use_graph else "eager", "flow": best_flow,
+    results["pipeline_paths"] = {"llm": "compiled" if dec.compiled else "graph" if dec.use_graph else "eager",
+                                 "flow": best_flow,
                                  "hift": hift_path}
-    bench_pipeline(args, llm, flow, hift, dec, flow_dtype, device, results)
+    bench_pipeline(args, llm, flow, hift, dec, flow_dtype, device, results, sampler)
     sections["pipeline"] = time.perf_counter() - t0 - sum(sections.values())
     results["section_wall_s"] = sections
     results["wall_s"] = time.perf_counter() - t_start

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
-from cosytune.infer.fast import GraphedDecoder, batched_cfg_sample
+from cosytune.infer.fast import GraphedDecoder, GraphedFlowSampler, batched_cfg_sample
 from cosytune.models.builders import build_network
 from cosytune.models.llm import CosyVoice3LM, LLMConfig
 from cosytune.models.presets import preset_hparams
@@ -168,3 +170,60 @@ def test_batched_cfg_sample_on_gpu_matches_cpu_reference(tiny_flow):
     torch.testing.assert_close(fast.cpu(), ref, rtol=1e-3, atol=1e-3)
     bf = batched_cfg_sample(est.estimator, *args, autocast_dtype=torch.bfloat16)
     assert float((bf.cpu() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()) < 0.05
+
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("g++") is None,
+                              reason="torch.compile on CPU needs a C/C++ compiler")
+
+
+@needs_cc
+def test_compiled_step_equals_eager_step():
+    """The torch.compile'd step body (forced on CPU) gives the eager step's log-probs and advances the cache alike."""
+    model = _lm()
+    prompts = _prompts(model, 2)
+    eager = GraphedDecoder(model, 2, 24)
+    fast = GraphedDecoder(model, 2, 24, compile_mode="default", force_compile=True)
+    assert fast.compiled and not eager.compiled
+    for d in (eager, fast):
+        d.prefill([p.lm_input for p in prompts])
+    for k in range(4):
+        feed = torch.tensor([k, 50 + k])
+        torch.testing.assert_close(fast.step(feed).clone(), eager.step(feed).clone(), rtol=1e-4, atol=1e-4)
+        assert torch.equal(fast.cache.lengths, eager.cache.lengths)
+
+
+def test_flow_sampler_hook_equals_reference_inference(tiny_flow):
+    """``inference(sampler=GraphedFlowSampler)`` gives the reference mel, full and streaming (CPU: no graph)."""
+    cfg = tiny_flow.config
+    g = torch.Generator().manual_seed(2)
+    token = torch.randint(0, cfg.vocab_size, (1, 12), generator=g)
+    ptoken = torch.randint(0, cfg.vocab_size, (1, 5), generator=g)
+    pfeat = torch.randn(1, 10, cfg.output_size, generator=g)
+    emb = torch.randn(1, cfg.spk_embed_dim, generator=g)
+    sampler = GraphedFlowSampler(tiny_flow.decoder)
+    for streaming, finalize in ((False, True), (True, False)):
+        ref = tiny_flow.inference(token, ptoken, pfeat, emb, streaming=streaming, finalize=finalize, n_timesteps=3)
+        fast = tiny_flow.inference(token, ptoken, pfeat, emb, streaming=streaming, finalize=finalize, n_timesteps=3,
+                                   sampler=sampler)
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    assert sampler.captures == 0  # no graphs on CPU
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_graphed_flow_sampler_on_gpu(tiny_flow):
+    """Graph replay equals the eager batched solve for new inputs of a captured shape; shapes are LRU-bounded."""
+    flow = build_network("flow", preset_hparams("tiny")).eval()
+    flow.load_state_dict(tiny_flow.state_dict())
+    flow = flow.to("cuda")
+    dec = flow.decoder
+    eager = GraphedFlowSampler(dec, use_graph=False)
+    graphed = GraphedFlowSampler(dec, max_graphs=2)
+    for T in (30, 30, 40, 50, 30):
+        g = torch.Generator().manual_seed(T)
+        mu, cond = torch.randn(2, 80, T, generator=g).cuda(), torch.randn(2, 80, T, generator=g).cuda()
+        spks, mask = torch.randn(2, 80, generator=g).cuda(), torch.ones(2, 1, T, device="cuda")
+        for streaming in (False, True):
+            ref = eager(mu, mask, spks, cond, n_timesteps=4, streaming=streaming)
+            out = graphed(mu, mask, spks, cond, n_timesteps=4, streaming=streaming).clone()
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert len(graphed._graphs) == 2 and graphed.captures == 8  # 30,40,50 twice each + 30 again twice

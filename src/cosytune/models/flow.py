@@ -314,7 +314,8 @@ class CausalMaskedDiffWithDiT(nn.Module):
     @torch.inference_mode()
     def inference(self, token: Tensor, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor, *,
                   streaming: bool = False, finalize: bool = True, n_timesteps: int | None = None,
-                  cfg_rate: float | None = None, temperature: float = 1.0, record: dict | None = None) -> Tensor:
+                  cfg_rate: float | None = None, temperature: float = 1.0, record: dict | None = None,
+                  sampler: Any = None) -> Tensor:
         """Mel of ``token`` given the prompt: (1, 80, 2·N_new) float32, prompt frames removed.
 
         Args:
@@ -325,6 +326,8 @@ class CausalMaskedDiffWithDiT(nn.Module):
             embedding: (1, 192) speaker embedding.
             streaming: block-causal DiT attention (chunked); the final chunk uses full attention.
             finalize: whether this is the last chunk (no look-ahead tokens to hold back).
+            sampler: replaces ``self.decoder.sample`` (same call signature), e.g. a CUDA-graph replay
+                of the same solve (``cosytune.infer.fast.GraphedFlowSampler``); not with ``record``.
         """
         dev = self.input_embedding.weight.device
         dtype = self.spk_embed_affine_layer.weight.dtype
@@ -353,6 +356,10 @@ class CausalMaskedDiffWithDiT(nn.Module):
         mu, cond_t = h.transpose(1, 2).contiguous(), cond.transpose(1, 2).contiguous()
         if record is not None:
             record.update(mu=mu, spks=spks, cond=cond_t)
+        if sampler is not None and record is None:
+            mel = sampler(mu, mask, spks.to(dtype), cond_t, n_timesteps=n_timesteps, cfg_rate=cfg_rate,
+                          temperature=temperature, streaming=streaming)
+            return mel[:, :, n_prompt:]
         mel = self.decoder.sample(mu, mask, spks.to(dtype), cond_t, n_timesteps=n_timesteps, cfg_rate=cfg_rate,
                                   temperature=temperature, streaming=streaming,
                                   trace=record.setdefault("estimator_out", []) if record is not None else None)
