@@ -312,25 +312,15 @@ class CausalMaskedDiffWithDiT(nn.Module):
         return {"loss": loss}
 
     @torch.inference_mode()
-    def inference(self, token: Tensor, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor, *,
-                  streaming: bool = False, finalize: bool = True, n_timesteps: int | None = None,
-                  cfg_rate: float | None = None, temperature: float = 1.0, record: dict | None = None,
-                  sampler: Any = None) -> Tensor:
-        """Mel of ``token`` given the prompt: (1, 80, 2·N_new) float32, prompt frames removed.
+    def sampler_inputs(self, token: Tensor, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor, *,
+                       finalize: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        """What :meth:`inference` hands the CFM sampler: ``(mu, mask, spks, cond, n_prompt)``.
 
-        Args:
-            token: (1, N) new speech tokens (in a non-final streaming chunk the last
-                ``pre_lookahead_len`` of them are look-ahead context only and produce no mel).
-            prompt_token: (1, P) prompt tokens (P may be 0).
-            prompt_feat: (1, 2P, 80) prompt mel.
-            embedding: (1, 192) speaker embedding.
-            streaming: block-causal DiT attention (chunked); the final chunk uses full attention.
-            finalize: whether this is the last chunk (no look-ahead tokens to hold back).
-            sampler: replaces ``self.decoder.sample`` (same call signature), e.g. a CUDA-graph replay
-                of the same solve (``cosytune.infer.fast.GraphedFlowSampler``); not with ``record``.
+        mu and cond are (1, 80, T) with T = 2·(P + N_out) frames (prompt first), mask (1, 1, T) ones,
+        spks (1, 80); the first ``n_prompt`` frames are the prompt's. Arguments as :meth:`inference`.
+        Batch callers pad several of these on the right and sample them together.
         """
         dev = self.input_embedding.weight.device
-        dtype = self.spk_embed_affine_layer.weight.dtype
         token, prompt_token = token.to(dev).long(), prompt_token.to(dev).long()
         if token.dim() != 2 or token.shape[0] != 1:
             raise DataError(f"token must have shape (1, N), got {tuple(token.shape)}")
@@ -354,6 +344,28 @@ class CausalMaskedDiffWithDiT(nn.Module):
         cond[:, :n_prompt] = prompt_feat.to(dev, h.dtype)
         mask = torch.ones(1, 1, T, device=dev, dtype=h.dtype)
         mu, cond_t = h.transpose(1, 2).contiguous(), cond.transpose(1, 2).contiguous()
+        return mu, mask, spks, cond_t, n_prompt
+
+    def inference(self, token: Tensor, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor, *,
+                  streaming: bool = False, finalize: bool = True, n_timesteps: int | None = None,
+                  cfg_rate: float | None = None, temperature: float = 1.0, record: dict | None = None,
+                  sampler: Any = None) -> Tensor:
+        """Mel of ``token`` given the prompt: (1, 80, 2·N_new) float32, prompt frames removed.
+
+        Args:
+            token: (1, N) new speech tokens (in a non-final streaming chunk the last
+                ``pre_lookahead_len`` of them are look-ahead context only and produce no mel).
+            prompt_token: (1, P) prompt tokens (P may be 0).
+            prompt_feat: (1, 2P, 80) prompt mel.
+            embedding: (1, 192) speaker embedding.
+            streaming: block-causal DiT attention (chunked); the final chunk uses full attention.
+            finalize: whether this is the last chunk (no look-ahead tokens to hold back).
+            sampler: replaces ``self.decoder.sample`` (same call signature), e.g. a CUDA-graph replay
+                of the same solve (``cosytune.infer.fast.GraphedFlowSampler``); not with ``record``.
+        """
+        mu, mask, spks, cond_t, n_prompt = self.sampler_inputs(token, prompt_token, prompt_feat, embedding,
+                                                               finalize=finalize)
+        dtype = self.spk_embed_affine_layer.weight.dtype
         if record is not None:
             record.update(mu=mu, spks=spks, cond=cond_t)
         if sampler is not None and record is None:

@@ -659,7 +659,7 @@ class CosyVoice3LM(nn.Module):
     @torch.inference_mode()
     def generate_batch(self, prompts: Sequence[InferencePrompt], *, sampling: SamplingConfig | None = None,
                        generators: Sequence[torch.Generator | None] | None = None,
-                       min_len_mode: MinLenMode = "all_stops") -> list[list[int]]:
+                       min_len_mode: MinLenMode = "all_stops", rows: RowDecoder | None = None) -> list[list[int]]:
         """Decode several prompts together (one backbone call per step for all of them).
 
         Each row follows exactly the rules of :meth:`decode` (its own min/max length, history and
@@ -672,6 +672,10 @@ class CosyVoice3LM(nn.Module):
             sampling: sampler parameters (default: the config's).
             generators: one per prompt (or None for all: torch's global generator).
             min_len_mode: see :meth:`decode`.
+            rows: what runs the backbone, e.g. a ``cosytune.infer.fast.GraphedDecoder`` with
+                ``len(prompts)`` rows and room for the longest prompt plus the largest ``max_len``
+                (anything with ``prefill(list of (1, L, D)) -> (B, V_sp)`` and ``step((B,) ids) ->
+                (B, V_sp)`` log-probs). Default: a fresh eager cache.
 
         Returns:
             The speech tokens of each prompt (stop ids excluded).
@@ -688,16 +692,10 @@ class CosyVoice3LM(nn.Module):
         active = [p.max_len > 0 for p in prompts]
         if not any(active):
             return outputs
-        lens = [p.lm_input.shape[1] for p in prompts]
-        first = prompts[0].lm_input
-        x = first.new_zeros(b, max(lens), cfg.hidden_size)  # (B, L_max, D), right-padded
-        for i, p in enumerate(prompts):
-            x[i, : lens[i]] = p.lm_input[0]
-        input_lens = torch.tensor(lens, device=first.device)
-        cache = KVCache.allocate(cfg.qwen2, b, max(lens) + max(p.max_len for p in prompts),
-                                 device=first.device, dtype=first.dtype)
-        hidden, cache = self.llm.model.model.prefill(x, cache, input_lens)
-        logp = self._logp(hidden[torch.arange(b, device=first.device), input_lens - 1])  # (B, V_sp)
+        device = prompts[0].lm_input.device
+        if rows is None:
+            rows = _EagerRows(self, b, max(p.lm_input.shape[1] for p in prompts) + max(p.max_len for p in prompts))
+        logp = rows.prefill([p.lm_input for p in prompts])  # (B, V_sp)
         step = 0
         while True:
             feed = []
@@ -717,8 +715,43 @@ class CosyVoice3LM(nn.Module):
                 feed.append(token if active[i] else 0)
             if not any(active):
                 return outputs
-            logp, cache = self.step_logp(torch.tensor(feed, device=first.device), cache)
+            logp = rows.step(torch.tensor(feed, device=device))
             step += 1
+
+
+class RowDecoder(Protocol):
+    """Runs the backbone for B rows: :meth:`CosyVoice3LM.generate_batch`'s ``rows`` argument."""
+
+    def prefill(self, lm_inputs: Sequence[Tensor]) -> Tensor: ...
+
+    def step(self, token_ids: Tensor) -> Tensor: ...
+
+
+class _EagerRows:
+    """The default :class:`RowDecoder`: an eager KV cache sized for this call."""
+
+    def __init__(self, model: CosyVoice3LM, batch_size: int, capacity: int) -> None:
+        self.model = model
+        self.batch_size, self.capacity = batch_size, capacity
+        self.cache: KVCache | None = None
+
+    def prefill(self, lm_inputs: Sequence[Tensor]) -> Tensor:
+        b = self.batch_size
+        lens = [x.shape[1] for x in lm_inputs]
+        first = lm_inputs[0]
+        x = first.new_zeros(b, max(lens), first.shape[-1])  # (B, L_max, D), right-padded
+        for i, row in enumerate(lm_inputs):
+            x[i, : lens[i]] = row[0]
+        input_lens = torch.tensor(lens, device=first.device)
+        self.cache = KVCache.allocate(self.model.config.qwen2, b, self.capacity, device=first.device,
+                                      dtype=first.dtype)
+        hidden, self.cache = self.model.llm.model.model.prefill(x, self.cache, input_lens)
+        return self.model._logp(hidden[torch.arange(b, device=first.device), input_lens - 1])
+
+    def step(self, token_ids: Tensor) -> Tensor:
+        assert self.cache is not None, "prefill first"
+        logp, self.cache = self.model.step_logp(token_ids, self.cache)
+        return logp
 
 
 def count_parameters(module: nn.Module) -> int:
