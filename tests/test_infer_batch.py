@@ -1,0 +1,74 @@
+"""Batched synthesis (cosytune.infer.batch) equals one-at-a-time synthesis, on the tiny model dir (CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cosytune.errors import DataError
+from cosytune.infer.batch import BatchRequest, synthesize_batch
+from cosytune.infer.synthesizer import SynthesisOptions, Synthesizer
+from cosytune.models.sampling import SamplingConfig
+
+INSTRUCT = "You are a helpful assistant.<|endofprompt|>"
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory, sample_speaker_dir):
+    from cosytune.cli.main import main
+    from cosytune.models.presets import write_model_dir
+
+    root = tmp_path_factory.mktemp("batchmodel")
+    a = write_model_dir(root / "a", "tiny", seed=0)
+    spk = root / "spk2embedding.pt"
+    torch.save({"alice": torch.randn(192, generator=torch.Generator().manual_seed(3)).tolist()}, spk)
+    assert main(["spk2info", "--spk2embedding_pt", str(spk), "--spk_id", "alice",
+                 "--out_spk2info_pt", str(a / "spk2info.pt")]) == 0
+    clip = sample_speaker_dir / "audio" / "agent-user.mp3"
+    assert main(["spk2info", "--model_dir", str(a), "--spk_id", "bob", "--prompt_wav", str(clip),
+                 "--prompt_text", INSTRUCT + "Agent logged on."]) == 0
+    return Synthesizer.from_dir(a, device="cpu")
+
+
+def _requests() -> list[BatchRequest]:
+    return [
+        BatchRequest("Hello there, how are you?", spk_id="alice", options=SynthesisOptions(seed=11)),
+        BatchRequest("A much longer sentence, so that the rows have different lengths in both networks.",
+                     spk_id="bob", mode="zero_shot", options=SynthesisOptions(seed=12)),
+        BatchRequest("?!", spk_id="alice", options=SynthesisOptions(seed=13)),  # nothing to speak
+        BatchRequest("Short.", spk_id="bob", mode="zero_shot", options=SynthesisOptions(seed=14, speed=1.5)),
+        BatchRequest("Different sampler settings go to their own batch.", spk_id="alice",
+                     options=SynthesisOptions(seed=15, sampling=SamplingConfig(top_k=5))),
+    ]
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_batch_equals_single_requests(synth, fast):
+    reqs = _requests()
+    done: list[int] = []
+    results = synthesize_batch(synth, reqs, batch_size=3, fast=fast, on_result=lambda i, r: done.append(i))
+    assert sorted(done) == list(range(len(reqs)))
+    assert isinstance(results[2], DataError) and "nothing to speak" in str(results[2])
+    # rows 0, 1, 3 share a sampler (one batch of 3); row 4 has its own settings (a batch of 1)
+    assert [results[i].info["batch"]["rows"] for i in (0, 1, 3, 4)] == [3, 3, 3, 1]
+    for req, res in zip(reqs, results):
+        if isinstance(res, Exception):
+            continue
+        ref = synth.synthesize(req.text, spk_id=req.spk_id, mode=req.mode, options=req.options)
+        assert res.tokens == ref.tokens and res.seed == ref.seed
+        assert res.audio.shape == ref.audio.shape
+        np.testing.assert_allclose(res.audio, ref.audio, atol=2e-4, rtol=0)
+        assert res.info["mode"] == ref.info["mode"] and res.info["sampling"] == ref.info["sampling"]
+        assert res.timings["audio_s"] == pytest.approx(ref.timings["audio_s"])
+
+
+def test_batch_size_one_and_bad_size(synth):
+    reqs = _requests()[:2]
+    one = synthesize_batch(synth, reqs, batch_size=1)
+    two = synthesize_batch(synth, reqs, batch_size=2)
+    for a, b in zip(one, two):
+        assert a.tokens == b.tokens
+        np.testing.assert_allclose(a.audio, b.audio, atol=2e-4, rtol=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        synthesize_batch(synth, reqs, batch_size=0)
