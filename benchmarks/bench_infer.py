@@ -260,27 +260,34 @@ def bench_pipeline(args, llm, flow, hift, dec: GraphedDecoder, flow_dtype, devic
     inp = _flow_inputs(args, flow, device, 1)
     vocab = flow.config.vocab_size
 
-    def e2e() -> None:
+    def chained(n: int, stages: dict, *, streaming: bool) -> None:
+        """Prefill, n greedy tokens, flow, HiFT; records each stage's wall ms (device-synchronised)."""
+        marks = [time.perf_counter()]
         dec.prefill([prompt])
-        toks = [dec.step_argmax().clone() for _ in range(n_tok)]
+        _sync(device)
+        marks.append(time.perf_counter())
+        toks = [dec.step_argmax().clone() for _ in range(n)]
         token = torch.stack(toks, dim=1) % vocab  # random weights: fold stop ids into the vocabulary
-        mel = flow_call(flow, inp, args, flow_dtype, token=token, sampler=sampler)
-        hift.inference(mel)
+        _sync(device)
+        marks.append(time.perf_counter())
+        mel = flow_call(flow, inp, args, flow_dtype, token=token, streaming=streaming, finalize=not streaming,
+                        sampler=sampler)
+        _sync(device)
+        marks.append(time.perf_counter())
+        hift.inference(mel, finalize=not streaming)
+        _sync(device)
+        marks.append(time.perf_counter())
+        stages.update({f"{k}_ms": 1e3 * (marks[i + 1] - marks[i])
+                       for i, k in enumerate(("prefill", "tokens", "flow", "hift"))})
 
-    t = timeit(e2e, device, 1, args.iters)
-    results["e2e"] = {"audio_s": args.utt_s, "wall_ms": 1e3 * t, "rtf": t / args.utt_s}
+    stages: dict[str, float] = {}
+    t = timeit(lambda: chained(n_tok, stages, streaming=False), device, 1, args.iters)
+    results["e2e"] = {"audio_s": args.utt_s, "wall_ms": 1e3 * t, "rtf": t / args.utt_s, **stages}
 
     first_tok = 25 + flow.config.pre_lookahead_len
-
-    def first_chunk() -> None:
-        dec.prefill([prompt])
-        toks = [dec.step_argmax().clone() for _ in range(first_tok)]
-        token = torch.stack(toks, dim=1) % vocab
-        mel = flow_call(flow, inp, args, flow_dtype, token=token, streaming=True, finalize=False, sampler=sampler)
-        hift.inference(mel, finalize=False)
-
-    t = timeit(first_chunk, device, 1, args.iters)
-    results["first_chunk"] = {"tokens": first_tok, "latency_ms": 1e3 * t}
+    stages = {}
+    t = timeit(lambda: chained(first_tok, stages, streaming=True), device, 1, args.iters)
+    results["first_chunk"] = {"tokens": first_tok, "latency_ms": 1e3 * t, **stages}
 
     # Offline: one LLM batch, one batched CFG flow call, one batched HiFT call, per batch size.
     dec_flow = flow.decoder
@@ -341,7 +348,8 @@ def table(results: dict) -> str:
             flat.append((key, val))
     for key, val in flat:
         for metric in ("ms_per_token", "tokens_per_s", "ms_per_audio_s", "rtf", "latency_ms", "x_realtime",
-                       "rel_rms_err_vs_fp32", "max_abs_logp_diff", "llm_ms", "flow_ms", "hift_ms", "error"):
+                       "rel_rms_err_vs_fp32", "max_abs_logp_diff", "prefill_ms", "tokens_ms", "llm_ms", "flow_ms",
+                       "hift_ms", "error"):
             if metric in val:
                 v = val[metric]
                 rows.append(f"| {key} | {metric} | {v:.4g} |" if isinstance(v, (int, float)) else
