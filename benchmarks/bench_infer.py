@@ -162,6 +162,14 @@ def bench_llm(args, llm, device, results: dict) -> dict[str, GraphedDecoder]:
         diff = max(float((a - b).abs().max()) for a, b in zip(ids["ref"][1], ids["fast"][1]))
         results["llm_compiled_parity"] = {"max_abs_logp_diff": diff,
                                           "same_greedy_ids": ids["ref"][0] == ids["fast"][0]}
+    # The product's sampler (RAS, top-p 0.8 / top-k 25, host-side bookkeeping) per row and token.
+    from cosytune.models.sampling import SamplingConfig, ras_sample
+
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    logp_row = torch.log_softmax(torch.randn(llm.config.speech_vocab_size, device=device), dim=-1)
+    history = list(range(10))
+    t = timeit(lambda: ras_sample(logp_row, history, SamplingConfig(), generator=gen), device, 3, 50)
+    results["ras_sample"] = {"us_per_row_token": 1e6 * t}
     return decoders
 
 
@@ -348,7 +356,7 @@ def table(results: dict) -> str:
             flat.append((key, val))
     for key, val in flat:
         for metric in ("ms_per_token", "tokens_per_s", "ms_per_audio_s", "rtf", "latency_ms", "x_realtime",
-                       "rel_rms_err_vs_fp32", "max_abs_logp_diff", "prefill_ms", "tokens_ms", "llm_ms", "flow_ms",
+                       "rel_rms_err_vs_fp32", "max_abs_logp_diff", "us_per_row_token", "prefill_ms", "tokens_ms", "llm_ms", "flow_ms",
                        "hift_ms", "error"):
             if metric in val:
                 v = val[metric]

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import random
 import time
 
 import torch
 
+from cosytune.fileio import write_json
 from cosytune.models.builders import build_network
 from cosytune.models.presets import preset_hparams, preset_qwen2_config
 from cosytune.train.build import STEP_FUNCTIONS
@@ -115,14 +115,18 @@ def main() -> None:
         units = int(args.utt_s * (25 if kind == "llm" else 50))  # LLM: speech tokens; flow: mel frames
         text_units = int(args.utt_s * args.text_per_s) + 8 + 2 if kind == "llm" else 0
         flops = 6 * n_params * (units + text_units) * batch_size  # per rank per step
-        mfu = flops / step_s / (args.peak_tflops * 1e12) if device.type == "cuda" else float("nan")
+        mfu = flops / step_s / (args.peak_tflops * 1e12) if device.type == "cuda" else None
+        # Embedding tables are looked up, not multiplied: MFU over the parameters that do matmuls too.
+        n_lookup = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+        mfu_mm = mfu * (n_params - n_lookup) / n_params if mfu is not None else None
         res = {
             "model": kind, "preset": args.preset, "device": str(device), "world_size": world,
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "params": n_params, "batch_per_rank": batch_size, "utt_s": args.utt_s, "max_frames": args.max_frames,
             "step_ms": round(step_s * 1000, 2), "samples_per_s": round(samples_s, 2),
             "audio_s_per_s": round(samples_s * args.utt_s, 1),
-            "mfu": round(mfu, 4) if mfu == mfu else None,
+            "mfu": round(mfu, 4) if mfu is not None else None,
+            "mfu_matmul_params": round(mfu_mm, 4) if mfu_mm is not None else None, "embedding_params": n_lookup,
             "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None,
             "amp": args.amp, "compile": args.compile,
         }
@@ -135,10 +139,9 @@ def main() -> None:
               f"{'MFU':>6} {'mem GB':>7}")
         for r in results:
             print(f"{r['model']:5} {r['world_size']:>5} {r['batch_per_rank']:>5} {r['step_ms']:>9} "
-                  f"{r['samples_per_s']:>10} {r['audio_s_per_s']:>10} {str(r['mfu']):>6} {str(r['peak_mem_gb']):>7}")
+                  f"{r['samples_per_s']:>10} {r['audio_s_per_s']:>10} {r['mfu']!s:>6} {r['peak_mem_gb']!s:>7}")
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
+            write_json(args.json, results)
     cleanup_distributed()
 
 

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU figures of benchmarks/RESULTS.md, in the order they were taken (one H200).
+#
+# Usage: benchmarks/gpu_suite.sh STEP... [OUT_DIR]
+#   tests     the CUDA-only tests (graph/compile parity, graphed flow sampler, batch synthesis)
+#   infer     bench_infer.py, full size, bf16: LLM decode, flow, HiFT, e2e, first chunk, offline sweep
+#   train     bench_train.py: recipe budget and larger budgets, LLM compiled
+#   features  bench_features.py --device cuda (needs onnxruntime-gpu importable)
+# JSON results go to OUT_DIR (default: $OUT when set, else ./bench_out).
+set -uo pipefail
+out="${OUT:-./bench_out}"
+steps=()
+for a in "$@"; do
+    case "$a" in tests|infer|train|features) steps+=("$a") ;; *) out="$a" ;; esac
+done
+mkdir -p "$out"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+status=0
+for step in "${steps[@]}"; do
+    echo "=== $step ($(date -u +%H:%M:%S))"
+    case "$step" in
+    tests)
+        $py -m pytest -q -p no:cacheprovider tests/test_fast_paths.py tests/test_infer_batch.py \
+            $(ls tests/test_synth_fast_decode.py 2>/dev/null) -k "gpu or cuda or graphed" 2>&1 | tail -15 || status=1 ;;
+    infer)
+        $py benchmarks/bench_infer.py --preset full --device cuda --dtype bf16 --out "$out/bench_infer.json" \
+            > "$out/bench_infer.log" 2>&1 || status=1
+        sed -n '1,/^{/p' "$out/bench_infer.log" | head -80 ;;
+    train)
+        for args in "--model llm --max_frames 2000" "--model flow --max_frames 2000" \
+                    "--model llm --max_frames 64000 --compile" "--model flow --max_frames 48000"; do
+            tag=$(echo "$args" | tr -d '-' | tr ' ' '_')
+            $py benchmarks/bench_train.py --device cuda $args --json "$out/train_$tag.json" 2>&1 | tail -4 || status=1
+        done ;;
+    features)
+        $py benchmarks/bench_features.py --device cuda --utts 448 --json "$out/features_gpu.json" 2>&1 | tail -25 \
+            || status=1 ;;
+    esac
+done
+exit $status
