@@ -6,7 +6,9 @@ drift between pieces; use `cosytune infer-batch` for many segments). The mode is
 --spk_id → sft (or zero_shot for a speaker stored from a prompt). CosyVoice 3 needs <|endofprompt|>
 before the text; without --prompt_text the training instruct
 'You are a helpful assistant.<|endofprompt|>' is used. run.json (settings, model file hashes, seed,
-timings) is written beside the audio; with --text the text itself is not stored.
+timings, which LLM decoder ran) is written beside the audio; with --text the text itself is not stored.
+On CUDA the LLM decodes with a preallocated KV cache and a CUDA-graph step (same tokens as the reference
+decoder); --no_fast_decode forces the reference decoder.
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ def add_synthesis_flags(p: argparse.ArgumentParser, *, batch: bool = False) -> N
          help="LLM and flow precision (the vocoder always runs in float32)")
     flag(p, "upstream_noise", action="store_true", help="use the vocoder noise upstream CosyVoice draws "
          "(bit-exact parity with upstream; ~260 MB more memory, 300 s cap)")
+    flag(p, "no_fast_decode", action="store_true", help="decode the LLM with the reference decoder (a KV cache "
+         "allocated per request) instead of the default fast one (preallocated cache, decode step replayed as a "
+         "CUDA graph; on by default on CUDA only). Same tokens either way; run.json's request.llm_decoder says "
+         "which ran")
 
 
 def build_parser(p: argparse.ArgumentParser) -> None:
@@ -117,7 +123,10 @@ def options_from_args(args: argparse.Namespace, synth: Any, **overrides: Any) ->
 
 
 def load_synthesizer(args: argparse.Namespace) -> tuple[Any, float]:
-    """Build the Synthesizer from the flags; returns it and the load time in seconds."""
+    """Build the Synthesizer from the flags; returns it and the load time in seconds.
+
+    ``--no_fast_decode`` forces the reference LLM decoder; otherwise the Synthesizer decides (fast on CUDA).
+    """
     import torch
 
     from cosytune.infer.synthesizer import Synthesizer
@@ -125,7 +134,8 @@ def load_synthesizer(args: argparse.Namespace) -> tuple[Any, float]:
     t0 = time.perf_counter()
     synth = Synthesizer.from_dir(args.model_dir, device=args.device, dtype=getattr(torch, args.dtype),
                                  llm_ckpt=args.llm_ckpt, flow_ckpt=args.flow_ckpt,
-                                 upstream_noise=args.upstream_noise)
+                                 upstream_noise=args.upstream_noise,
+                                 fast_decode=False if getattr(args, "no_fast_decode", False) else None)
     return synth, time.perf_counter() - t0
 
 

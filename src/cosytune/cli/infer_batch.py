@@ -8,7 +8,7 @@ Input (--input, alias --text_file), UTF-8:
     defaults of every line; a relative "prompt_wav" may be relative to the input file's folder.
 Each segment is synthesised on its own and never split. Outputs are OUT_DIR/<name>.wav (default name
 seg_NNNN, the 0-based segment number), batch.jsonl (one row per segment: file, seconds, seed, settings
-hash) and run.json. Re-running skips segments whose wav exists with unchanged settings. A segment that
+hash) and run.json (request.llm_decoder: which LLM decoder(s) ran; --no_fast_decode forces the reference one). Re-running skips segments whose wav exists with unchanged settings. A segment that
 fails (e.g. empty text) is recorded in rejects.jsonl and the others still run; the exit code is then 1.
 """
 
@@ -165,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
     done: list[dict[str, Any]] = []
     timings = {"load_s": load_s, "llm_s": 0.0, "flow_s": 0.0, "hift_s": 0.0, "audio_s": 0.0}
     skipped = 0
+    decoders: set[str] = set()
     t0 = time.perf_counter()
     for row in progress(rows, total=len(rows), desc="segments", enabled=not args.no_progress):
         wav = out_dir / f"{row['name']}.wav"
@@ -186,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
             logger.error("segment %s (line %d) failed: %s", row["name"], row["line"], e)
             continue
         write_wav_pcm16(wav, result.audio, result.sample_rate)
+        if "llm_decoder" in result.info:
+            decoders.add(result.info["llm_decoder"])
         for k in ("llm_s", "flow_s", "hift_s", "audio_s"):
             timings[k] += result.timings[k]
         done.append({"name": row["name"], "line": row["line"], "path": str(wav), "seconds": result.duration_s,
@@ -208,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
                    model_files=synth.model_files, outputs=[{k: r[k] for k in ("path", "seconds")} for r in done]
                    + ([{"path": str(joined), "joined": True}] if joined else []), timings=timings,
                    request={"segments": len(rows), "written": len(done) - skipped, "skipped": skipped,
-                            "failed": len(rejects)}, device=str(synth.device), dtype=args.dtype,
+                            "failed": len(rejects), "llm_decoder": sorted(decoders)}, device=str(synth.device), dtype=args.dtype,
                    command="infer-batch")
     print_summary("infer-batch", [
         ("segments", len(rows)), ("written", len(done) - skipped), ("skipped (unchanged)", skipped),

@@ -11,7 +11,9 @@ Layout (one JSON object, written atomically beside the audio)::
       "model_files": {"cosyvoice3.yaml"|"llm"|"flow"|"hift"|"spk2info.pt": {"path", "sha256", "swapped"}},
       "outputs":   [{"path", "samples", "seconds"}...],
       "timings":   {"load_s", "llm_s", "flow_s", "hift_s", "total_s", "audio_s", "rtf", "first_chunk_s"?},
-      "request":   mode, token counts, speaker source, sampling ... (no raw text),
+      "request":   mode, token counts, speaker source, sampling, llm_decoder ("graph": preallocated cache +
+                   CUDA-graph step, "static": the same step run eagerly, "reference": per-request cache;
+                   infer-batch lists the ones used) ... (no raw text),
       "environment": python, torch, device, dtype
     }
 """

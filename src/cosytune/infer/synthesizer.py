@@ -1,7 +1,7 @@
 """``Synthesizer``: text → 24 kHz speech with a CosyVoice 3 model dir, in every upstream mode, one segment.
 
 Public API
-    * ``Synthesizer.from_dir(model_dir, *, device, dtype, llm_ckpt=None, flow_ckpt=None)`` loads the
+    * ``Synthesizer.from_dir(model_dir, *, device, dtype, llm_ckpt=None, flow_ckpt=None, fast_decode=None)`` loads the
       three networks strictly (optionally swapping ``llm.pt``/``flow.pt`` for other weight files, e.g. an
       epoch or averaged checkpoint, or the base ``flow.pt`` for "tuned LLM + base flow"), the tokenizer,
       the text normaliser and ``spk2info.pt``. ``Synthesizer(llm, flow, hift, tokenizer=...)`` assembles
@@ -10,8 +10,15 @@ Public API
     * ``stream(...)`` (same arguments) yields :class:`AudioChunk` s as the LLM produces tokens, following
       upstream's chunk schedule (:mod:`cosytune.infer.streaming`). All state of a request lives in local
       variables of the generator: nothing is stored on the Synthesizer, no threads. (The only caches are
-      the vocoder's fixed noise, grown lazily with a stable prefix, and the lazily built text normaliser;
-      neither depends on a request.)
+      the vocoder's fixed noise, grown lazily with a stable prefix, the lazily built text normaliser, and
+      the pool of idle LLM decoders below; none carries anything from one request to the next.)
+    * Fast LLM decoding (``fast_decode``; default on for CUDA, off on CPU): each request checks a batch-1
+      :class:`~cosytune.infer.fast.GraphedDecoder` (preallocated KV cache, decode step replayed as a CUDA
+      graph) out of :attr:`Synthesizer.decoder_pool`, a thread-safe :class:`DecoderPool`, and gives it back
+      when its token generator finishes or is closed. Concurrent requests (threads, or interleaved
+      streams in one thread) never share a decoder. Same seed → same tokens as the reference
+      ``CosyVoice3LM.decode``. ``result.info["llm_decoder"]`` says which ran: ``graph`` (CUDA graph),
+      ``static`` (the same static step run eagerly, CPU) or ``reference``.
     * ``prepare(...) -> PreparedRequest`` (text front end, mode resolution, prompt features),
       ``generate_tokens``, ``tokens_to_mel``, ``mel_to_wav``: the stages, public so tests and tools can
       drive them one by one.
@@ -39,7 +46,8 @@ One request (spec §2.5, §5.7, §6)
        joined to the text by ``guide_sep``; the LLM is then conditioned on ``options.instruct`` only
        (its prompt speech is dropped too, since its transcript is no longer in the LLM text).
     3. LLM decoding with RAS sampling from a ``torch.Generator`` seeded with ``options.seed`` (a random seed
-       is drawn and reported when None, so every run can be repeated). Silent tokens beyond 5 in a row
+       is drawn and reported when None, so every run can be repeated), through a pooled fast decoder or
+       the reference decoder (same draws, same tokens). Silent tokens beyond 5 in a row
        are not given to the flow (upstream's CosyVoice 3 runtime).
     4. Flow (token → mel, fixed CFM noise) and HiFT (mel → wav, fixed source noise). Non-streaming: one
        flow call with full attention; ``speed ≠ 1`` time-stretches the mel linearly to ``int(T / speed)``
@@ -59,6 +67,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -82,6 +91,7 @@ __all__ = [
     "ENDOFPROMPT",
     "MODES",
     "AudioChunk",
+    "DecoderPool",
     "PreparedRequest",
     "SynthesisOptions",
     "SynthesisResult",
@@ -210,6 +220,97 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+#: Fast decoders are built for capacities rounded up to a multiple of this (fewer distinct graphs).
+CAPACITY_BUCKET = 256
+#: Idle decoders kept per capacity bucket (the rest are dropped when returned, bounding memory).
+MAX_IDLE_PER_BUCKET = 2
+
+
+class DecoderPool:
+    """Thread-safe pool of batch-1 :class:`~cosytune.infer.fast.GraphedDecoder` s, keyed by cache capacity.
+
+    A request :meth:`acquire` s a decoder for the positions it needs (prompt + ``max_len``), rounded up to
+    a multiple of ``bucket`` and capped at the backbone's ``max_position_embeddings``, and :meth:`release` s
+    it when done. A checked-out decoder belongs to one request only, so concurrent requests share no
+    mutable state; an idle one is reused by the next request of the same bucket (its cache is reset by
+    ``prefill``, and its captured CUDA graph stays valid). Decoders are built lazily (the graph is captured
+    at a decoder's first step); at most ``max_idle_per_bucket`` idle decoders are kept per bucket, so memory
+    is bounded by the peak concurrency plus that many per bucket.
+
+    Args:
+        llm: the ``CosyVoice3LM`` (eval mode, on its device and dtype).
+        use_graph: capture CUDA graphs (ignored on CPU, where the static step runs eagerly).
+        bucket: capacity granularity in positions.
+        max_idle_per_bucket: idle decoders kept per capacity.
+    """
+
+    def __init__(self, llm: Any, *, use_graph: bool = True, bucket: int = CAPACITY_BUCKET,
+                 max_idle_per_bucket: int = MAX_IDLE_PER_BUCKET) -> None:
+        if bucket <= 0 or max_idle_per_bucket < 0:
+            raise ValueError(f"bucket must be > 0 and max_idle_per_bucket >= 0, got {bucket}, {max_idle_per_bucket}")
+        self.llm = llm
+        self.use_graph = use_graph
+        self.bucket = int(bucket)
+        self.max_idle_per_bucket = int(max_idle_per_bucket)
+        self.limit = int(llm.config.qwen2.max_position_embeddings)
+        self._lock = threading.Lock()
+        self._idle: dict[int, list[Any]] = {}
+        self._counts = {"created": 0, "reused": 0, "released": 0, "discarded": 0, "in_use": 0, "peak_in_use": 0,
+                        "fallbacks": 0}
+
+    def capacity_for(self, positions: int) -> int | None:
+        """The bucketed capacity for ``positions`` cache positions, or None when it exceeds the limit."""
+        if positions > self.limit:
+            return None
+        return min(self.limit, -(-int(positions) // self.bucket) * self.bucket)
+
+    def acquire(self, positions: int) -> Any | None:
+        """Check out a decoder holding at least ``positions`` positions (None: too long, use the reference)."""
+        capacity = self.capacity_for(positions)
+        with self._lock:
+            if capacity is None:
+                self._counts["fallbacks"] += 1
+                return None
+            idle = self._idle.get(capacity)
+            decoder = idle.pop() if idle else None
+            self._counts["reused" if decoder is not None else "created"] += 1
+            self._counts["in_use"] += 1
+            self._counts["peak_in_use"] = max(self._counts["peak_in_use"], self._counts["in_use"])
+        if decoder is None:  # built outside the lock: allocation must not block other requests' releases
+            from cosytune.infer.fast import GraphedDecoder
+
+            try:
+                decoder = GraphedDecoder(self.llm, 1, capacity, use_graph=self.use_graph)
+            except BaseException:
+                with self._lock:
+                    self._counts["in_use"] -= 1
+                raise
+        return decoder
+
+    def release(self, decoder: Any) -> None:
+        """Give a decoder back (kept idle for reuse, or dropped when its bucket is full)."""
+        capacity = int(decoder.cache.capacity)
+        with self._lock:
+            self._counts["in_use"] -= 1
+            self._counts["released"] += 1
+            idle = self._idle.setdefault(capacity, [])
+            if len(idle) < self.max_idle_per_bucket:
+                idle.append(decoder)
+            else:
+                self._counts["discarded"] += 1
+
+    def stats(self) -> dict[str, Any]:
+        """Counters (``created``, ``reused``, ``released``, ``discarded``, ``in_use``, ``peak_in_use``,
+        ``fallbacks``) and ``idle``: {capacity: idle decoders}."""
+        with self._lock:
+            return {**self._counts, "idle": {c: len(v) for c, v in sorted(self._idle.items()) if v}}
+
+    def clear(self) -> None:
+        """Drop every idle decoder (frees their caches and graphs; checked-out ones are unaffected)."""
+        with self._lock:
+            self._idle.clear()
+
+
 class Synthesizer:
     """CosyVoice 3 inference over loaded networks (see the module docstring).
 
@@ -224,12 +325,17 @@ class Synthesizer:
         sample_rate: output rate (the yaml's ``sample_rate``).
         schedule: streaming constants (the flow's ``pre_lookahead_len``/``token_mel_ratio``).
         model_files: name → {path, sha256} of the files loaded, for run.json.
+        fast_decode: decode the LLM with pooled :class:`~cosytune.infer.fast.GraphedDecoder` s (same tokens
+            as the reference). None (default) = on when the LLM is on CUDA, off on CPU (there the static
+            step attends over the whole preallocated cache and gains nothing); True on CPU runs the static
+            step eagerly (tests use it); False always uses ``CosyVoice3LM.decode``.
     """
 
     def __init__(self, llm: Any, flow: Any, hift: Any, *, tokenizer: Any, normalizer: Any = None,
                  spk2info: Mapping[str, Mapping[str, Any]] | None = None,
                  prompt_frontend: PromptFrontend | None = None, sample_rate: int = SAMPLE_RATE,
-                 schedule: StreamSchedule | None = None, model_files: dict[str, Any] | None = None) -> None:
+                 schedule: StreamSchedule | None = None, model_files: dict[str, Any] | None = None,
+                 fast_decode: bool | None = None) -> None:
         self.llm = llm
         self.flow = flow
         self.hift = hift
@@ -242,13 +348,16 @@ class Synthesizer:
         self.model_files = dict(model_files or {})
         self.device = next(llm.parameters()).device
         self.endofprompt_id = int(getattr(llm.config, "endofprompt_id", 151646))
+        self.fast_decode = self.device.type == "cuda" if fast_decode is None else bool(fast_decode)
+        #: Idle fast decoders (None when ``fast_decode`` is off); see :class:`DecoderPool`.
+        self.decoder_pool: DecoderPool | None = DecoderPool(llm) if self.fast_decode else None
 
     # ---------------------------------------------------------------------------------- loading
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike, *, device: str | torch.device | None = "cpu",
                  dtype: torch.dtype = torch.float32, llm_ckpt: str | os.PathLike | None = None,
                  flow_ckpt: str | os.PathLike | None = None, hash_files: bool = True,
-                 upstream_noise: bool = False) -> Synthesizer:
+                 upstream_noise: bool = False, fast_decode: bool | None = None) -> Synthesizer:
         """Load a model dir (upstream layout) strictly.
 
         Args:
@@ -263,6 +372,7 @@ class Synthesizer:
             upstream_noise: give the vocoder the fixed source noise upstream draws when it builds the
                 model (bit-exact upstream parity; ~260 MB of CPU memory, 300 s cap per call). Default: the
                 vocoder's own seeded noise (same distribution, different values).
+            fast_decode: pooled fast LLM decoders; None = on for CUDA, off for CPU (see the class).
 
         Raises:
             ModelDirError: missing or malformed files (all listed).
@@ -304,7 +414,7 @@ class Synthesizer:
         logger.info("loaded %s on %s (%s)%s%s", md.path, dev, str(dtype).replace("torch.", ""),
                     f", llm from {llm_ckpt}" if llm_ckpt else "", f", flow from {flow_ckpt}" if flow_ckpt else "")
         return cls(llm, flow, hift, tokenizer=tokenizer, spk2info=spk2info, prompt_frontend=frontend,
-                   sample_rate=hp.sample_rate, schedule=schedule, model_files=files)
+                   sample_rate=hp.sample_rate, schedule=schedule, model_files=files, fast_decode=fast_decode)
 
     @property
     def normalizer(self) -> Any:
@@ -498,22 +608,39 @@ class Synthesizer:
 
     # ---------------------------------------------------------------------------------- stages
     def generate_tokens(self, req: PreparedRequest, options: SynthesisOptions, seed: int,
-                        draw_q: Any = None) -> Iterator[int]:
+                        draw_q: Any = None, *, info: dict[str, Any] | None = None) -> Iterator[int]:
         """Speech tokens of the LLM for ``req`` (the stop id is not yielded).
+
+        With ``fast_decode`` a decoder is checked out of :attr:`decoder_pool` when the generator starts and
+        returned when it finishes or is closed (``try``/``finally``), so an abandoned stream frees it too. A
+        prompt whose prompt + ``max_len`` exceeds ``max_position_embeddings`` uses the reference decoder.
 
         Args:
             req: from :meth:`prepare`.
             options: sampling, min_len_mode.
             seed: seeds a fresh ``torch.Generator`` on the LLM's device for this request.
             draw_q: inject Exp(1) draws (tests; see ``cosytune.models.sampling``).
+            info: when given, ``info["llm_decoder"]`` is set to ``graph``, ``static`` or ``reference``.
         """
         prompt = self.llm.build_prompt(req.text_ids, req.llm_prompt_ids, req.llm_prompt_speech)
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
-        for step in self.llm.decode(prompt, sampling=options.sampling, generator=generator, draw_q=draw_q,
-                                    min_len_mode=options.min_len_mode):
-            if step.stop:
-                return
-            yield step.token_id
+        pool = self.decoder_pool
+        decoder = pool.acquire(int(prompt.lm_input.shape[1]) + int(prompt.max_len)) if pool is not None else None
+        try:
+            if decoder is None:
+                kind, source = "reference", self.llm
+            else:
+                kind, source = ("graph" if self.device.type == "cuda" else "static"), decoder
+            if info is not None:
+                info["llm_decoder"] = kind
+            for step in source.decode(prompt, sampling=options.sampling, generator=generator, draw_q=draw_q,
+                                      min_len_mode=options.min_len_mode):
+                if step.stop:
+                    return
+                yield step.token_id
+        finally:
+            if decoder is not None:
+                pool.release(decoder)
 
     def _flow_inputs(self, req: PreparedRequest) -> tuple[Tensor, Tensor, Tensor]:
         spk = req.speaker
@@ -601,7 +728,8 @@ class Synthesizer:
                            speaker=speaker, options=options)
         seed = self._seed(options)
         t1 = time.perf_counter()
-        tokens = list(self.generate_tokens(req, options, seed))
+        decoder_info: dict[str, Any] = {}
+        tokens = list(self.generate_tokens(req, options, seed, info=decoder_info))
         thinner = SilenceThinner(SILENT_TOKENS, options.max_silent_run)
         flow_tokens = [t for t in tokens if thinner.accept(t)]
         if not flow_tokens:
@@ -617,6 +745,7 @@ class Synthesizer:
         timings = {"prepare_s": t1 - t0, "llm_s": t2 - t1, "flow_s": t3 - t2, "hift_s": t4 - t3, "total_s": t4 - t0,
                    "audio_s": audio_s, "rtf": (t4 - t0) / audio_s if audio_s else float("inf")}
         info = self._result_info(req, options, tokens, len(flow_tokens), thinner, stream=False)
+        info.update(decoder_info)
         return SynthesisResult(audio, self.sample_rate, tokens, seed, timings, info)
 
     def stream(self, text: str, *, mode: str | None = None, spk_id: str | None = None,
@@ -670,7 +799,8 @@ class Synthesizer:
             return AudioChunk(new, chunk.index, chunk.final, chunk.offset + chunk.hop, elapsed, self.sample_rate)
 
         tl = time.perf_counter()
-        for token in self.generate_tokens(req, options, seed):
+        decoder_info: dict[str, Any] = {}
+        for token in self.generate_tokens(req, options, seed, info=decoder_info):
             tokens.append(token)
             if not thinner.accept(token):
                 continue
@@ -695,6 +825,7 @@ class Synthesizer:
                    "rtf": total / audio_s if audio_s else float("inf"), "first_chunk_s": first_chunk_s or total,
                    "chunks": state.chunks}
         info = self._result_info(req, options, tokens, len(state.tokens), thinner, stream=True)
+        info.update(decoder_info)
         last.result = SynthesisResult(audio, self.sample_rate, tokens, seed, timings, info)
         yield last
 
