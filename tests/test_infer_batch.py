@@ -89,3 +89,23 @@ def test_graphed_rows_on_gpu_equal_eager_rows(model_dir):
     for a, b in zip(graphed, eager):
         assert a.tokens == b.tokens and a.info["batch"]["fast_decode"] and not b.info["batch"]["fast_decode"]
         np.testing.assert_allclose(a.audio, b.audio, atol=1e-3, rtol=0)
+
+
+def test_cli_batch_size_gives_the_same_wavs(model_dir, tmp_path):
+    import soundfile as sf
+
+    from cosytune.cli.main import main
+
+    lines = tmp_path / "in.txt"
+    lines.write_text("First line here.\nA second, rather longer line of text.\nThird.\n", encoding="utf-8")
+    outs = {}
+    for bs in (1, 3):
+        out = tmp_path / f"b{bs}"
+        assert main(["infer-batch", "--model_dir", str(model_dir), "--spk_id", "alice", "--input", str(lines),
+                     "--out_dir", str(out), "--seed", "5", "--batch_size", str(bs), "--no_text_frontend",
+                     "--no_progress"]) == 0
+        outs[bs] = [sf.read(str(out / f"seg_{i:04d}.wav"), dtype="int16")[0] for i in range(3)]
+    for a, b in zip(outs[1], outs[3]):
+        assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 8
+    assert main(["infer-batch", "--model_dir", str(model_dir), "--spk_id", "alice", "--input", str(lines),
+                 "--out_dir", str(tmp_path / "bad"), "--batch_size", "0"]) == 2

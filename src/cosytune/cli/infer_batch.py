@@ -6,10 +6,13 @@ Input (--input, alias --text_file), UTF-8:
     "spk_id", "prompt_wav", "prompt_text", "mode", "speed", "seed", "temperature", "top_p", "top_k",
     "win_size", "tau_r", "text_frontend", "prompt_strategy", "guide_sep". Command-line flags are the
     defaults of every line; a relative "prompt_wav" may be relative to the input file's folder.
-Each segment is synthesised on its own and never split. Outputs are OUT_DIR/<name>.wav (default name
-seg_NNNN, the 0-based segment number), batch.jsonl (one row per segment: file, seconds, seed, settings
-hash) and run.json (request.llm_decoder: which LLM decoder(s) ran; --no_fast_decode forces the reference one). Re-running skips segments whose wav exists with unchanged settings. A segment that
-fails (e.g. empty text) is recorded in rejects.jsonl and the others still run; the exit code is then 1.
+Each segment keeps its own text, voice, seed and settings and is never split; up to --batch_size
+segments share one LLM batch and one flow batch (same tokens as one at a time; cosytune.infer.batch).
+Outputs are OUT_DIR/<name>.wav (default name seg_NNNN, the 0-based segment number), batch.jsonl (one
+row per segment: file, seconds, seed, settings hash) and run.json (request.llm_decoder: which LLM
+decoder(s) ran; --no_fast_decode forces the reference one). Re-running skips segments whose wav exists
+with unchanged settings. A segment that fails (e.g. empty text) is recorded in rejects.jsonl and the
+others still run; the exit code is then 1.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ def build_parser(p: argparse.ArgumentParser) -> None:
          "(relative paths are inside --out_dir)")
     flag(p, "gap_s", type=float, default=0.3, help="silence between joined segments in seconds (default 0.3)")
     flag(p, "force", action="store_true", help="re-synthesise segments that already exist")
+    flag(p, "batch_size", type=int, default=8, help="segments decoded and rendered together (one LLM batch and "
+         "one flow batch; default 8; 1 = one at a time). Each segment keeps its own seed and settings")
 
 
 def read_segments(path: Path) -> list[dict[str, Any]]:
@@ -151,10 +156,13 @@ def run(args: argparse.Namespace) -> int:
     from cosytune.data.rejects import RejectLog
     from cosytune.errors import CosytuneError, UsageError
     from cosytune.fileio import read_jsonl, write_jsonl
+    from cosytune.infer.batch import BatchRequest, synthesize_batch
     from cosytune.infer.runinfo import redact_text, write_run_json
 
     if args.gap_s < 0:
         raise UsageError(f"--gap_s must be >= 0, got {args.gap_s}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
     rows = read_segments(args.input)
     synth, load_s = load_synthesizer(args)
     out_dir: Path = args.out_dir
@@ -167,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
     skipped = 0
     decoders: set[str] = set()
     t0 = time.perf_counter()
-    for row in progress(rows, total=len(rows), desc="segments", enabled=not args.no_progress):
+    pending: list[tuple[dict[str, Any], Any, str]] = []  # (row, BatchRequest, settings digest)
+    for row in rows:
         wav = out_dir / f"{row['name']}.wav"
         digest = _settings_hash(row, args, synth.model_files)
         old = previous.get(row["name"])
@@ -178,14 +187,24 @@ def run(args: argparse.Namespace) -> int:
         try:
             overrides = {k: row[k] for k in LINE_OPTIONS if k in row}
             options = options_from_args(args, synth, **overrides)
-            result = synth.synthesize(row["text"], mode=row.get("mode", args.mode),
-                                      spk_id=row.get("spk_id", args.spk_id),
-                                      prompt_text=row.get("prompt_text", args.prompt_text),
-                                      prompt_wav=row.get("prompt_wav", args.prompt_wav), options=options)
         except CosytuneError as e:
             rejects.add(f"{args.input}:{row['line']}", type(e).__name__, str(e))
             logger.error("segment %s (line %d) failed: %s", row["name"], row["line"], e)
             continue
+        pending.append((row, BatchRequest(row["text"], mode=row.get("mode", args.mode),
+                                          spk_id=row.get("spk_id", args.spk_id),
+                                          prompt_text=row.get("prompt_text", args.prompt_text),
+                                          prompt_wav=row.get("prompt_wav", args.prompt_wav), options=options),
+                        digest))
+    bar = progress(None, total=len(pending), desc="segments", enabled=not args.no_progress)
+
+    def finished(row: dict[str, Any], digest: str, result: Any) -> None:
+        bar.update(1)
+        if isinstance(result, CosytuneError):
+            rejects.add(f"{args.input}:{row['line']}", type(result).__name__, str(result))
+            logger.error("segment %s (line %d) failed: %s", row["name"], row["line"], result)
+            return
+        wav = out_dir / f"{row['name']}.wav"
         write_wav_pcm16(wav, result.audio, result.sample_rate)
         if "llm_decoder" in result.info:
             decoders.add(result.info["llm_decoder"])
@@ -194,7 +213,16 @@ def run(args: argparse.Namespace) -> int:
         done.append({"name": row["name"], "line": row["line"], "path": str(wav), "seconds": result.duration_s,
                      "seed": result.seed, "mode": result.info["mode"], "speech_tokens": len(result.tokens),
                      "text": redact_text(row["text"]), "settings_sha256": digest})
+        # The manifest is rewritten after every segment, so an interrupted run resumes where it stopped.
         write_jsonl(manifest_path, done + [r for n, r in previous.items() if n not in {d["name"] for d in done}])
+
+    # Work in slices of a few batches: each slice's segments are written (and resumable) before the next.
+    step = max(1, args.batch_size) * 4
+    for start in range(0, len(pending), step):
+        part = pending[start: start + step]
+        synthesize_batch(synth, [req for _, req, _ in part], batch_size=args.batch_size, fast=synth.fast_decode,
+                         on_result=lambda i, res, part=part: finished(part[i][0], part[i][2], res))
+    bar.close()
     rejects.save()
     order = {r["name"]: i for i, r in enumerate(rows)}
     done.sort(key=lambda r: order.get(r["name"], len(order)))

@@ -209,4 +209,5 @@ def _run_batch(synth: Synthesizer, batch: list[_Row], fast: bool,
         assert row.thinner is not None
         info = synth._result_info(row.req, row.options, row.tokens, len(row.flow_tokens), row.thinner, stream=False)
         info["batch"] = {"rows": n, "fast_decode": fast}
+        info["llm_decoder"] = ("graph" if synth.device.type == "cuda" else "static") if fast else "reference"
         finish(row.index, SynthesisResult(audio, synth.sample_rate, row.tokens, row.seed, timings, info))

@@ -120,7 +120,7 @@ class GraphedDecoder:
                 self.cache.lengths.copy_(saved)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._eager_step()
         self.cache.lengths.copy_(saved)  # capture ran the step once; undo its advance
         self._graph = graph
@@ -303,7 +303,7 @@ class GraphedFlowSampler:
                     self._run(entry)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._run(entry)
             entry["graph"] = graph
             self.captures += 1
