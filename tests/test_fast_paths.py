@@ -227,3 +227,66 @@ def test_graphed_flow_sampler_on_gpu(tiny_flow):
             out = graphed(mu, mask, spks, cond, n_timesteps=4, streaming=streaming).clone()
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert len(graphed._graphs) == 2 and graphed.captures == 8  # 30,40,50 twice each + 30 again twice
+
+
+def test_flow_sampler_bucket_padding_keeps_valid_frames(tiny_flow):
+    """Right-padding the frames to a bucket (mask 0) leaves the valid frames' mel unchanged, full and streaming."""
+    dec = tiny_flow.decoder
+    T = 37
+    g = torch.Generator().manual_seed(4)
+    mu, cond, spks = torch.randn(1, 80, T, generator=g), torch.randn(1, 80, T, generator=g), torch.randn(1, 80, generator=g)
+    mask = torch.ones(1, 1, T)
+    for streaming in (False, True):
+        ref = GraphedFlowSampler(dec)(mu, mask, spks, cond, n_timesteps=3, streaming=streaming)
+        out = GraphedFlowSampler(dec, bucket=16)(mu, mask, spks, cond, n_timesteps=3, streaming=streaming)
+        assert out.shape == ref.shape == (1, 80, T)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_synthesizer_fast_flow_on_gpu(tmp_path):
+    """``Synthesizer(fast_flow=True)`` on CUDA: graph-replayed flow gives the reference audio, full and streamed."""
+    import numpy as np
+
+    from cosytune.infer.synthesizer import SynthesisOptions, Synthesizer
+    from cosytune.models.presets import write_model_dir
+
+    model_dir = write_model_dir(tmp_path / "m", "tiny", seed=0)
+    ref = Synthesizer.from_dir(model_dir, device="cuda")
+    fast = Synthesizer.from_dir(model_dir, device="cuda", fast_flow=True)
+    opts = SynthesisOptions(seed=3, text_frontend=False)
+    text = "You are a helpful assistant.<|endofprompt|>Graphs replay the same solve."
+    for _ in range(2):  # second round replays the captured buckets
+        a = ref.synthesize(text, options=opts, speaker=_embedding_speaker(ref))
+        b = fast.synthesize(text, options=opts, speaker=_embedding_speaker(fast))
+        assert a.tokens == b.tokens
+        np.testing.assert_allclose(a.audio, b.audio, atol=2e-3, rtol=0)
+    assert fast._flow_sampler.captures >= 1
+    chunks = [c.audio for c in fast.stream(text, options=opts, speaker=_embedding_speaker(fast))]
+    ref_chunks = [c.audio for c in ref.stream(text, options=opts, speaker=_embedding_speaker(ref))]
+    np.testing.assert_allclose(np.concatenate(chunks), np.concatenate(ref_chunks), atol=2e-3, rtol=0)
+
+
+def _embedding_speaker(synth):
+    from cosytune.infer.frontend import speaker_from_spk2info
+
+    return speaker_from_spk2info("t", {"embedding": torch.ones(192)})
+
+
+def test_synthesizer_flow_sampler_path_on_cpu(tmp_path):
+    """The Synthesizer's sampler path (bucketed GraphedFlowSampler; no graphs on CPU) gives the reference audio."""
+    import numpy as np
+
+    from cosytune.infer.synthesizer import FLOW_BUCKET, SynthesisOptions, Synthesizer
+    from cosytune.models.presets import write_model_dir
+
+    model_dir = write_model_dir(tmp_path / "m", "tiny", seed=0)
+    synth = Synthesizer.from_dir(model_dir, device="cpu", fast_flow=True)
+    assert not synth.fast_flow and synth._flow_sampler is None  # CUDA only
+    opts = SynthesisOptions(seed=3, text_frontend=False)
+    text = "You are a helpful assistant.<|endofprompt|>Buckets pad the frames."
+    ref = synth.synthesize(text, options=opts, speaker=_embedding_speaker(synth))
+    synth._flow_sampler = GraphedFlowSampler(synth.flow.decoder, bucket=FLOW_BUCKET)
+    out = synth.synthesize(text, options=opts, speaker=_embedding_speaker(synth))
+    assert out.tokens == ref.tokens
+    np.testing.assert_allclose(out.audio, ref.audio, atol=2e-4, rtol=0)

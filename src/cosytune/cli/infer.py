@@ -78,6 +78,9 @@ def add_synthesis_flags(p: argparse.ArgumentParser, *, batch: bool = False) -> N
          "allocated per request) instead of the default fast one (preallocated cache, decode step replayed as a "
          "CUDA graph; on by default on CUDA only). Same tokens either way; run.json's request.llm_decoder says "
          "which ran")
+    flag(p, "fast_flow", action="store_true", help="CUDA only: replay the flow's CFG solve as a CUDA graph per "
+         "1.28 s length bucket (same mel up to float rounding). Each new bucket costs a warm-up and a capture, "
+         "so it pays off when one process synthesises many segments")
 
 
 def build_parser(p: argparse.ArgumentParser) -> None:
@@ -135,7 +138,8 @@ def load_synthesizer(args: argparse.Namespace) -> tuple[Any, float]:
     synth = Synthesizer.from_dir(args.model_dir, device=args.device, dtype=getattr(torch, args.dtype),
                                  llm_ckpt=args.llm_ckpt, flow_ckpt=args.flow_ckpt,
                                  upstream_noise=args.upstream_noise,
-                                 fast_decode=False if getattr(args, "no_fast_decode", False) else None)
+                                 fast_decode=False if getattr(args, "no_fast_decode", False) else None,
+                                 fast_flow=bool(getattr(args, "fast_flow", False)))
     return synth, time.perf_counter() - t0
 
 

@@ -38,8 +38,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from cosytune.models.flow import NOISE_FRAMES
 from cosytune.models.llm import CosyVoice3LM, DecodeStep, InferencePrompt, MinLenMode
 from cosytune.models.qwen2 import KVCache
 from cosytune.models.sampling import SamplingConfig, ras_sample
@@ -263,23 +265,30 @@ class GraphedFlowSampler:
     cfg_rate=, temperature=, streaming=)`` -> (B, 80, T) float32. The result is a buffer owned by the
     sampler: it is overwritten by the next call of the same shape, so clone it to keep it.
 
-    Not thread-safe: one sampler per worker/request stream (the models themselves are shared).
+    With ``bucket`` > 1 the frame axis is right-padded (mask 0) up to a multiple of ``bucket``, so
+    utterances of different lengths share a few captured graphs. Padding does not change the valid
+    frames: the DiT masks padded keys and its position convolutions are causal (the result equals the
+    unpadded solve up to float rounding, as the batch tests check).
+
+    Not thread-safe: one sampler per worker/request stream, or a lock (the models themselves are shared).
 
     Args:
         decoder: the flow's ``CausalConditionalCFM`` (``flow.decoder``), its estimator possibly compiled.
         autocast_dtype: run the estimator under autocast (e.g. bfloat16).
         use_graph: capture CUDA graphs (ignored on CPU).
         max_graphs: shapes to keep captured.
+        bucket: pad the frame count up to a multiple of this (1 = exact shapes).
     """
 
     def __init__(self, decoder: torch.nn.Module, *, autocast_dtype: torch.dtype | None = None,
-                 use_graph: bool = True, max_graphs: int = 8) -> None:
+                 use_graph: bool = True, max_graphs: int = 8, bucket: int = 1) -> None:
         self.decoder = decoder
         self.autocast_dtype = autocast_dtype
         dev = next(decoder.parameters()).device
         self.device = dev
         self.use_graph = bool(use_graph and dev.type == "cuda")
         self.max_graphs = max(1, int(max_graphs))
+        self.bucket = max(1, int(bucket))
         self._graphs: dict[tuple, dict[str, Any]] = {}  # insertion order = recency (LRU)
         self.captures = 0
 
@@ -319,6 +328,12 @@ class GraphedFlowSampler:
         n = n_timesteps or dec.config.n_timesteps
         w = float(dec.config.inference_cfg_rate if cfg_rate is None else cfg_rate)
         b, _, frames = mu.shape
+        padded = -(-frames // self.bucket) * self.bucket
+        if padded != frames and padded <= NOISE_FRAMES:  # past the fixed noise: exact shape instead
+            pad = (0, padded - frames)
+            mu, mask, cond = F.pad(mu, pad), F.pad(mask, pad), F.pad(cond, pad)
+            return self(mu, mask, spks, cond, n_timesteps=n, cfg_rate=w, temperature=temperature,
+                        streaming=streaming)[:, :, :frames]
         noise = (dec.fixed_noise(frames, mu.device, mu.dtype) * temperature).expand(b, -1, -1)
         t_span = dec.time_grid(n, mu.dtype, mu.device)
         if not self.use_graph:

@@ -84,6 +84,9 @@ from cosytune.infer.frontend import PromptFrontend, Speaker, speaker_from_spk2in
 from cosytune.infer.streaming import SILENT_TOKENS, SilenceThinner, StreamSchedule, StreamState
 from cosytune.models.sampling import SamplingConfig
 
+#: Frame bucket of the graphed flow sampler (``fast_flow``): 64 mel frames = 1.28 s.
+FLOW_BUCKET = 64
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -329,13 +332,17 @@ class Synthesizer:
             as the reference). None (default) = on when the LLM is on CUDA, off on CPU (there the static
             step attends over the whole preallocated cache and gains nothing); True on CPU runs the static
             step eagerly (tests use it); False always uses ``CosyVoice3LM.decode``.
+        fast_flow: replay the flow's 10-step CFG solve as a CUDA graph per 64-frame bucket
+            (:class:`~cosytune.infer.fast.GraphedFlowSampler`; same mel up to float rounding). Off by
+            default: a new bucket costs a warm-up and a capture, which pays off only in a long-running
+            process that synthesises many requests (a server, a notebook). Ignored on CPU.
     """
 
     def __init__(self, llm: Any, flow: Any, hift: Any, *, tokenizer: Any, normalizer: Any = None,
                  spk2info: Mapping[str, Mapping[str, Any]] | None = None,
                  prompt_frontend: PromptFrontend | None = None, sample_rate: int = SAMPLE_RATE,
                  schedule: StreamSchedule | None = None, model_files: dict[str, Any] | None = None,
-                 fast_decode: bool | None = None) -> None:
+                 fast_decode: bool | None = None, fast_flow: bool = False) -> None:
         self.llm = llm
         self.flow = flow
         self.hift = hift
@@ -351,13 +358,21 @@ class Synthesizer:
         self.fast_decode = self.device.type == "cuda" if fast_decode is None else bool(fast_decode)
         #: Idle fast decoders (None when ``fast_decode`` is off); see :class:`DecoderPool`.
         self.decoder_pool: DecoderPool | None = DecoderPool(llm) if self.fast_decode else None
+        self.fast_flow = bool(fast_flow) and self.device.type == "cuda"
+        self._flow_sampler: Any = None
+        self._flow_lock = threading.Lock()  # one graphed solve at a time (its buffers are shared)
+        if self.fast_flow:
+            from cosytune.infer.fast import GraphedFlowSampler
+
+            self._flow_sampler = GraphedFlowSampler(flow.decoder, bucket=FLOW_BUCKET)
 
     # ---------------------------------------------------------------------------------- loading
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike, *, device: str | torch.device | None = "cpu",
                  dtype: torch.dtype = torch.float32, llm_ckpt: str | os.PathLike | None = None,
                  flow_ckpt: str | os.PathLike | None = None, hash_files: bool = True,
-                 upstream_noise: bool = False, fast_decode: bool | None = None) -> Synthesizer:
+                 upstream_noise: bool = False, fast_decode: bool | None = None,
+                 fast_flow: bool = False) -> Synthesizer:
         """Load a model dir (upstream layout) strictly.
 
         Args:
@@ -373,6 +388,7 @@ class Synthesizer:
                 model (bit-exact upstream parity; ~260 MB of CPU memory, 300 s cap per call). Default: the
                 vocoder's own seeded noise (same distribution, different values).
             fast_decode: pooled fast LLM decoders; None = on for CUDA, off for CPU (see the class).
+            fast_flow: graph-replayed flow solves (see the class).
 
         Raises:
             ModelDirError: missing or malformed files (all listed).
@@ -414,7 +430,8 @@ class Synthesizer:
         logger.info("loaded %s on %s (%s)%s%s", md.path, dev, str(dtype).replace("torch.", ""),
                     f", llm from {llm_ckpt}" if llm_ckpt else "", f", flow from {flow_ckpt}" if flow_ckpt else "")
         return cls(llm, flow, hift, tokenizer=tokenizer, spk2info=spk2info, prompt_frontend=frontend,
-                   sample_rate=hp.sample_rate, schedule=schedule, model_files=files, fast_decode=fast_decode)
+                   sample_rate=hp.sample_rate, schedule=schedule, model_files=files, fast_decode=fast_decode,
+                   fast_flow=fast_flow)
 
     @property
     def normalizer(self) -> Any:
@@ -671,8 +688,13 @@ class Synthesizer:
         tok = tok.to(dev, torch.int64).reshape(1, -1)
         dtype = next(self.flow.parameters()).dtype
         with torch.inference_mode():
-            mel = self.flow.inference(tok, prompt_token.to(dev, torch.int64), prompt_feat.to(dev, dtype),
-                                      embedding.to(dev, dtype), streaming=streaming, finalize=finalize)
+            args = (tok, prompt_token.to(dev, torch.int64), prompt_feat.to(dev, dtype), embedding.to(dev, dtype))
+            if self._flow_sampler is not None:
+                with self._flow_lock:  # the graphed sampler returns its own buffer: copy it out inside
+                    mel = self.flow.inference(*args, streaming=streaming, finalize=finalize,
+                                              sampler=self._flow_sampler).clone()
+            else:
+                mel = self.flow.inference(*args, streaming=streaming, finalize=finalize)
         mel = mel[0] if isinstance(mel, tuple) else mel
         return mel.float()
 
