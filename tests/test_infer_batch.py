@@ -38,13 +38,13 @@ def synth(model_dir):
 
 def _requests() -> list[BatchRequest]:
     return [
-        BatchRequest("Hello there, how are you?", spk_id="alice", options=SynthesisOptions(seed=11)),
+        BatchRequest("Hello there, how are you?", spk_id="alice", options=SynthesisOptions(seed=11, text_frontend=False)),
         BatchRequest("A much longer sentence, so that the rows have different lengths in both networks.",
-                     spk_id="bob", mode="zero_shot", options=SynthesisOptions(seed=12)),
-        BatchRequest("?!", spk_id="alice", options=SynthesisOptions(seed=13)),  # nothing to speak
-        BatchRequest("Short.", spk_id="bob", mode="zero_shot", options=SynthesisOptions(seed=14, speed=1.5)),
+                     spk_id="bob", mode="zero_shot", options=SynthesisOptions(seed=12, text_frontend=False)),
+        BatchRequest("?!", spk_id="alice", options=SynthesisOptions(seed=13, text_frontend=False)),  # nothing to speak
+        BatchRequest("Short.", spk_id="bob", mode="zero_shot", options=SynthesisOptions(seed=14, text_frontend=False, speed=1.5)),
         BatchRequest("Different sampler settings go to their own batch.", spk_id="alice",
-                     options=SynthesisOptions(seed=15, sampling=SamplingConfig(top_k=5))),
+                     options=SynthesisOptions(seed=15, text_frontend=False, sampling=SamplingConfig(top_k=5))),
     ]
 
 
