@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt_text", type=int, default=25, help="text positions in the LLM prompt")
     p.add_argument("--llm_batch", type=int, default=32)
     p.add_argument("--offline_batch", default=None,
-                   help="comma list of segments per offline batch (default 16,32,64 on cuda, 2 on cpu)")
+                   help="comma list of segments per offline batch (default 32,64,128 on cuda, 2 on cpu)")
     p.add_argument("--llm_modes", default=None,
                    help="comma list of eager,graph,compiled (compiled = torch.compile'd step in a CUDA graph; "
                         "default: all three on cuda)")
@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
-    args.offline_batch = [int(b) for b in str(args.offline_batch or ("16,32,64" if cuda else "2")).split(",")]
+    args.offline_batch = [int(b) for b in str(args.offline_batch or ("32,64,128" if cuda else "2")).split(",")]
     args.iters = args.iters or (5 if cuda else 2)
     args.llm_modes = (args.llm_modes or ("eager,graph,compiled" if cuda else "eager")).split(",")
     args.flow_modes = (args.flow_modes or ("fp32,eager,compile,graph" if cuda else "eager")).split(",")
@@ -147,21 +147,22 @@ def bench_llm(args, llm, device, results: dict) -> dict[str, GraphedDecoder]:
                 decoders[mode] = dec
     ref = decoders.get("graph") or decoders.get("eager")
     if ref is not None and "compiled" in decoders:
-        # The compiled step must give the reference step's logits: 16 greedy steps from one prompt.
+        # The compiled step must give the reference step's logits. Teacher-forced: both decoders are fed
+        # the reference's greedy ids, so one near-tie flipped by bf16 rounding cannot derail the rest.
         fast = decoders["compiled"]
-        ids = {}
-        diff = 0.0
-        for name, d in (("ref", ref), ("fast", fast)):
+        for d in (ref, fast):
             d.prefill([prompt])
-            d.argmax.copy_(d.logp.argmax(-1))
-            seq, logps = [], []
-            for _ in range(16):
-                seq.append(int(d.step_argmax()[0]))
-                logps.append(d.logp.clone())
-            ids[name] = (seq, logps)
-        diff = max(float((a - b).abs().max()) for a, b in zip(ids["ref"][1], ids["fast"][1]))
-        results["llm_compiled_parity"] = {"max_abs_logp_diff": diff,
-                                          "same_greedy_ids": ids["ref"][0] == ids["fast"][0]}
+        diffs, same, scale = [], 0, 0.0
+        feed = ref.logp.argmax(-1)
+        for _ in range(32):
+            a, b_ = ref.step(feed).clone(), fast.step(feed).clone()
+            top = a.argmax(-1)
+            diffs.append(float((a - b_).abs().max()))
+            same += int(torch.equal(top, b_.argmax(-1)))
+            scale = max(scale, float(a.std()))
+            feed = top
+        results["llm_compiled_parity"] = {"max_abs_logp_diff": max(diffs), "logp_std": scale,
+                                          "same_argmax_steps": f"{same}/32"}
     # The product's sampler (RAS, top-p 0.8 / top-k 25, host-side bookkeeping) per row and token.
     from cosytune.models.sampling import SamplingConfig, ras_sample
 

@@ -6,6 +6,8 @@
 #   infer     bench_infer.py, full size, bf16: LLM decode, flow, HiFT, e2e, first chunk, offline sweep
 #   train     bench_train.py: recipe budget and larger budgets, LLM compiled
 #   features  bench_features.py --device cuda (needs onnxruntime-gpu importable)
+# Environment: LLM_MODES / FLOW_MODES / HIFT_MODES narrow bench_infer's modes; SKIP_RECIPE=1 skips the
+# recipe-budget training runs.
 # JSON results go to OUT_DIR (default: $OUT when set, else ./bench_out).
 set -uo pipefail
 out="${OUT:-./bench_out}"
@@ -25,11 +27,14 @@ for step in "${steps[@]}"; do
             $(ls tests/test_synth_fast_decode.py 2>/dev/null) -k "gpu or cuda or graphed" 2>&1 | tail -15 || status=1 ;;
     infer)
         $py benchmarks/bench_infer.py --preset full --device cuda --dtype bf16 --out "$out/bench_infer.json" \
+            --llm_modes "${LLM_MODES:-eager,graph,compiled}" --flow_modes "${FLOW_MODES:-fp32,eager,compile,graph}" \
+            --hift_modes "${HIFT_MODES:-eager,compile}" \
             > "$out/bench_infer.log" 2>&1 || status=1
         sed -n '1,/^{/p' "$out/bench_infer.log" | head -80 ;;
     train)
-        for args in "--model llm --max_frames 2000" "--model flow --max_frames 2000" \
-                    "--model llm --max_frames 64000 --compile" "--model flow --max_frames 48000"; do
+        runs=("--model llm --max_frames 64000 --compile" "--model flow --max_frames 48000")
+        [ -n "${SKIP_RECIPE:-}" ] || runs=("--model llm --max_frames 2000" "--model flow --max_frames 2000" "${runs[@]}")
+        for args in "${runs[@]}"; do
             tag=$(echo "$args" | tr -d '-' | tr ' ' '_')
             $py benchmarks/bench_train.py --device cuda $args --json "$out/train_$tag.json" 2>&1 | tail -4 || status=1
         done ;;

@@ -127,11 +127,15 @@ def test_cuda_graph_matches_eager_on_gpu():
     """Graph replay vs the eager static step on GPU, in fp32 and bf16: same logits within tolerance, same argmax."""
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
         model = _lm("cuda", LLMConfig.tiny()).to(dtype)
-        prompts = [model.build_prompt([5, 6, model.config.endofprompt_id], prompt_speech_token=[1, 2, 3])] * 4
-        graph = GraphedDecoder(model, 4, 64, use_graph=True)
+        prompts = [model.build_prompt([5, 6, model.config.endofprompt_id], prompt_speech_token=[1, 2, 3][:i])
+                   for i in range(4)]
+        graph = GraphedDecoder(model, 4, 64, use_graph=True, prefill_bucket=8)
         eager = GraphedDecoder(model, 4, 64, use_graph=False)
-        graph.prefill([p.lm_input for p in prompts])
-        eager.prefill([p.lm_input for p in prompts])
+        for _ in range(2):  # the second prefill replays the captured prefill graph
+            a = graph.prefill([p.lm_input for p in prompts]).clone()
+            b = eager.prefill([p.lm_input for p in prompts]).clone()
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        assert len(graph._prefill_graphs) == 1 and torch.equal(graph.cache.lengths, eager.cache.lengths)
         for k in range(20):
             feed = torch.tensor([k, k + 1, 100 + k, 6000], device="cuda")
             a, b = graph.step(feed).clone(), eager.step(feed).clone()

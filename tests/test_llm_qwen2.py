@@ -163,3 +163,41 @@ def test_config_errors_list_every_problem(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="cannot read"):
         Qwen2Config.from_json(bad)
+
+
+def test_packed_projections_same_outputs_state_dict_and_training():
+    """pack_projections: same no-grad outputs and cached steps, same state_dict, in-place loads reach the packed
+    tensors, gradients still reach every projection, and a dtype move drops the packing."""
+    config = _tiny_config()
+    model = _random_model(config).eval()
+    inner = model.model
+    x = torch.randn(2, 7, config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = inner(x)
+        cache = KVCache.allocate(config, 2, 9)
+        inner.prefill(x, cache)
+        ref_step, _ = inner.decode_step(x[:, :1], cache)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inner.pack_projections().pack_projections()  # idempotent
+    assert all(layer.self_attn.packed is not None and layer.mlp.packed is not None for layer in inner.layers)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        torch.testing.assert_close(inner(x), ref, rtol=1e-5, atol=1e-5)
+        cache = KVCache.allocate(config, 2, 9)
+        inner.prefill(x, cache)
+        step, _ = inner.decode_step(x[:, :1], cache)
+        torch.testing.assert_close(step, ref_step, rtol=1e-5, atol=1e-5)
+    # An in-place load updates what the packed GEMM reads.
+    other = _random_model(config, seed=5)
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(inner(x), other.model(x), rtol=1e-5, atol=1e-5)
+    # With gradients the separate projections run, so every weight gets its gradient.
+    model.train()
+    inner(x).sum().backward()
+    layer = inner.layers[0]
+    for p in (layer.self_attn.q_proj.weight, layer.self_attn.v_proj.bias, layer.mlp.up_proj.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    model.double()
+    assert inner.layers[0].self_attn.packed is None and inner.layers[0].mlp.packed is None

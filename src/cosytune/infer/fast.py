@@ -75,11 +75,16 @@ class GraphedDecoder:
             it. Inductor fuses the per-layer norm / RoPE / mask / residual element-wise ops, so the graph
             replays about a third of the kernels. Skipped on CPU unless ``force_compile``.
         force_compile: compile on CPU too (tests).
+        pack: pack the model's q/k/v and gate/up weights (``Qwen2Model.pack_projections``: same
+            parameters, one GEMM each) so a step launches fewer kernels.
+        prefill_bucket: with graphs, prompts are right-padded to a multiple of this many positions and
+            the prefill is replayed from a graph captured once per padded length (padding is never
+            visible: each row's length is its own, and later steps overwrite the padded positions).
     """
 
     def __init__(self, model: CosyVoice3LM, batch_size: int, capacity: int, *, use_graph: bool = True,
                  autocast_dtype: torch.dtype | None = None, compile_mode: str | None = None,
-                 force_compile: bool = False) -> None:
+                 force_compile: bool = False, pack: bool = True, prefill_bucket: int = 32) -> None:
         self.model = model
         dev = model.speech_embedding.weight.device
         self.device = dev
@@ -91,6 +96,10 @@ class GraphedDecoder:
         self.logp = torch.zeros(batch_size, model.config.speech_vocab_size, dtype=torch.float32, device=dev)
         self.argmax = torch.zeros(batch_size, dtype=torch.long, device=dev)  # static greedy output
         self._graph: Any = None
+        self.prefill_bucket = max(1, int(prefill_bucket))
+        self._prefill_graphs: dict[int, dict[str, Any]] = {}
+        if pack:
+            model.llm.model.model.pack_projections()
         self.compiled = bool(compile_mode) and (dev.type == "cuda" or force_compile)
         # dynamic=False: every buffer the body touches has a fixed shape for this decoder's lifetime.
         self._body = torch.compile(self._step_body, mode=compile_mode, dynamic=False) if self.compiled \
@@ -141,17 +150,45 @@ class GraphedDecoder:
         lens = [r.shape[0] for r in rows]
         if max(lens) >= self.cache.capacity:
             raise ValueError(f"prompt of {max(lens)} positions leaves no room in a cache of {self.cache.capacity}")
-        x = rows[0].new_zeros(b, max(lens), rows[0].shape[-1])
+        width = max(lens)
+        if self.use_graph:
+            width = min(-(-width // self.prefill_bucket) * self.prefill_bucket, self.cache.capacity)
+        x = rows[0].new_zeros(b, width, rows[0].shape[-1])
         for i, r in enumerate(rows):
             x[i, : lens[i]] = r
         input_lens = torch.tensor(lens, device=self.device)
+        if not self.use_graph:
+            self._prefill_body(x, input_lens)
+            return self.logp
+        entry = self._prefill_graphs.get(width)
+        if entry is None:
+            entry = {"x": x.clone(), "lens": input_lens.clone()}
+            stream = torch.cuda.Stream(device=self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self._prefill_body(entry["x"], entry["lens"])
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self._prefill_body(entry["x"], entry["lens"])
+            entry["graph"] = graph
+            self._prefill_graphs[width] = entry
+        entry["x"].copy_(x)
+        entry["lens"].copy_(input_lens)
+        entry["graph"].replay()
+        return self.logp
+
+    def _prefill_body(self, x: Tensor, input_lens: Tensor) -> None:
+        """Reset the cache and run (B, W, D) right-padded prompts; no host sync (graph-capturable)."""
+        b = x.shape[0]
         self.cache.reset()
         qwen = self.model.llm.model.model
         with autocast_ctx(self.device, self.autocast_dtype):
-            hidden, _ = qwen.prefill(x, self.cache, input_lens)
+            # _forward_cached, not prefill(): prefill's room check reads the lengths on the host. The
+            # room was checked above (the cache is empty and W <= capacity).
+            hidden = qwen._forward_cached(x, self.cache, input_lens)
             logp = self.model._logp(hidden[torch.arange(b, device=self.device), input_lens - 1])
         self.logp.copy_(logp)
-        return self.logp
 
     def step(self, token_ids: Tensor) -> Tensor:
         """Feed one id per row and return the static (B, V_sp) log-prob buffer (overwritten next step).

@@ -391,12 +391,21 @@ class Qwen2Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv * d, bias=True)
         self.v_proj = nn.Linear(config.hidden_size, kv * d, bias=True)
         self.o_proj = nn.Linear(h * d, config.hidden_size, bias=False)
+        #: (weight, bias) of q/k/v packed into one tensor (see Qwen2Model.pack_projections), or None.
+        self.packed: tuple[Tensor, Tensor] | None = None
 
     def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, d)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.packed is not None and not torch.is_grad_enabled():
+            # One GEMM instead of three (decode is launch-bound); the packed tensor holds the very
+            # storage of q/k/v_proj, so the result is the same projection.
+            q, k, v = F.linear(x, self.packed[0], self.packed[1]).split((h * d, kv * d, kv * d), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(b, t, h, d).transpose(1, 2)  # (B, H, T, d)
+        k = k.reshape(b, t, kv, d).transpose(1, 2)  # (B, K, T, d)
+        v = v.reshape(b, t, kv, d).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -434,8 +443,13 @@ class Qwen2MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        #: gate and up weights packed into one tensor (see Qwen2Model.pack_projections), or None.
+        self.packed: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.packed is not None and not torch.is_grad_enabled():
+            gate, up = F.linear(x, self.packed).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -469,6 +483,43 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Qwen2DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    @torch.no_grad()
+    def pack_projections(self) -> Qwen2Model:
+        """Store each layer's q/k/v (and gate/up) weights in one contiguous tensor; returns self.
+
+        The parameters become views into the packed tensor, so state_dict keys, shapes and values are
+        unchanged and an in-place ``load_state_dict`` updates both. Gradient-free forwards then run one
+        GEMM for q/k/v and one for gate/up (fewer kernel launches when decoding); with gradients
+        enabled the separate projections run as before, so training is unaffected. Moving or casting
+        the module (``.to``/``.half``...) drops the packing (the parameters get new storage); pack again
+        afterwards. Idempotent.
+        """
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if attn.packed is not None and attn.packed[0].data_ptr() == attn.q_proj.weight.data_ptr():
+                continue
+            projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+            w = torch.cat([p.weight for p in projs])
+            b = torch.cat([p.bias for p in projs])
+            start = 0
+            for proj in projs:
+                n = proj.weight.shape[0]
+                proj.weight.data, proj.bias.data = w[start: start + n], b[start: start + n]
+                start += n
+            attn.packed = (w, b)
+            gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            n = mlp.gate_proj.weight.shape[0]
+            mlp.gate_proj.weight.data, mlp.up_proj.weight.data = gu[:n], gu[n:]
+            mlp.packed = gu
+        return self
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Qwen2Model:
+        # .to()/.cuda()/.half() give the parameters new storage: the packed tensors would go stale.
+        for layer in self.layers:
+            layer.self_attn.packed = None
+            layer.mlp.packed = None
+        return super()._apply(fn, recurse)
 
     def forward(self, x: Tensor, input_lens: Tensor | None = None) -> Tensor:
         """Full causal forward without a cache.
