@@ -151,7 +151,10 @@ def resolve_providers(device: str = "auto", env: Mapping[str, str] | None = None
     if problem is not None:
         return ProviderChoice(["CPUExecutionProvider"], "cpu", cuda_problem=problem)
     device_id = int(dev[5:]) if dev.startswith("cuda:") else int(env.get("LOCAL_RANK", "0") or 0)
-    return ProviderChoice([("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"], "cuda")
+    # HEURISTIC: the default EXHAUSTIVE cuDNN search re-benchmarks every new input length, and utterance
+    # lengths all differ (measured on an H200: 18 -> 199 utt/s for a CAM++-sized encoder).
+    options = {"device_id": device_id, "cudnn_conv_algo_search": "HEURISTIC"}
+    return ProviderChoice([("CUDAExecutionProvider", options), "CPUExecutionProvider"], "cuda")
 
 
 def _make_session(path: Path, device: str, intra_op_threads: int, env: Mapping[str, str] | None):
