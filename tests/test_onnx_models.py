@@ -133,6 +133,10 @@ def test_provider_resolution():
         assert auto.device == "cpu" and auto.cuda_problem is None  # nothing to warn about
         cuda = resolve_providers("cuda", env={})
         assert cuda.device == "cpu" and "CUDAExecutionProvider" in cuda.cuda_problem
+    else:  # a working CUDA provider: heuristic cuDNN search (utterance lengths all differ)
+        cuda = resolve_providers("cuda", env={})
+        name, options = cuda.providers[0]
+        assert name == "CUDAExecutionProvider" and options["cudnn_conv_algo_search"] == "HEURISTIC"
 
 
 def test_cuda_request_without_cuda_warns_once(models, caplog):
