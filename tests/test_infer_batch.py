@@ -5,30 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from speaker_models import speaker_model_dir
 
 from cosytune.errors import DataError
 from cosytune.infer.batch import BatchRequest, synthesize_batch
 from cosytune.infer.synthesizer import SynthesisOptions, Synthesizer
 from cosytune.models.sampling import SamplingConfig
 
-INSTRUCT = "You are a helpful assistant.<|endofprompt|>"
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, sample_speaker_dir):
-    from cosytune.cli.main import main
-    from cosytune.models.presets import write_model_dir
-
-    root = tmp_path_factory.mktemp("batchmodel")
-    a = write_model_dir(root / "a", "tiny", seed=0)
-    spk = root / "spk2embedding.pt"
-    torch.save({"alice": torch.randn(192, generator=torch.Generator().manual_seed(3)).tolist()}, spk)
-    assert main(["spk2info", "--spk2embedding_pt", str(spk), "--spk_id", "alice",
-                 "--out_spk2info_pt", str(a / "spk2info.pt")]) == 0
     clip = sample_speaker_dir / "audio" / "agent-user.mp3"
-    assert main(["spk2info", "--model_dir", str(a), "--spk_id", "bob", "--prompt_wav", str(clip),
-                 "--prompt_text", INSTRUCT + "Agent logged on."]) == 0
-    return a
+    return speaker_model_dir(tmp_path_factory.mktemp("batchmodel") / "a", zero_shot_clip=clip)
 
 
 @pytest.fixture(scope="module")

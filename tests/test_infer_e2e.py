@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from speaker_models import speaker_model_dir
 
 from cosytune.cli.main import main
 from cosytune.errors import DataError, UsageError
@@ -29,15 +30,9 @@ def dirs(tmp_path_factory, sample_speaker_dir):
     from cosytune.models.presets import write_model_dir
 
     root = tmp_path_factory.mktemp("models")
-    a = write_model_dir(root / "a", "tiny", seed=0)
-    b = write_model_dir(root / "b", "tiny", seed=1, tokenizer_from=a / "CosyVoice-BlankEN")
-    spk = root / "spk2embedding.pt"
-    torch.save({"alice": torch.randn(192, generator=torch.Generator().manual_seed(3)).tolist()}, spk)
-    assert main(["spk2info", "--spk2embedding_pt", str(spk), "--spk_id", "alice",
-                 "--out_spk2info_pt", str(a / "spk2info.pt")]) == 0
     clip = sample_speaker_dir / "audio" / "agent-user.mp3"
-    assert main(["spk2info", "--model_dir", str(a), "--spk_id", "bob", "--prompt_wav", str(clip),
-                 "--prompt_text", INSTRUCT + "Agent logged on."]) == 0
+    a = speaker_model_dir(root / "a", zero_shot_clip=clip)
+    b = write_model_dir(root / "b", "tiny", seed=1, tokenizer_from=a / "CosyVoice-BlankEN")
     return {"a": a, "b": b, "root": root, "clip": clip}
 
 

@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from speaker_models import speaker_model_dir
 
 from cosytune.cli.main import main
 from cosytune.infer.synthesizer import DecoderPool, SynthesisOptions, Synthesizer
@@ -25,15 +26,7 @@ LONG = ("A request long enough to be cut into several streamed chunks, so that t
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """Tiny random model dir with one SFT speaker, ``alice``."""
-    from cosytune.models.presets import write_model_dir
-
-    root = tmp_path_factory.mktemp("fastdec")
-    d = write_model_dir(root / "m", "tiny", seed=0)
-    spk = root / "spk2embedding.pt"
-    torch.save({"alice": torch.randn(192, generator=torch.Generator().manual_seed(3)).tolist()}, spk)
-    assert main(["spk2info", "--spk2embedding_pt", str(spk), "--spk_id", "alice",
-                 "--out_spk2info_pt", str(d / "spk2info.pt")]) == 0
-    return d
+    return speaker_model_dir(tmp_path_factory.mktemp("fastdec") / "m")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,28 @@
+"""Tiny random-weight model dirs with speakers, shared by the synthesis tests (built offline, on CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cosytune.cli.main import main
+
+INSTRUCT = "You are a helpful assistant.<|endofprompt|>"
+
+
+def speaker_model_dir(path: Path, *, seed: int = 0, zero_shot_clip: Path | None = None,
+                      tokenizer_from: Path | None = None) -> Path:
+    """``write_model_dir(path, "tiny")`` plus an SFT speaker ``alice`` (a fixed random embedding) and, when
+    ``zero_shot_clip`` is given, a zero-shot speaker ``bob`` made from that clip through the real CLI."""
+    from cosytune.models.presets import write_model_dir
+
+    d = write_model_dir(path, "tiny", seed=seed, tokenizer_from=tokenizer_from)
+    spk = path.parent / f"{path.name}_spk2embedding.pt"
+    torch.save({"alice": torch.randn(192, generator=torch.Generator().manual_seed(3)).tolist()}, spk)
+    assert main(["spk2info", "--spk2embedding_pt", str(spk), "--spk_id", "alice",
+                 "--out_spk2info_pt", str(d / "spk2info.pt")]) == 0
+    if zero_shot_clip is not None:
+        assert main(["spk2info", "--model_dir", str(d), "--spk_id", "bob", "--prompt_wav", str(zero_shot_clip),
+                     "--prompt_text", INSTRUCT + "Agent logged on."]) == 0
+    return d
