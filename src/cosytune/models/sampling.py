@@ -134,20 +134,29 @@ def nucleus_candidates(logp: Tensor, top_p: float, top_k: int) -> tuple[Tensor, 
         ``(ids (k,) int64, probs (k,))``: candidate ids in stable descending order and their
         unnormalised softmax probabilities, on ``logp``'s device.
     """
+    ids, probs, _ = _nucleus(logp, top_p, top_k)
+    return ids, probs
+
+
+def _nucleus(logp: Tensor, top_p: float, top_k: int) -> tuple[Tensor, Tensor, list[int]]:
+    """:func:`nucleus_candidates` plus the candidate ids as a host list, read in the same transfer."""
     probs = logp.softmax(dim=0)
     sorted_p, sorted_ids = probs.sort(descending=True, stable=True)
-    head = sorted_p[:top_k]
+    head, head_ids = sorted_p[:top_k], sorted_ids[:top_k]
+    # One device-to-host transfer for the values and the ids (ids < 2**24 are exact in float32);
+    # on CUDA every separate read is a synchronisation, and this runs once per token and row.
+    host = torch.stack((head.float(), head_ids.float())).cpu().numpy()
     # Sequential float32 accumulation (torch.cumsum accumulates float32 in double on CPU and in a
     # parallel order on CUDA, either of which can flip the boundary case 0.4 + 0.4 vs 0.8).
     limit = np.float32(top_p)
     running = np.float32(0.0)
     count = 0
-    for value in head.float().cpu().numpy():
+    for value in host[0]:
         if not running < limit:
             break
         running = np.float32(running + value)
         count += 1
-    return sorted_ids[:count], head[:count]
+    return head_ids[:count], head[:count], [int(i) for i in host[1, :count]]
 
 
 def ras_sample(logp: Tensor, history: Sequence[int], config: SamplingConfig, *,
@@ -173,9 +182,9 @@ def ras_sample(logp: Tensor, history: Sequence[int], config: SamplingConfig, *,
         token = int(logp.sort(descending=True, stable=True)[1][0])
         return SampleResult(token, (token,), 0, token, False)
     logp = apply_temperature(logp, config.temperature)
-    ids, probs = nucleus_candidates(logp, config.top_p, config.top_k)
+    _ids, probs, ids = _nucleus(logp, config.top_p, config.top_k)
     pos = draw_index(probs, draw(probs))
-    pick = int(ids[pos])
+    pick = ids[pos]
     repeats = sum(1 for t in history[-config.win_size:] if int(t) == pick)
     token, redraw = pick, False
     # Same float product as upstream (10 * 0.1 == 1.0; 10 * 1.1 == 11.000000000000002).
@@ -184,4 +193,4 @@ def ras_sample(logp: Tensor, history: Sequence[int], config: SamplingConfig, *,
         masked[pick] = -float("inf")
         full = masked.softmax(dim=0)
         token, redraw = draw_index(full, draw(full)), True
-    return SampleResult(token, tuple(int(i) for i in ids.tolist()), pos, pick, redraw)
+    return SampleResult(token, tuple(ids), pos, pick, redraw)
