@@ -260,6 +260,9 @@ class DecoderPool:
         self._idle: dict[int, list[Any]] = {}
         self._counts = {"created": 0, "reused": 0, "released": 0, "discarded": 0, "in_use": 0, "peak_in_use": 0,
                         "fallbacks": 0}
+        # Pack the shared weights once, here, rather than in each decoder: decoders may be built by
+        # concurrent requests, and packing rewrites the parameters' storage.
+        llm.llm.model.model.pack_projections()
 
     def capacity_for(self, positions: int) -> int | None:
         """The bucketed capacity for ``positions`` cache positions, or None when it exceeds the limit."""
@@ -283,7 +286,7 @@ class DecoderPool:
             from cosytune.infer.fast import GraphedDecoder
 
             try:
-                decoder = GraphedDecoder(self.llm, 1, capacity, use_graph=self.use_graph)
+                decoder = GraphedDecoder(self.llm, 1, capacity, use_graph=self.use_graph, pack=False)
             except BaseException:
                 with self._lock:
                     self._counts["in_use"] -= 1
