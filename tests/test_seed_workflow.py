@@ -63,7 +63,7 @@ def _run(argv: list[str]) -> None:
 
 
 def test_seed_workflow_end_to_end(seed_env, monkeypatch):
-    root, base = seed_env
+    root, _base = seed_env
     monkeypatch.chdir(root)
     monkeypatch.setenv("COSYVOICE_ORT_FORCE_CPU", "1")
     wav_dir = root / "data" / "dream_wav_24k_trim"
@@ -99,7 +99,7 @@ def test_seed_workflow_end_to_end(seed_env, monkeypatch):
                 "--tensorboard_dir", f"tensorboard/dream_sft/{kind}/torch_ddp",
                 "--ddp.dist_backend", "nccl", "--num_workers", "2", "--prefetch", "2", "--use_amp"]
         out = subprocess.run(argv, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                             text=True, timeout=600)
+                             text=True, timeout=600, check=False)
         assert out.returncode == 0, out.stderr[-3000:]
         assert (root / f"exp/dream_sft/{kind}/torch_ddp/epoch_1_whole.pt").exists()
         assert any((root / f"tensorboard/dream_sft/{kind}/torch_ddp").iterdir())
@@ -141,7 +141,7 @@ def test_seed_workflow_end_to_end(seed_env, monkeypatch):
         "10.6": [*common, "--text", "今天天气很好。", "--out_wav", "out_wav/10_6/line.wav", "--llm_ckpt", best,
                  "--flow_ckpt", base_flow, "--prompt_text", prompt, "--speed", "0.95", *sampling],
     }
-    for name, argv in runs.items():
+    for argv in runs.values():
         _run(argv)
     for d in ("dream_quote", "dream_quote_bestllm_fixed", "dream_quote_bestllm_baseflow", "10_4", "10_5"):
         wavs = sorted((root / "out_wav" / d).glob("*.wav"))

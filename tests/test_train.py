@@ -128,7 +128,7 @@ def test_ddp_two_processes_gloo(sample_data, tiny_base, tmp_path):
             "-m", "cosytune", *_train_argv("llm", sample_data, tiny_base, run, "max_epoch=1", "tensorboard=false",
                                             "--ddp.dist_backend", "gloo")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     sd = torch.load(run / "epoch_0_whole.pt", weights_only=True)
     info = (run / "epoch_0_whole.yaml").read_text()

@@ -200,5 +200,12 @@ def assemble(
     return res
 
 
-__all__ = ["assemble", "link_or_copy", "save_spk2info", "spk2info_from_embeddings", "check_same_layout",
-           "load_spk2embedding", "read_jsonl"]
+__all__ = [
+    "assemble",
+    "check_same_layout",
+    "link_or_copy",
+    "load_spk2embedding",
+    "read_jsonl",
+    "save_spk2info",
+    "spk2info_from_embeddings",
+]

@@ -64,8 +64,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def report(res, cfg) -> None:
-    rows = [(s.name, f"{s.status}{f' in {s.seconds:.1f}s' if s.status == 'done' else ''}"
-             f"{f' ({s.note})' if s.note else ''}") for s in res.stages]
+    rows = [(s.name, (f"{s.status}{f' in {s.seconds:.1f}s' if s.status == 'done' else ''}"
+                      f"{f' ({s.note})' if s.note else ''}")) for s in res.stages]
     rows.append(("model dir", res.model_dir or "(not assembled yet)"))
     for p in res.listen:
         rows.append(("listen", p))

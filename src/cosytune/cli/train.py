@@ -54,7 +54,6 @@ def build_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from cosytune.config.loading import dump_config
     from cosytune.errors import UsageError

@@ -102,7 +102,7 @@ def decode_audio_bytes(data: bytes, utt: str) -> tuple[np.ndarray, int]:
     try:
         audio, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
         return audio.mean(axis=1), int(sr)
-    except Exception:
+    except Exception:  # noqa: BLE001 -- libsndfile raises several types; any failure means "try ffmpeg"
         import tempfile
 
         from cosytune.audio.io import load_audio

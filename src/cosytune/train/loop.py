@@ -105,8 +105,8 @@ def resolve_amp(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | N
 def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     fused = cfg.optim.fused if cfg.optim.fused is not None else device.type == "cuda"
-    kw: dict[str, Any] = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                              weight_decay=cfg.optim.weight_decay)
+    kw: dict[str, Any] = {"lr": cfg.optim.lr, "betas": tuple(cfg.optim.betas), "eps": cfg.optim.eps,
+                          "weight_decay": cfg.optim.weight_decay}
     if fused:
         kw["fused"] = True
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optim.name]
@@ -132,7 +132,7 @@ def _mem_gb(device: torch.device) -> float:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    except Exception:  # pragma: no cover - platform without resource
+    except (ImportError, OSError, AttributeError):  # pragma: no cover - platform without resource
         return float("nan")
 
 
@@ -185,7 +185,7 @@ def train(
     cv_set: BatchSource | None,
     run_dir: Path,
     device: torch.device,
-    dist: DistInfo = DistInfo(),
+    dist: DistInfo | None = None,
     resume: str | Path | None = "auto",
     progress: bool = True,
     extra_info: dict | None = None,
@@ -194,10 +194,12 @@ def train(
     """Train ``model`` according to ``cfg``; checkpoints go to ``run_dir`` (rank 0 writes).
 
     Args:
+        dist: this process's place in the job (default: a single process).
         resume: ``"auto"`` continues from the newest complete checkpoint in ``run_dir`` if any;
             a path resumes from that checkpoint; ``None`` starts fresh.
     """
     t_start = time.time()
+    dist = dist if dist is not None else DistInfo()
     run_dir = Path(run_dir)
     model.to(device)
     model.train()
@@ -342,7 +344,7 @@ def train(
             if state.step % cfg.log_interval == 0 and dist.is_main:
                 el = time.time() - t_log
                 its = (state.step - steps_at_log) / el if el > 0 else float("nan")
-                left = (total_steps_est - state.step) / its if its and its == its and its > 0 else float("nan")
+                left = (total_steps_est - state.step) / its if math.isfinite(its) and its > 0 else float("nan")
                 eta = time.strftime("%H:%M:%S", time.gmtime(left)) if math.isfinite(left) else "?"
                 logger.info(
                     "epoch %d step %d | %s | lr %.2e | grad %.2f | %.2f it/s | ETA %s | mem %.1f GB",
