@@ -66,7 +66,7 @@ from torch import Tensor, nn
 
 from cosytune.errors import CheckpointError, ConfigError, DataError
 from cosytune.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
-from cosytune.models.sampling import DrawQ, SampleResult, SamplingConfig, ras_sample
+from cosytune.models.sampling import DrawQ, SampleResult, SamplingConfig, ras_sample, ras_sample_rows
 
 logger = logging.getLogger(__name__)
 
@@ -698,21 +698,23 @@ class CosyVoice3LM(nn.Module):
         logp = rows.prefill([p.lm_input for p in prompts])  # (B, V_sp)
         step = 0
         while True:
-            feed = []
-            for i in range(b):
-                if not active[i]:
-                    feed.append(0)
-                    continue
-                row = logp[i].clone()
-                if step < prompts[i].min_len:
-                    self.suppress_stops(row, min_len_mode)
-                token = ras_sample(row, outputs[i], sampling, generator=gens[i]).token_id
+            live = [i for i in range(b) if active[i]]
+            row_logp = logp[live]  # a copy: the decoder's buffer stays untouched
+            short = [k for k, i in enumerate(live) if step < prompts[i].min_len]
+            if short:
+                idx = torch.tensor(short, device=row_logp.device)
+                row_logp[idx] = self.suppress_stops(row_logp[idx], min_len_mode)
+            # All rows in one sampler call: per-row calls cost device round trips per row and token.
+            picked = ras_sample_rows(row_logp, [outputs[i] for i in live], sampling,
+                                     generators=[gens[i] for i in live])
+            feed = [0] * b
+            for i, token in zip(live, picked):
                 if cfg.is_stop(token):
                     active[i] = False
                 else:
                     outputs[i].append(token)
                     active[i] = step + 1 < prompts[i].max_len
-                feed.append(token if active[i] else 0)
+                feed[i] = token if active[i] else 0
             if not any(active):
                 return outputs
             logp = rows.step(torch.tensor(feed, device=device))

@@ -194,3 +194,63 @@ def ras_sample(logp: Tensor, history: Sequence[int], config: SamplingConfig, *,
         full = masked.softmax(dim=0)
         token, redraw = draw_index(full, draw(full)), True
     return SampleResult(token, tuple(ids), pos, pick, redraw)
+
+
+def ras_sample_rows(logp: Tensor, histories: Sequence[Sequence[int]], config: SamplingConfig, *,
+                    generators: Sequence[torch.Generator | None]) -> list[int]:
+    """:func:`ras_sample` for R rows at once: the same decision per row, with far fewer device round trips.
+
+    Softmax, sort and the top-k head run once for all rows and are read back in one transfer; each row's
+    Exp(1) draws come from its own generator exactly as :func:`ras_sample` makes them, and one argmax
+    over the padded rows picks every nucleus candidate. Rows whose repetition check fires are redrawn
+    one by one (rare). Used by batched decoding, where per-row sampling would cost a few device
+    synchronisations per row and token.
+
+    Args:
+        logp: (R, V) log-probabilities (min-length masking already applied).
+        histories: each row's previously decoded tokens.
+        config: sampling parameters (shared by the rows).
+        generators: one per row.
+
+    Returns:
+        The chosen token id of each row.
+    """
+    if logp.dim() != 2 or len(histories) != logp.shape[0] or len(generators) != logp.shape[0]:
+        raise ValueError(f"ras_sample_rows needs (R, V) log-probs with R histories and generators; got "
+                         f"{tuple(logp.shape)}, {len(histories)}, {len(generators)}")
+    if config.temperature == 0.0:
+        return logp.sort(dim=-1, descending=True, stable=True)[1][:, 0].tolist()
+    logp = apply_temperature(logp, config.temperature)
+    probs = logp.softmax(dim=-1)
+    sorted_p, sorted_ids = probs.sort(dim=-1, descending=True, stable=True)
+    head, head_ids = sorted_p[:, : config.top_k], sorted_ids[:, : config.top_k]
+    host = torch.stack((head.float(), head_ids.float())).cpu().numpy()  # (2, R, k), one transfer
+    limit = np.float32(config.top_p)
+    counts = []
+    for row in host[0]:
+        running, count = np.float32(0.0), 0
+        for value in row:
+            if not running < limit:
+                break
+            running = np.float32(running + value)
+            count += 1
+        counts.append(count)
+    # Padding: probability 0 and draw 1, so a padded slot never wins the argmax (a real candidate's
+    # p/q is positive) and ties still go to the first maximum, as in draw_index.
+    ratio = torch.zeros_like(head)
+    for i, (count, gen) in enumerate(zip(counts, generators)):
+        p_i = head[i, :count]
+        ratio[i, :count] = p_i / exponential_draws(gen)(p_i).to(device=p_i.device, dtype=p_i.dtype)
+    positions = ratio.argmax(dim=-1).tolist()
+    tokens = []
+    for i, pos in enumerate(positions):
+        pick = int(host[1, i, pos])
+        repeats = sum(1 for t in histories[i][-config.win_size:] if int(t) == pick)
+        if repeats >= config.win_size * config.tau_r:  # same float product as ras_sample
+            masked = logp[i].clone()
+            masked[pick] = -float("inf")
+            full = masked.softmax(dim=0)
+            pick = draw_index(full, exponential_draws(generators[i])(full))
+        tokens.append(pick)
+    return tokens
+
