@@ -164,13 +164,18 @@ def bench_llm(args, llm, device, results: dict) -> dict[str, GraphedDecoder]:
         results["llm_compiled_parity"] = {"max_abs_logp_diff": max(diffs), "logp_std": scale,
                                           "same_argmax_steps": f"{same}/32"}
     # The product's sampler (RAS, top-p 0.8 / top-k 25, host-side bookkeeping) per row and token.
-    from cosytune.models.sampling import SamplingConfig, ras_sample
+    from cosytune.models.sampling import SamplingConfig, ras_sample, ras_sample_rows
 
     gen = torch.Generator(device=device).manual_seed(args.seed)
     logp_row = torch.log_softmax(torch.randn(llm.config.speech_vocab_size, device=device), dim=-1)
     history = list(range(10))
     t = timeit(lambda: ras_sample(logp_row, history, SamplingConfig(), generator=gen), device, 3, 50)
     results["ras_sample"] = {"us_per_row_token": 1e6 * t}
+    rows = args.llm_batch
+    logp_rows = torch.log_softmax(torch.randn(rows, llm.config.speech_vocab_size, device=device), dim=-1)
+    gens = [torch.Generator(device=device).manual_seed(args.seed + i) for i in range(rows)]
+    t = timeit(lambda: ras_sample_rows(logp_rows, [history] * rows, SamplingConfig(), generators=gens), device, 3, 20)
+    results["ras_sample_rows"] = {"rows": rows, "us_per_row_token": 1e6 * t / rows}
     return decoders
 
 
