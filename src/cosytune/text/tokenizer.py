@@ -239,6 +239,11 @@ def build_tiny_qwen_tokenizer(out_dir: str | os.PathLike) -> Path:
     )
     backend = converter.converted()
     backend.normalizer = normalizers.NFC()  # Qwen2's tokenizer normalises to NFC before BPE
+    missing = [t for t in BASE_SPECIAL_TOKENS if backend.token_to_id(t) is None]
+    if missing:  # transformers >= 5's converter no longer adds the additional special tokens itself
+        from tokenizers import AddedToken
+
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
     if backend.get_vocab_size() != NUM_BPE_TOKENS + len(BASE_SPECIAL_TOKENS):
         raise ModelDirError(
             f"{qwen_ranks_file()}: expected {NUM_BPE_TOKENS} BPE ranks, got {backend.get_vocab_size() - 3}; "
@@ -249,6 +254,8 @@ def build_tiny_qwen_tokenizer(out_dir: str | os.PathLike) -> Path:
         model_max_length=32768, clean_up_tokenization_spaces=False,
     )
     hf.save_pretrained(str(out_dir))
+    if not (out_dir / "vocab.json").is_file():  # transformers >= 5 saves tokenizer.json only
+        backend.model.save(str(out_dir))  # vocab.json + merges.txt, as BlankEN ships them
     # save_pretrained's extras would register im_start/im_end twice on load; BlankEN has neither file.
     for extra in ("added_tokens.json", "special_tokens_map.json"):
         (out_dir / extra).unlink(missing_ok=True)
