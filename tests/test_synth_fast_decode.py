@@ -179,8 +179,10 @@ def test_cli_no_fast_decode_reaches_synthesizer(model_dir, tmp_path, monkeypatch
     real = Synthesizer.from_dir.__func__
 
     def spy(cls, *args, **kw):
-        seen.append(kw.get("fast_decode"))
-        return real(cls, *args, **kw)
+        seen.append((kw.get("fast_decode"), kw.get("compile_decode"), kw.get("fast_flow")))
+        synth = real(cls, *args, **kw)
+        assert synth.decode_compile_mode is None and not synth.fast_flow  # both CUDA-only
+        return synth
 
     monkeypatch.setattr(Synthesizer, "from_dir", classmethod(spy))
     out = tmp_path / "o"
@@ -189,11 +191,13 @@ def test_cli_no_fast_decode_reaches_synthesizer(model_dir, tmp_path, monkeypatch
     assert main(["infer", *base, "--text", TEXT, "--out_dir", str(out), "--no_fast_decode"]) == 0
     info = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert info["settings"]["no_fast_decode"] is True and info["request"]["llm_decoder"] == "reference"
-    assert main(["infer", *base, "--text", TEXT, "--out_dir", str(tmp_path / "p")]) == 0
+    assert main(["infer", *base, "--text", TEXT, "--out_dir", str(tmp_path / "p"), "--compile_decode",
+                 "--fast_flow"]) == 0
     lines = tmp_path / "lines.txt"
     lines.write_text("One line.\nAnother line.\n", encoding="utf-8")
     assert main(["infer-batch", *base, "--input", str(lines), "--out_dir", str(tmp_path / "b"),
                  "--no-fast-decode"]) == 0
     batch = json.loads((tmp_path / "b" / "run.json").read_text(encoding="utf-8"))
     assert batch["request"]["llm_decoder"] == ["reference"]
-    assert seen == [False, None, False]  # auto (None) unless the flag is given
+    # fast decode: auto (None) unless --no_fast_decode; compile/fast flow: only when asked for
+    assert seen == [(False, False, False), (None, True, True), (False, False, False)]

@@ -87,7 +87,8 @@ def _decode_group(synth: Synthesizer, rows: list[_Row], fast: bool) -> None:
     decoder = None
     if fast and need <= limit:
         capacity = min(limit, -(-need // CAPACITY_BUCKET) * CAPACITY_BUCKET)
-        decoder = GraphedDecoder(llm, len(rows), capacity)
+        decoder = GraphedDecoder(llm, len(rows), capacity,
+                                 compile_mode=getattr(synth, "decode_compile_mode", None))
     options = rows[0].options
     outputs = llm.generate_batch(prompts, sampling=options.sampling, generators=gens,
                                  min_len_mode=options.min_len_mode, rows=decoder)

@@ -247,12 +247,14 @@ class DecoderPool:
         max_idle_per_bucket: idle decoders kept per capacity.
     """
 
-    def __init__(self, llm: Any, *, use_graph: bool = True, bucket: int = CAPACITY_BUCKET,
+    def __init__(self, llm: Any, *, use_graph: bool = True, compile_mode: str | None = None,
+                 bucket: int = CAPACITY_BUCKET,
                  max_idle_per_bucket: int = MAX_IDLE_PER_BUCKET) -> None:
         if bucket <= 0 or max_idle_per_bucket < 0:
             raise ValueError(f"bucket must be > 0 and max_idle_per_bucket >= 0, got {bucket}, {max_idle_per_bucket}")
         self.llm = llm
         self.use_graph = use_graph
+        self.compile_mode = compile_mode
         self.bucket = int(bucket)
         self.max_idle_per_bucket = int(max_idle_per_bucket)
         self.limit = int(llm.config.qwen2.max_position_embeddings)
@@ -286,7 +288,8 @@ class DecoderPool:
             from cosytune.infer.fast import GraphedDecoder
 
             try:
-                decoder = GraphedDecoder(self.llm, 1, capacity, use_graph=self.use_graph, pack=False)
+                decoder = GraphedDecoder(self.llm, 1, capacity, use_graph=self.use_graph, pack=False,
+                                         compile_mode=self.compile_mode)
             except BaseException:
                 with self._lock:
                     self._counts["in_use"] -= 1
@@ -339,13 +342,16 @@ class Synthesizer:
             (:class:`~cosytune.infer.fast.GraphedFlowSampler`; same mel up to float rounding). Off by
             default: a new bucket costs a warm-up and a capture, which pays off only in a long-running
             process that synthesises many requests (a server, a notebook). Ignored on CPU.
+        compile_decode: ``torch.compile`` the fast decoders' step before capturing it (fused norm / RoPE /
+            residual kernels: 1.30 vs 2.43 ms per token on an H200). Each decoder size compiles once,
+            which takes tens of seconds, so it is off by default. Ignored on CPU.
     """
 
     def __init__(self, llm: Any, flow: Any, hift: Any, *, tokenizer: Any, normalizer: Any = None,
                  spk2info: Mapping[str, Mapping[str, Any]] | None = None,
                  prompt_frontend: PromptFrontend | None = None, sample_rate: int = SAMPLE_RATE,
                  schedule: StreamSchedule | None = None, model_files: dict[str, Any] | None = None,
-                 fast_decode: bool | None = None, fast_flow: bool = False) -> None:
+                 fast_decode: bool | None = None, fast_flow: bool = False, compile_decode: bool = False) -> None:
         self.llm = llm
         self.flow = flow
         self.hift = hift
@@ -360,7 +366,10 @@ class Synthesizer:
         self.endofprompt_id = int(getattr(llm.config, "endofprompt_id", 151646))
         self.fast_decode = self.device.type == "cuda" if fast_decode is None else bool(fast_decode)
         #: Idle fast decoders (None when ``fast_decode`` is off); see :class:`DecoderPool`.
-        self.decoder_pool: DecoderPool | None = DecoderPool(llm) if self.fast_decode else None
+        #: torch.compile mode of the fast decoders' step (None: not compiled).
+        self.decode_compile_mode = "default" if compile_decode and self.device.type == "cuda" else None
+        self.decoder_pool: DecoderPool | None = (DecoderPool(llm, compile_mode=self.decode_compile_mode)
+                                                 if self.fast_decode else None)
         self.fast_flow = bool(fast_flow) and self.device.type == "cuda"
         self._flow_sampler: Any = None
         self._flow_lock = threading.Lock()  # one graphed solve at a time (its buffers are shared)
@@ -375,7 +384,7 @@ class Synthesizer:
                  dtype: torch.dtype = torch.float32, llm_ckpt: str | os.PathLike | None = None,
                  flow_ckpt: str | os.PathLike | None = None, hash_files: bool = True,
                  upstream_noise: bool = False, fast_decode: bool | None = None,
-                 fast_flow: bool = False) -> Synthesizer:
+                 fast_flow: bool = False, compile_decode: bool = False) -> Synthesizer:
         """Load a model dir (upstream layout) strictly.
 
         Args:
@@ -392,6 +401,7 @@ class Synthesizer:
                 vocoder's own seeded noise (same distribution, different values).
             fast_decode: pooled fast LLM decoders; None = on for CUDA, off for CPU (see the class).
             fast_flow: graph-replayed flow solves (see the class).
+            compile_decode: compiled fast-decoder steps (see the class).
 
         Raises:
             ModelDirError: missing or malformed files (all listed).
@@ -434,7 +444,7 @@ class Synthesizer:
                     f", llm from {llm_ckpt}" if llm_ckpt else "", f", flow from {flow_ckpt}" if flow_ckpt else "")
         return cls(llm, flow, hift, tokenizer=tokenizer, spk2info=spk2info, prompt_frontend=frontend,
                    sample_rate=hp.sample_rate, schedule=schedule, model_files=files, fast_decode=fast_decode,
-                   fast_flow=fast_flow)
+                   fast_flow=fast_flow, compile_decode=compile_decode)
 
     @property
     def normalizer(self) -> Any:
