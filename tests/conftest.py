@@ -2,7 +2,9 @@
 
 Golden fixtures are read from ``$COSYTUNE_GOLDEN_DIR`` (default: ``tests/golden``). Tests take
 every size, input and tolerance from the fixture files, so another fixture set in the same
-format passes too.
+format passes too. A ``<stem>.sparse.safetensors`` stands in for an absent ``<stem>.safetensors``:
+its sparsely stored embedding table (see ``scripts/sparsify_golden.py``) is expanded into a
+session-temporary full file, so tests always see the regular format.
 """
 
 from __future__ import annotations
@@ -26,16 +28,40 @@ REPO_DIR = TESTS_DIR.parent
 class Golden:
     """Access to one golden fixture directory: tensors, JSON, metadata and tolerances."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, scratch: Path | None = None) -> None:
         self.root = root
+        self.scratch = scratch  # where expanded sparse fixtures are written
         tol_path = root / "tolerances.json"
         self.tolerances = json.loads(tol_path.read_text()) if tol_path.exists() else {}
 
     def path(self, name: str) -> Path:
         p = self.root / name
-        if not p.exists():
-            pytest.skip(f"golden fixture {p} not present in COSYTUNE_GOLDEN_DIR")
-        return p
+        if p.exists():
+            return p
+        sparse = self.root / name.replace(".safetensors", ".sparse.safetensors")
+        if name.endswith(".safetensors") and sparse.exists() and self.scratch is not None:
+            return self._expand(sparse, self.scratch / name)
+        pytest.skip(f"golden fixture {p} not present in COSYTUNE_GOLDEN_DIR")
+
+    @staticmethod
+    def _expand(sparse: Path, out: Path) -> Path:
+        """Write the full-format file of a sparse fixture: each ``K@rows``/``K@values`` pair becomes K,
+        zeros in the rows that were not kept (no fixture input reaches them)."""
+        if out.exists():
+            return out
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(sparse))
+        with safe_open(str(sparse), "pt") as f:
+            meta = dict(f.metadata() or {})
+        for key, shape in json.loads(meta.pop("sparse_rows")).items():
+            rows, values = tensors.pop(f"{key}@rows"), tensors.pop(f"{key}@values")
+            full = torch.zeros(shape, dtype=values.dtype)
+            full[rows] = values
+            tensors[key] = full
+        save_file(tensors, str(out), metadata=meta)
+        return out
 
     def tensors(self, stem: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
@@ -93,11 +119,11 @@ class Golden:
 
 
 @pytest.fixture(scope="session")
-def golden() -> Golden:
+def golden(tmp_path_factory) -> Golden:
     root = Path(os.environ.get("COSYTUNE_GOLDEN_DIR", TESTS_DIR / "golden"))
     if not root.is_dir():
         pytest.skip(f"golden fixture directory {root} does not exist")
-    return Golden(root)
+    return Golden(root, tmp_path_factory.mktemp("golden_expanded"))
 
 
 @pytest.fixture(autouse=True)
