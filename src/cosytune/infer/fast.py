@@ -44,7 +44,7 @@ from torch import Tensor
 from cosytune.models.flow import NOISE_FRAMES
 from cosytune.models.llm import CosyVoice3LM, DecodeStep, InferencePrompt, MinLenMode
 from cosytune.models.qwen2 import KVCache
-from cosytune.models.sampling import SamplingConfig, ras_sample
+from cosytune.models.sampling import SamplingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -220,27 +220,13 @@ class GraphedDecoder:
         """
         if self.batch_size != 1:
             raise ValueError("decode() is for a batch-1 decoder; use prefill/step for batches")
-        cfg = self.model.config
-        sampling = sampling or cfg.sampling
         if prompt.max_len <= 0:
             return
         if prompt.lm_input.shape[1] + prompt.max_len > self.cache.capacity:
             raise ValueError(f"prompt ({prompt.lm_input.shape[1]}) + max_len ({prompt.max_len}) exceeds the "
                              f"cache capacity {self.cache.capacity}; build the decoder with a larger capacity")
-        logp = self.prefill([prompt.lm_input])[0]
-        history: list[int] = []
-        for step in range(prompt.max_len):
-            raw = logp.clone()  # the static buffer is overwritten by the next step
-            logp = raw.clone()
-            if step < prompt.min_len:
-                self.model.suppress_stops(logp, min_len_mode)
-            result = ras_sample(logp, history, sampling, generator=generator, draw_q=draw_q)
-            stop = cfg.is_stop(result.token_id)
-            yield DecodeStep(step, raw, result, result.token_id, stop)
-            if stop or step + 1 == prompt.max_len:
-                return
-            history.append(result.token_id)
-            logp = self.step(torch.tensor([result.token_id], device=self.device))[0]
+        yield from self.model.decode(prompt, sampling=sampling, generator=generator, draw_q=draw_q,
+                                     min_len_mode=min_len_mode, rows=self)
 
 
 @torch.inference_mode()

@@ -595,7 +595,7 @@ class CosyVoice3LM(nn.Module):
     @torch.inference_mode()
     def decode(self, prompt: InferencePrompt, *, sampling: SamplingConfig | None = None,
                generator: torch.Generator | None = None, draw_q: DrawQ | None = None,
-               min_len_mode: MinLenMode = "all_stops") -> Iterator[DecodeStep]:
+               min_len_mode: MinLenMode = "all_stops", rows: RowDecoder | None = None) -> Iterator[DecodeStep]:
         """Autoregressive decoding with a KV cache, one :class:`DecodeStep` per step.
 
         Step 0 runs the whole prompt; each later step feeds the previous id's ``speech_embedding`` row.
@@ -609,6 +609,8 @@ class CosyVoice3LM(nn.Module):
                 torch's global generator, which is only for quick experiments.
             draw_q: inject Exp(1) draws instead (tests); see :func:`ras_sample`.
             min_len_mode: ``"all_stops"`` (default) or ``"upstream"``; see the module docstring.
+            rows: a one-row :class:`RowDecoder` that runs the backbone (e.g. a
+                ``cosytune.infer.fast.GraphedDecoder``); default: a fresh eager cache for this prompt.
         """
         cfg = self.config
         sampling = sampling or cfg.sampling
@@ -617,10 +619,11 @@ class CosyVoice3LM(nn.Module):
         if prompt.max_len <= 0:
             return
         lm_input = prompt.lm_input
-        cache = KVCache.allocate(cfg.qwen2, 1, lm_input.shape[1] + prompt.max_len,
-                                 device=lm_input.device, dtype=lm_input.dtype)
-        hidden, cache = self.llm.model.model.prefill(lm_input, cache)
-        logp = self._logp(hidden[:, -1])[0]
+        if rows is None:
+            rows = _EagerRows(self, 1, lm_input.shape[1] + prompt.max_len)
+        # logp may be the row decoder's own buffer: editing it in place below is fine, the next step
+        # overwrites it, and what is yielded is a copy.
+        logp = rows.prefill([lm_input])[0]
         history: list[int] = []
         for step in range(prompt.max_len):
             raw = logp.clone()
@@ -632,9 +635,7 @@ class CosyVoice3LM(nn.Module):
             if stop or step + 1 == prompt.max_len:
                 return
             history.append(result.token_id)
-            ids = torch.tensor([result.token_id], device=lm_input.device)
-            logp, cache = self.step_logp(ids, cache)
-            logp = logp[0]
+            logp = rows.step(torch.tensor([result.token_id], device=lm_input.device))[0]
 
     def generate(self, text: Tensor | Sequence[int], prompt_text: Tensor | Sequence[int] | None = None,
                  prompt_speech_token: Tensor | Sequence[int] | None = None, *,
