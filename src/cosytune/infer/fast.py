@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -56,6 +56,30 @@ def autocast_ctx(device: torch.device | str, dtype: torch.dtype | None) -> conte
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def capture_graph(device: torch.device, run: Callable[[], None], *, warmups: int,
+                  after_each: Callable[[], Any] | None = None) -> torch.cuda.CUDAGraph:
+    """Capture ``run`` as a CUDA graph after ``warmups`` eager runs on a side stream.
+
+    The warm-up runs do what must not happen during capture (compilation, cuBLAS workspaces, kernel
+    choice); ``after_each`` runs after each of them and after the capture (e.g. to undo state they
+    advanced). Capture errors are thread-local, so other threads may keep using the device meanwhile.
+    """
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            run()
+            if after_each is not None:
+                after_each()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        run()
+    if after_each is not None:
+        after_each()
+    return graph
 
 
 class GraphedDecoder:
@@ -120,21 +144,10 @@ class GraphedDecoder:
             self._body()
 
     def _capture(self) -> None:
-        # Warm up on a side stream (cuBLAS workspaces, SDPA kernel choice) with the cache state
-        # restored afterwards, then capture one step.
+        # The warm-up steps advance the row lengths: restore them after each.
         saved = self.cache.lengths.clone()
-        stream = torch.cuda.Stream(device=self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._eager_step()
-                self.cache.lengths.copy_(saved)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self._eager_step()
-        self.cache.lengths.copy_(saved)  # capture ran the step once; undo its advance
-        self._graph = graph
+        self._graph = capture_graph(self.device, self._eager_step, warmups=2,
+                                    after_each=lambda: self.cache.lengths.copy_(saved))
 
     @torch.inference_mode()
     def prefill(self, lm_inputs: Sequence[Tensor]) -> Tensor:
@@ -163,15 +176,8 @@ class GraphedDecoder:
         entry = self._prefill_graphs.get(width)
         if entry is None:
             entry = {"x": x.clone(), "lens": input_lens.clone()}
-            stream = torch.cuda.Stream(device=self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self._prefill_body(entry["x"], entry["lens"])
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self._prefill_body(entry["x"], entry["lens"])
-            entry["graph"] = graph
+            entry["graph"] = capture_graph(self.device, lambda: self._prefill_body(entry["x"], entry["lens"]),
+                                           warmups=1)
             self._prefill_graphs[width] = entry
         entry["x"].copy_(x)
         entry["lens"].copy_(input_lens)
@@ -327,17 +333,7 @@ class GraphedFlowSampler:
             entry = {"mu": mu.clone(), "mask": mask.clone(), "spks": spks.clone(), "cond": cond.clone(),
                      "noise": noise.clone(), "t_span": t_span.clone(), "cfg_rate": cfg_rate,
                      "streaming": streaming, "out": torch.empty(mu.shape, device=mu.device, dtype=torch.float32)}
-            # Warm up on a side stream (compilation, cuBLAS workspaces), then capture one solve.
-            stream = torch.cuda.Stream(device=self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._run(entry)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self._run(entry)
-            entry["graph"] = graph
+            entry["graph"] = capture_graph(self.device, lambda: self._run(entry), warmups=2)
             self.captures += 1
             while len(self._graphs) >= self.max_graphs:
                 self._graphs.pop(next(iter(self._graphs)))
