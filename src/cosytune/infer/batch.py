@@ -37,15 +37,18 @@ import torch
 from cosytune.errors import CosytuneError, DataError
 from cosytune.infer.fast import GraphedDecoder, batched_cfg_sample
 from cosytune.infer.streaming import SILENT_TOKENS, SilenceThinner
-from cosytune.infer.synthesizer import PreparedRequest, SynthesisOptions, SynthesisResult, Synthesizer
+from cosytune.infer.synthesizer import (
+    NO_SPEECH,
+    PreparedRequest,
+    SynthesisOptions,
+    SynthesisResult,
+    Synthesizer,
+    bucket_capacity,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["BatchRequest", "synthesize_batch"]
-
-#: Cache capacities of batched graphed decoders are rounded up to this many positions, so that
-#: batches of similar length reuse one captured graph.
-CAPACITY_BUCKET = 256
 
 
 @dataclass
@@ -83,10 +86,9 @@ def _decode_group(synth: Synthesizer, rows: list[_Row], fast: bool) -> None:
     prompts = [llm.build_prompt(r.req.text_ids, r.req.llm_prompt_ids, r.req.llm_prompt_speech) for r in rows]
     gens = [torch.Generator(device=synth.device).manual_seed(int(r.seed)) for r in rows]
     need = max(p.lm_input.shape[1] for p in prompts) + max(p.max_len for p in prompts)
-    limit = llm.config.qwen2.max_position_embeddings
+    capacity = bucket_capacity(need, llm.config.qwen2.max_position_embeddings)
     decoder = None
-    if fast and need <= limit:
-        capacity = min(limit, -(-need // CAPACITY_BUCKET) * CAPACITY_BUCKET)
+    if fast and capacity is not None:
         decoder = GraphedDecoder(llm, len(rows), capacity,
                                  compile_mode=getattr(synth, "decode_compile_mode", None))
     options = rows[0].options
@@ -188,9 +190,7 @@ def _run_batch(synth: Synthesizer, batch: list[_Row], fast: bool,
         if row.flow_tokens:
             speaking.append(row)
         else:
-            finish(row.index, DataError("the LLM produced no speech tokens for this text (it stopped at once); "
-                                        "try another seed, or check that the model dir and --llm_ckpt belong "
-                                        "together"))
+            finish(row.index, DataError(NO_SPEECH))
     if not speaking:
         return
     mels = _mels(synth, speaking)

@@ -225,6 +225,21 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 
 #: Fast decoders are built for capacities rounded up to a multiple of this (fewer distinct graphs).
 CAPACITY_BUCKET = 256
+
+#: Why a request yields no audio when the LLM stops before its first speech token.
+NO_SPEECH = ("the LLM produced no speech tokens for this text (it stopped at once); try another --seed, or check "
+             "that the model dir and --llm_ckpt belong together")
+
+
+def bucket_capacity(positions: int, limit: int, bucket: int = CAPACITY_BUCKET) -> int | None:
+    """``positions`` rounded up to a multiple of ``bucket``, capped at ``limit``; None past ``limit``.
+
+    Decoders are built per capacity, so bucketing lets requests of similar length share one (and its
+    captured graph).
+    """
+    if positions > limit:
+        return None
+    return min(limit, -(-int(positions) // bucket) * bucket)
 #: Idle decoders kept per capacity bucket (the rest are dropped when returned, bounding memory).
 MAX_IDLE_PER_BUCKET = 2
 
@@ -268,9 +283,7 @@ class DecoderPool:
 
     def capacity_for(self, positions: int) -> int | None:
         """The bucketed capacity for ``positions`` cache positions, or None when it exceeds the limit."""
-        if positions > self.limit:
-            return None
-        return min(self.limit, -(-int(positions) // self.bucket) * self.bucket)
+        return bucket_capacity(positions, self.limit, self.bucket)
 
     def acquire(self, positions: int) -> Any | None:
         """Check out a decoder holding at least ``positions`` positions (None: too long, use the reference)."""
@@ -768,8 +781,7 @@ class Synthesizer:
         thinner = SilenceThinner(SILENT_TOKENS, options.max_silent_run)
         flow_tokens = [t for t in tokens if thinner.accept(t)]
         if not flow_tokens:
-            raise DataError("the LLM produced no speech tokens for this text (it stopped at once); try another "
-                            "--seed, or check that the model dir and --llm_ckpt belong together")
+            raise DataError(NO_SPEECH)
         t2 = time.perf_counter()
         mel = self.tokens_to_mel(flow_tokens, *self._flow_inputs(req), streaming=False, finalize=True)
         t3 = time.perf_counter()
@@ -850,8 +862,7 @@ class Synthesizer:
         while (chunk := state.next_chunk()) is not None:
             yield render(chunk)
         if not state.tokens:
-            raise DataError("the LLM produced no speech tokens for this text (it stopped at once); try another "
-                            "--seed, or check that the model dir and --llm_ckpt belong together")
+            raise DataError(NO_SPEECH)
         last = render(state.final_chunk())
         audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
         total = time.perf_counter() - t0
