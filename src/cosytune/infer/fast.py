@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cosytune.models.flow import NOISE_FRAMES
-from cosytune.models.llm import CosyVoice3LM, DecodeStep, InferencePrompt, MinLenMode
+from cosytune.models.llm import CosyVoice3LM, DecodeStep, InferencePrompt, MinLenMode, right_pad_prompts
 from cosytune.models.qwen2 import KVCache
 from cosytune.models.sampling import SamplingConfig
 
@@ -159,17 +159,13 @@ class GraphedDecoder:
         b = self.batch_size
         if len(lm_inputs) != b:
             raise ValueError(f"this decoder was built for {b} rows, got {len(lm_inputs)} prompts")
-        rows = [x[0] if x.dim() == 3 else x for x in lm_inputs]
-        lens = [r.shape[0] for r in rows]
-        if max(lens) >= self.cache.capacity:
-            raise ValueError(f"prompt of {max(lens)} positions leaves no room in a cache of {self.cache.capacity}")
-        width = max(lens)
+        longest = max((x[0] if x.dim() == 3 else x).shape[0] for x in lm_inputs)
+        if longest >= self.cache.capacity:
+            raise ValueError(f"prompt of {longest} positions leaves no room in a cache of {self.cache.capacity}")
+        width = longest
         if self.use_graph:
             width = min(-(-width // self.prefill_bucket) * self.prefill_bucket, self.cache.capacity)
-        x = rows[0].new_zeros(b, width, rows[0].shape[-1])
-        for i, r in enumerate(rows):
-            x[i, : lens[i]] = r
-        input_lens = torch.tensor(lens, device=self.device)
+        x, input_lens = right_pad_prompts(lm_inputs, width)
         if not self.use_graph:
             self._prefill_body(x, input_lens)
             return self.logp

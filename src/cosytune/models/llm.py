@@ -730,6 +730,20 @@ class RowDecoder(Protocol):
     def step(self, token_ids: Tensor) -> Tensor: ...
 
 
+def right_pad_prompts(lm_inputs: Sequence[Tensor], width: int | None = None) -> tuple[Tensor, Tensor]:
+    """Stack B prompt embeddings ((1, L_i, D) or (L_i, D)) right-padded with zeros to ``width``.
+
+    Returns:
+        ``(x (B, W, D), lengths (B,) int64)`` on the prompts' device; W = ``width`` or the longest L_i.
+    """
+    rows = [x[0] if x.dim() == 3 else x for x in lm_inputs]
+    lens = [r.shape[0] for r in rows]
+    x = rows[0].new_zeros(len(rows), width or max(lens), rows[0].shape[-1])
+    for i, r in enumerate(rows):
+        x[i, : lens[i]] = r
+    return x, torch.tensor(lens, device=rows[0].device)
+
+
 class _EagerRows:
     """The default :class:`RowDecoder`: an eager KV cache sized for this call."""
 
@@ -739,17 +753,11 @@ class _EagerRows:
         self.cache: KVCache | None = None
 
     def prefill(self, lm_inputs: Sequence[Tensor]) -> Tensor:
-        b = self.batch_size
-        lens = [x.shape[1] for x in lm_inputs]
-        first = lm_inputs[0]
-        x = first.new_zeros(b, max(lens), first.shape[-1])  # (B, L_max, D), right-padded
-        for i, row in enumerate(lm_inputs):
-            x[i, : lens[i]] = row[0]
-        input_lens = torch.tensor(lens, device=first.device)
-        self.cache = KVCache.allocate(self.model.config.qwen2, b, self.capacity, device=first.device,
-                                      dtype=first.dtype)
+        x, input_lens = right_pad_prompts(lm_inputs)
+        self.cache = KVCache.allocate(self.model.config.qwen2, self.batch_size, self.capacity, device=x.device,
+                                      dtype=x.dtype)
         hidden, self.cache = self.model.llm.model.model.prefill(x, self.cache, input_lens)
-        return self.model._logp(hidden[torch.arange(b, device=first.device), input_lens - 1])
+        return self.model._logp(hidden[torch.arange(self.batch_size, device=x.device), input_lens - 1])
 
     def step(self, token_ids: Tensor) -> Tensor:
         assert self.cache is not None, "prefill first"
@@ -773,6 +781,8 @@ __all__ = [
     "LMOutput",
     "MinLenMode",
     "RandomSource",
+    "RowDecoder",
     "count_parameters",
+    "right_pad_prompts",
     "suppress_stop_ids",
 ]
