@@ -146,17 +146,31 @@ def _nucleus(logp: Tensor, top_p: float, top_k: int) -> tuple[Tensor, Tensor, li
     # One device-to-host transfer for the values and the ids (ids < 2**24 are exact in float32);
     # on CUDA every separate read is a synchronisation, and this runs once per token and row.
     host = torch.stack((head.float(), head_ids.float())).cpu().numpy()
+    count = _nucleus_count(host[0], top_p)
+    return head_ids[:count], head[:count], [int(i) for i in host[1, :count]]
+
+
+def _nucleus_count(head: np.ndarray, top_p: float) -> int:
+    """How many of the descending ``head`` probabilities the nucleus keeps (the one crossing top_p too)."""
     # Sequential float32 accumulation (torch.cumsum accumulates float32 in double on CPU and in a
     # parallel order on CUDA, either of which can flip the boundary case 0.4 + 0.4 vs 0.8).
     limit = np.float32(top_p)
     running = np.float32(0.0)
     count = 0
-    for value in host[0]:
+    for value in head:
         if not running < limit:
             break
         running = np.float32(running + value)
         count += 1
-    return head_ids[:count], head[:count], [int(i) for i in host[1, :count]]
+    return count
+
+
+def _redraw(logp: Tensor, pick: int, draw: DrawQ) -> int:
+    """The repetition redraw: from the softmax of the whole vector with ``pick`` excluded."""
+    masked = logp.clone()
+    masked[pick] = -float("inf")
+    full = masked.softmax(dim=0)
+    return draw_index(full, draw(full))
 
 
 def ras_sample(logp: Tensor, history: Sequence[int], config: SamplingConfig, *,
@@ -189,10 +203,7 @@ def ras_sample(logp: Tensor, history: Sequence[int], config: SamplingConfig, *,
     token, redraw = pick, False
     # Same float product as upstream (10 * 0.1 == 1.0; 10 * 1.1 == 11.000000000000002).
     if repeats >= config.win_size * config.tau_r:
-        masked = logp.clone()
-        masked[pick] = -float("inf")
-        full = masked.softmax(dim=0)
-        token, redraw = draw_index(full, draw(full)), True
+        token, redraw = _redraw(logp, pick, draw), True
     return SampleResult(token, tuple(ids), pos, pick, redraw)
 
 
@@ -225,16 +236,7 @@ def ras_sample_rows(logp: Tensor, histories: Sequence[Sequence[int]], config: Sa
     sorted_p, sorted_ids = probs.sort(dim=-1, descending=True, stable=True)
     head, head_ids = sorted_p[:, : config.top_k], sorted_ids[:, : config.top_k]
     host = torch.stack((head.float(), head_ids.float())).cpu().numpy()  # (2, R, k), one transfer
-    limit = np.float32(config.top_p)
-    counts = []
-    for row in host[0]:
-        running, count = np.float32(0.0), 0
-        for value in row:
-            if not running < limit:
-                break
-            running = np.float32(running + value)
-            count += 1
-        counts.append(count)
+    counts = [_nucleus_count(row, config.top_p) for row in host[0]]
     # Padding: probability 0 and draw 1, so a padded slot never wins the argmax (a real candidate's
     # p/q is positive) and ties still go to the first maximum, as in draw_index.
     ratio = torch.zeros_like(head)
@@ -247,10 +249,7 @@ def ras_sample_rows(logp: Tensor, histories: Sequence[Sequence[int]], config: Sa
         pick = int(host[1, i, pos])
         repeats = sum(1 for t in histories[i][-config.win_size:] if int(t) == pick)
         if repeats >= config.win_size * config.tau_r:  # same float product as ras_sample
-            masked = logp[i].clone()
-            masked[pick] = -float("inf")
-            full = masked.softmax(dim=0)
-            pick = draw_index(full, exponential_draws(generators[i])(full))
+            pick = _redraw(logp[i], pick, exponential_draws(generators[i]))
         tokens.append(pick)
     return tokens
 
