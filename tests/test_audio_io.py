@@ -180,3 +180,19 @@ def test_load_mono_resamples_like_one_shot_soxr(tmp_path, speech, name, rate):
     assert mono.source_duration_s == pytest.approx(audio.shape[1] / got_rate)
     assert len(mono.samples) == len(expected)
     np.testing.assert_allclose(mono.samples, expected, atol=1e-6)
+
+
+def test_without_pyav_mp3_falls_back_to_libsndfile_and_others_say_what_to_install(tmp_path, speech, monkeypatch):
+    """A minimal install without PyAV still reads mp3 (libsndfile >= 1.1); other formats name the fix."""
+    from cosytune.errors import MissingDependencyError
+
+    x, sr = speech
+    mp3, m4a = tmp_path / "a.mp3", tmp_path / "a.m4a"
+    write_av(mp3, x, sr, "libmp3lame")
+    write_av(m4a, x, sr, "aac")
+    with_av, rate = load_audio(mp3)
+    monkeypatch.setitem(__import__("sys").modules, "av", None)  # makes `import av` raise ImportError
+    without_av, rate2 = load_audio(mp3)
+    assert rate2 == rate and abs(without_av.shape[1] - with_av.shape[1]) <= 2304  # decoder delay handling differs
+    with pytest.raises(MissingDependencyError, match=r"a\.m4a.*'av'.*pip install"):
+        load_audio(m4a)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cosytune.errors import MissingDependencyError
 from cosytune.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -293,6 +294,18 @@ def _decode(path: str | os.PathLike, sink: _Sink) -> int:
             sink.reset()
     try:
         return _decode_pyav(path, sink)
+    except ImportError as e:
+        # A broken or minimal install without PyAV: libsndfile (>= 1.1) still reads mp3 and ogg.
+        if ext not in SOUNDFILE_EXTENSIONS:
+            try:
+                return _decode_soundfile(path, sink)
+            except Exception as e2:  # noqa: BLE001
+                errors.append(f"libsndfile: {e2}")
+                sink.reset()
+        raise MissingDependencyError(
+            f"cannot decode {path.name}: {'; '.join(errors) or 'libsndfile does not read this format'}, and "
+            f"the ffmpeg backend (the Python package 'av') is not installed ({e}). "
+            "Install it with: pip install 'av>=12,<20'") from e
     except AudioDecodeError:
         if errors and ext in AUDIO_EXTENSIONS:
             raise AudioDecodeError("unreadable", f"{errors[0]}; ffmpeg: file has no audio stream") from None
