@@ -294,3 +294,47 @@ def test_synthesizer_flow_sampler_path_on_cpu(tmp_path):
     out = synth.synthesize(text, options=opts, speaker=_embedding_speaker(synth))
     assert out.tokens == ref.tokens
     np.testing.assert_allclose(out.audio, ref.audio, atol=2e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_hift():
+    torch.manual_seed(0)
+    return build_network("hift", preset_hparams("tiny")).eval()
+
+
+def test_graphed_vocoder_on_cpu_is_the_plain_call(tiny_hift):
+    from cosytune.infer.fast import GraphedVocoder
+
+    voc = GraphedVocoder(tiny_hift)
+    mel = torch.randn(1, 80, 30, generator=torch.Generator().manual_seed(1))
+    for finalize in (True, False):
+        ref = tiny_hift.inference(mel, finalize=finalize)
+        out = voc(mel, finalize=finalize)
+        torch.testing.assert_close(out.wav, ref.wav, rtol=0, atol=0)
+    assert voc.captures == 0
+    with pytest.raises(ValueError, match="non-final chunk"):
+        voc(mel[:, :, :5], finalize=False)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_graphed_vocoder_on_gpu(tiny_hift):
+    """Replays equal the eager vocoder for new mels of a captured shape; new noise means a new capture."""
+    from cosytune.infer.fast import GraphedVocoder
+
+    hift = build_network("hift", preset_hparams("tiny")).eval()
+    hift.load_state_dict(tiny_hift.state_dict())
+    hift = hift.to("cuda")
+    voc = GraphedVocoder(hift, max_graphs=2)
+    for T, finalize in ((30, False), (30, False), (40, True), (30, False)):
+        mel = torch.randn(1, 80, T, generator=torch.Generator().manual_seed(T + 7 * finalize)).cuda()
+        ref = hift.inference(mel, finalize=finalize)
+        out = voc(mel, finalize=finalize)
+        torch.testing.assert_close(out.wav, ref.wav, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.f0, ref.f0)
+    assert voc.captures == 2
+    old = hift.fixed_noise(1000)
+    hift.set_fixed_noise(torch.rand_like(old.sine_noise), old.rand_ini)
+    mel = torch.randn(1, 80, 30, device="cuda")
+    torch.testing.assert_close(voc(mel, finalize=False).wav, hift.inference(mel, finalize=False).wav,
+                               rtol=1e-5, atol=1e-5)
+    assert voc.captures == 3

@@ -48,7 +48,7 @@ from cosytune.models.sampling import SamplingConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GraphedDecoder", "GraphedFlowSampler", "autocast_ctx", "batched_cfg_sample", "compile_flow_estimator", "compile_hift"]
+__all__ = ["GraphedDecoder", "GraphedFlowSampler", "GraphedVocoder", "autocast_ctx", "batched_cfg_sample", "compile_flow_estimator", "compile_hift"]
 
 
 def autocast_ctx(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -358,6 +358,63 @@ class GraphedFlowSampler:
         entry = self._entry(key, mu, mask, spks, cond, noise, t_span, w, streaming)
         for name, value in (("mu", mu), ("mask", mask), ("spks", spks), ("cond", cond)):
             entry[name].copy_(value)
+        entry["graph"].replay()
+        return entry["out"]
+
+
+class GraphedVocoder:
+    """``HiFTGenerator.inference`` replayed from a CUDA graph per (rows, frames, finalize) shape.
+
+    A vocoder call on a streaming chunk or a short utterance is a few hundred small kernels (the
+    float64 f0 predictor, the sine source, the STFT, the up-sampling stacks, the iSTFT) whose launches
+    cost more than their arithmetic. The first call of a shape runs twice eagerly (warm-up), then is
+    captured; later calls copy the mel into a static buffer and replay. Same values as the eager call
+    (same kernels). Shapes are kept for the ``max_graphs`` most recent, like
+    :class:`GraphedFlowSampler`. On CPU, or with ``use_graph=False``, it calls ``hift.inference``.
+
+    The returned :class:`~cosytune.models.hift.HiFTOutput` holds buffers owned by the vocoder,
+    overwritten by the next call of the same shape: clone what you keep. Not thread-safe.
+
+    Args:
+        hift: the ``HiFTGenerator`` (eval mode, float32), its ``decode`` possibly compiled.
+        use_graph: capture CUDA graphs (ignored on CPU).
+        max_graphs: shapes to keep captured.
+    """
+
+    def __init__(self, hift: torch.nn.Module, *, use_graph: bool = True, max_graphs: int = 8) -> None:
+        self.hift = hift
+        dev = next(hift.parameters()).device
+        self.device = dev
+        self.use_graph = bool(use_graph and dev.type == "cuda")
+        self.max_graphs = max(1, int(max_graphs))
+        self._graphs: dict[tuple, dict[str, Any]] = {}
+        self.captures = 0
+
+    @torch.inference_mode()
+    def __call__(self, mel: Tensor, finalize: bool = True) -> Any:
+        if not self.use_graph:
+            return self.hift.inference(mel, finalize=finalize)
+        mel = mel.float()
+        # Validates the shape (clear errors) and installs enough fixed noise before any capture.
+        hift = self.hift
+        hift.fixed_noise(mel.shape[2] * hift.config.upsample_scale)
+        # The graph reads the noise tensor in place: a replaced noise (set_fixed_noise, or grown for a
+        # longer call) is a new key, and each entry keeps its own noise alive.
+        key = (tuple(mel.shape), bool(finalize), id(hift._noise))
+        entry = self._graphs.pop(key, None)
+        if entry is None:
+            hift.inference(mel, finalize=finalize)
+            entry = {"mel": mel.clone(), "out": None, "noise": hift._noise}
+
+            def run() -> None:
+                entry["out"] = self.hift.inference(entry["mel"], finalize=finalize)
+
+            entry["graph"] = capture_graph(self.device, run, warmups=1)
+            self.captures += 1
+            while len(self._graphs) >= self.max_graphs:
+                self._graphs.pop(next(iter(self._graphs)))
+        self._graphs[key] = entry
+        entry["mel"].copy_(mel)
         entry["graph"].replay()
         return entry["out"]
 

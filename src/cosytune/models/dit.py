@@ -107,11 +107,38 @@ class CausalConvPositionEmbedding(nn.Module):
         self.conv1 = nn.Sequential(nn.Conv1d(dim, dim, kernel, groups=groups, padding=0), nn.Mish())
         self.conv2 = nn.Sequential(nn.Conv1d(dim, dim, kernel, groups=groups, padding=0), nn.Mish())
 
+        #: "conv" (the library's grouped convolution) or "gemm" (:func:`grouped_conv1d_gemm`: one batched
+        #: GEMM over unfolded windows; cuDNN runs a grouped bf16 conv as one kernel per group on some GPUs).
+        self.impl = "conv"
+
     def forward(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, T, D)
         h = x.transpose(1, 2)
-        h = self.conv1(F.pad(h, (self.kernel - 1, 0)))
-        h = self.conv2(F.pad(h, (self.kernel - 1, 0)))
+        for seq in (self.conv1, self.conv2):
+            padded = F.pad(h, (self.kernel - 1, 0))
+            h = seq[1](grouped_conv1d_gemm(padded, seq[0]) if self.impl == "gemm" else seq[0](padded))
         return h.transpose(1, 2)
+
+
+def grouped_conv1d_gemm(x: Tensor, conv: nn.Conv1d) -> Tensor:
+    """``conv(x)`` (stride 1, no padding, no dilation) as one batched GEMM over the unfolded windows.
+
+    x (B, C_in, T + k - 1) -> (B, C_out, T). The windows are gathered per group, (G, B·T, C_in/G·k),
+    and multiplied by the weights reshaped to (G, C_in/G·k, C_out/G): the same sums as the grouped
+    convolution, in one kernel instead of one per group.
+    """
+    b, c_in, _ = x.shape
+    g, k = conv.groups, conv.kernel_size[0]
+    w = conv.weight  # (C_out, C_in/G, k)
+    c_out = w.shape[0]
+    win = x.unfold(2, k, 1)  # (B, C_in, T, k)
+    t = win.shape[2]
+    win = win.reshape(b, g, c_in // g, t, k).permute(1, 0, 3, 2, 4).reshape(g, b * t, (c_in // g) * k)
+    wg = w.reshape(g, c_out // g, (c_in // g) * k).transpose(1, 2)  # (G, C_in/G·k, C_out/G)
+    out = torch.bmm(win, wg.to(win.dtype))  # (G, B·T, C_out/G)
+    out = out.reshape(g, b, t, c_out // g).permute(1, 0, 3, 2).reshape(b, c_out, t)
+    if conv.bias is not None:
+        out = out + conv.bias.to(out.dtype)[None, :, None]
+    return out
 
 
 class InputEmbedding(nn.Module):

@@ -589,6 +589,33 @@ class HarmonicSource(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+def istft(spec: Tensor, n_fft: int, hop: int, window: Tensor) -> Tensor:
+    """``torch.istft(spec, n_fft, hop, n_fft, window)`` (centred, one-sided, not normalised), sync-free.
+
+    Inverse real FFT per frame, windowed overlap-add, division by the summed squared window, centre
+    trim: the same steps as ``torch.istft``, without its host-side check of the window envelope, so
+    the vocoder can be captured in a CUDA graph. The Hann window at hop n_fft/4 never has a vanishing
+    envelope inside the kept range.
+
+    Args:
+        spec: (B, n_fft/2 + 1, F) complex.
+        window: (n_fft,) real, on spec's device.
+
+    Returns:
+        (B, hop·(F - 1)) real.
+    """
+    frames = torch.fft.irfft(spec, n=n_fft, dim=1) * window[None, :, None]  # (B, n_fft, F)
+    b, _, n_frames = frames.shape
+    total = n_fft + hop * (n_frames - 1)
+
+    def overlap_add(x: Tensor) -> Tensor:
+        return F.fold(x, output_size=(1, total), kernel_size=(1, n_fft), stride=(1, hop)).reshape(x.shape[0], total)
+
+    envelope = overlap_add((window * window)[None, :, None].expand(1, n_fft, n_frames))
+    start, end = n_fft // 2, total - n_fft // 2
+    return overlap_add(frames)[:, start:end] / envelope[:, start:end]
+
+
 class HiFTOutput(NamedTuple):
     """Result of :meth:`HiFTGenerator.inference`."""
 
@@ -733,9 +760,15 @@ class HiFTGenerator(nn.Module):
     def _window(self, device: torch.device) -> Tensor:
         # Periodic Hann (scipy get_window('hann', n, fftbins=True)) = torch.hann_window(periodic=True).
         # Computed in float64 and rounded once, as scipy does.
-        return torch.hann_window(self.config.istft_n_fft, periodic=True, dtype=torch.float64).to(
-            device, torch.float32
-        )
+        # Kept per device: a CPU->GPU copy per call would also make the call impossible to graph-capture.
+        cache = self.__dict__.setdefault("_windows", {})
+        key = str(device)
+        if key not in cache:
+            with torch.inference_mode(False):  # a normal tensor: training forwards use it too
+                cache[key] = torch.hann_window(self.config.istft_n_fft, periodic=True, dtype=torch.float64).to(
+                    device, torch.float32
+                )
+        return cache[key]
 
     def _predict_f0(self, mel: Tensor, finalize: bool) -> Tensor:
         """f0 predictor in ``self.f0_dtype`` without changing the module's own parameters."""
@@ -793,13 +826,7 @@ class HiFTGenerator(nn.Module):
         half = n_fft // 2 + 1
         magnitude = torch.clamp(torch.exp(x[:, :half]), max=1e2)
         phase = torch.sin(x[:, half:])  # upstream's sin of the predicted phase; kept for parity
-        wav = torch.istft(
-            torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase)),
-            n_fft,
-            hop,
-            n_fft,
-            window=window,
-        )
+        wav = istft(torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase)), n_fft, hop, window)
         if not finalize:
             wav = wav[:, : -c.upsample_scale]
         return torch.clamp(wav, -c.audio_limit, c.audio_limit)

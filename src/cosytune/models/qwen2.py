@@ -380,6 +380,24 @@ def _cached_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return out.reshape(b, h, t, d)
 
 
+def _reduce_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """:func:`_cached_attention` as explicit float32 reductions, for a few new queries per row.
+
+    Same arguments and result. Written as broadcast-multiply + sum (no matmul, no SDPA call) so that
+    ``torch.compile`` turns a decode step's attention into a couple of small fused reduction kernels;
+    a library attention kernel costs several microseconds per layer at one query per row.
+    """
+    b, h, t, d = q.shape
+    kv = k.shape[1]
+    groups = h // kv
+    qf = q.float().reshape(b, kv, groups * t, 1, d) * (d ** -0.5)
+    scores = (qf * k.float()[:, :, None]).sum(-1)  # (B, K, G*T, S)
+    mask = mask[:, :, None].expand(b, 1, groups, t, mask.shape[-1]).reshape(b, 1, groups * t, -1)
+    p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    out = (p[..., None] * v.float()[:, :, None]).sum(-2)  # (B, K, G*T, d)
+    return out.to(q.dtype).reshape(b, h, t, d)
+
+
 class Qwen2Attention(nn.Module):
     """Grouped-query self-attention with q/k/v biases and RoPE."""
 
@@ -393,6 +411,9 @@ class Qwen2Attention(nn.Module):
         self.o_proj = nn.Linear(h * d, config.hidden_size, bias=False)
         #: (weight, bias) of q/k/v packed into one tensor (see Qwen2Model.pack_projections), or None.
         self.packed: tuple[Tensor, Tensor] | None = None
+        #: attention over the cache: "sdpa" (library kernel) or "reduce" (:func:`_reduce_attention`,
+        #: for compiled decode steps).
+        self.cached_impl = "sdpa"
 
     def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, t, _ = x.shape
@@ -431,7 +452,8 @@ class Qwen2Attention(nn.Module):
         cache_k.scatter_(2, write_index, k.to(cache_k.dtype))
         cache_v.scatter_(2, write_index, v.to(cache_v.dtype))
         # Under autocast q/k/v come out in the autocast dtype while the cache may be float32.
-        out = _cached_attention(q.to(cache_k.dtype), cache_k, cache_v, mask)
+        attend = _reduce_attention if self.cached_impl == "reduce" else _cached_attention
+        out = attend(q.to(cache_k.dtype), cache_k, cache_v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
