@@ -34,10 +34,12 @@ from cosytune.fileio import write_json
 from cosytune.infer.fast import (
     GraphedDecoder,
     GraphedFlowSampler,
+    GraphedVocoder,
     autocast_ctx,
     batched_cfg_sample,
     compile_flow_estimator,
     compile_hift,
+    fast_estimator,
 )
 from cosytune.models.builders import build_network
 from cosytune.models.presets import preset_hparams, preset_qwen2_config
@@ -83,9 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "default: all three on cuda)")
     p.add_argument("--llm_compile_mode", default="default", help="torch.compile mode of the compiled LLM step")
     p.add_argument("--flow_modes", default=None,
-                   help="comma list of fp32,eager,compile,graph (eager/compile/graph use --dtype; graph = the "
-                        "whole 10-step solve as one CUDA graph, over the compiled estimator when compile ran)")
-    p.add_argument("--hift_modes", default=None, help="comma list of eager,compile")
+                   help="comma list of fp32,eager,compile,graph,fast (eager/compile/graph/fast use --dtype; graph = "
+                        "the whole 10-step solve as one CUDA graph, over the compiled estimator when compile ran; "
+                        "fast = graph over fast_estimator: a compiled DiT copy with --dtype parameters and GEMM "
+                        "position convolutions)")
+    p.add_argument("--hift_modes", default=None,
+                   help="comma list of eager,compile,graph (graph = the whole call from a CUDA graph per shape)")
     p.add_argument("--compile_mode", default="default",
                    help="torch.compile mode for flow/HiFT (e.g. default, reduce-overhead, max-autotune-no-cudagraphs)")
     p.add_argument("--n_timesteps", type=int, default=10)
@@ -98,8 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.offline_batch = [int(b) for b in str(args.offline_batch or ("32,64,128" if cuda else "2")).split(",")]
     args.iters = args.iters or (5 if cuda else 2)
     args.llm_modes = (args.llm_modes or ("eager,graph,compiled" if cuda else "eager")).split(",")
-    args.flow_modes = (args.flow_modes or ("fp32,eager,compile,graph" if cuda else "eager")).split(",")
-    args.hift_modes = (args.hift_modes or ("eager,compile" if cuda else "eager")).split(",")
+    args.flow_modes = (args.flow_modes or ("fp32,eager,compile,graph,fast" if cuda else "eager")).split(",")
+    args.hift_modes = (args.hift_modes or ("eager,compile,graph" if cuda else "eager")).split(",")
     if not cuda:
         args.llm_batch = min(args.llm_batch, 4)
     return args
@@ -127,7 +132,7 @@ def bench_llm(args, llm, device, results: dict) -> dict[str, GraphedDecoder]:
     prompt = (0.02 * torch.randn(1, plen, d, generator=g)).to(device, dtype)
     decoders: dict[str, GraphedDecoder] = {}
     for mode in args.llm_modes:
-        for b in (1, args.llm_batch):
+        for b in sorted({1, args.llm_batch}):
             dec = GraphedDecoder(llm, b, plen + n_tok + 2, use_graph=(mode != "eager"),
                                  compile_mode=args.llm_compile_mode if mode == "compiled" else None)
 
@@ -216,12 +221,16 @@ def bench_flow(args, flow, device, results: dict) -> tuple[str, GraphedFlowSampl
         sampler = None
         if mode == "graph":
             graphed = sampler = GraphedFlowSampler(flow.decoder, autocast_dtype=dtype)
+        elif mode == "fast":
+            plain = getattr(original, "_orig_mod", original)
+            est = fast_estimator(plain, param_dtype=dtype, compile_mode=args.compile_mode)
+            sampler = GraphedFlowSampler(flow.decoder, autocast_dtype=dtype, estimator=est)
         t0 = time.perf_counter()
         try:
             mel = flow_call(flow, inp, args, dtype, sampler=sampler).clone()
         except Exception as exc:  # noqa: BLE001 -- a failed compile must not sink the other figures
             flow.decoder.estimator = original
-            if mode == "graph":
+            if mode in ("graph", "fast"):
                 graphed = None
             results[f"flow_{mode}"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
             continue
@@ -240,33 +249,48 @@ def bench_flow(args, flow, device, results: dict) -> tuple[str, GraphedFlowSampl
         results[f"flow_{mode}"] = entry
         if t < best_t:
             best, best_t = mode, t
-    return best, (graphed if best == "graph" else None)
+            graphed = sampler
+    return best, (graphed if best in ("graph", "fast") else None)
 
 
-def bench_hift(args, hift, device, results: dict) -> str:
+def bench_hift(args, hift, device, results: dict) -> tuple[str, Callable]:
+    """HiFT ms per audio second per mode; returns the fastest mode and its ``vocode(mel, finalize)``.
+
+    Modes: eager, compile (``hift.decode`` compiled), graph (the whole call replayed from a CUDA graph
+    per shape, over the compiled decode when compile ran first).
+    """
     frames = int(args.utt_s * MEL_RATE)
     mel = torch.randn(1, hift.config.in_channels, frames, device=device)
+    best, best_t = "eager", float("inf")
+    best_fn: Callable = lambda m, finalize=True: hift.inference(m, finalize=finalize)  # noqa: E731
     for mode in args.hift_modes:
         if mode == "compile" and not getattr(hift, "_bench_compiled", False):
             compile_hift(hift, args.compile_mode, force=True)
             hift._bench_compiled = True
+        if mode == "graph":
+            voc = GraphedVocoder(hift)
+            fn = lambda m, finalize=True, voc=voc: voc(m, finalize=finalize)  # noqa: E731
+        else:
+            fn = lambda m, finalize=True: hift.inference(m, finalize=finalize)  # noqa: E731
         t0 = time.perf_counter()
         try:
-            hift.inference(mel)
+            fn(mel)
         except Exception as exc:  # noqa: BLE001 -- fall back to eager for the pipeline figures
-            if "decode" in vars(hift):
+            if mode == "compile" and "decode" in vars(hift):
                 del hift.decode
             results[f"hift_{mode}"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
             continue
         _sync(device)
         first = time.perf_counter() - t0
-        t = timeit(lambda: hift.inference(mel), device, 1, args.iters)
+        t = timeit(lambda fn=fn: fn(mel), device, 1, args.iters)
         results[f"hift_{mode}"] = {"ms_per_audio_s": 1e3 * t / args.utt_s, "mel_frames": frames, "first_call_s": first}
-    return "compile" if "decode" in vars(hift) else "eager"
+        if t < best_t:
+            best, best_t, best_fn = mode, t, fn
+    return best, best_fn
 
 
 @torch.inference_mode()
-def bench_pipeline(args, llm, flow, hift, dec: GraphedDecoder, flow_dtype, device, results: dict,
+def bench_pipeline(args, llm, flow, vocode: Callable, dec: GraphedDecoder, flow_dtype, device, results: dict,
                    sampler: GraphedFlowSampler | None = None) -> None:
     n_tok, plen = int(args.utt_s * TOKEN_RATE), dec.cache.capacity - int(args.utt_s * TOKEN_RATE) - 2
     d = llm.config.hidden_size
@@ -288,7 +312,7 @@ def bench_pipeline(args, llm, flow, hift, dec: GraphedDecoder, flow_dtype, devic
                         sampler=sampler)
         _sync(device)
         marks.append(time.perf_counter())
-        hift.inference(mel, finalize=not streaming)
+        vocode(mel, finalize=not streaming)
         _sync(device)
         marks.append(time.perf_counter())
         stages.update({f"{k}_ms": 1e3 * (marks[i + 1] - marks[i])
@@ -334,7 +358,7 @@ def bench_pipeline(args, llm, flow, hift, dec: GraphedDecoder, flow_dtype, devic
                                          t_span, flow.config.inference_cfg_rate, autocast_dtype=flow_dtype)
             _sync(device)
             marks.append(time.perf_counter())
-            hift.inference(mel[:, :, n_prompt_frames:])
+            vocode(mel[:, :, n_prompt_frames:])
             _sync(device)
             marks.append(time.perf_counter())
             stages.update(llm_ms=1e3 * (marks[1] - marks[0]), flow_ms=1e3 * (marks[2] - marks[1]),
@@ -388,14 +412,14 @@ def main(argv: list[str] | None = None) -> int:
     sections["llm"] = time.perf_counter() - t0
     best_flow, sampler = bench_flow(args, flow, device, results)
     sections["flow"] = time.perf_counter() - t0 - sum(sections.values())
-    hift_path = bench_hift(args, hift, device, results)
+    hift_path, vocode = bench_hift(args, hift, device, results)
     sections["hift"] = time.perf_counter() - t0 - sum(sections.values())
     dec = decoders.get("compiled") or decoders.get("graph") or decoders[args.llm_modes[-1]]
     flow_dtype = None if best_flow == "fp32" else DTYPES[args.dtype]
     results["pipeline_paths"] = {"llm": "compiled" if dec.compiled else "graph" if dec.use_graph else "eager",
                                  "flow": best_flow,
                                  "hift": hift_path}
-    bench_pipeline(args, llm, flow, hift, dec, flow_dtype, device, results, sampler)
+    bench_pipeline(args, llm, flow, vocode, dec, flow_dtype, device, results, sampler)
     sections["pipeline"] = time.perf_counter() - t0 - sum(sections.values())
     results["section_wall_s"] = sections
     results["wall_s"] = time.perf_counter() - t_start

@@ -27,8 +27,8 @@ for step in "${steps[@]}"; do
             $(ls tests/test_synth_fast_decode.py 2>/dev/null) -k "gpu or cuda or graphed" 2>&1 | tail -15 || status=1 ;;
     infer)
         $py benchmarks/bench_infer.py --preset full --device cuda --dtype bf16 --out "$out/bench_infer.json" \
-            --llm_modes "${LLM_MODES:-eager,graph,compiled}" --flow_modes "${FLOW_MODES:-fp32,eager,compile,graph}" \
-            --hift_modes "${HIFT_MODES:-eager,compile}" \
+            --llm_modes "${LLM_MODES:-eager,graph,compiled}" --flow_modes "${FLOW_MODES:-fp32,eager,compile,graph,fast}" \
+            --hift_modes "${HIFT_MODES:-eager,compile,graph}" \
             > "$out/bench_infer.log" 2>&1 || status=1
         sed -n '1,/^{/p' "$out/bench_infer.log" | head -80 ;;
     train)

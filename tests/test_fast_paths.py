@@ -338,3 +338,32 @@ def test_graphed_vocoder_on_gpu(tiny_hift):
     torch.testing.assert_close(voc(mel, finalize=False).wav, hift.inference(mel, finalize=False).wav,
                                rtol=1e-5, atol=1e-5)
     assert voc.captures == 3
+
+
+def test_fast_estimator_under_autocast_matches_the_original(tiny_flow):
+    """bf16 parameters + GEMM position convs, under bf16 autocast: the same solve as the fp32-parameter DiT
+    under the same autocast (within bf16 rounding of the different conv summation order)."""
+    from cosytune.infer.fast import fast_estimator
+
+    dec = tiny_flow.decoder
+    fast = fast_estimator(dec.estimator, param_dtype=torch.bfloat16)
+    assert dec.estimator.input_embed.conv_pos_embed.impl == "conv"  # the original is untouched
+    assert next(dec.estimator.parameters()).dtype == torch.float32
+    assert fast.rotary_embed.inv_freq.dtype == torch.float32
+    T = 40
+    g = torch.Generator().manual_seed(9)
+    mu, cond, spks = torch.randn(1, 80, T, generator=g), torch.randn(1, 80, T, generator=g), torch.randn(1, 80, generator=g)
+    mask = torch.ones(1, 1, T)
+    for streaming in (False, True):
+        ref = GraphedFlowSampler(dec, autocast_dtype=torch.bfloat16)(mu, mask, spks, cond, n_timesteps=3,
+                                                                     streaming=streaming)
+        out = GraphedFlowSampler(dec, autocast_dtype=torch.bfloat16, estimator=fast)(
+            mu, mask, spks, cond, n_timesteps=3, streaming=streaming)
+        assert (out - ref).abs().max() < 6e-3 * ref.abs().max()  # bf16 rounding of another summation order
+        exact = GraphedFlowSampler(dec)(mu, mask, spks, cond, n_timesteps=3, streaming=streaming)
+        assert (out - exact).abs().max() < 1e-2 * exact.abs().max()
+    # With the library convolution the bf16 parameters change nothing at all under autocast.
+    same = fast_estimator(dec.estimator, param_dtype=torch.bfloat16, gemm_conv=False)
+    torch.testing.assert_close(GraphedFlowSampler(dec, autocast_dtype=torch.bfloat16, estimator=same)(
+        mu, mask, spks, cond, n_timesteps=3), GraphedFlowSampler(dec, autocast_dtype=torch.bfloat16)(
+        mu, mask, spks, cond, n_timesteps=3), rtol=0, atol=0)

@@ -201,3 +201,16 @@ def test_packed_projections_same_outputs_state_dict_and_training():
         assert p.grad is not None and p.grad.abs().sum() > 0
     model.double()
     assert inner.layers[0].self_attn.packed is None and inner.layers[0].mlp.packed is None
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_reduce_attention_equals_sdpa_over_the_cache(t):
+    """The reduction form used by compiled decode steps gives the SDPA result (GQA, per-row lengths)."""
+    from cosytune.models.qwen2 import _cached_attention, _reduce_attention
+
+    g = torch.Generator().manual_seed(t)
+    q = torch.randn(2, 6, t, 8, generator=g)
+    k, v = torch.randn(2, 2, 20, 8, generator=g), torch.randn(2, 2, 20, 8, generator=g)
+    lens = torch.tensor([4, 15])
+    mask = (torch.arange(20)[None, None, None, :] <= (lens[:, None, None, None] + torch.arange(t)[None, None, :, None]))
+    torch.testing.assert_close(_reduce_attention(q, k, v, mask), _cached_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)

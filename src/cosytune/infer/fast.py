@@ -48,7 +48,7 @@ from cosytune.models.sampling import SamplingConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GraphedDecoder", "GraphedFlowSampler", "GraphedVocoder", "autocast_ctx", "batched_cfg_sample", "compile_flow_estimator", "compile_hift"]
+__all__ = ["GraphedDecoder", "GraphedFlowSampler", "GraphedVocoder", "fast_estimator", "autocast_ctx", "batched_cfg_sample", "compile_flow_estimator", "compile_hift"]
 
 
 def autocast_ctx(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -97,7 +97,8 @@ class GraphedDecoder:
         autocast_dtype: run the step under autocast in this dtype (e.g. bfloat16); None = model dtype.
         compile_mode: ``torch.compile`` the step body in this mode (e.g. ``"default"``) before capturing
             it. Inductor fuses the per-layer norm / RoPE / mask / residual element-wise ops, so the graph
-            replays about a third of the kernels. Skipped on CPU unless ``force_compile``.
+            replays about a third of the kernels; the cache attention then runs as fused reductions
+            (``attention="reduce"``). Skipped on CPU unless ``force_compile``.
         force_compile: compile on CPU too (tests).
         pack: pack the model's q/k/v and gate/up weights (``Qwen2Model.pack_projections``: same
             parameters, one GEMM each) so a step launches fewer kernels.
@@ -135,7 +136,9 @@ class GraphedDecoder:
         return self.cache.batch_size
 
     def _step_body(self) -> None:
-        logp, _ = self.model.step_logp(self.tokens, self.cache)
+        # Compiled, the cache attention as explicit reductions fuses into two small kernels (a library
+        # attention kernel is several microseconds per layer at one query); eager, SDPA is cheaper.
+        logp, _ = self.model.step_logp(self.tokens, self.cache, "reduce" if self.compiled else "sdpa")
         self.logp.copy_(logp)
         self.argmax.copy_(logp.argmax(dim=-1))
 
@@ -303,11 +306,14 @@ class GraphedFlowSampler:
         use_graph: capture CUDA graphs (ignored on CPU).
         max_graphs: shapes to keep captured.
         bucket: pad the frame count up to a multiple of this (1 = exact shapes).
+        estimator: the DiT to run instead of ``decoder.estimator`` (e.g. :func:`fast_estimator`'s copy).
     """
 
     def __init__(self, decoder: torch.nn.Module, *, autocast_dtype: torch.dtype | None = None,
-                 use_graph: bool = True, max_graphs: int = 8, bucket: int = 1) -> None:
+                 use_graph: bool = True, max_graphs: int = 8, bucket: int = 1,
+                 estimator: torch.nn.Module | None = None) -> None:
         self.decoder = decoder
+        self._estimator = estimator
         self.autocast_dtype = autocast_dtype
         dev = next(decoder.parameters()).device
         self.device = dev
@@ -317,8 +323,13 @@ class GraphedFlowSampler:
         self._graphs: dict[tuple, dict[str, Any]] = {}  # insertion order = recency (LRU)
         self.captures = 0
 
+    @property
+    def estimator(self) -> torch.nn.Module:
+        """The DiT this sampler runs."""
+        return self._estimator if self._estimator is not None else self.decoder.estimator
+
     def _run(self, bufs: dict[str, Any]) -> None:
-        bufs["out"].copy_(batched_cfg_sample(self.decoder.estimator, bufs["mu"], bufs["mask"], bufs["spks"],
+        bufs["out"].copy_(batched_cfg_sample(self.estimator, bufs["mu"], bufs["mask"], bufs["spks"],
                                              bufs["cond"], bufs["noise"], bufs["t_span"], bufs["cfg_rate"],
                                              streaming=bufs["streaming"], autocast_dtype=self.autocast_dtype))
 
@@ -352,7 +363,7 @@ class GraphedFlowSampler:
         noise = (dec.fixed_noise(frames, mu.device, mu.dtype) * temperature).expand(b, -1, -1)
         t_span = dec.time_grid(n, mu.dtype, mu.device)
         if not self.use_graph:
-            return batched_cfg_sample(dec.estimator, mu, mask, spks, cond, noise, t_span, w, streaming=streaming,
+            return batched_cfg_sample(self.estimator, mu, mask, spks, cond, noise, t_span, w, streaming=streaming,
                                       autocast_dtype=self.autocast_dtype)
         key = (b, frames, mu.dtype, bool(streaming), n, w, float(temperature))
         entry = self._entry(key, mu, mask, spks, cond, noise, t_span, w, streaming)
@@ -417,6 +428,34 @@ class GraphedVocoder:
         entry["mel"].copy_(mel)
         entry["graph"].replay()
         return entry["out"]
+
+
+def fast_estimator(estimator: torch.nn.Module, *, param_dtype: torch.dtype | None = None, gemm_conv: bool = True,
+                   compile_mode: str | None = None, force_compile: bool = False) -> torch.nn.Module:
+    """A copy of the flow's DiT prepared for fast sampling under autocast; the original is untouched.
+
+    * ``param_dtype`` (e.g. bfloat16): the copy's parameters are stored in that dtype (buffers, such as
+      the rotary frequencies, keep theirs). Under autocast to the same dtype every matmul and
+      convolution already casts its weights to it, so the results are the same, without re-running
+      those casts (one per weight, per Euler step) inside the solve.
+    * ``gemm_conv``: the grouped position convolutions run as one batched GEMM each
+      (:func:`cosytune.models.dit.grouped_conv1d_gemm`) instead of cuDNN's one kernel per group.
+    * ``compile_mode``: ``torch.compile`` the copy (CUDA only unless ``force_compile``).
+
+    Run it only under autocast to ``param_dtype`` (as :class:`GraphedFlowSampler` with
+    ``autocast_dtype`` does): without autocast a bf16-parameter DiT would compute in bf16 throughout.
+    """
+    import copy
+
+    est = copy.deepcopy(estimator)
+    if param_dtype is not None:
+        for prm in est.parameters():
+            prm.data = prm.data.to(param_dtype)
+    if gemm_conv:
+        est.input_embed.conv_pos_embed.impl = "gemm"
+    if compile_mode:
+        est = _compile(est, compile_mode, next(est.parameters()).device, force_compile)
+    return est
 
 
 def _compile(fn: Any, mode: str, device: torch.device, force: bool) -> Any:

@@ -578,14 +578,15 @@ class CosyVoice3LM(nn.Module):
         """(B, D) hidden -> (B, V_sp) float32 log-probabilities."""
         return torch.log_softmax(self.llm_decoder(hidden_last).float(), dim=-1)
 
-    def step_logp(self, token_ids: Tensor, cache: KVCache) -> tuple[Tensor, KVCache]:
+    def step_logp(self, token_ids: Tensor, cache: KVCache, attention: str = "sdpa") -> tuple[Tensor, KVCache]:
         """Shape-stable single-token step: feed ``token_ids`` (B,) and return (B, V_sp) log-probs.
 
         No host synchronisation and static shapes, so it can be captured in a CUDA graph. The cache is
         updated in place (and returned); the caller keeps ``cache.lengths < cache.capacity``.
+        ``attention``: see ``Qwen2Attention.forward_cached`` ("reduce" for compiled steps).
         """
         x = self.speech_embedding(token_ids)[:, None]  # (B, 1, D)
-        hidden, cache = self.llm.model.model.decode_step(x, cache)
+        hidden, cache = self.llm.model.model.decode_step(x, cache, attention)
         return self._logp(hidden[:, 0]), cache
 
     def suppress_stops(self, logp: Tensor, mode: MinLenMode) -> Tensor:

@@ -411,9 +411,6 @@ class Qwen2Attention(nn.Module):
         self.o_proj = nn.Linear(h * d, config.hidden_size, bias=False)
         #: (weight, bias) of q/k/v packed into one tensor (see Qwen2Model.pack_projections), or None.
         self.packed: tuple[Tensor, Tensor] | None = None
-        #: attention over the cache: "sdpa" (library kernel) or "reduce" (:func:`_reduce_attention`,
-        #: for compiled decode steps).
-        self.cached_impl = "sdpa"
 
     def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, t, _ = x.shape
@@ -437,7 +434,7 @@ class Qwen2Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def forward_cached(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, write_index: Tensor,
-                       cache_k: Tensor, cache_v: Tensor) -> Tensor:
+                       cache_k: Tensor, cache_v: Tensor, attention: str = "sdpa") -> Tensor:
         """Write this call's keys/values into the layer cache, then attend over the whole cache.
 
         Args:
@@ -446,13 +443,15 @@ class Qwen2Attention(nn.Module):
             mask: bool (B, 1, T, S), true where a key is visible.
             write_index: (B, K, T, d) int64 positions to write, expanded over K and d.
             cache_k, cache_v: (B, K, S, d) views of this layer's cache, updated in place.
+            attention: "sdpa" (a library attention kernel) or "reduce" (:func:`_reduce_attention`, for
+                compiled single-token steps, where it becomes a couple of fused kernels).
         """
         b, t, _ = x.shape
         q, k, v = self._qkv(x, cos, sin)
         cache_k.scatter_(2, write_index, k.to(cache_k.dtype))
         cache_v.scatter_(2, write_index, v.to(cache_v.dtype))
         # Under autocast q/k/v come out in the autocast dtype while the cache may be float32.
-        attend = _reduce_attention if self.cached_impl == "reduce" else _cached_attention
+        attend = _reduce_attention if attention == "reduce" else _cached_attention
         out = attend(q.to(cache_k.dtype), cache_k, cache_v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -490,9 +489,9 @@ class Qwen2DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward_cached(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, write_index: Tensor,
-                       cache_k: Tensor, cache_v: Tensor) -> Tensor:
+                       cache_k: Tensor, cache_v: Tensor, attention: str = "sdpa") -> Tensor:
         x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, mask, write_index,
-                                              cache_k, cache_v)
+                                              cache_k, cache_v, attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -568,7 +567,7 @@ class Qwen2Model(nn.Module):
             x = layer(x, cos, sin)
         return self.norm(x)
 
-    def _forward_cached(self, x: Tensor, cache: KVCache, advance: Tensor) -> Tensor:
+    def _forward_cached(self, x: Tensor, cache: KVCache, advance: Tensor, attention: str = "sdpa") -> Tensor:
         b, t, _ = x.shape
         positions = cache.lengths[:, None] + torch.arange(t, device=x.device)  # (B, T)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
@@ -578,7 +577,7 @@ class Qwen2Model(nn.Module):
         kv, d = self.config.num_key_value_heads, self.config.head_dim
         write_index = positions[:, None, :, None].expand(b, kv, t, d)
         for i, layer in enumerate(self.layers):
-            x = layer.forward_cached(x, cos, sin, mask, write_index, cache.keys[i], cache.values[i])
+            x = layer.forward_cached(x, cos, sin, mask, write_index, cache.keys[i], cache.values[i], attention)
         cache.lengths.add_(advance)
         return self.norm(x)
 
@@ -607,7 +606,7 @@ class Qwen2Model(nn.Module):
                              f"{needed}; allocate a larger cache")
         return self._forward_cached(x, cache, input_lens.to(device=x.device, dtype=torch.long)), cache
 
-    def decode_step(self, x: Tensor, cache: KVCache) -> tuple[Tensor, KVCache]:
+    def decode_step(self, x: Tensor, cache: KVCache, attention: str = "sdpa") -> tuple[Tensor, KVCache]:
         """Feed exactly one new position per row (shape-stable, no host sync; CUDA-graph capturable).
 
         The caller must make sure ``cache.lengths < cache.capacity`` (it is not checked here because
@@ -616,11 +615,12 @@ class Qwen2Model(nn.Module):
         Args:
             x: (B, 1, D) input embeddings.
             cache: the cache filled by :meth:`prefill` and earlier steps; updated in place.
+            attention: see :meth:`Qwen2Attention.forward_cached`.
 
         Returns:
             ``(hidden (B, 1, D), cache)``.
         """
-        return self._forward_cached(x, cache, 1), cache
+        return self._forward_cached(x, cache, 1, attention), cache
 
 
 class Qwen2ForCausalLM(nn.Module):
