@@ -48,7 +48,7 @@ from cosytune.models.sampling import SamplingConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GraphedDecoder", "GraphedFlowSampler", "GraphedVocoder", "fast_estimator", "autocast_ctx", "batched_cfg_sample", "compile_flow_estimator", "compile_hift"]
+__all__ = ["GraphedDecoder", "GraphedFlowSampler", "GraphedVocoder", "autocast_ctx", "batched_cfg_sample", "compile_flow_estimator", "compile_hift", "fast_estimator"]
 
 
 def autocast_ctx(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

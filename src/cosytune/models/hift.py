@@ -605,7 +605,7 @@ def istft(spec: Tensor, n_fft: int, hop: int, window: Tensor) -> Tensor:
         (B, hop·(F - 1)) real.
     """
     frames = torch.fft.irfft(spec, n=n_fft, dim=1) * window[None, :, None]  # (B, n_fft, F)
-    b, _, n_frames = frames.shape
+    n_frames = frames.shape[2]
     total = n_fft + hop * (n_frames - 1)
 
     def overlap_add(x: Tensor) -> Tensor:
