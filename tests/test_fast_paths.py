@@ -367,3 +367,24 @@ def test_fast_estimator_under_autocast_matches_the_original(tiny_flow):
     torch.testing.assert_close(GraphedFlowSampler(dec, autocast_dtype=torch.bfloat16, estimator=same)(
         mu, mask, spks, cond, n_timesteps=3), GraphedFlowSampler(dec, autocast_dtype=torch.bfloat16)(
         mu, mask, spks, cond, n_timesteps=3), rtol=0, atol=0)
+
+
+def test_position_conv_auto_picks_gemm_for_small_calls_only(monkeypatch):
+    """``impl="auto"``: the GEMM form up to GEMM_CONV_MAX_ROW_FRAMES rows × frames, the library conv above."""
+    from cosytune.models import dit
+
+    m = dit.CausalConvPositionEmbedding(64, 31, 16)
+    x = torch.randn(2, 30, 64, generator=torch.Generator().manual_seed(2))
+    ref_conv = m(x)
+    m.impl = "gemm"
+    ref_gemm = m(x)
+    torch.testing.assert_close(ref_gemm, ref_conv, rtol=1e-5, atol=1e-5)
+    m.impl = "auto"
+    calls = []
+    real = dit.grouped_conv1d_gemm
+    monkeypatch.setattr(dit, "grouped_conv1d_gemm", lambda *a: calls.append(1) or real(*a))
+    m(x)
+    assert len(calls) == 2  # 60 row-frames: both convs as GEMMs
+    monkeypatch.setattr(dit, "GEMM_CONV_MAX_ROW_FRAMES", 59)
+    torch.testing.assert_close(m(x), ref_conv, rtol=0, atol=0)
+    assert len(calls) == 2

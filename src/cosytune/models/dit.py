@@ -98,6 +98,10 @@ class TimestepEmbedding(nn.Module):
         return self.time_mlp(emb.to(self.time_mlp[0].weight.dtype))
 
 
+#: ``impl="auto"`` position convolutions use the GEMM form up to this many rows × frames.
+GEMM_CONV_MAX_ROW_FRAMES = 4096
+
+
 class CausalConvPositionEmbedding(nn.Module):
     """Two causal grouped convolutions (left-padded by ``kernel - 1``) with Mish."""
 
@@ -107,15 +111,18 @@ class CausalConvPositionEmbedding(nn.Module):
         self.conv1 = nn.Sequential(nn.Conv1d(dim, dim, kernel, groups=groups, padding=0), nn.Mish())
         self.conv2 = nn.Sequential(nn.Conv1d(dim, dim, kernel, groups=groups, padding=0), nn.Mish())
 
-        #: "conv" (the library's grouped convolution) or "gemm" (:func:`grouped_conv1d_gemm`: one batched
-        #: GEMM over unfolded windows; cuDNN runs a grouped bf16 conv as one kernel per group on some GPUs).
+        #: "conv" (the library's grouped convolution), "gemm" (:func:`grouped_conv1d_gemm`: one batched
+        #: GEMM over unfolded windows; cuDNN runs a small grouped bf16 conv as one kernel per group, 16
+        #: launches of ~35 µs on an H200), or "auto" (gemm up to GEMM_CONV_MAX_ROW_FRAMES rows × frames,
+        #: where the unfolded windows stay small; conv above).
         self.impl = "conv"
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, T, D)
         h = x.transpose(1, 2)
         for seq in (self.conv1, self.conv2):
             padded = F.pad(h, (self.kernel - 1, 0))
-            h = seq[1](grouped_conv1d_gemm(padded, seq[0]) if self.impl == "gemm" else seq[0](padded))
+            gemm = self.impl == "gemm" or (self.impl == "auto" and h.shape[0] * h.shape[2] <= GEMM_CONV_MAX_ROW_FRAMES)
+            h = seq[1](grouped_conv1d_gemm(padded, seq[0]) if gemm else seq[0](padded))
         return h.transpose(1, 2)
 
 
