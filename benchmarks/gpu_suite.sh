@@ -6,6 +6,7 @@
 #   infer     bench_infer.py, full size, bf16: LLM decode, flow, HiFT, e2e, first chunk, offline sweep
 #   train     bench_train.py: recipe budget and larger budgets, LLM compiled
 #   features  bench_features.py --device cuda (needs onnxruntime-gpu importable)
+#   profile   profile_infer.py: kernel counts/times of the decode step, a streaming flow chunk, HiFT
 # Environment: LLM_MODES / FLOW_MODES / HIFT_MODES narrow bench_infer's modes; SKIP_RECIPE=1 skips the
 # recipe-budget training runs.
 # JSON results go to OUT_DIR (default: $OUT when set, else ./bench_out).
@@ -13,7 +14,7 @@ set -uo pipefail
 out="${OUT:-./bench_out}"
 steps=()
 for a in "$@"; do
-    case "$a" in tests|infer|train|features) steps+=("$a") ;; *) out="$a" ;; esac
+    case "$a" in tests|infer|train|features|profile) steps+=("$a") ;; *) out="$a" ;; esac
 done
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -24,7 +25,7 @@ for step in "${steps[@]}"; do
     case "$step" in
     tests)
         $py -m pytest -q -p no:cacheprovider tests/test_fast_paths.py tests/test_infer_batch.py \
-            $(ls tests/test_synth_fast_decode.py 2>/dev/null) -k "gpu or cuda or graphed" 2>&1 | tail -15 || status=1 ;;
+            $(ls tests/test_synth_fast_decode.py 2>/dev/null) -k "gpu or cuda or graphed or vocoder" 2>&1 | tail -15 || status=1 ;;
     infer)
         $py benchmarks/bench_infer.py --preset full --device cuda --dtype bf16 --out "$out/bench_infer.json" \
             --llm_modes "${LLM_MODES:-eager,graph,compiled}" --flow_modes "${FLOW_MODES:-fp32,eager,compile,graph,fast}" \
@@ -38,6 +39,9 @@ for step in "${steps[@]}"; do
             tag=$(echo "$args" | tr -d '-' | tr ' ' '_')
             $py benchmarks/bench_train.py --device cuda $args --json "$out/train_$tag.json" 2>&1 | tail -4 || status=1
         done ;;
+    profile)
+        $py benchmarks/profile_infer.py --device cuda --out "$out/profile.json" > "$out/profile.log" 2>&1 || status=1
+        grep -E '"(ms_per_token|wall_ms|kernels_per_call|kernel_ms_per_call)"' "$out/profile.log" | head -40 ;;
     features)
         $py benchmarks/bench_features.py --device cuda --utts 448 --json "$out/features_gpu.json" 2>&1 | tail -25 \
             || status=1 ;;
