@@ -11,7 +11,8 @@ in one run:
   * end-to-end RTF for a ``--utt_s`` utterance (prefill + tokens + flow + HiFT chained on the models);
   * first streaming chunk (prefill + 28 tokens + non-final flow chunk + HiFT chunk);
   * offline throughput (x real time) for ``--offline_batch`` segments decoded, rendered and vocoded
-    as one batch.
+    as one batch;
+  * with ``--train_frames N``: LLM and flow SFT samples/s and MFU at that frame budget (bench_train.py).
 Writes a JSON (``--out``) and prints a table.
 
 GPU:        python benchmarks/bench_infer.py --preset full --device cuda --dtype bf16 --out bench_infer.json
@@ -97,6 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=None, help="timed repetitions (default 5 cuda, 2 cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the JSON here (atomic)")
+    p.add_argument("--train_frames", type=int, default=0,
+                   help="also measure LLM and flow SFT samples/s and MFU (bench_train.py) at this frame budget "
+                        "(e.g. 2000 = the recipe's, 32000 on an H200); 0 skips")
+    p.add_argument("--train_compile", action="store_true", help="torch.compile the models in the SFT figures")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
@@ -380,14 +385,14 @@ def table(results: dict) -> str:
     rows = []
     flat: list[tuple[str, dict]] = []
     for key, val in results.items():
-        if isinstance(val, dict) and key == "offline":
-            flat += [(f"offline_{k}", v) for k, v in val.items() if isinstance(v, dict)]
+        if isinstance(val, dict) and key in ("offline", "train"):
+            flat += [(f"{key}_{k}", v) for k, v in val.items() if isinstance(v, dict)]
         elif isinstance(val, dict):
             flat.append((key, val))
     for key, val in flat:
         for metric in ("ms_per_token", "tokens_per_s", "ms_per_audio_s", "rtf", "latency_ms", "x_realtime",
                        "rel_rms_err_vs_fp32", "max_abs_logp_diff", "us_per_row_token", "prefill_ms", "tokens_ms", "llm_ms", "flow_ms",
-                       "hift_ms", "error"):
+                       "hift_ms", "samples_per_s", "mfu", "error"):
             if metric in val:
                 v = val[metric]
                 rows.append(f"| {key} | {metric} | {v:.4g} |" if isinstance(v, (int, float)) else
@@ -421,6 +426,13 @@ def main(argv: list[str] | None = None) -> int:
                                  "hift": hift_path}
     bench_pipeline(args, llm, flow, vocode, dec, flow_dtype, device, results, sampler)
     sections["pipeline"] = time.perf_counter() - t0 - sum(sections.values())
+    if args.train_frames:
+        import bench_train
+
+        argv = ["--model", "both", "--preset", args.preset, "--device", args.device, "--max_frames",
+                str(args.train_frames), "--steps", "5" if device.type == "cuda" else "2", "--warmup", "2"]
+        results["train"] = {r["model"]: r for r in bench_train.main(argv + (["--compile"] if args.train_compile else []))}
+        sections["train"] = time.perf_counter() - t0 - sum(sections.values())
     results["section_wall_s"] = sections
     results["wall_s"] = time.perf_counter() - t_start
     print(table(results))

@@ -47,7 +47,8 @@ def synthetic_batch(kind: str, batch: int, utt_s: float, text_per_s: float, gen:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the benchmark; returns one result dict per model (also printed, and written with --json)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["llm", "flow", "both"], default="both")
     ap.add_argument("--preset", choices=["full", "tiny"], default="full")
@@ -61,7 +62,7 @@ def main() -> None:
     ap.add_argument("--peak_tflops", type=float, default=790.0, help="bf16 dense peak for MFU (H200 ~790)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--json", default=None, help="write results here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     dist = DistInfo.from_env()
     device = pick_device(dist, args.device)
@@ -143,6 +144,7 @@ def main() -> None:
         if args.json:
             write_json(args.json, results)
     cleanup_distributed()
+    return results
 
 
 if __name__ == "__main__":
