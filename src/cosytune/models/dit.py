@@ -119,9 +119,9 @@ class CausalConvPositionEmbedding(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, T, D)
         h = x.transpose(1, 2)
+        gemm = self.impl == "gemm" or (self.impl == "auto" and x.shape[0] * x.shape[1] <= GEMM_CONV_MAX_ROW_FRAMES)
         for seq in (self.conv1, self.conv2):
             padded = F.pad(h, (self.kernel - 1, 0))
-            gemm = self.impl == "gemm" or (self.impl == "auto" and h.shape[0] * h.shape[2] <= GEMM_CONV_MAX_ROW_FRAMES)
             h = seq[1](grouped_conv1d_gemm(padded, seq[0]) if gemm else seq[0](padded))
         return h.transpose(1, 2)
 

@@ -369,15 +369,23 @@ def _cached_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     The H/K query heads that share a K/V head are folded into the query axis, (B, K, G*T, d), so the
     cache is read as is (no per-step copy of K/V into H heads) by whichever SDPA kernel applies.
     """
-    b, h, t, d = q.shape
-    kv = k.shape[1]
-    groups = h // kv
-    if groups == 1:
+    if q.shape[1] == k.shape[1]:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    q = q.reshape(b, kv, groups * t, d)  # heads k*G .. k*G+G-1 share K/V head k (as transformers)
+    qg, mask = _fold_query_groups(q, k.shape[1], mask)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)  # (B, K, G*T, d)
+    return out.reshape(q.shape)
+
+
+def _fold_query_groups(q: Tensor, kv: int, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Fold the G = H/K query heads sharing a K/V head into the query axis.
+
+    q (B, H, T, d) -> (B, K, G*T, d): heads k*G .. k*G+G-1 share K/V head k (as transformers);
+    mask (B, 1, T, S) -> (B, 1, G*T, S), repeated per head of a group.
+    """
+    b, h, t, d = q.shape
+    groups = h // kv
     mask = mask[:, :, None].expand(b, 1, groups, t, mask.shape[-1]).reshape(b, 1, groups * t, -1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, K, G*T, d)
-    return out.reshape(b, h, t, d)
+    return q.reshape(b, kv, groups * t, d), mask
 
 
 def _reduce_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -387,15 +395,12 @@ def _reduce_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     ``torch.compile`` turns a decode step's attention into a couple of small fused reduction kernels;
     a library attention kernel costs several microseconds per layer at one query per row.
     """
-    b, h, t, d = q.shape
-    kv = k.shape[1]
-    groups = h // kv
-    qf = q.float().reshape(b, kv, groups * t, 1, d) * (d ** -0.5)
+    qg, mask = _fold_query_groups(q, k.shape[1], mask)
+    qf = qg.float()[:, :, :, None] * (q.shape[-1] ** -0.5)  # (B, K, G*T, 1, d)
     scores = (qf * k.float()[:, :, None]).sum(-1)  # (B, K, G*T, S)
-    mask = mask[:, :, None].expand(b, 1, groups, t, mask.shape[-1]).reshape(b, 1, groups * t, -1)
     p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     out = (p[..., None] * v.float()[:, :, None]).sum(-2)  # (B, K, G*T, d)
-    return out.to(q.dtype).reshape(b, h, t, d)
+    return out.to(q.dtype).reshape(q.shape)
 
 
 class Qwen2Attention(nn.Module):
