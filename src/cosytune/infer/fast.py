@@ -85,6 +85,33 @@ def capture_graph(device: torch.device, run: Callable[[], None], *, warmups: int
     return graph
 
 
+class _CapturedGraphs:
+    """Captured graphs with their static buffers, by shape key; the least recently used go first.
+
+    Each entry is a dict built (and captured) by the caller on a miss; at most ``max_graphs`` are kept
+    (each holds its own activation pool). ``captures`` counts the builds.
+    """
+
+    def __init__(self, max_graphs: int) -> None:
+        self.max_graphs = max(1, int(max_graphs))
+        self.entries: dict[tuple, dict[str, Any]] = {}  # insertion order = recency
+        self.captures = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, key: tuple, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The entry for ``key``, built with ``build()`` on a miss; marks it most recently used."""
+        entry = self.entries.pop(key, None)
+        if entry is None:
+            entry = build()
+            self.captures += 1
+            while len(self.entries) >= self.max_graphs:
+                self.entries.pop(next(iter(self.entries)))
+        self.entries[key] = entry
+        return entry
+
+
 class GraphedDecoder:
     """Static-shape LLM decoding for B rows with a preallocated cache; CUDA-graph replay on GPU.
 
@@ -324,10 +351,13 @@ class GraphedFlowSampler:
         dev = next(decoder.parameters()).device
         self.device = dev
         self.use_graph = bool(use_graph and dev.type == "cuda")
-        self.max_graphs = max(1, int(max_graphs))
         self.bucket = max(1, int(bucket))
-        self._graphs: dict[tuple, dict[str, Any]] = {}  # insertion order = recency (LRU)
-        self.captures = 0
+        self._graphs = _CapturedGraphs(max_graphs)
+
+    @property
+    def captures(self) -> int:
+        """Graphs captured so far (a shape evicted and seen again is captured again)."""
+        return self._graphs.captures
 
     @property
     def estimator(self) -> torch.nn.Module:
@@ -339,18 +369,12 @@ class GraphedFlowSampler:
                                              bufs["cond"], bufs["noise"], bufs["t_span"], bufs["cfg_rate"],
                                              streaming=bufs["streaming"], autocast_dtype=self.autocast_dtype))
 
-    def _entry(self, key: tuple, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, noise: Tensor,
-               t_span: Tensor, cfg_rate: float, streaming: bool) -> dict[str, Any]:
-        entry = self._graphs.pop(key, None)
-        if entry is None:
-            entry = {"mu": mu.clone(), "mask": mask.clone(), "spks": spks.clone(), "cond": cond.clone(),
-                     "noise": noise.clone(), "t_span": t_span.clone(), "cfg_rate": cfg_rate,
-                     "streaming": streaming, "out": torch.empty(mu.shape, device=mu.device, dtype=torch.float32)}
-            entry["graph"] = capture_graph(self.device, lambda: self._run(entry), warmups=2)
-            self.captures += 1
-            while len(self._graphs) >= self.max_graphs:
-                self._graphs.pop(next(iter(self._graphs)))
-        self._graphs[key] = entry
+    def _build(self, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, noise: Tensor, t_span: Tensor,
+               cfg_rate: float, streaming: bool) -> dict[str, Any]:
+        entry = {"mu": mu.clone(), "mask": mask.clone(), "spks": spks.clone(), "cond": cond.clone(),
+                 "noise": noise.clone(), "t_span": t_span.clone(), "cfg_rate": cfg_rate,
+                 "streaming": streaming, "out": torch.empty(mu.shape, device=mu.device, dtype=torch.float32)}
+        entry["graph"] = capture_graph(self.device, lambda: self._run(entry), warmups=2)
         return entry
 
     @torch.inference_mode()
@@ -372,7 +396,7 @@ class GraphedFlowSampler:
             return batched_cfg_sample(self.estimator, mu, mask, spks, cond, noise, t_span, w, streaming=streaming,
                                       autocast_dtype=self.autocast_dtype)
         key = (b, frames, mu.dtype, bool(streaming), n, w, float(temperature))
-        entry = self._entry(key, mu, mask, spks, cond, noise, t_span, w, streaming)
+        entry = self._graphs.get(key, lambda: self._build(mu, mask, spks, cond, noise, t_span, w, streaming))
         for name, value in (("mu", mu), ("mask", mask), ("spks", spks), ("cond", cond)):
             entry[name].copy_(value)
         entry["graph"].replay()
@@ -403,34 +427,36 @@ class GraphedVocoder:
         dev = next(hift.parameters()).device
         self.device = dev
         self.use_graph = bool(use_graph and dev.type == "cuda")
-        self.max_graphs = max(1, int(max_graphs))
-        self._graphs: dict[tuple, dict[str, Any]] = {}
-        self.captures = 0
+        self._graphs = _CapturedGraphs(max_graphs)
+
+    @property
+    def captures(self) -> int:
+        """Graphs captured so far (a shape evicted and seen again is captured again)."""
+        return self._graphs.captures
 
     @torch.inference_mode()
     def __call__(self, mel: Tensor, finalize: bool = True) -> Any:
-        if not self.use_graph:
-            return self.hift.inference(mel, finalize=finalize)
-        mel = mel.float()
-        # Validates the shape (clear errors) and installs enough fixed noise before any capture.
         hift = self.hift
+        if not self.use_graph:
+            return hift.inference(mel, finalize=finalize)
+        mel = mel.float()
+        # Install enough fixed noise before any capture (drawing it cannot happen inside one). The graph
+        # reads the noise tensor in place: a replaced noise (set_fixed_noise, or grown for a longer
+        # call) is a new key, and each entry keeps its own noise alive.
         hift.fixed_noise(mel.shape[2] * hift.config.upsample_scale)
-        # The graph reads the noise tensor in place: a replaced noise (set_fixed_noise, or grown for a
-        # longer call) is a new key, and each entry keeps its own noise alive.
         key = (tuple(mel.shape), bool(finalize), id(hift._noise))
-        entry = self._graphs.pop(key, None)
-        if entry is None:
-            hift.inference(mel, finalize=finalize)
+
+        def build() -> dict[str, Any]:
             entry = {"mel": mel.clone(), "out": None, "noise": hift._noise}
 
             def run() -> None:
-                entry["out"] = self.hift.inference(entry["mel"], finalize=finalize)
+                entry["out"] = hift.inference(entry["mel"], finalize=finalize)
 
-            entry["graph"] = capture_graph(self.device, run, warmups=1)
-            self.captures += 1
-            while len(self._graphs) >= self.max_graphs:
-                self._graphs.pop(next(iter(self._graphs)))
-        self._graphs[key] = entry
+            # The eager warm-ups also raise the plain call's errors (e.g. a too-short chunk).
+            entry["graph"] = capture_graph(self.device, run, warmups=2)
+            return entry
+
+        entry = self._graphs.get(key, build)
         entry["mel"].copy_(mel)
         entry["graph"].replay()
         return entry["out"]
