@@ -266,17 +266,12 @@ def bench_hift(args, hift, device, results: dict) -> tuple[str, Callable]:
     """
     frames = int(args.utt_s * MEL_RATE)
     mel = torch.randn(1, hift.config.in_channels, frames, device=device)
-    best, best_t = "eager", float("inf")
-    best_fn: Callable = lambda m, finalize=True: hift.inference(m, finalize=finalize)
+    best, best_t, best_fn = "eager", float("inf"), hift.inference
     for mode in args.hift_modes:
         if mode == "compile" and not getattr(hift, "_bench_compiled", False):
             compile_hift(hift, args.compile_mode, force=True)
             hift._bench_compiled = True
-        if mode == "graph":
-            voc = GraphedVocoder(hift)
-            fn = lambda m, finalize=True, voc=voc: voc(m, finalize=finalize)
-        else:
-            fn = lambda m, finalize=True: hift.inference(m, finalize=finalize)
+        fn = GraphedVocoder(hift) if mode == "graph" else hift.inference  # same call signature
         t0 = time.perf_counter()
         try:
             fn(mel)

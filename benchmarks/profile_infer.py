@@ -17,8 +17,9 @@ Flow variants (a streaming first chunk, compiled DiT, whole solve replayed from 
 
   base           fp32 parameters under bf16 autocast (the cast of every weight is re-run each step)
   bf16w          a copy of the DiT with bf16 parameters (fp32 buffers), same autocast
-  bf16w_gemm     + the position convolutions as one batched GEMM (``impl="gemm"``)
+  bf16w_gemm     + the position convolutions as one batched GEMM at this size (``fast_estimator``'s default)
   bf16w_bench    + cudnn.benchmark for the grouped convolutions instead
+(each variant is a compiled ``fast_estimator`` copy of the DiT.)
 
 GPU: python benchmarks/profile_infer.py --device cuda --out profile.json
 CPU (tiny, plumbing only): python benchmarks/profile_infer.py --preset tiny --device cpu --variants graph
@@ -27,7 +28,6 @@ CPU (tiny, plumbing only): python benchmarks/profile_infer.py --preset tiny --de
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_infer import DTYPES, TOKEN_RATE, _flow_inputs, _sync, build, flow_call
 
 from cosytune.fileio import write_json
-from cosytune.infer.fast import GraphedDecoder, GraphedFlowSampler, GraphedVocoder, compile_flow_estimator
+from cosytune.infer.fast import GraphedDecoder, GraphedFlowSampler, GraphedVocoder, fast_estimator
 
 
 def kernel_profile(fn, device: torch.device, calls: int, top: int = 12) -> dict:
@@ -146,18 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         ref = None
         for name in filter(None, a.flow_variants.split(",")):
             torch._dynamo.reset()
-            est = original
-            if name.startswith("bf16w"):
-                est = copy.deepcopy(original)
-                for prm in est.parameters():
-                    prm.data = prm.data.to(dtype)
-                est.input_embed.conv_pos_embed.impl = "gemm" if name.endswith("gemm") else "conv"
             torch.backends.cudnn.benchmark = name.endswith("bench")
-            flow.decoder.estimator = est
-            compile_flow_estimator(flow, "default")
             try:
                 t0 = time.perf_counter()
-                sampler = GraphedFlowSampler(flow.decoder, autocast_dtype=dtype)
+                est = fast_estimator(original, param_dtype=dtype if name.startswith("bf16w") else None,
+                                     gemm_conv=name.endswith("gemm"), compile_mode="default")
+                sampler = GraphedFlowSampler(flow.decoder, autocast_dtype=dtype, estimator=est)
                 mel = flow_call(flow, inp, args, dtype, token=token, streaming=True, finalize=False,
                                 sampler=sampler).clone()
                 build_s = time.perf_counter() - t0
@@ -169,7 +163,6 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001
                 r = {"error": f"{type(exc).__name__}: {exc}"[:1500]}
             finally:
-                flow.decoder.estimator = original
                 torch.backends.cudnn.benchmark = False
             results[f"flow_chunk_{name}"] = r
             print(name, json.dumps(r, indent=1)[:3000], flush=True)
