@@ -5,7 +5,7 @@ Runs the real library path (``cosytune.data.embedding.extract_embeddings`` and
 on the shipped sample clips (28 real mp3 prompts, 166 s), repeated to ``--utts`` utterances.
 
 Models (``--models``):
-* ``tiny`` — the offline stand-ins of :mod:`cosytune.models.onnx_tiny` (tiny networks: this measures
+* ``tiny`` — the offline stand-ins of :mod:`cosytune.modeldir.onnx_tiny` (tiny networks: this measures
   the pipeline around the model: decoding, resampling, features, batching, ORT overhead);
 * ``realistic`` — random-weight stand-ins with roughly the real compute: a 7.3 M-parameter conv
   speaker encoder (``campplus.onnx`` is 28.3 MB ≈ 7.1 M fp32 parameters) and a 4×-downsampling conv +
@@ -128,11 +128,11 @@ def build_models(kind: str, root: Path, model_dir: str | None) -> tuple[Path, Pa
     out.mkdir(parents=True, exist_ok=True)
     cam, tok = out / "campplus.onnx", out / "speech_tokenizer_v3.batch.onnx"
     if kind == "tiny":
-        from cosytune.models.onnx_tiny import build_tiny_campplus, build_tiny_speech_tokenizer
+        from cosytune.modeldir.onnx_tiny import build_tiny_campplus, build_tiny_speech_tokenizer
 
         build_tiny_campplus(cam)
         build_tiny_speech_tokenizer(tok, batch=True)
-        return cam, tok, "tiny stand-ins (cosytune.models.onnx_tiny)"
+        return cam, tok, "tiny stand-ins (cosytune.modeldir.onnx_tiny)"
     import warnings
 
     with warnings.catch_warnings():

@@ -42,8 +42,8 @@ from cosytune.infer.fast import (
     compile_hift,
     fast_estimator,
 )
-from cosytune.models.builders import build_network
-from cosytune.models.presets import preset_hparams, preset_qwen2_config
+from cosytune.modeldir.builders import build_network
+from cosytune.modeldir.presets import preset_hparams, preset_qwen2_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKEN_RATE = 25  # speech tokens per second of audio

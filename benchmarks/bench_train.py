@@ -23,8 +23,8 @@ import time
 import torch
 
 from cosytune.fileio import write_json
-from cosytune.models.builders import build_network
-from cosytune.models.presets import preset_hparams, preset_qwen2_config
+from cosytune.modeldir.builders import build_network
+from cosytune.modeldir.presets import preset_hparams, preset_qwen2_config
 from cosytune.train.build import STEP_FUNCTIONS
 from cosytune.train.distributed import DistInfo, cleanup_distributed, init_distributed, pick_device
 

@@ -15,7 +15,7 @@ def speaker_model_dir(path: Path, *, seed: int = 0, zero_shot_clip: Path | None 
                       tokenizer_from: Path | None = None) -> Path:
     """``write_model_dir(path, "tiny")`` plus an SFT speaker ``alice`` (a fixed random embedding) and, when
     ``zero_shot_clip`` is given, a zero-shot speaker ``bob`` made from that clip through the real CLI."""
-    from cosytune.models.presets import write_model_dir
+    from cosytune.modeldir.presets import write_model_dir
 
     d = write_model_dir(path, "tiny", seed=seed, tokenizer_from=tokenizer_from)
     spk = path.parent / f"{path.name}_spk2embedding.pt"

@@ -11,7 +11,7 @@ import yaml
 
 from cosytune.cli.main import main
 from cosytune.errors import CheckpointError, DataError
-from cosytune.package import assemble
+from cosytune.modeldir.package import assemble
 from cosytune.train.average import average_checkpoints
 
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 from frontend_data import small_dataset
 
+from cosytune.audio.io import load_wav
 from cosytune.data.embedding import compute_campplus_feature, extract_embeddings
-from cosytune.data.frontend_common import load_audio, read_kaldi_dir
+from cosytune.data.frontend_common import read_kaldi_dir
 from cosytune.errors import DataError
-from cosytune.models.onnx_models import CampPlus
-from cosytune.models.onnx_tiny import build_tiny_campplus
+from cosytune.modeldir.onnx_models import CampPlus
+from cosytune.modeldir.onnx_tiny import build_tiny_campplus
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def test_embeddings_files_match_upstream_format(tmp_path, sample_speaker_dir, ca
         np.testing.assert_allclose(mean, np.mean(np.array(mine, dtype=np.float32), axis=0), atol=1e-6)
     # The stored vector is exactly CAM++(CMN fbank of the 16 kHz mono audio).
     u = next(iter(utt2emb))
-    ref = CampPlus(campplus, device="cpu").embed(compute_campplus_feature(load_audio(kd.utt2wav[u], 16000)))
+    ref = CampPlus(campplus, device="cpu").embed(compute_campplus_feature(load_wav(kd.utt2wav[u], 16000)))
     np.testing.assert_allclose(utt2emb[u], ref, atol=1e-6)
     rows = [json.loads(line) for line in (d / "rejects.jsonl").read_text().splitlines()]
     assert rows == [{"stage": "extract-embedding", "input": "spkB_broken", "reason": "unreadable_audio",

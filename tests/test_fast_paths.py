@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cosytune.infer.fast import GraphedDecoder, GraphedFlowSampler, batched_cfg_sample
-from cosytune.models.builders import build_network
+from cosytune.modeldir.builders import build_network
+from cosytune.modeldir.presets import preset_hparams
 from cosytune.models.llm import CosyVoice3LM, LLMConfig
-from cosytune.models.presets import preset_hparams
 from cosytune.models.qwen2 import KVCache, Qwen2Config
 from cosytune.models.sampling import SamplingConfig
 
@@ -253,7 +253,7 @@ def test_synthesizer_fast_flow_on_gpu(tmp_path):
     import numpy as np
 
     from cosytune.infer.synthesizer import SynthesisOptions, Synthesizer
-    from cosytune.models.presets import write_model_dir
+    from cosytune.modeldir.presets import write_model_dir
 
     model_dir = write_model_dir(tmp_path / "m", "tiny", seed=0)
     ref = Synthesizer.from_dir(model_dir, device="cuda")
@@ -282,7 +282,7 @@ def test_synthesizer_flow_sampler_path_on_cpu(tmp_path):
     import numpy as np
 
     from cosytune.infer.synthesizer import FLOW_BUCKET, SynthesisOptions, Synthesizer
-    from cosytune.models.presets import write_model_dir
+    from cosytune.modeldir.presets import write_model_dir
 
     model_dir = write_model_dir(tmp_path / "m", "tiny", seed=0)
     synth = Synthesizer.from_dir(model_dir, device="cpu", fast_flow=True)

@@ -114,10 +114,11 @@ def test_inference_runs(golden, model):
             golden.check("flow_tiny_infer", f"{run}.estimator_out_per_step", torch.stack(rec["estimator_out"]),
                          inf[f"{run}.estimator_out_per_step"])
         mels[run] = mel
-    # A non-final streaming chunk equals the prefix of the finalized streaming run.
+    # A non-final streaming chunk equals the prefix of the finalized streaming run (up to float rounding:
+    # the two runs multiply matrices of different lengths, which BLAS may block differently).
     if "chunk_stream" in mels and "final_stream" in mels:
         n = mels["chunk_stream"].shape[2]
-        assert torch.equal(mels["chunk_stream"], mels["final_stream"][:, :, :n])
+        golden.check("flow_tiny_infer", "final_stream.mel", mels["chunk_stream"], mels["final_stream"][:, :, :n])
 
 
 def test_fullsize_keys_shapes_and_count(golden):

@@ -11,7 +11,7 @@ from frontend_data import sample_clips, write_data_dir
 from cosytune.cli.main import main
 from cosytune.data.frontend_common import read_kaldi_dir
 from cosytune.data.parquet import read_parquet_rows
-from cosytune.models.onnx_tiny import build_tiny_campplus, build_tiny_speech_tokenizer
+from cosytune.modeldir.onnx_tiny import build_tiny_campplus, build_tiny_speech_tokenizer
 
 
 def test_sample_dataset_through_all_three_commands(tmp_path, sample_speaker_dir, capsys, monkeypatch):

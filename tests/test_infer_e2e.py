@@ -27,7 +27,7 @@ SECRET = "Seven secret swans sang softly."
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory, sample_speaker_dir):
     """Model dir A (seed 0) with an SFT speaker and a stored zero-shot speaker, and model dir B (seed 1)."""
-    from cosytune.models.presets import write_model_dir
+    from cosytune.modeldir.presets import write_model_dir
 
     root = tmp_path_factory.mktemp("models")
     clip = sample_speaker_dir / "audio" / "agent-user.mp3"

@@ -20,7 +20,7 @@ from cosytune.infer.frontend import (
 
 @pytest.fixture(scope="module")
 def frontend(tmp_path_factory):
-    from cosytune.models.onnx_tiny import build_tiny_campplus, build_tiny_speech_tokenizer
+    from cosytune.modeldir.onnx_tiny import build_tiny_campplus, build_tiny_speech_tokenizer
 
     d = tmp_path_factory.mktemp("onnx")
     return PromptFrontend(build_tiny_campplus(d / "campplus.onnx"), build_tiny_speech_tokenizer(d / "tok.onnx"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cosytune.cli.main import main
-from cosytune.models.model_dir import ModelDir
+from cosytune.modeldir.model_dir import ModelDir
 
 SHARED_NAME = "cosytune_tiny_seed0"  # same dir test_model_dir.py uses: built once per session
 

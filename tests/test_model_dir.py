@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from cosytune.errors import CheckpointError, ModelDirError, UsageError
-from cosytune.models.builders import build_network
-from cosytune.models.model_dir import ModelDir
-from cosytune.models.presets import is_complete_model_dir, preset_hparams, write_model_dir
-from cosytune.models.upstream_yaml import parse_cosyvoice3_yaml
+from cosytune.modeldir.builders import build_network
+from cosytune.modeldir.model_dir import ModelDir
+from cosytune.modeldir.presets import is_complete_model_dir, preset_hparams, write_model_dir
+from cosytune.modeldir.upstream_yaml import parse_cosyvoice3_yaml
 from cosytune.weights import save_state_dict, save_weights
 
 SHARED_NAME = "cosytune_tiny_seed0"  # one tiny model dir per test session (write_model_dir reuses it)
@@ -196,9 +196,9 @@ def test_write_model_dir_reuse_refuse_and_seed(tiny_dir, tmp_path):
 
 def test_full_size_architecture_matches_upstream_inventory(golden):
     """Done-when: the full-size networks built from *our yaml mapping* match upstream key for key."""
-    from cosytune.models.presets import preset_hparams as hparams
+    from cosytune.modeldir.presets import preset_hparams as hparams
+    from cosytune.modeldir.upstream_yaml import dump_cosyvoice3_yaml
     from cosytune.models.qwen2 import Qwen2Config
-    from cosytune.models.upstream_yaml import dump_cosyvoice3_yaml
 
     inv = golden.json("fullsize_keys")
     hp = parse_cosyvoice3_yaml("full.yaml", text=dump_cosyvoice3_yaml(hparams("full")))

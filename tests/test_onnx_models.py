@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from cosytune.errors import ModelDirError, UsageError
-from cosytune.models.onnx_models import (
+from cosytune.modeldir.onnx_models import (
     FORCE_CPU_ENV,
     CampPlus,
     SpeechTokenizer,
     resolve_onnx_path,
     resolve_providers,
 )
-from cosytune.models.onnx_tiny import (
+from cosytune.modeldir.onnx_tiny import (
     CAMPPLUS_EMBED_DIM,
     TOKENIZER_VOCAB,
     build_tiny_campplus,
@@ -170,7 +170,7 @@ def test_cuda_provider_problem_names_the_missing_library(tmp_path):
     import shutil
     import subprocess
 
-    from cosytune.models.onnx_models import _cuda_provider_problem
+    from cosytune.modeldir.onnx_models import _cuda_provider_problem
 
     if shutil.which("gcc") is None:
         pytest.skip("needs gcc to build a stand-in provider library")

@@ -24,7 +24,7 @@ SAMPLE = Path(str(files("cosytune") / "assets" / "sample_speaker"))
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> Path:
-    from cosytune.models.presets import write_model_dir
+    from cosytune.modeldir.presets import write_model_dir
 
     return write_model_dir(tmp_path_factory.mktemp("base") / "tiny", preset="tiny", seed=0)
 

@@ -48,7 +48,7 @@ train_conf:
 
 @pytest.fixture(scope="module")
 def seed_env(tmp_path_factory):
-    from cosytune.models.presets import write_model_dir
+    from cosytune.modeldir.presets import write_model_dir
 
     root = tmp_path_factory.mktemp("seed")
     base = write_model_dir(root / "pretrained_models" / "Fun-CosyVoice3-0.5B", preset="tiny", seed=0)

@@ -9,10 +9,11 @@ import pytest
 import torch
 from frontend_data import small_dataset
 
-from cosytune.data.frontend_common import load_audio, read_kaldi_dir
+from cosytune.audio.io import load_wav
+from cosytune.data.frontend_common import read_kaldi_dir
 from cosytune.data.speech_token import compute_tokenizer_feature, extract_speech_tokens
-from cosytune.models.onnx_models import SpeechTokenizer
-from cosytune.models.onnx_tiny import build_tiny_speech_tokenizer
+from cosytune.modeldir.onnx_models import SpeechTokenizer
+from cosytune.modeldir.onnx_tiny import build_tiny_speech_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_tokens_long_clip_rejected_and_batched_equals_single(tmp_path, sample_sp
     assert "31.00 s" in rows[0]["detail"]
     ref_model = SpeechTokenizer(single_model, device="cpu")
     for u, tok in tokens.items():
-        wav = load_audio(kd.utt2wav[u], 16000)
+        wav = load_wav(kd.utt2wav[u], 16000)
         assert all(isinstance(t, int) for t in tok) and len(tok) == (wav.shape[0] // 160) // 4
         assert np.array_equal(np.array(tok), ref_model.tokenize(compute_tokenizer_feature(wav)))
     # Same tokens from the non-batch model through the CLI-level function (one call per utterance).

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> Path:
-    from cosytune.models.presets import write_model_dir
+    from cosytune.modeldir.presets import write_model_dir
 
     return write_model_dir(tmp_path_factory.mktemp("base") / "tiny", preset="tiny", seed=0)
 
@@ -143,7 +143,7 @@ def test_average_assemble_spk2info_infer(sample_data, tiny_base, tmp_path, capsy
     model_dir = tmp_path / "model"
     assert main(["assemble", "--base_model_dir", str(tiny_base), "--out_model_dir", str(model_dir), "--llm_pt",
                  str(avg), "--spk2embedding_pt", str(sample_data / "train" / "spk2embedding.pt")]) == 0
-    from cosytune.models.model_dir import ModelDir
+    from cosytune.modeldir.model_dir import ModelDir
 
     ModelDir.open(model_dir, deep=True)  # every file present and well-formed
     info = torch.load(model_dir / "spk2info.pt", weights_only=True)
@@ -159,3 +159,20 @@ def test_average_assemble_spk2info_infer(sample_data, tiny_base, tmp_path, capsy
 
     audio, sr = sf.read(out_wav)
     assert sr == 24000 and len(audio) > 0
+
+
+def test_resume_never_unpickles_code(sample_data, tiny_base, tmp_path, capsys):
+    """A crafted ``.state.pt`` in the run dir is refused on ``--resume auto`` and ``--resume PATH``; its payload never runs."""
+    from test_unsafe_files import write_evil
+
+    run = tmp_path / "run"
+    assert main(_train_argv("llm", sample_data, tiny_base, run, "max_epoch=1", "tensorboard=false")) == 0
+    state = run / "epoch_0_whole.state.pt"
+    marker = tmp_path / "PWNED"
+    write_evil(state, marker)
+    capsys.readouterr()
+    for resume in ("auto", str(run / "epoch_0_whole.pt")):
+        rc = main(_train_argv("llm", sample_data, tiny_base, run, "max_epoch=2", "tensorboard=false", "--resume", resume))
+        cap = capsys.readouterr()
+        assert rc != 0 and "refusing to load this resume state" in cap.out + cap.err, cap.out + cap.err
+        assert not marker.exists()

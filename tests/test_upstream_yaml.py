@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from cosytune.errors import ConfigError
-from cosytune.models.presets import preset_hparams
-from cosytune.models.upstream_yaml import (
+from cosytune.modeldir.presets import preset_hparams
+from cosytune.modeldir.upstream_yaml import (
     CosyVoice3Hparams,
     TaggedNode,
     dump_cosyvoice3_yaml,

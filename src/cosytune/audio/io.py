@@ -25,11 +25,15 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cosytune.errors import MissingDependencyError
 from cosytune.fileio import atomic_path
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -436,3 +440,41 @@ def write_wav_pcm16(path: str | os.PathLike, audio: np.ndarray, sample_rate: int
     pcm = audio if audio.dtype == np.int16 else to_pcm16(audio)
     with atomic_path(path, suffix=".wav") as tmp:
         sf.write(str(tmp), pcm, int(sample_rate), subtype="PCM_16", format="WAV")
+
+
+def load_wav(path: str | os.PathLike, target_sr: int, *, min_sr: int = 16000) -> torch.Tensor:
+    """Decode, mix to mono and resample (torchaudio-compatible sinc) — upstream's ``load_wav``.
+
+    Reads with soundfile (float32 = int16/32768, like upstream's ``torchaudio.load(backend="soundfile")``)
+    and falls back to PyAV for other containers (:func:`load_audio`).
+
+    Args:
+        path: audio file.
+        target_sr: output rate in Hz.
+        min_sr: lowest accepted input rate (upstream asserts >= 16 kHz).
+
+    Returns:
+        ``(N,)`` float32 tensor at ``target_sr``.
+
+    Raises:
+        DataError: missing or undecodable file, or a sample rate below ``min_sr``.
+    """
+    import torch
+
+    from cosytune.audio.resample import resample
+    from cosytune.errors import DataError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"audio file {p} does not exist")
+    try:
+        data, sr = load_audio(p)
+    except AudioDecodeError as e:
+        raise DataError(f"cannot decode audio {p}: {e}") from e
+    data = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, data.shape[-1])
+    if sr != target_sr and sr < min_sr:
+        raise DataError(f"{p}: sample rate {sr} Hz is below the {min_sr} Hz minimum; re-record or upsample it "
+                        "with `cosytune prepare-audio`")
+    wav = torch.from_numpy(data).mean(dim=0)  # (N,) channel mean, as upstream load_wav
+    return resample(wav, int(sr), target_sr)
+

@@ -28,7 +28,7 @@ def build_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cosytune.package import assemble
+    from cosytune.modeldir.package import assemble
 
     res = assemble(args.base_model_dir, args.out_model_dir, args.llm_pt, args.flow_pt, args.spk2embedding_pt,
                    args.spk_id, args.overwrite)

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
                                else None)
     tiny = base is None
     if tiny:
-        from cosytune.models.presets import is_complete_model_dir, write_model_dir
+        from cosytune.modeldir.presets import is_complete_model_dir, write_model_dir
 
         base = args.work / "base_tiny"
         if not is_complete_model_dir(base, "tiny", 0):

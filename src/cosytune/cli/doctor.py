@@ -204,7 +204,7 @@ def check_packages() -> Section:
 
 def check_model_dir(path: Path, deep: bool) -> Section:
     """Every file of a model dir: present, missing or malformed."""
-    from cosytune.models.model_dir import ModelDir
+    from cosytune.modeldir.model_dir import ModelDir
 
     s = Section(f"model dir {path}")
     for st in ModelDir(path).check(deep=deep):

@@ -33,8 +33,8 @@ def build_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from cosytune.models.model_dir import ModelDir
-    from cosytune.models.presets import read_init_info, write_model_dir
+    from cosytune.modeldir.model_dir import ModelDir
+    from cosytune.modeldir.presets import read_init_info, write_model_dir
 
     t0 = time.monotonic()
     out = write_model_dir(args.out, args.preset, args.seed, overwrite=args.overwrite)

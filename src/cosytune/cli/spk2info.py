@@ -60,7 +60,7 @@ def _zero_shot_entries(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from cosytune.errors import UsageError
-    from cosytune.package import load_spk2embedding, save_spk2info, spk2info_from_embeddings
+    from cosytune.modeldir.package import load_spk2embedding, save_spk2info, spk2info_from_embeddings
 
     out = args.out_spk2info_pt
     if out is None:

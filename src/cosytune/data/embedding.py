@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from cosytune.audio.features import cmn, kaldi_fbank
+from cosytune.audio.io import load_wav
 from cosytune.data.frontend_common import (
     ResumableExtraction,
     check_same_ids,
-    load_audio,
     model_fingerprint,
     read_kaldi_dir,
     save_pt_map,
@@ -73,7 +73,7 @@ def compute_campplus_feature(wav16k: torch.Tensor) -> np.ndarray:
 
 
 def _prepare(path: Path) -> tuple[np.ndarray, float]:
-    wav = load_audio(path, SAMPLE_RATE)
+    wav = load_wav(path, SAMPLE_RATE)
     return compute_campplus_feature(wav), wav.shape[0] / SAMPLE_RATE
 
 
@@ -107,7 +107,7 @@ def extract_embeddings(
         DataError: missing or inconsistent lists, or no utterance could be embedded.
         ModelDirError: the ONNX model is missing or unreadable.
     """
-    from cosytune.models.onnx_models import CampPlus
+    from cosytune.modeldir.onnx_models import CampPlus
 
     t0 = time.perf_counter()
     kd = read_kaldi_dir(data_dir, need=("wav.scp", "utt2spk"))

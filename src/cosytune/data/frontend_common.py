@@ -23,10 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from cosytune.audio.resample import resample
 from cosytune.errors import CosytuneError, DataError
 from cosytune.fileio import atomic_path, write_json
 
@@ -36,7 +34,6 @@ __all__ = [
     "KaldiDir",
     "ResumableExtraction",
     "check_same_ids",
-    "load_audio",
     "load_pt_map",
     "model_fingerprint",
     "read_kaldi_dir",
@@ -135,54 +132,12 @@ def resolve_wav_path(kd: KaldiDir, wav: str) -> Path:
     return p
 
 
-def _decode(path: Path) -> tuple[np.ndarray, int]:
-    """Decode to float32 ``(C, N)`` in [-1, 1] through the project's one audio backend.
-
-    :func:`cosytune.audio.io.load_audio` reads with soundfile (float32 = int16/32768, like upstream's
-    ``torchaudio.load(backend="soundfile")``) and falls back to PyAV for other containers.
-    """
-    from cosytune.audio.io import AudioDecodeError
-    from cosytune.audio.io import load_audio as decode_any
-
-    try:
-        data, sr = decode_any(path)
-    except AudioDecodeError as e:
-        raise DataError(f"cannot decode audio {path}: {e}") from e
-    return np.ascontiguousarray(data, dtype=np.float32).reshape(-1, data.shape[-1]), int(sr)
-
-
-def load_audio(path: str | os.PathLike, target_sr: int, *, min_sr: int = 16000) -> torch.Tensor:
-    """Decode, mix to mono and resample (torchaudio-compatible sinc) — upstream ``load_wav``.
-
-    Args:
-        path: audio file.
-        target_sr: output rate in Hz.
-        min_sr: lowest accepted input rate (upstream asserts >= 16 kHz).
-
-    Returns:
-        ``(N,)`` float32 tensor at ``target_sr``.
-
-    Raises:
-        DataError: unreadable file, or a sample rate below ``min_sr``.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"audio file {p} does not exist")
-    data, sr = _decode(p)
-    if sr != target_sr and sr < min_sr:
-        raise DataError(f"{p}: sample rate {sr} Hz is below the {min_sr} Hz minimum; re-record or upsample it "
-                        "with `cosytune prepare-audio`")
-    wav = torch.from_numpy(data).mean(dim=0)  # (N,) channel mean, as upstream load_wav
-    return resample(wav, sr, target_sr)
-
-
 def load_pt_map(path: str | os.PathLike) -> dict:
     """Load a ``{id: list}`` map written by :func:`save_pt_map` or by upstream's tools."""
     p = Path(path)
-    try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"cannot read {p}: {e}. Delete it and re-run the command that writes it.") from e
+    from cosytune.weights.io import torch_load_safely
+
+    obj = torch_load_safely(p, DataError, what="feature table")
     if not isinstance(obj, dict):
         raise DataError(f"{p}: expected a dict {{id: list}}, found {type(obj).__name__}; delete it and re-run")
     return obj

@@ -9,7 +9,7 @@ Differences from upstream, on purpose:
 * utterances longer than 30 s (the tokenizer's limit) are **rejects** recorded in ``rejects.jsonl``
   with their duration, not silent empty lists; too-short and unreadable ones are rejects too;
 * many utterances share one ONNX call when the model takes a dynamic batch (see
-  :class:`cosytune.models.onnx_models.SpeechTokenizer`), else concurrent single calls;
+  :class:`cosytune.modeldir.onnx_models.SpeechTokenizer`), else concurrent single calls;
 * resumable, like :mod:`cosytune.data.embedding`.
 
 Note (upstream-spec §7.3): offline tokens come from the *unpadded* 16 kHz audio and can differ by ±1
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from cosytune.audio.features import whisper_log_mel
+from cosytune.audio.io import load_wav
 from cosytune.data.frontend_common import (
     ResumableExtraction,
-    load_audio,
     model_fingerprint,
     read_kaldi_dir,
 )
@@ -73,7 +73,7 @@ def compute_tokenizer_feature(wav16k: torch.Tensor) -> np.ndarray:
 
 
 def _prepare(path: Path) -> tuple[np.ndarray | None, float]:
-    wav = load_audio(path, SAMPLE_RATE)
+    wav = load_wav(path, SAMPLE_RATE)
     dur = wav.shape[0] / SAMPLE_RATE
     if dur > MAX_SECONDS:
         return None, dur  # do not spend time on features that will be rejected
@@ -113,7 +113,7 @@ def extract_speech_tokens(
         DataError: a missing/malformed ``wav.scp``, or no utterance could be tokenised.
         ModelDirError: the ONNX model is missing or unreadable.
     """
-    from cosytune.models.onnx_models import SpeechTokenizer
+    from cosytune.modeldir.onnx_models import SpeechTokenizer
 
     t0 = time.perf_counter()
     kd = read_kaldi_dir(data_dir, need=("wav.scp",))

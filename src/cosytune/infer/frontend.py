@@ -195,7 +195,7 @@ class PromptFrontend:
 
     def _models(self) -> tuple[Any, Any]:
         if self._campplus is None:
-            from cosytune.models.onnx_models import CampPlus, SpeechTokenizer
+            from cosytune.modeldir.onnx_models import CampPlus, SpeechTokenizer
 
             self._campplus = CampPlus(self.campplus_path, device="cpu")
             self._tokenizer = SpeechTokenizer(self.speech_tokenizer_path, device=self.device)
@@ -207,15 +207,15 @@ class PromptFrontend:
         Raises:
             DataError: missing/unreadable file, rate below 16 kHz, silence-only, too short or too long.
         """
-        from cosytune.data.frontend_common import load_audio
+        from cosytune.audio.io import load_wav
 
         p = Path(path)
         if not p.is_file():
             raise DataError(f"prompt wav {p} does not exist; pass --prompt_wav with the path of a 3-10 s clip of "
                             "the voice (wav, mp3, flac, ...)")
         try:
-            wav16 = load_audio(p, TOKENIZER_SAMPLE_RATE)
-            wav24 = load_audio(p, MEL_SAMPLE_RATE)
+            wav16 = load_wav(p, TOKENIZER_SAMPLE_RATE)
+            wav24 = load_wav(p, MEL_SAMPLE_RATE)
         except DataError as e:
             raise DataError(f"cannot use prompt wav {p}: {e}. Expected a readable audio file of at least "
                             "16 kHz; convert it with 'cosytune prepare-audio' or pick another clip") from e
@@ -265,7 +265,7 @@ def zero_shot_entry_from_dir(model_dir: str | os.PathLike, prompt_wav: str | os.
     Raises:
         DataError: missing ``<|endofprompt|>``, unusable wav. ModelDirError: missing model files.
     """
-    from cosytune.models.model_dir import ModelDir
+    from cosytune.modeldir.model_dir import ModelDir
 
     if "<|endofprompt|>" not in prompt_text:
         raise DataError(f"--prompt_text {prompt_text[:60]!r} lacks <|endofprompt|>; CosyVoice 3 needs it, e.g. "

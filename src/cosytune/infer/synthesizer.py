@@ -421,7 +421,7 @@ class Synthesizer:
             CheckpointError: weights that do not match the networks (keys named).
         """
         from cosytune.fileio import sha256_file
-        from cosytune.models.model_dir import ModelDir
+        from cosytune.modeldir.model_dir import ModelDir
 
         dev = _resolve_device(device)
         md = ModelDir.open(model_dir)

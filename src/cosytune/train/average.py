@@ -16,7 +16,7 @@ import torch
 
 from cosytune.errors import CheckpointError, DataError
 from cosytune.fileio import atomic_path, write_json
-from cosytune.train.checkpoint import CheckpointRef, list_checkpoints, strip_training_keys
+from cosytune.train.checkpoint import CheckpointRef, list_checkpoints, read_checkpoint_weights
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +56,7 @@ def average_state_dicts(paths: list[Path]) -> dict[str, torch.Tensor]:
     dtypes: dict[str, torch.dtype] = {}
     first = None
     for p in paths:
-        try:
-            sd = strip_training_keys(torch.load(p, map_location="cpu", weights_only=True))
-        except Exception as e:  # boundary: unreadable file → clear error
-            raise CheckpointError(f"cannot read checkpoint {p}: {e}") from e
+        sd = read_checkpoint_weights(p)
         if acc is None:
             acc = {k: v.float().clone() for k, v in sd.items()}
             dtypes = {k: v.dtype for k, v in sd.items()}

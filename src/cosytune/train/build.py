@@ -44,8 +44,8 @@ def find_base_model_dir(base_model_dir: Path | None, onnx_path: Path | None, che
 
 def build_model(kind: str, base_model_dir: Path, checkpoint: Path | None, from_scratch: bool = False) -> nn.Module:
     """The ``kind`` network with its initial weights loaded strictly."""
-    from cosytune.models.builders import build_network
-    from cosytune.models.model_dir import ModelDir
+    from cosytune.modeldir.builders import build_network
+    from cosytune.modeldir.model_dir import ModelDir
     from cosytune.weights.io import load_weights
 
     md = ModelDir.open(base_model_dir)
@@ -81,8 +81,8 @@ def online_extractors(base_model_dir: Path, onnx_device: str = "auto"):
     """(token_extractor, embedding_extractor) running the base dir's ONNX models on 16 kHz audio."""
     from cosytune.data.embedding import compute_campplus_feature
     from cosytune.data.speech_token import compute_tokenizer_feature
-    from cosytune.models.model_dir import ModelDir
-    from cosytune.models.onnx_models import CampPlus, SpeechTokenizer
+    from cosytune.modeldir.model_dir import ModelDir
+    from cosytune.modeldir.onnx_models import CampPlus, SpeechTokenizer
 
     md = ModelDir(base_model_dir)
     state: dict = {}

@@ -54,9 +54,15 @@ class CheckpointRef:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+    """Every RNG state of this process in a form ``torch.load(weights_only=True)`` reads back:
+    tensors, ints, floats, strings and plain containers only (no numpy arrays, no tuples of objects)."""
+    version, mt, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64),
+                   "gauss_next": None if gauss is None else float(gauss)},
+        "numpy": {"name": str(np_name), "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -65,11 +71,38 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what :func:`rng_state` captured."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss_next"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+#: The entries of a ``NAME.state.pt`` resume file.
+RESUME_STATE_KEYS = ("optimizer", "scheduler", "scaler", "train_state", "rng")
+
+
+def load_resume_state(path: Path) -> dict[str, Any]:
+    """Read a ``NAME.state.pt`` safely (``weights_only=True``: tensors, numbers, strings, plain containers).
+
+    A file that needs anything else — a crafted pickle that would run code, or a state file written by
+    cosytune before 0.2, which kept numpy RNG arrays — is refused with a :class:`CheckpointError`.
+    """
+    from cosytune.errors import CheckpointError
+    from cosytune.weights.io import torch_load_safely
+
+    st = torch_load_safely(path, CheckpointError, what="resume state")
+    missing = [k for k in RESUME_STATE_KEYS if not isinstance(st, dict) or k not in st]
+    if missing:
+        raise CheckpointError(
+            f"{path}: expected a resume state with entries {list(RESUME_STATE_KEYS)}; missing {missing}. "
+            "Delete it to restart from the weights, or resume from another checkpoint"
+        )
+    return st
 
 
 def save_checkpoint(
@@ -134,9 +167,11 @@ def latest_checkpoint(run_dir: Path) -> CheckpointRef | None:
     return cks[-1] if cks else None
 
 
-def strip_training_keys(sd: dict) -> dict[str, torch.Tensor]:
-    """Drop upstream's int ``epoch``/``step`` entries so the dict loads strictly into a model."""
-    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+def read_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model tensors of a checkpoint file (its ``epoch``/``step`` entries dropped), read safely."""
+    from cosytune.weights.io import read_state_dict
+
+    return read_state_dict(path)[0]
 
 
 def prune_checkpoints(run_dir: Path, keep_best: int, protect: set[str]) -> list[str]:

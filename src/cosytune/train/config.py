@@ -135,7 +135,7 @@ _UPSTREAM_TRAIN_CONF = {
 
 def _from_upstream_recipe(path: Path) -> dict:
     """Read ``train_conf`` values from an upstream HyperPyYAML recipe without executing it."""
-    from cosytune.models.upstream_yaml import load_upstream_yaml
+    from cosytune.modeldir.upstream_yaml import load_upstream_yaml
 
     doc = load_upstream_yaml(path)
     tc = doc.get("train_conf") or {}

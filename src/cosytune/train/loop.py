@@ -226,11 +226,10 @@ def train(
             raise CheckpointError(f"cannot resume from {p}: no complete checkpoint (.pt + .yaml + .state.pt) there")
         ref = refs[0]
     if ref is not None:
-        from cosytune.train.checkpoint import strip_training_keys
+        from cosytune.train.checkpoint import load_resume_state, read_checkpoint_weights
 
-        sd = strip_training_keys(torch.load(ref.path, map_location="cpu", weights_only=True))
-        raw_model.load_state_dict(sd, strict=True)
-        st = torch.load(ref.state_path, map_location="cpu", weights_only=False)
+        raw_model.load_state_dict(read_checkpoint_weights(ref.path), strict=True)
+        st = load_resume_state(ref.state_path)
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         if st.get("scaler"):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -58,6 +59,54 @@ def _list(keys: Iterable[str]) -> str:
     return shown + (f", … ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
 
 
+def _unsafe_global(err: BaseException) -> str:
+    """The offending global named in torch's weights-only error, without its advice to unpickle anyway."""
+    text = str(err)
+    m = re.search(r"(Unsupported global: GLOBAL [^\s]+|Unsupported operand \d+|Unsupported class [^\s]+)", text)
+    if m:
+        return m.group(1)
+    first = text.splitlines()[0] if text else type(err).__name__
+    return first.split(" This file can still be loaded")[0].split(" Re-running `torch.load`")[0]
+
+
+def torch_load_safely(path: str | os.PathLike, error: type[Exception] = CheckpointError, *, mmap: bool = False,
+                      what: str = "file") -> Any:
+    """``torch.load(weights_only=True)`` of any file cosytune reads, with one clear message per failure.
+
+    This is the only place cosytune calls ``torch.load``. A file whose pickle needs anything beyond
+    tensors, numbers, strings and plain containers (a crafted file that would run code, or an object
+    saved by another tool) is refused before any of it runs; a truncated or corrupt file gets a
+    message that names it and what to do.
+
+    Args:
+        path: the file.
+        error: the exception type to raise (:class:`CheckpointError` for weights, ``DataError`` for
+            data tables, ...).
+        mmap: memory-map the tensors (zip-format files only).
+        what: what the file is, for the message ("resume state", "speaker table", ...).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    if path.stat().st_size == 0:
+        raise error(f"{path}: the {what} is empty (an interrupted copy or save?); write or copy it again")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise error(
+            f"{path}: refusing to load this {what}: it contains Python objects other than tensors, numbers and "
+            f"plain containers ({_unsafe_global(e)}), and cosytune never unpickles arbitrary objects, because "
+            "a crafted file can run code when unpickled. Use a file written by cosytune or upstream CosyVoice, or "
+            "re-save it as a plain dict of tensors."
+        ) from e
+    except Exception as e:
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise error(
+            f"{path}: not a readable torch {what} ({type(e).__name__}: {detail}); it may be truncated or "
+            "corrupted: write or copy it again"
+        ) from e
+
+
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a weight file safely and split it into tensors and training metadata.
 
@@ -89,20 +138,8 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             return dict(load_file(str(path))), {}
         except Exception as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
-    try:
-        # mmap keeps large files (llm.pt ~2 GB) out of RAM until a tensor is touched; it needs the zip format.
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refusing to load: the file contains Python objects other than tensors and numbers, and "
-            f"cosytune never unpickles arbitrary objects ({str(e).splitlines()[0]}). Re-save it as a plain "
-            "state dict ({name: tensor})."
-        ) from e
-    except Exception as e:
-        raise CheckpointError(
-            f"{path}: not a readable torch weight file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "it may be truncated or corrupted: copy it again"
-        ) from e
+    # mmap keeps large files (llm.pt ~2 GB) out of RAM until a tensor is touched; it needs the zip format.
+    obj = torch_load_safely(path, mmap=zipfile.is_zipfile(path))
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found a {type(obj).__name__}")
     tensors: dict[str, torch.Tensor] = {}

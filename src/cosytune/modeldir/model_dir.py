@@ -32,7 +32,8 @@ from typing import Any, Literal
 import torch
 
 from cosytune.errors import CheckpointError, ConfigError, ModelDirError
-from cosytune.models.upstream_yaml import CosyVoice3Hparams, parse_cosyvoice3_yaml
+from cosytune.modeldir.upstream_yaml import CosyVoice3Hparams, parse_cosyvoice3_yaml
+from cosytune.weights.io import torch_load_safely
 
 logger = logging.getLogger(__name__)
 
@@ -311,11 +312,9 @@ class ModelDir:
             return FileStatus(SPK2INFO_NAME, "absent", "optional speaker table (none: zero-shot prompts only)",
                               required=False)
         try:
-            table = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - boundary: unreadable or unsafe pickle
-            return FileStatus(SPK2INFO_NAME, "malformed", f"cannot be read safely ({type(e).__name__}: "
-                                                          f"{str(e).splitlines()[0] if str(e) else ''})",
-                              required=False)
+            table = torch_load_safely(path, ModelDirError, what="speaker table")
+        except ModelDirError as e:
+            return FileStatus(SPK2INFO_NAME, "malformed", str(e), required=False)
         if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
             return FileStatus(SPK2INFO_NAME, "malformed", "expected {speaker_id: {field: tensor}}", required=False)
         return FileStatus(SPK2INFO_NAME, "ok", f"{len(table)} speaker(s): {', '.join(sorted(map(str, table))[:5])}",
@@ -329,7 +328,7 @@ class ModelDir:
             kind: ``llm``, ``flow`` or ``hift``.
             device: where to allocate parameters.
         """
-        from cosytune.models.builders import build_network
+        from cosytune.modeldir.builders import build_network
 
         return build_network(kind, self.hparams, self.qwen2_config if kind == "llm" else None, device=device)
 
@@ -390,8 +389,9 @@ class ModelDir:
         if status.status == "absent":
             return {}
         if status.status != "ok":
-            raise ModelDirError(f"{self.spk2info_path}: {status.detail}")
-        return torch.load(str(self.spk2info_path), map_location="cpu", weights_only=True)
+            raise ModelDirError(status.detail if status.detail.startswith(str(self.spk2info_path))
+                                else f"{self.spk2info_path}: {status.detail}")
+        return torch_load_safely(self.spk2info_path, ModelDirError, what="speaker table")
 
 
 def expected_shapes(model_dir: ModelDir, kind: str) -> dict[str, tuple[int, ...]]:

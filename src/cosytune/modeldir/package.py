@@ -20,6 +20,7 @@ import torch
 
 from cosytune.errors import CheckpointError, DataError, ModelDirError
 from cosytune.fileio import atomic_path, read_jsonl, sha256_file, write_json
+from cosytune.weights.io import read_state_dict, torch_load_safely
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +60,7 @@ def link_or_copy(src: Path, dst: Path) -> str:
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; pass the averaged or epoch checkpoint you want to use")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # boundary: report unreadable files clearly
-        raise CheckpointError(f"cannot read {path} as a PyTorch state dict: {e}") from e
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path} holds a {type(sd).__name__}, expected a state dict")
-    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return read_state_dict(path)[0]
 
 
 def check_same_layout(tuned: dict[str, torch.Tensor], base: dict[str, torch.Tensor], what: str) -> None:
@@ -108,14 +103,21 @@ def spk2info_from_embeddings(spk2embedding: dict, spk_ids: list[str] | None = No
 def load_spk2embedding(path: Path) -> dict:
     if not Path(path).is_file():
         raise DataError(f"{path} does not exist; run cosytune extract-embedding on the training dir first")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    table = torch_load_safely(path, DataError, what="speaker embedding table")
+    if not isinstance(table, dict):
+        raise DataError(f"{path}: expected a dict {{speaker: embedding}}, found a {type(table).__name__}; "
+                        "re-run cosytune extract-embedding")
+    return table
 
 
 def save_spk2info(path: Path, entries: dict[str, dict], merge: bool = True) -> dict[str, dict]:
     """Write (or update) spk2info.pt atomically; existing speakers not in ``entries`` are kept."""
     table: dict[str, dict] = {}
     if merge and path.exists():
-        table = torch.load(path, map_location="cpu", weights_only=True)
+        table = torch_load_safely(path, DataError, what="speaker table (spk2info.pt)")
+        if not isinstance(table, dict):
+            raise DataError(f"{path}: expected a dict {{speaker: {{field: tensor}}}}, found a {type(table).__name__}; "
+                            "delete it or pass a fresh --out_spk2info_pt")
     table.update(entries)
     with atomic_path(path) as tmp:
         torch.save(table, tmp)

@@ -1,6 +1,6 @@
 """Build our networks from the typed contents of ``cosyvoice3.yaml`` (+ BlankEN ``config.json``).
 
-This is the single place where upstream's constructor arguments (:mod:`cosytune.models.upstream_yaml`)
+This is the single place where upstream's constructor arguments (:mod:`cosytune.modeldir.upstream_yaml`)
 become our model configs (``LLMConfig``, ``FlowConfig``, ``HiFTConfig``). Networks are built on the
 requested device; ``device="meta"`` allocates nothing (used to read key/shape inventories).
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from cosytune.models.upstream_yaml import CosyVoice3Hparams
+from cosytune.modeldir.upstream_yaml import CosyVoice3Hparams
 
 
 def llm_config(hp: CosyVoice3Hparams, qwen2: Any) -> Any:

@@ -34,7 +34,7 @@ import torch
 from cosytune import __version__
 from cosytune.errors import UsageError
 from cosytune.fileio import sha256_file, write_json, write_text
-from cosytune.models.upstream_yaml import (
+from cosytune.modeldir.upstream_yaml import (
     CosyVoice3Hparams,
     DiTHparams,
     FlowHparams,
@@ -87,7 +87,7 @@ def preset_qwen2_config(preset: str):
 
 def _init_networks(hp: CosyVoice3Hparams, qwen2, seed: int) -> dict[str, torch.nn.Module]:
     """Build the three networks with seeded random weights (the global RNG is left untouched)."""
-    from cosytune.models.builders import build_network
+    from cosytune.modeldir.builders import build_network
 
     nets: dict[str, torch.nn.Module] = {}
     # fork_rng: module constructors draw from the global generator; the caller's RNG state survives.
@@ -155,7 +155,7 @@ def write_model_dir(
     Raises:
         UsageError: unknown preset, or ``out`` exists and is not empty without ``overwrite``.
     """
-    from cosytune.models.onnx_tiny import build_tiny_campplus, build_tiny_speech_tokenizer
+    from cosytune.modeldir.onnx_tiny import build_tiny_campplus, build_tiny_speech_tokenizer
     from cosytune.weights.io import save_weights
 
     out = Path(out)

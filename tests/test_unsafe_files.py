@@ -1,0 +1,206 @@
+"""No file cosytune reads can run code: a crafted pickle is refused by every loader, with a clear
+message and without the payload ever running.
+
+Each file kind the tool reads is covered through the function the commands call (weights, averaged
+and epoch checkpoints, resume state, spk2info, spk2embedding, utt2embedding / utt2speech_token), and
+the commands users type (``assemble``, ``average``, ``spk2info``, ``make-parquet``, ``infer``) are run
+on such files too. The resume state through ``cosytune train --resume`` is in ``test_train.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from cosytune.cli.main import main
+from cosytune.errors import CheckpointError
+
+
+class _Payload:
+    """Unpickling this calls ``os.system``, which creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_evil(path: Path, marker: Path, wrap: str = "dict") -> Path:
+    """A torch file that runs ``touch marker`` when unpickled without ``weights_only``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = _Payload(marker)
+    obj = {"w": torch.zeros(2), "x": payload} if wrap == "dict" else payload
+    torch.save(obj, path)
+    return path
+
+
+@pytest.fixture
+def marker(tmp_path) -> Path:
+    m = tmp_path / "PWNED"
+    yield m
+    assert not m.exists(), "the crafted pickle's payload ran"
+
+
+def _assert_refused(err: BaseException, path: Path) -> None:
+    msg = str(err)
+    assert str(path) in msg and "refusing to load" in msg, msg
+    assert "weights_only=False" not in msg and "can still be loaded" not in msg, msg  # never torch's advice
+
+
+def test_the_payload_really_runs_when_unpickled(tmp_path):
+    """The test file is what it claims: loading it unsafely runs the command (so the tests below can fail)."""
+    m = tmp_path / "ran"
+    p = write_evil(tmp_path / "x.pt", m)
+    torch.load(p, weights_only=False)
+    assert m.exists()
+
+
+def test_weight_files_refused(tmp_path, marker):
+    from cosytune.weights.io import read_state_dict
+
+    p = write_evil(tmp_path / "llm.pt", marker)
+    with pytest.raises(CheckpointError) as e:
+        read_state_dict(p)
+    _assert_refused(e.value, p)
+
+
+def test_epoch_and_averaged_checkpoints_refused(tmp_path, marker):
+    from cosytune.train.average import average_state_dicts
+    from cosytune.train.checkpoint import read_checkpoint_weights
+
+    good = tmp_path / "epoch_0_whole.pt"
+    torch.save({"w": torch.zeros(2), "epoch": 0, "step": 1}, good)
+    evil = write_evil(tmp_path / "epoch_1_whole.pt", marker)
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint_weights(evil)
+    _assert_refused(e.value, evil)
+    with pytest.raises(CheckpointError) as e:
+        average_state_dicts([good, evil])
+    _assert_refused(e.value, evil)
+
+
+def test_resume_state_refused(tmp_path, marker):
+    from cosytune.train.checkpoint import load_resume_state
+
+    p = write_evil(tmp_path / "epoch_0_whole.state.pt", marker)
+    with pytest.raises(CheckpointError) as e:
+        load_resume_state(p)
+    _assert_refused(e.value, p)
+
+
+def test_resume_state_round_trips_with_weights_only(tmp_path):
+    """The resume state we write is made of tensors and plain values only, and restores every RNG."""
+    import random
+
+    import numpy as np
+
+    from cosytune.train.checkpoint import load_resume_state, rng_state, set_rng_state
+
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    random.random(), np.random.normal(), torch.rand(1)
+    st = {"optimizer": {}, "scheduler": {}, "scaler": None, "train_state": {"epoch": 1}, "rng": rng_state()}
+    expect = (random.random(), float(np.random.normal()), float(torch.rand(1)))
+    torch.save(st, tmp_path / "s.state.pt")
+    loaded = load_resume_state(tmp_path / "s.state.pt")  # weights_only=True inside
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    set_rng_state(loaded["rng"])
+    assert (random.random(), float(np.random.normal()), float(torch.rand(1))) == expect
+
+
+def test_old_numpy_resume_state_refused_clearly(tmp_path):
+    import numpy as np
+
+    from cosytune.train.checkpoint import load_resume_state
+
+    p = tmp_path / "old.state.pt"
+    torch.save({"optimizer": {}, "scheduler": {}, "scaler": None, "train_state": {},
+                "rng": {"numpy": np.random.get_state()}}, p)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_resume_state(p)
+
+
+def test_spk2info_refused(tmp_path, marker):
+    from cosytune.errors import DataError, ModelDirError
+    from cosytune.modeldir.model_dir import ModelDir
+    from cosytune.modeldir.package import save_spk2info
+
+    d = tmp_path / "model"
+    p = write_evil(d / "spk2info.pt", marker)
+    with pytest.raises(ModelDirError) as e:
+        ModelDir(d).load_spk2info()
+    _assert_refused(e.value, p)
+    with pytest.raises(DataError) as e:  # merging into an existing table reads it first
+        save_spk2info(p, {"a": {"embedding": torch.zeros(1, 4)}})
+    _assert_refused(e.value, p)
+
+
+def test_spk2embedding_and_feature_tables_refused(tmp_path, marker):
+    from cosytune.data.frontend_common import load_pt_map
+    from cosytune.errors import DataError
+    from cosytune.modeldir.package import load_spk2embedding
+
+    for name in ("spk2embedding.pt", "utt2embedding.pt", "utt2speech_token.pt"):
+        p = write_evil(tmp_path / name, marker)
+        loader = load_spk2embedding if name.startswith("spk") else load_pt_map
+        with pytest.raises(DataError) as e:
+            loader(p)
+        _assert_refused(e.value, p)
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    rc = main(argv)
+    cap = capsys.readouterr()
+    return rc, cap.out + cap.err
+
+
+def test_commands_refuse_crafted_files(tmp_path, marker, capsys):
+    """What a user sees: each command fails with the message (no traceback) and the payload never runs."""
+    evil_pt = write_evil(tmp_path / "evil" / "llm_avg.pt", marker)
+    evil_emb = write_evil(tmp_path / "evil" / "spk2embedding.pt", marker)
+    runs = [
+        ["spk2info", "--spk2embedding_pt", str(evil_emb), "--spk_id", "a", "--out_spk2info_pt",
+         str(tmp_path / "o" / "spk2info.pt")],
+        ["average", "--src_path", str(_run_dir_with_evil(tmp_path / "run", marker)), "--dst_model",
+         str(tmp_path / "avg.pt"), "--num", "2"],
+    ]
+    for argv in runs:
+        rc, out = _cli(argv, capsys)
+        assert rc != 0 and "refusing to load" in out and "Traceback" not in out, (argv, out)
+    assert not (tmp_path / "avg.pt").exists()
+    assert evil_pt.exists()
+
+
+def _run_dir_with_evil(run: Path, marker: Path) -> Path:
+    import yaml
+
+    run.mkdir(parents=True)
+    for e in (0, 1):
+        (run / f"epoch_{e}_whole.yaml").write_text(yaml.safe_dump({"epoch": e, "step": e + 1,
+                                                                    "loss_dict": {"loss": 1.0 - e / 10}}))
+        (run / f"epoch_{e}_whole.state.pt").write_bytes(b"")
+    torch.save({"w": torch.zeros(2), "epoch": 0, "step": 1}, run / "epoch_0_whole.pt")
+    write_evil(run / "epoch_1_whole.pt", marker)
+    return run
+
+
+@pytest.mark.slow
+def test_model_dir_commands_refuse_crafted_files(tmp_path, marker, capsys):
+    """``assemble`` with a crafted tuned file and ``infer`` on a model dir whose spk2info.pt is crafted."""
+    import logging
+
+    from cosytune.modeldir.presets import write_model_dir
+
+    logging.getLogger().handlers.clear()  # an earlier main() bound logging to a capture that is closed now
+    base = write_model_dir(tmp_path / "base", preset="tiny", seed=0)
+    evil = write_evil(tmp_path / "evil" / "llm_avg.pt", marker)
+    rc, out = _cli(["assemble", "--base_model_dir", str(base), "--out_model_dir", str(tmp_path / "m"),
+                    "--llm_pt", str(evil)], capsys)
+    assert rc != 0 and "refusing to load" in out and "Traceback" not in out, out
+    write_evil(base / "spk2info.pt", marker)
+    rc, out = _cli(["infer", "--model_dir", str(base), "--spk_id", "x", "--text", "hi", "--device", "cpu",
+                    "--out_wav", str(tmp_path / "o.wav")], capsys)
+    assert rc != 0 and "refusing to load" in out and "Traceback" not in out, out
