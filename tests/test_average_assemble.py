@@ -133,3 +133,26 @@ def test_spk2info_cli_merges_entries(tmp_path, capsys):
     assert sorted(table) == ["alice", "bob"] and torch.allclose(table["bob"]["embedding"], torch.full((1, 192), 0.25))
     assert main(["spk2info", "--spk2embedding_pt", str(spk), "--spk_id", "carol", "--out_spk2info_pt", str(out)]) == 1
     assert "available" in capsys.readouterr().err
+
+
+def test_average_keeps_tied_weights_tied(tmp_path):
+    """The LLM's text embedding and lm_head are one tensor in a checkpoint; the average keeps them one."""
+    from cosytune.train.average import average_state_dicts
+
+    paths = []
+    for i in range(3):
+        emb = torch.full((256, 64), float(i))
+        torch.save({"emb.weight": emb, "head.weight": emb, "b": torch.full((2,), float(i)), "epoch": i, "step": i},
+                   tmp_path / f"e{i}.pt")
+        paths.append(tmp_path / f"e{i}.pt")
+    avg = average_state_dicts(paths)
+    assert avg["emb.weight"] is avg["head.weight"] and torch.equal(avg["emb.weight"], torch.full((256, 64), 1.0))
+    torch.save(avg, tmp_path / "avg.pt")
+    torch.save({k: v.clone() for k, v in avg.items()}, tmp_path / "untied.pt")
+    assert (tmp_path / "avg.pt").stat().st_size < 0.6 * (tmp_path / "untied.pt").stat().st_size
+    # untied in one input: averaged separately, each key its own mean
+    torch.save({"emb.weight": torch.full((256, 64), 9.0), "head.weight": torch.zeros(256, 64), "b": torch.zeros(2)},
+               tmp_path / "u.pt")
+    avg = average_state_dicts([*paths, tmp_path / "u.pt"])
+    assert torch.equal(avg["emb.weight"], torch.full((256, 64), 12 / 4)) and torch.equal(avg["head.weight"],
+                                                                                       torch.full((256, 64), 3 / 4))

@@ -176,3 +176,21 @@ def test_resume_never_unpickles_code(sample_data, tiny_base, tmp_path, capsys):
         cap = capsys.readouterr()
         assert rc != 0 and "refusing to load this resume state" in cap.out + cap.err, cap.out + cap.err
         assert not marker.exists()
+
+
+def test_disk_use_is_bounded(sample_data, tiny_base, tmp_path, capsys):
+    """A 10-epoch run keeps the K best checkpoints plus the newest and a single resume state (the defaults),
+    and a temporary left by a killed save is cleaned up when training starts again."""
+    from cosytune.train.config import TrainConfig
+
+    k = TrainConfig().keep_best
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".epoch_3_whole.abcd.tmp.pt").write_bytes(b"half a save")
+    assert main(_train_argv("llm", sample_data, tiny_base, run, "max_epoch=10", "early_stop_patience=0",
+                            "tensorboard=false", "data.max_frames_in_batch=100000")) == 0
+    pts = [p for p in run.glob("epoch_*.pt") if not p.name.endswith(".state.pt")]
+    states = list(run.glob("*.state.pt"))
+    assert 0 < k and len(pts) <= k + 1, sorted(p.name for p in pts)
+    assert [p.name for p in states] == ["epoch_9_whole.state.pt"]
+    assert (run / "epoch_9_whole.pt").exists() and not list(run.glob(".*.tmp*"))

@@ -204,3 +204,20 @@ def test_model_dir_commands_refuse_crafted_files(tmp_path, marker, capsys):
     rc, out = _cli(["infer", "--model_dir", str(base), "--spk_id", "x", "--text", "hi", "--device", "cpu",
                     "--out_wav", str(tmp_path / "o.wav")], capsys)
     assert rc != 0 and "refusing to load" in out and "Traceback" not in out, out
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """Files we write are readable by others under umask 022 (mkstemp alone would make them 0600)."""
+    import stat
+
+    from cosytune.fileio import atomic_path, file_mode, write_text
+
+    write_text(tmp_path / "a.txt", "x")
+    with atomic_path(tmp_path / "b.wav") as tmp:
+        tmp.write_bytes(b"RIFF")
+    for name in ("a.txt", "b.wav"):
+        mode = stat.S_IMODE((tmp_path / name).stat().st_mode)
+        assert mode == file_mode(), oct(mode)
+    old = os.umask(0o022)
+    os.umask(old)
+    assert file_mode() == 0o666 & ~old

@@ -16,17 +16,39 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: The process umask, read once at import (reading it means setting it, which is not thread-safe).
+_UMASK = _read_umask()
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file: 0o666 less the umask (0o644 under 022)."""
+    return 0o666 & ~_UMASK
+
+
+def dir_mode() -> int:
+    """The mode ``mkdir`` would give a new folder: 0o777 less the umask."""
+    return 0o777 & ~_UMASK
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path``.
 
     The temporary name keeps the final suffix (so writers that infer the format from the
-    extension, like soundfile, still work). On error the temporary file is removed.
+    extension, like soundfile, still work). The file gets the mode the user's umask gives new
+    files (0644 under 022), not mkstemp's 0600. On error the temporary file is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix if suffix is None else suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:40]}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.fchmod(fd, file_mode())  # mkstemp makes it 0600; the result must be readable as any new file would be
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -33,7 +33,7 @@ import torch
 
 from cosytune import __version__
 from cosytune.errors import UsageError
-from cosytune.fileio import sha256_file, write_json, write_text
+from cosytune.fileio import dir_mode, sha256_file, write_json, write_text
 from cosytune.modeldir.upstream_yaml import (
     CosyVoice3Hparams,
     DiTHparams,
@@ -169,7 +169,7 @@ def write_model_dir(
     t0 = time.monotonic()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model dir is meant to be readable by others
+    os.chmod(tmp, dir_mode())  # mkdtemp makes it private; use the umask like mkdir
     try:
         write_text(tmp / "cosyvoice3.yaml", dump_cosyvoice3_yaml(
             hp, header=f"CosyVoice 3 model config written by cosytune {__version__} (preset {preset}, seed {seed}).\n"

@@ -33,7 +33,7 @@ def select_checkpoints(src_path: Path, num: int, val_best: bool) -> list[Checkpo
     src_path = Path(src_path)
     if not src_path.is_dir():
         raise DataError(f"--src_path {src_path} is not a directory; point it at a training run dir")
-    cks = list_checkpoints(src_path, complete_only=False)
+    cks = list_checkpoints(src_path)
     if not cks:
         raise DataError(
             f"no checkpoints (epoch_*.pt with a matching .yaml) in {src_path}; train first or check the path"
@@ -50,15 +50,33 @@ def select_checkpoints(src_path: Path, num: int, val_best: bool) -> list[Checkpo
     return chosen
 
 
+def _tied_groups(sd: dict[str, torch.Tensor]) -> set[tuple[str, ...]]:
+    """Groups of keys that are one tensor in the file (a tied embedding and lm_head are saved once)."""
+    groups: dict[tuple, list[str]] = {}
+    for k, v in sd.items():
+        view = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        groups.setdefault(view, []).append(k)
+    return {tuple(ks) for ks in groups.values() if len(ks) > 1}
+
+
 def average_state_dicts(paths: list[Path]) -> dict[str, torch.Tensor]:
-    """Element-wise mean in float32, cast back to each tensor's stored dtype."""
+    """Element-wise mean in float32, cast back to each tensor's stored dtype.
+
+    Keys that are one shared tensor in every input (the LLM's tied text embedding and ``lm_head``) stay one
+    tensor in the output, so the averaged file is no larger than its inputs and stays tied on loading.
+    """
     acc: dict[str, torch.Tensor] | None = None
     dtypes: dict[str, torch.dtype] = {}
+    tied: set[tuple[str, ...]] = set()
     first = None
     for p in paths:
         sd = read_checkpoint_weights(p)
         if acc is None:
-            acc = {k: v.float().clone() for k, v in sd.items()}
+            tied = _tied_groups(sd)
+            acc = {}
+            for k, v in sd.items():  # shared tensors are accumulated once
+                group = next((g for g in tied if k in g), (k,))
+                acc[k] = acc[group[0]] if group[0] in acc else v.float().clone()
             dtypes = {k: v.dtype for k, v in sd.items()}
             first = p
             continue
@@ -69,11 +87,25 @@ def average_state_dicts(paths: list[Path]) -> dict[str, torch.Tensor]:
                 f"{p} does not match {first}: missing keys {missing[:5]}, unexpected keys {extra[:5]}, "
                 f"different shapes {sorted(shapes)[:5]}; average only checkpoints of the same model"
             )
-        for k, v in sd.items():
-            acc[k] += v.float()
+        still = tied & _tied_groups(sd)  # tied only if tied in every input
+        for group in tied - still:  # untied here: each key accumulates on its own from now on
+            for k in group[1:]:
+                acc[k] = acc[k].clone()
+        tied = still
+        for k in {id(t): k for k, t in acc.items()}.values():
+            acc[k] += sd[k].float()
     assert acc is not None
     n = float(len(paths))
-    return {k: (v / n).to(dtypes[k]) for k, v in acc.items()}
+    out: dict[str, torch.Tensor] = {}
+    done: dict[int, torch.Tensor] = {}
+    for k, v in acc.items():
+        group = next((g for g in tied if k in g), None)
+        mean = done.get(id(v)) if group is not None else None
+        if mean is None:
+            mean = (v / n).to(dtypes[k])
+            done[id(v)] = mean
+        out[k] = mean
+    return out
 
 
 def average_checkpoints(src_path: Path, dst_model: Path, num: int = 5, val_best: bool = True) -> AverageResult:

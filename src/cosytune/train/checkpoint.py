@@ -7,9 +7,12 @@ For a checkpoint named ``NAME`` (``epoch_{E}_whole`` or ``epoch_{E}_step_{S}``) 
 * ``NAME.yaml``: upstream's info dict — ``epoch``, ``step``, ``tag``, ``lr``, ``grad_norm``,
   ``loss_dict`` (the CV averages) and ``save_time`` — read by ``cosytune average --val_best``;
 * ``NAME.state.pt``: ours — optimiser, scheduler, grad scaler, every RNG state and the position in
-  the epoch. It is written last, so its presence marks the checkpoint complete.
+  the epoch (about twice the size of the weights). Only the newest checkpoint keeps one: it is all an
+  exact resume needs.
 
-Every file is written atomically; an interrupted save leaves no file that looks finished.
+The yaml is written last, so a ``.pt`` + ``.yaml`` pair marks a complete checkpoint. Every file is
+written atomically; an interrupted save leaves no file that looks finished (and the temporaries a
+killed save leaves behind are removed by :func:`remove_stale_temps` when training starts again).
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ def save_checkpoint(
     info: dict,
     train_state: dict[str, Any],
 ) -> CheckpointRef:
-    """Write ``NAME.pt``, ``NAME.yaml`` and ``NAME.state.pt`` atomically (state last)."""
+    """Write ``NAME.pt``, ``NAME.state.pt`` and ``NAME.yaml`` atomically (the yaml last: it marks completion)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     pt = run_dir / f"{name}.pt"
     sd = {k: v.detach().cpu() for k, v in model_state.items()}
@@ -120,10 +123,10 @@ def save_checkpoint(
     sd["step"] = int(info["step"])
     with atomic_path(pt) as tmp:
         torch.save(sd, tmp)
-    info = {**info, "tag": info.get("tag", "CV"), "save_time": time.strftime("%d/%m/%Y %H:%M:%S")}
-    write_text(run_dir / f"{name}.yaml", yaml.safe_dump(_plain(info), sort_keys=True, allow_unicode=True))
     with atomic_path(pt.with_suffix(".state.pt")) as tmp:
         torch.save(train_state, tmp)
+    info = {**info, "tag": info.get("tag", "CV"), "save_time": time.strftime("%d/%m/%Y %H:%M:%S")}
+    write_text(run_dir / f"{name}.yaml", yaml.safe_dump(_plain(info), sort_keys=True, allow_unicode=True))
     return CheckpointRef(name, int(info["epoch"]), int(info["step"]), pt, info)
 
 
@@ -141,8 +144,9 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def list_checkpoints(run_dir: Path, complete_only: bool = True) -> list[CheckpointRef]:
-    """Checkpoints in ``run_dir`` ordered by (step, epoch); with ``complete_only`` only those with state."""
+def list_checkpoints(run_dir: Path, with_state: bool = False) -> list[CheckpointRef]:
+    """Complete checkpoints (``.pt`` + ``.yaml``) in ``run_dir`` ordered by (step, epoch); with
+    ``with_state`` only those that also have the resume state."""
     out = []
     for pt in Path(run_dir).glob("epoch_*.pt"):
         if pt.name.endswith(".state.pt"):
@@ -151,7 +155,7 @@ def list_checkpoints(run_dir: Path, complete_only: bool = True) -> list[Checkpoi
         y = pt.with_suffix(".yaml")
         if not m or not y.exists():
             continue
-        if complete_only and not pt.with_suffix(".state.pt").exists():
+        if with_state and not pt.with_suffix(".state.pt").exists():
             continue
         try:
             info = yaml.safe_load(y.read_text(encoding="utf-8")) or {}
@@ -163,7 +167,8 @@ def list_checkpoints(run_dir: Path, complete_only: bool = True) -> list[Checkpoi
 
 
 def latest_checkpoint(run_dir: Path) -> CheckpointRef | None:
-    cks = list_checkpoints(run_dir)
+    """The newest checkpoint a run can resume from (it has a resume state)."""
+    cks = list_checkpoints(run_dir, with_state=True)
     return cks[-1] if cks else None
 
 
@@ -175,16 +180,45 @@ def read_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def prune_checkpoints(run_dir: Path, keep_best: int, protect: set[str]) -> list[str]:
-    """Delete all but the ``keep_best`` checkpoints with the lowest CV loss (never those in ``protect``)."""
+    """Keep the disk use of a run bounded.
+
+    * Only the newest checkpoint keeps its resume state (``.state.pt``): resuming needs no other.
+    * With ``keep_best`` > 0, only the ``keep_best`` checkpoints with the lowest CV loss stay, plus those
+      in ``protect`` (the newest and the best); the others are deleted with their yaml. 0 keeps all.
+
+    Returns the names of the checkpoints deleted.
+    """
+    cks = list_checkpoints(run_dir)
+    if cks:
+        newest = cks[-1].name
+        for c in cks:
+            if c.name != newest:
+                c.state_path.unlink(missing_ok=True)
     if keep_best <= 0:
         return []
-    cks = [c for c in list_checkpoints(run_dir) if c.cv_loss is not None]
-    ranked = sorted(cks, key=lambda c: c.cv_loss)
+    ranked = sorted((c for c in cks if c.cv_loss is not None), key=lambda c: c.cv_loss)
     removed = []
     for c in ranked[keep_best:]:
         if c.name in protect:
             continue
-        for p in (c.path, c.path.with_suffix(".yaml"), c.state_path):
+        for p in (c.path.with_suffix(".yaml"), c.path, c.state_path):  # the yaml first: no half-deleted look
             p.unlink(missing_ok=True)
         removed.append(c.name)
     return removed
+
+
+def remove_stale_temps(run_dir: Path) -> list[str]:
+    """Delete the temporaries a killed save left behind (``.NAME.*.tmp.pt`` and the like)."""
+    removed = []
+    for p in Path(run_dir).glob(".*.tmp*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    if removed:
+        logger.info("removed %d temporary file(s) left by an interrupted save: %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def run_disk_bytes(run_dir: Path) -> int:
+    """Bytes held by the files of a run dir (checkpoints, states, TensorBoard logs)."""
+    return sum(p.stat().st_size for p in Path(run_dir).rglob("*") if p.is_file())

@@ -90,8 +90,9 @@ class TrainConfig:
     log_interval: int = 10
     save_per_step: int = -1
     """Also checkpoint (after a CV pass) every N optimiser steps; -1: only at epoch ends."""
-    keep_best: int = 0
-    """Keep only the K checkpoints with the lowest CV loss (0: keep all)."""
+    keep_best: int = 5
+    """Keep only the K checkpoints with the lowest CV loss, plus the newest (0: keep all). 5 matches
+    ``cosytune average --num 5 --val_best``. Only the newest checkpoint keeps its resume state."""
     early_stop_patience: int = 5
     """Stop when the CV loss has not improved for this many epochs (0: never)."""
     early_stop_min_delta: float = 0.0

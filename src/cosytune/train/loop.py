@@ -32,7 +32,9 @@ from cosytune.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     prune_checkpoints,
+    remove_stale_temps,
     rng_state,
+    run_disk_bytes,
     save_checkpoint,
     set_rng_state,
 )
@@ -86,6 +88,8 @@ class TrainResult:
     state: TrainState
     checkpoints: list[CheckpointRef]
     seconds: float
+    disk_bytes: int = 0
+    """What the run dir holds on disk at the end (checkpoints, one resume state, logs)."""
 
 
 def resolve_amp(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
@@ -214,16 +218,21 @@ def train(
 
     _random.seed(cfg.seed)
 
+    if dist.is_main and Path(run_dir).is_dir():
+        remove_stale_temps(run_dir)
     ref: CheckpointRef | None = None
     if resume == "auto":
         ref = latest_checkpoint(run_dir)
     elif resume:
         p = Path(resume)
-        refs = [c for c in list_checkpoints(p.parent) if c.path == p or c.name == p.stem]
+        refs = [c for c in list_checkpoints(p.parent, with_state=True) if c.path == p or c.name == p.stem]
         if not refs:
             from cosytune.errors import CheckpointError
 
-            raise CheckpointError(f"cannot resume from {p}: no complete checkpoint (.pt + .yaml + .state.pt) there")
+            raise CheckpointError(
+                f"cannot resume from {p}: expected a checkpoint .pt with its .yaml and resume state (.state.pt); "
+                "only the newest checkpoint of a run keeps a resume state. Use --resume auto, or start a new run "
+                f"from these weights with --checkpoint {p}")
         ref = refs[0]
     if ref is not None:
         from cosytune.train.checkpoint import load_resume_state, read_checkpoint_weights
@@ -394,4 +403,4 @@ def train(
             prune_checkpoints(run_dir, cfg.keep_best, protect={name, state.best_name})
     if writer is not None:
         writer.close()
-    return TrainResult(run_dir, state, list_checkpoints(run_dir), time.time() - t_start)
+    return TrainResult(run_dir, state, list_checkpoints(run_dir), time.time() - t_start, run_disk_bytes(run_dir))
