@@ -54,6 +54,7 @@ EXPECTED = {
     "notes.bin": "not_audio",
     "empty.mp3": "zero_length",
     "blip.wav": "too_short",
+    "loud click.wav": "too_short",  # 0.1 s at -6 dBFS: short, not "very quiet"
     "quiet_end.wav": "ok-untrimmed",
 }
 
@@ -65,6 +66,7 @@ def _build_edge_cases(root: Path, sample_dir: Path) -> None:
     rng = np.random.default_rng(0)
     write_sf(root / "silence.wav", (rng.standard_normal(3 * sr) * 10 ** (-70 / 20)).astype(np.float32), sr)
     write_sf(root / "tone.wav", tone(2.0, sr, 440.0, 0.3), sr)
+    write_sf(root / "loud click.wav", tone(0.1, sr, 440.0, 0.5), sr)
     write_sf(root / "clipped.wav", np.clip(tone(2.0, sr, 200.0, 4.0), -1, 1), sr)
     # Speech driven 5x into the rails, then AAC-encoded (lossy smears the flat tops).
     write_av(root / "clipped speech.m4a", np.clip(5 * speech / np.abs(speech).max(), -1, 1), sr, "aac")
@@ -128,8 +130,8 @@ def test_edge_cases_every_input_accounted_for(edge_run):
             assert all(r["stage"] == "prepare-audio" and r["detail"] for r in rejected[src])
     assert set(kept) | {Path(i).relative_to(root).as_posix() for i in rejected} == set(EXPECTED)
     assert summary.reject_counts == {
-        "heavy_clipping": 2,
-        **{k: 1 for k in ("all_silence", "unreadable", "not_audio", "zero_length", "too_short")},
+        "heavy_clipping": 2, "too_short": 2,
+        **{k: 1 for k in ("all_silence", "unreadable", "not_audio", "zero_length")},
     }
     assert summary.num_outputs == len(rows)
 

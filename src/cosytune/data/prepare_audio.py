@@ -386,6 +386,15 @@ def _process_decoded(task: _Task, decoded: MonoAudio, res: _Result) -> None:
             cfg.overtrim_min_s,
         )
 
+    if n < cfg.min_duration_s * sr:  # judged before silence: a brief loud click is short, not "very quiet"
+        res.rejects.append(
+            {
+                "input": task.source,
+                "reason": "too_short",
+                "detail": f"the whole clip is {n / sr:.3f} s < min_duration_s {cfg.min_duration_s}",
+            }
+        )
+        return
     whole = trim(mono)
     if not whole.found_sound:
         res.rejects.append(

@@ -238,9 +238,14 @@ class SFTDataset(BatchSource):
             kept.append(it)
         self.items = kept
         if not self.items:
-            raise DataError(f"{data_list}: every utterance was filtered out ({dict(self.drops)}); check the data")
-        logger.info("%s: %d utterances kept, dropped %s, %s", data_list, len(self.items), dict(self.drops) or "none",
-                    dict(self.stats) or "")
+            raise DataError(f"{data_list}: every utterance was filtered out ("
+                            + ", ".join(f"{k}: {v}" for k, v in sorted(self.drops.items()))
+                            + "); check the data")
+        def listing(counts: dict) -> str:
+            return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+        logger.info("%s: %d utterances kept, dropped %s%s", data_list, len(self.items),
+                    listing(self.drops) or "none", f" ({listing(self.stats)})" if self.stats else "")
 
     def __len__(self) -> int:
         return len(self.items)
