@@ -98,8 +98,9 @@ def test_assemble_links_base_and_writes_tuned(tmp_path):
     out = tmp_path / "model"
     res = assemble(base, out, llm, spk2embedding_pt=spk, spk_ids=["alice"])
     assert res.written == ["llm.pt", "spk2info.pt"]
-    assert (out / "hift.pt").samefile(base / "hift.pt")  # linked, not duplicated
-    assert (out / "flow.pt").samefile(base / "flow.pt")
+    for name in ("hift.pt", "flow.pt"):  # linked or cloned, not duplicated
+        assert (out / name).read_bytes() == (base / name).read_bytes()
+        assert (res.linked[name] == "hardlink") == (out / name).samefile(base / name), res.linked
     assert not (out / "llm.pt").samefile(base / "llm.pt")
     sd = torch.load(out / "llm.pt", weights_only=True)
     assert set(sd) == {"w", "v"} and torch.equal(sd["w"], torch.ones(4, 4))
@@ -110,6 +111,29 @@ def test_assemble_links_base_and_writes_tuned(tmp_path):
         assemble(base, out, llm)
     assemble(base, out, llm, flow_pt=base / "flow.pt", overwrite=True)
     assert not (out / "flow.pt").samefile(base / "flow.pt")
+
+
+def test_shared_files_are_named_by_assemble_and_doctor(tmp_path, capsys):
+    """Hard links share the base model's files: assemble's summary and doctor say so (a `cp` onto one would
+    rewrite the base model's file); a reflinked or copied dir has nothing to report."""
+    from cosytune.modeldir.package import shared_files
+
+    base = _base_dir(tmp_path)
+    llm = tmp_path / "llm_avg.pt"
+    torch.save({"w": torch.ones(4, 4), "v": torch.ones(4)}, llm)
+    out = tmp_path / "model"
+    assert main(["assemble", "--base_model_dir", str(base), "--out_model_dir", str(out), "--llm_pt", str(llm)]) == 0
+    summary = capsys.readouterr().out
+    methods = set(__import__("json").loads((out / "cosytune_manifest.json").read_text())["linked"].values())
+    if "hardlink" in methods:
+        assert "hift.pt" in shared_files(out) and "llm.pt" not in shared_files(out)
+        assert "change the base model too" in summary
+        (out / "CosyVoice-BlankEN" / "config.json").unlink()  # the fake base's random bytes are no json
+        (out / "CosyVoice-BlankEN" / "config.json").write_text("{}")
+        main(["doctor", "--model_dir", str(out), "--quick"])
+        assert "shared files" in capsys.readouterr().out
+    else:
+        assert "warning" not in summary and not shared_files(out)
 
 
 def test_assemble_refuses_mismatched_weights(tmp_path):

@@ -41,5 +41,9 @@ def run(args: argparse.Namespace) -> int:
         ("flow", "tuned" if "flow.pt" in res.written else "base (linked)"),
         ("linked from base", ", ".join(f"{n} {m}" for m, n in methods.items())),
         ("speakers in spk2info.pt", ", ".join(res.speakers) or "(none written)"),
+        *([("warning", f"{methods['hardlink'] + methods.get('symlink', 0)} file(s) are the base dir's own files "
+                       "(hard links): replace them only by writing a new file and renaming it, or with cosytune "
+                       "assemble; `cp other.pt` onto one would change the base model too")]
+          if methods.get("hardlink") or methods.get("symlink") else []),
     ])
     return 0

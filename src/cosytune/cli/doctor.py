@@ -211,6 +211,13 @@ def check_model_dir(path: Path, deep: bool) -> Section:
         level: Level = {"ok": "ok", "absent": "info", "missing": "error", "malformed": "error"}[st.status]
         detail = st.detail if st.status in ("ok", "absent") else f"{st.status.upper()}: {st.detail}"
         s.add(st.name, level, detail)
+    from cosytune.modeldir.package import shared_files
+
+    shared = shared_files(path) if path.is_dir() else []
+    if shared:
+        s.add("shared files", "warn", f"{len(shared)} file(s) are hard or symbolic links to files elsewhere "
+              f"({', '.join(shared[:6])}{' …' if len(shared) > 6 else ''}): writing into one in place (cp, an "
+              "editor) changes the other copy too, e.g. the base model; replace them by rename or re-run assemble")
     return s
 
 

@@ -32,16 +32,43 @@ BASE_DIRS = ("CosyVoice-BlankEN",)
 @dataclass
 class AssembleResult:
     out_dir: Path
-    linked: dict[str, str] = field(default_factory=dict)  # file -> "hardlink" | "symlink" | "copy"
+    linked: dict[str, str] = field(default_factory=dict)  # file -> "reflink" | "hardlink" | "symlink" | "copy"
     written: list[str] = field(default_factory=list)
     speakers: list[str] = field(default_factory=list)
 
 
+_FICLONE = 0x40049409  # linux/fs.h: share the source's blocks copy-on-write (btrfs, XFS, bcachefs, ...)
+
+
+def _reflink(src: Path, dst: Path) -> bool:
+    """Copy-on-write clone of ``src`` at ``dst`` where the filesystem supports it; False otherwise."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return False
+    try:
+        with atomic_path(dst) as tmp:
+            with open(src, "rb") as fs, open(tmp, "wb") as fd:
+                fcntl.ioctl(fd.fileno(), _FICLONE, fs.fileno())
+            shutil.copystat(src, tmp)
+        return True
+    except OSError:
+        return False
+
+
 def link_or_copy(src: Path, dst: Path) -> str:
-    """Hard link ``src`` to ``dst``; fall back to a symlink, then to a copy. Returns the method."""
+    """Make ``dst`` hold ``src``'s content without copying it where possible. Returns the method.
+
+    A reflink (copy-on-write clone) comes first: it costs no space and is independent of the base file.
+    Otherwise a hard link (no space, but the *same* file: writing into it in place — ``cp x dst`` —
+    changes the base model's file too; cosytune itself only ever replaces files by rename), then a
+    symlink, then a copy.
+    """
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists() or dst.is_symlink():
         dst.unlink()
+    if _reflink(src, dst):
+        return "reflink"
     try:
         os.link(src, dst)
         return "hardlink"
@@ -55,6 +82,16 @@ def link_or_copy(src: Path, dst: Path) -> str:
     with atomic_path(dst) as tmp:
         shutil.copy2(src, tmp)
     return "copy"
+
+
+def shared_files(model_dir: Path) -> list[str]:
+    """Files of a model dir that are the same file as another path (hard links or symlinks): replacing
+    them by rename is safe, writing into them in place (``cp other.pt flow.pt``) also changes the other."""
+    out = []
+    for p in sorted(Path(model_dir).rglob("*")):
+        if p.is_symlink() or (p.is_file() and p.stat().st_nlink > 1):
+            out.append(str(p.relative_to(model_dir)))
+    return out
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
@@ -206,6 +243,7 @@ __all__ = [
     "assemble",
     "check_same_layout",
     "link_or_copy",
+    "shared_files",
     "load_spk2embedding",
     "read_jsonl",
     "save_spk2info",
