@@ -35,15 +35,16 @@ def run(args: argparse.Namespace) -> int:
     methods: dict[str, int] = {}
     for m in res.linked.values():
         methods[m] = methods.get(m, 0) + 1
+    shared = methods.get("hardlink", 0) + methods.get("symlink", 0)
+    note = (f"{shared} file(s) are the base dir's own files (links): replace them only by writing a new file and "
+            "renaming it, or with cosytune assemble; `cp other.pt` onto one would change the base model too")
+    warning = [("warning", note)] if shared else []
     print_summary("assemble", [
         ("model dir", res.out_dir),
         ("written", ", ".join(res.written)),
         ("flow", "tuned" if "flow.pt" in res.written else "base (linked)"),
         ("linked from base", ", ".join(f"{n} {m}" for m, n in methods.items())),
         ("speakers in spk2info.pt", ", ".join(res.speakers) or "(none written)"),
-        *([("warning", f"{methods['hardlink'] + methods.get('symlink', 0)} file(s) are the base dir's own files "
-                       "(hard links): replace them only by writing a new file and renaming it, or with cosytune "
-                       "assemble; `cp other.pt` onto one would change the base model too")]
-          if methods.get("hardlink") or methods.get("symlink") else []),
+        *warning,
     ])
     return 0
