@@ -243,9 +243,9 @@ __all__ = [
     "assemble",
     "check_same_layout",
     "link_or_copy",
-    "shared_files",
     "load_spk2embedding",
     "read_jsonl",
     "save_spk2info",
+    "shared_files",
     "spk2info_from_embeddings",
 ]
