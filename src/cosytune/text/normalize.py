@@ -369,22 +369,35 @@ class TextNormalizer:
 
     # -- backend ----------------------------------------------------------------------------------
 
-    def _backends(self) -> tuple[Any, Any, Any]:
+    @staticmethod
+    def _missing(e: ImportError) -> MissingDependencyError:
+        return MissingDependencyError(
+            f"text normalisation needs the packages 'wetext' (>=0.1.8,<0.2) and 'inflect' ({e}). "
+            "Install them with: pip install 'wetext>=0.1.8,<0.2' 'inflect>=7,<8', "
+            "or turn the text front end off with --no-text_frontend"
+        )
+
+    def _backends(self) -> tuple[Any, Any]:
         if self._zh_tn is None:
             try:
-                import inflect
                 import wetext
             except ImportError as e:
-                raise MissingDependencyError(
-                    f"text normalisation needs the packages 'wetext' (>=0.1.8,<0.2) and 'inflect' ({e}). "
-                    "Install them with: pip install 'wetext>=0.1.8,<0.2' 'inflect>=7,<8', "
-                    "or turn the text front end off with --no-text_frontend"
-                ) from e
+                raise self._missing(e) from e
             # Same construction as upstream: both are wetext.Normalizer with lang="auto".
             self._zh_tn = wetext.Normalizer(remove_erhua=False)
             self._en_tn = wetext.Normalizer()
+        return self._zh_tn, self._en_tn
+
+    def _number_engine(self) -> Any:
+        """inflect's engine, imported only when a digit run is left to spell out: importing inflect costs
+        ~5 s on a CPU (typeguard instruments it at import), and wetext spells most numbers itself."""
+        if self._inflect is None:
+            try:
+                import inflect
+            except ImportError as e:
+                raise self._missing(e) from e
             self._inflect = inflect.engine()
-        return self._zh_tn, self._en_tn, self._inflect
+        return self._inflect
 
     def describe(self) -> dict[str, Any]:
         """Settings and backend versions, for run.json."""
@@ -488,7 +501,7 @@ class TextNormalizer:
         Raises:
             TextFrontendError: wetext fails on the text, also with whitespace runs collapsed.
         """
-        zh_tn, en_tn, _ = self._backends()
+        zh_tn, en_tn = self._backends()
         model = zh_tn if lang == "zh" else en_tn
         try:
             out = model.normalize(text)
@@ -519,13 +532,12 @@ class TextNormalizer:
         return postprocess_zh(self.tn(text, "zh"))
 
     def _normalize_en(self, text: str) -> str:
-        import inflect
-
-        _, _, inflect_engine = self._backends()
-
         def number_to_words(run: str) -> str:
+            engine = self._number_engine()
+            import inflect  # imported by _number_engine already: this only binds the name
+
             try:
-                return inflect_engine.number_to_words(run)
+                return engine.number_to_words(run)
             except inflect.NumOutOfRangeError as e:
                 raise UnspeakableTextError(
                     f"the number {run[:20]}{'...' if len(run) > 20 else ''} ({len(run)} digits) is too long "
