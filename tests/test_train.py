@@ -194,3 +194,29 @@ def test_disk_use_is_bounded(sample_data, tiny_base, tmp_path, capsys):
     assert 0 < k and len(pts) <= k + 1, sorted(p.name for p in pts)
     assert [p.name for p in states] == ["epoch_9_whole.state.pt"]
     assert (run / "epoch_9_whole.pt").exists() and not list(run.glob(".*.tmp*"))
+
+
+def test_two_trainings_never_share_a_run_dir(sample_data, tiny_base, tmp_path, capsys):
+    """While one training holds its --model_dir, a second one into the same dir is refused and told who holds it."""
+    import json
+
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "cosytune", *_train_argv("llm", sample_data, tiny_base, run, "max_epoch=50",
+                                                             "tensorboard=false", "early_stop_patience=0")]
+    proc = subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        lock = run / ".cosytune.lock"
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            if lock.exists() and lock.read_text().startswith("{") and json.loads(lock.read_text())["pid"] == proc.pid:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the first training ended before the test could race it"
+        capsys.readouterr()
+        assert main(_train_argv("llm", sample_data, tiny_base, run, "max_epoch=1")) == 1
+        err = capsys.readouterr().err
+        assert "is in use by another cosytune process" in err and f"pid {proc.pid}" in err, err
+    finally:
+        proc.kill()
+        proc.wait()

@@ -221,3 +221,27 @@ def test_written_files_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     os.umask(old)
     assert file_mode() == 0o666 & ~old
+
+
+def test_a_locked_folder_names_its_holder(tmp_path):
+    """Two processes never work in one folder: the second is refused at once and told who holds it."""
+    import subprocess
+    import sys
+
+    from cosytune.errors import BusyError
+    from cosytune.fileio import exclusive_lock
+
+    code = ("import sys, time; from cosytune.fileio import exclusive_lock\n"
+            f"with exclusive_lock({str(tmp_path)!r}, 'work dir'):\n"
+            "    print('held', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(BusyError) as e, exclusive_lock(tmp_path, "work dir"):
+            pass
+        assert f"pid {holder.pid}" in str(e.value) and "work dir" in str(e.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive_lock(tmp_path, "work dir"):  # a killed holder leaves nothing behind
+        pass

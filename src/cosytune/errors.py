@@ -42,6 +42,10 @@ class ModelDirError(CosytuneError):
     """A model directory with missing or malformed files."""
 
 
+class BusyError(CosytuneError):
+    """A folder another cosytune process is working in (its lock is held); the message names the holder."""
+
+
 class MissingDependencyError(CosytuneError):
     """An optional dependency is not installed; the message names the extra to install."""
 

@@ -119,3 +119,54 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def sha256_json(obj: Any) -> str:
     """Stable hash of a JSON-serialisable object (keys sorted)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+LOCK_NAME = ".cosytune.lock"
+
+
+@contextlib.contextmanager
+def exclusive_lock(directory: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Hold an exclusive lock on ``directory`` (an ``flock`` on ``directory/.cosytune.lock``) for the block.
+
+    A second process that asks for the same lock fails at once with a
+    :class:`~cosytune.errors.BusyError` naming the holder (pid, host, command, start time), instead of
+    both writing into the same files. The lock goes with the process, so a killed run leaves nothing to
+    clean up; the file stays and describes the last holder.
+
+    Args:
+        directory: the folder to lock (created if absent).
+        what: how the folder is named in the message, e.g. ``"work dir"``.
+    """
+    import fcntl
+    import socket
+    import sys
+    import time
+
+    from cosytune.errors import BusyError
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(os.pread(fd, 65536, 0).decode("utf-8") or "{}")
+            except ValueError:
+                holder = {}
+            who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, `{holder.get('command', '?')}`, "
+                   f"since {holder.get('since', '?')}")
+            raise BusyError(
+                f"{what} {directory} is in use by another cosytune process ({who}). Two runs in one folder would "
+                "overwrite each other's files: wait for that one to finish (or stop it), or use another folder"
+            ) from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:500],
+                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+        yield path
+    finally:
+        os.close(fd)
+

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cosytune.fileio import exclusive_lock
 from cosytune.train.checkpoint import (
     CheckpointRef,
     latest_checkpoint,
@@ -197,11 +198,36 @@ def train(
 ) -> TrainResult:
     """Train ``model`` according to ``cfg``; checkpoints go to ``run_dir`` (rank 0 writes).
 
+    Rank 0 holds an exclusive lock on ``run_dir`` for the whole run, so a second training into the
+    same dir fails at once (:class:`~cosytune.errors.BusyError`, naming the holder) instead of both
+    overwriting each other's checkpoints.
+
     Args:
         dist: this process's place in the job (default: a single process).
         resume: ``"auto"`` continues from the newest complete checkpoint in ``run_dir`` if any;
             a path resumes from that checkpoint; ``None`` starts fresh.
     """
+    dist = dist if dist is not None else DistInfo()
+    lock = exclusive_lock(run_dir, "training run dir") if dist.is_main else contextlib.nullcontext()
+    with lock:
+        return _train(cfg, model, step_fn, train_set, cv_set, run_dir, device, dist, resume, progress, extra_info,
+                      tensorboard_dir)
+
+
+def _train(
+    cfg: TrainConfig,
+    model: nn.Module,
+    step_fn: StepFn,
+    train_set: BatchSource,
+    cv_set: BatchSource | None,
+    run_dir: Path,
+    device: torch.device,
+    dist: DistInfo | None = None,
+    resume: str | Path | None = "auto",
+    progress: bool = True,
+    extra_info: dict | None = None,
+    tensorboard_dir: Path | None = None,
+) -> TrainResult:
     t_start = time.time()
     dist = dist if dist is not None else DistInfo()
     run_dir = Path(run_dir)
