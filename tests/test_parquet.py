@@ -82,6 +82,27 @@ def test_resume_keeps_unchanged_shards_and_parallel_writes(tmp_path, sample_spea
     assert read_parquet_rows(out / "parquet_000000000.tar")[3]["text"] == "changed"
 
 
+def test_damaged_shard_and_rerecorded_audio_are_rewritten(tmp_path, sample_speaker_dir):
+    """A truncated shard is written again, and so is the shard of a clip re-recorded under the same name."""
+    import soundfile as sf
+
+    d = small_dataset(tmp_path, sample_speaker_dir, n=4)
+    out = tmp_path / "pq"
+    make_parquet(d, out, num_utts_per_parquet=2)
+    shard = out / "parquet_000000001.tar"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:100])
+    again = make_parquet(d, out, num_utts_per_parquet=2)
+    assert (again.written, again.reused) == (1, 1) and shard.read_bytes() == whole
+    kd = read_kaldi_dir(d)
+    wav = Path(kd.utt2wav[kd.utts[0]])
+    x, sr = sf.read(str(wav))
+    sf.write(str(wav), x[::-1].copy(), sr)  # a different recording, same name and length
+    again = make_parquet(d, out, num_utts_per_parquet=2)
+    assert (again.written, again.reused) == (1, 1)
+    assert read_parquet_rows(out / "parquet_000000000.tar")[0]["audio_data"] == wav.read_bytes()
+
+
 def test_id_mismatches_are_listed(tmp_path, sample_speaker_dir):
     d = small_dataset(tmp_path, sample_speaker_dir, n=4)
     kd = read_kaldi_dir(d)

@@ -236,6 +236,19 @@ def test_resume_skips_unchanged_and_redoes_changed(tmp_path, sample_speaker_dir)
     assert sorted(p.name for p in out.glob("*.wav")) == sorted(r["wav"] for r in rows)
 
 
+def test_a_damaged_output_is_made_again(tmp_path, sample_speaker_dir):
+    """A truncated prepared wav is not trusted as "unchanged": its source is processed again."""
+    src = _small_input(tmp_path, sample_speaker_dir)
+    out = tmp_path / "out"
+    prepare_audio(src, out, PrepareAudioConfig(num_workers=1))
+    victim = min(out.glob("*.wav"))
+    whole = victim.read_bytes()
+    victim.write_bytes(whole[: len(whole) // 3])
+    again = prepare_audio(src, out, PrepareAudioConfig(num_workers=1))
+    assert again.num_processed == 1 and again.num_reused == 3
+    assert victim.read_bytes() == whole
+
+
 def test_interrupted_run_continues(tmp_path, sample_speaker_dir):
     src = _small_input(tmp_path, sample_speaker_dir)
     out = tmp_path / "out"

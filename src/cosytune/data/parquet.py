@@ -130,6 +130,26 @@ def _write_shard(job: dict) -> str:
     return job["parquet"]
 
 
+_SHARD_FILES = ("parquet", "utt_json", "spk_json")
+
+
+def _file_identity(path: str | os.PathLike) -> list[int] | None:
+    """(size, mtime_ns) of a file, None if absent: cheap, and changed by any rewrite or truncation."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _shard_intact(recorded: object, key: str, job: dict) -> bool:
+    """The shard was written from these inputs and its three files are still the ones written then."""
+    if not isinstance(recorded, dict) or recorded.get("key") != key:
+        return False
+    return all(_file_identity(job[k]) is not None and _file_identity(job[k]) == recorded.get("files", {}).get(k)
+               for k in _SHARD_FILES)
+
+
 def _earlier_rejects(path: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
@@ -300,9 +320,12 @@ def make_parquet(
             "columns": columns,
             "rows": shard_rows,
         }
-        key = sha256_json({"columns": columns, "rows": shard_rows})
+        # The audio bytes go into the shard, so the wavs' identity (size, mtime) is part of its key: a
+        # re-recorded clip with the same name rewrites its shard.
+        audio = [_file_identity(r["wav"]) for r in shard_rows] if "audio_data" in columns else None
+        key = sha256_json({"columns": columns, "rows": shard_rows, "audio": audio})
         new_state[job["parquet"]] = key
-        done = state.get(job["parquet"]) == key and all(Path(job[k]).is_file() for k in ("parquet", "utt_json", "spk_json"))
+        done = _shard_intact(state.get(job["parquet"]), key, job)
         if not done:
             jobs.append(job)
     n_shards = len(new_state)
@@ -312,8 +335,10 @@ def make_parquet(
         progress(len(rows) - sum(len(j["rows"]) for j in jobs))
 
     def done_one(job: dict) -> None:
-        # Record each finished shard at once, so an interrupted run resumes after it.
-        state[job["parquet"]] = new_state[job["parquet"]]
+        # Record each finished shard at once (with its files' size and mtime), so an interrupted run resumes
+        # after it and a shard damaged later is written again.
+        state[job["parquet"]] = {"key": new_state[job["parquet"]],
+                                 "files": {k: _file_identity(job[k]) for k in _SHARD_FILES}}
         write_json(state_path, state)
         summary.written += 1
         if progress:
@@ -338,7 +363,7 @@ def make_parquet(
         m = _SHARD_RE.match(p.name)
         if m and int(m.group(2)) >= n_shards:
             p.unlink()
-    write_json(state_path, new_state)
+    write_json(state_path, {p: state[p] for p in new_state})
     write_text(des / "data.list", "".join(f"{des / f'parquet_{i:09d}.tar'}\n" for i in range(n_shards)))
     write_text(des / "utt2data.list", "".join(f"{des / f'utt2parquet_{i:09d}.json'}\n" for i in range(n_shards)))
     write_text(des / "spk2data.list", "".join(f"{des / f'spk2parquet_{i:09d}.json'}\n" for i in range(n_shards)))

@@ -45,7 +45,8 @@ Output contract (consumed by ``cosytune transcribe``; keep it stable)
   except text side files (``.txt``, ``.lab``, ...), which are skipped and counted.
 * ``prepare_audio.yaml`` — the resolved config of the last run.
 * ``.prepare_audio.state.jsonl`` — resume journal: per source, its size, mtime, the settings
-  hash and its outputs. A re-run skips sources whose size, mtime and settings are unchanged
+  hash and its outputs (with each output's size and mtime, so a truncated or replaced output is made
+  again rather than trusted). A re-run skips sources whose size, mtime and settings are unchanged
   and whose wavs still exist; outputs of sources that vanished or changed are removed.
 
 Writes are atomic (temp file + rename); an interrupted run leaves no partial wav, and
@@ -554,6 +555,19 @@ def _fingerprint(path: Path) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _outputs_intact(out_dir: Path, entry: dict) -> bool:
+    """Every wav of a journal entry is still the file written then (same size and mtime): a truncated,
+    replaced or deleted output is made again instead of being trusted."""
+    written = entry.get("outputs")
+    if written is None:  # journals of older versions did not record them
+        return False
+    for r in entry.get("rows", []):
+        p = out_dir / r["wav"]
+        if not p.is_file() or list(_fingerprint(p).values()) != written.get(r["wav"]):
+            return False
+    return True
+
+
 def _remove_temp_files(out_dir: Path) -> None:
     # atomic_path names temporaries ".<stem>.<random>.tmp.wav"; a killed run can leave them.
     for tmp in out_dir.glob(".*.tmp.wav"):
@@ -642,7 +656,7 @@ def prepare_audio(
             and old.get("size") == fp["size"]
             and old.get("mtime_ns") == fp["mtime_ns"]
             and old.get("base") == names[rel]
-            and all((out_abs / r["wav"]).is_file() for r in old.get("rows", []))
+            and _outputs_intact(out_abs, old)
         ):
             entries[rel] = old
         else:
@@ -687,6 +701,7 @@ def prepare_audio(
             "source_duration_s": result.source_duration_s,
             "rows": result.rows,
             "rejects": result.rejects,
+            "outputs": {r["wav"]: list(_fingerprint(out_abs / r["wav"]).values()) for r in result.rows},
         }
         entries[result.source_rel] = entry
         journal.write(json.dumps(entry, ensure_ascii=False) + "\n")
