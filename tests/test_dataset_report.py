@@ -55,6 +55,30 @@ def test_histogram_bins_and_bad_dir(tmp_path, capsys):
     h = duration_histogram([0.5, 1.0, 4.9, 5.0, 29.99, 31.0])
     assert h["0-1 s"] == 1 and h["1-2 s"] == 1 and h["2-5 s"] == 1 and h["5-10 s"] == 1
     assert h["20-30 s"] == 1 and h[">=30 s"] == 1
-    with pytest.raises(DataError, match="neither metadata.jsonl"):
+    with pytest.raises(DataError, match="none of metadata.jsonl"):
         build_report(tmp_path)
     assert main(["dataset-report"]) == 2
+
+
+def test_report_on_a_prepare_audio_dir_and_readable_plots(sample_speaker_dir, tmp_path):
+    """Where a user first looks: the prepare-audio folder, before any transcript. Counts have whole-number
+    ticks and the histograms equal-width bins."""
+    from cosytune.data.prepare_audio import PrepareAudioConfig, prepare_audio
+    from cosytune.data.report import report_figure
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in sorted((sample_speaker_dir / "audio").glob("*.mp3"))[:5]:
+        (src / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "wavs"
+    prepare_audio(src, out, PrepareAudioConfig(num_workers=1))
+    assert main(["dataset-report", str(out)]) == 0
+    rep = build_report(out)
+    assert rep.kept == 5 and rep.splits == {"prepared": 5} and rep.minutes_usable > 0
+    fig = report_figure(rep)
+    fig.canvas.draw()
+    for ax in fig.axes[:2]:
+        ticks = [t for t in ax.get_yticks() if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]]
+        assert all(float(t).is_integer() for t in ticks), ticks
+    widths = {round(p.get_width(), 6) for p in fig.axes[0].patches}
+    assert widths == {1.0}, widths

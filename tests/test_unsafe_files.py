@@ -49,6 +49,7 @@ def _assert_refused(err: BaseException, path: Path) -> None:
     msg = str(err)
     assert str(path) in msg and "refusing to load" in msg, msg
     assert "weights_only=False" not in msg and "can still be loaded" not in msg, msg  # never torch's advice
+    assert "\x1b[" not in msg, msg  # nor its terminal colour codes
 
 
 def test_the_payload_really_runs_when_unpickled(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import statistics
 from collections import Counter
@@ -107,6 +108,13 @@ def build_report(directory: str | os.PathLike) -> DatasetReport:
                 rep.durations_s.append(float(r["duration_s"]))
                 rep.chars_per_s.append(speakable_units(r.get("text", "")) / max(float(r["duration_s"]), 1e-6))
                 rep.flags.update(r.get("flags") or [])
+        elif (directory / "prepared.jsonl").is_file():  # a prepare-audio out_dir: no text yet
+            rows = read_jsonl(directory / "prepared.jsonl")
+            rep.candidates = len(rows)
+            rep.splits["prepared"] = len(rows)
+            rep.durations_s = [float(r["duration_s"]) for r in rows]
+            rep.minutes_total = sum(float(r.get("source_duration_s") or r["duration_s"])
+                                    for r in {r["source_rel"]: r for r in rows}.values()) / 60
         elif (directory / "wav.scp").is_file():
             rows = _kaldi_rows(directory)
             rep.candidates = len(rows)
@@ -118,8 +126,8 @@ def build_report(directory: str | os.PathLike) -> DatasetReport:
             rep.minutes_total = sum(rep.durations_s) / 60
         else:
             raise DataError(
-                f"{directory} holds neither metadata.jsonl (a 'cosytune transcribe' out_dir) nor wav.scp "
-                "(a Kaldi data dir); pass one of those"
+                f"{directory} holds none of metadata.jsonl (a 'cosytune transcribe' out_dir), prepared.jsonl "
+                "(a 'cosytune prepare-audio' out_dir) or wav.scp (a Kaldi data dir); pass one of those"
             )
         rejects_path = directory / "rejects.jsonl"
         if rejects_path.is_file():
@@ -168,7 +176,8 @@ def format_report(rep: DatasetReport) -> str:
         c = d["chars_per_s"]
         lines.append(
             f"  chars/s        min {c['min']:.1f}  median {c['median']:.1f}  mean {c['mean']:.1f}  max {c['max']:.1f}"
-            "  (Latin-equivalent: a CJK character counts 3)"
+            "  (Latin-equivalent: a CJK character counts 3)" if rep.chars_per_s
+            else "  chars/s        - (no transcripts yet: run cosytune transcribe)"
         )
     total_rej = sum(rep.rejects.values())
     lines.append(f"  rejects        {total_rej}")
@@ -179,39 +188,54 @@ def format_report(rep: DatasetReport) -> str:
     return "\n".join(lines)
 
 
-def plot_report(rep: DatasetReport, path: str | os.PathLike) -> Path:
-    """Save a PNG with the duration histogram, the chars/s histogram and rejects by reason."""
+def report_figure(rep: DatasetReport) -> Any:
+    """A matplotlib Figure with the duration histogram, the chars/s histogram and rejects by reason."""
     # A bare Figure renders with the Agg canvas and never touches pyplot's global backend state.
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    path = Path(path)
     fig = Figure(figsize=(13, 4), dpi=100)
     axes = fig.subplots(1, 3)
     ax = axes[0]
-    ax.hist(
-        rep.durations_s,
-        bins=[b for b in DURATION_BINS_S] + [max([30.0] + rep.durations_s) + 1e-3],
-        color="#4C72B0",
-        edgecolor="white",
-    )
+    # Equal 1 s bins (the text report keeps the coarser DURATION_BINS_S table).
+    ax.hist(rep.durations_s, bins=list(range(math.floor(max(rep.durations_s, default=0)) + 2)),
+            color="#4C72B0", edgecolor="white")
     ax.set_title(f"durations ({rep.kept} utts, {rep.minutes_usable:.1f} min usable)")
     ax.set_xlabel("seconds")
     ax.set_ylabel("utterances")
     ax = axes[1]
-    ax.hist(rep.chars_per_s, bins=20, color="#55A868", edgecolor="white")
+    if rep.chars_per_s:
+        # Bins of 1 char/s on whole-number edges, so bars have equal widths that read as rates.
+        lo, hi = math.floor(min(rep.chars_per_s)), math.floor(max(rep.chars_per_s)) + 1
+        ax.hist(rep.chars_per_s, bins=list(range(lo, hi + 1)), color="#55A868", edgecolor="white")
+    else:
+        ax.text(0.5, 0.5, "no transcripts yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_title("speaking rate")
     ax.set_xlabel("Latin-equivalent chars / s")
+    ax.set_ylabel("utterances")
     ax = axes[2]
     if rep.rejects:
         items = sorted(rep.rejects.items(), key=lambda kv: kv[1])
         ax.barh([f"{s}/{r}" for (s, r), _ in items], [n for _, n in items], color="#C44E52")
         ax.set_title(f"rejects ({sum(rep.rejects.values())})")
+        ax.set_xlabel("files")
     else:
         ax.text(0.5, 0.5, "no rejects", ha="center", va="center", transform=ax.transAxes)
         ax.set_title("rejects (0)")
         ax.set_xticks([])
         ax.set_yticks([])
+    for a in axes[:2]:
+        a.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no fractional ticks
+    if rep.rejects:
+        axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
+    return fig
+
+
+def plot_report(rep: DatasetReport, path: str | os.PathLike) -> Path:
+    """Save :func:`report_figure` as a PNG."""
+    path = Path(path)
+    fig = report_figure(rep)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return path
