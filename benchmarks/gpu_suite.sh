@@ -24,8 +24,7 @@ for step in "${steps[@]}"; do
     echo "=== $step ($(date -u +%H:%M:%S))"
     case "$step" in
     tests)
-        $py -m pytest -q -p no:cacheprovider tests/test_fast_paths.py tests/test_infer_batch.py \
-            $(ls tests/test_synth_fast_decode.py 2>/dev/null) -k "gpu or cuda or graphed or vocoder" 2>&1 | tail -15 || status=1 ;;
+        $py -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -15 || status=1 ;;
     infer)
         $py benchmarks/bench_infer.py --preset full --device cuda --dtype bf16 --out "$out/bench_infer.json" \
             --llm_modes "${LLM_MODES:-eager,graph,compiled}" --flow_modes "${FLOW_MODES:-fp32,eager,compile,graph,fast}" \

@@ -24,6 +24,23 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 TESTS_DIR = Path(__file__).parent
 REPO_DIR = TESTS_DIR.parent
 
+#: Test tiers: the folder a test file sits in gives its marker (``make test-fast`` = unit + golden).
+TIER_MARKERS = {"unit": "unit", "parity": "golden", "integration": "integration", "cli": "cli"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with its tier (from its folder) and skip ``gpu`` tests where CUDA is absent."""
+    cuda = torch.cuda.is_available()
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        rel = Path(str(item.path)).resolve().relative_to(TESTS_DIR.resolve())
+        tier = TIER_MARKERS.get(rel.parts[0]) if len(rel.parts) > 1 else None
+        if tier is None:
+            raise pytest.UsageError(f"{rel}: every test file belongs in one of tests/{{{','.join(TIER_MARKERS)}}}/")
+        item.add_marker(getattr(pytest.mark, tier))
+        if item.get_closest_marker("gpu") and not cuda:
+            item.add_marker(skip_gpu)
+
 
 class Golden:
     """Access to one golden fixture directory: tensors, JSON, metadata and tolerances."""

@@ -67,7 +67,7 @@ def test_batch_size_one_and_bad_size(synth):
         synthesize_batch(synth, reqs, batch_size=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_graphed_rows_on_gpu_equal_eager_rows(model_dir):
     """On CUDA the batch decodes through a graph-captured GraphedDecoder; same tokens as the eager rows."""
     gpu = Synthesizer.from_dir(model_dir, device="cuda")

@@ -163,7 +163,7 @@ def test_average_assemble_spk2info_infer(sample_data, tiny_base, tmp_path, capsy
 
 def test_resume_never_unpickles_code(sample_data, tiny_base, tmp_path, capsys):
     """A crafted ``.state.pt`` in the run dir is refused on ``--resume auto`` and ``--resume PATH``; its payload never runs."""
-    from test_unsafe_files import write_evil
+    from unsafe_payload import write_evil
 
     run = tmp_path / "run"
     assert main(_train_argv("llm", sample_data, tiny_base, run, "max_epoch=1", "tensorboard=false")) == 0

@@ -17,25 +17,7 @@ import torch
 
 from cosytune.cli.main import main
 from cosytune.errors import CheckpointError
-
-
-class _Payload:
-    """Unpickling this calls ``os.system``, which creates the marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def write_evil(path: Path, marker: Path, wrap: str = "dict") -> Path:
-    """A torch file that runs ``touch marker`` when unpickled without ``weights_only``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = _Payload(marker)
-    obj = {"w": torch.zeros(2), "x": payload} if wrap == "dict" else payload
-    torch.save(obj, path)
-    return path
+from unsafe_payload import write_evil
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from cosytune.models.sampling import SamplingConfig
 SMALL = LLMConfig(qwen2=Qwen2Config(vocab_size=200, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, max_window_layers=2),
                   endofprompt_id=150)
-CUDA = torch.cuda.is_available()
 
 
 def _lm(device: str = "cpu", config: LLMConfig = SMALL) -> CosyVoice3LM:
@@ -122,7 +121,7 @@ def test_batched_cfg_sample_equals_reference_sample(tiny_flow):
     assert (bf - fast).abs().max() < 0.5 * fast.abs().max()
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_cuda_graph_matches_eager_on_gpu():
     """Graph replay vs the eager static step on GPU, in fp32 and bf16: same logits within tolerance, same argmax."""
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
@@ -156,7 +155,7 @@ def test_step_argmax_feeds_back_greedy_ids_on_device():
     assert torch.equal(ref.step(first).argmax(-1), ids)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_batched_cfg_sample_on_gpu_matches_cpu_reference(tiny_flow):
     """The batched sampler on GPU (fp32) equals the CPU reference sample; bf16 autocast stays close."""
     dec = tiny_flow.decoder
@@ -213,7 +212,7 @@ def test_flow_sampler_hook_equals_reference_inference(tiny_flow):
     assert sampler.captures == 0  # no graphs on CPU
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_graphed_flow_sampler_on_gpu(tiny_flow):
     """Graph replay equals the eager batched solve for new inputs of a captured shape; shapes are LRU-bounded."""
     flow = build_network("flow", preset_hparams("tiny")).eval()
@@ -247,7 +246,7 @@ def test_flow_sampler_bucket_padding_keeps_valid_frames(tiny_flow):
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_synthesizer_fast_flow_on_gpu(tmp_path):
     """``Synthesizer(fast_flow=True)`` on CUDA: graph-replayed flow gives the reference audio, full and streamed."""
     import numpy as np
@@ -316,7 +315,7 @@ def test_graphed_vocoder_on_cpu_is_the_plain_call(tiny_hift):
         voc(mel[:, :, :5], finalize=False)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_graphed_vocoder_on_gpu(tiny_hift):
     """Replays equal the eager vocoder for new mels of a captured shape; new noise means a new capture."""
     from cosytune.infer.fast import GraphedVocoder
