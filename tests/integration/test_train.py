@@ -220,3 +220,18 @@ def test_two_trainings_never_share_a_run_dir(sample_data, tiny_base, tmp_path, c
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_truncated_checkpoint_is_a_clear_error(sample_data, tiny_base, tmp_path, capsys):
+    """Resuming from a truncated checkpoint says which file is damaged and what to do (no traceback)."""
+    run = tmp_path / "run"
+    assert main(_train_argv("llm", sample_data, tiny_base, run, "max_epoch=1", "tensorboard=false")) == 0
+    for name in ("epoch_0_whole.pt", "epoch_0_whole.state.pt"):
+        f = run / name
+        whole = f.read_bytes()
+        f.write_bytes(whole[: len(whole) // 2])
+        capsys.readouterr()
+        assert main(_train_argv("llm", sample_data, tiny_base, run, "max_epoch=2", "tensorboard=false")) == 1
+        err = capsys.readouterr().err
+        assert str(f) in err and "truncated or corrupted" in err and "Traceback" not in err, err
+        f.write_bytes(whole)
