@@ -27,11 +27,11 @@ from pathlib import Path
 
 from cosytune.errors import DataError
 from cosytune.fileio import write_text
+from cosytune.text.special import ENDOFPROMPT
 
 logger = logging.getLogger(__name__)
 
 KALDI_FILES = ("wav.scp", "text", "utt2spk", "spk2utt", "instruct")
-ENDOFPROMPT = "<|endofprompt|>"
 
 
 @dataclass(frozen=True)

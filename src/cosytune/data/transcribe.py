@@ -65,7 +65,6 @@ from typing import Any, Literal
 
 from cosytune.config.loading import config_to_dict, dump_config, load_config
 from cosytune.data.kaldi import (
-    ENDOFPROMPT,
     KALDI_FILES,
     KaldiEntry,
     kaldi_sort_key,
@@ -77,11 +76,11 @@ from cosytune.data.rejects import RejectLog
 from cosytune.data.review import ReviewRow, read_review, write_review
 from cosytune.errors import CosytuneError, DataError, UsageError, require
 from cosytune.fileio import read_jsonl, sha256_file, sha256_json, write_json, write_jsonl
+from cosytune.text.special import DEFAULT_INSTRUCT, ENDOFPROMPT
 
 logger = logging.getLogger(__name__)
 
 STAGE = "transcribe"
-DEFAULT_INSTRUCT = "You are a helpful assistant.<|endofprompt|>"
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus")
 # Formats libsndfile cannot read: in a plain folder they are recorded as rejects (prepare-audio
 # decodes them) rather than silently skipped.

@@ -83,6 +83,7 @@ from cosytune.errors import DataError, UsageError
 from cosytune.infer.frontend import PromptFrontend, Speaker, speaker_from_spk2info, speaker_to_spk2info
 from cosytune.infer.streaming import SILENT_TOKENS, SilenceThinner, StreamSchedule, StreamState
 from cosytune.models.sampling import SamplingConfig
+from cosytune.text.special import DEFAULT_INSTRUCT, ENDOFPROMPT
 
 #: Frame bucket of the graphed flow sampler (``fast_flow``): 64 mel frames = 1.28 s.
 FLOW_BUCKET = 64
@@ -101,9 +102,6 @@ __all__ = [
     "Synthesizer",
 ]
 
-ENDOFPROMPT = "<|endofprompt|>"
-#: The instruct CosyVoice 3 training data carries (transcribe's default ``instruct`` file).
-DEFAULT_INSTRUCT = "You are a helpful assistant.<|endofprompt|>"
 Mode = Literal["sft", "zero_shot", "instruct2", "cross_lingual"]
 MODES: tuple[str, ...] = ("sft", "zero_shot", "instruct2", "cross_lingual")
 PromptStrategy = Literal["default", "guide_prefix"]
