@@ -59,10 +59,7 @@ from cosytune.data.transcribe.asr import (
     build_asr_backend,
     load_audio_16k,
 )
-from cosytune.data.transcribe.config import (
-    ASR_BACKENDS,
-    TranscribeConfig,
-)
+from cosytune.data.transcribe.config import ASR_BACKENDS, TranscribeConfig
 from cosytune.data.transcribe.dataset import (
     STAGE,
     apply_review,
@@ -70,11 +67,7 @@ from cosytune.data.transcribe.dataset import (
     merge_review,
     transcribe_dataset,
 )
-from cosytune.data.transcribe.discovery import (
-    AUDIO_EXTENSIONS,
-    OTHER_MEDIA_EXTENSIONS,
-    discover_inputs,
-)
+from cosytune.data.transcribe.discovery import AUDIO_EXTENSIONS, OTHER_MEDIA_EXTENSIONS, discover_inputs
 from cosytune.data.transcribe.metrics import (
     CJK_WEIGHT,
     DIGIT_WEIGHT,
@@ -83,10 +76,7 @@ from cosytune.data.transcribe.metrics import (
     normalize_transcript,
     speakable_units,
 )
-from cosytune.data.transcribe.records import (
-    TranscribeSummary,
-    Utterance,
-)
+from cosytune.data.transcribe.records import TranscribeSummary, Utterance
 from cosytune.data.transcribe.split import (
     HIGH_COMPRESSION,
     HIGH_NO_SPEECH,
@@ -106,43 +96,12 @@ from cosytune.data.transcribe.transcripts import (
 from cosytune.text.special import DEFAULT_INSTRUCT
 
 __all__ = [
-    "ASR_BACKENDS",
-    "AUDIO_EXTENSIONS",
-    "CJK_WEIGHT",
-    "DEFAULT_INSTRUCT",
-    "DIGIT_WEIGHT",
-    "HIGH_COMPRESSION",
-    "HIGH_NO_SPEECH",
-    "LOW_LOGPROB",
-    "OTHER_MEDIA_EXTENSIONS",
-    "PUNCTUATION_PROMPTS",
-    "STAGE",
-    "TRANSCRIPT_SIDECARS",
-    "TYPICAL_CPS",
-    "AsrCache",
-    "AsrResult",
-    "FasterWhisperBackend",
-    "OpenAIWhisperBackend",
-    "TranscribeConfig",
-    "TranscribeSummary",
-    "TranscriptTable",
-    "Utterance",
-    "apply_review",
-    "asr_settings",
-    "build_asr_backend",
-    "char_error_rate",
-    "check_utterance",
-    "dev_count",
-    "discover_inputs",
-    "finalize_dataset",
-    "guess_language",
-    "load_audio_16k",
-    "load_transcripts",
-    "merge_review",
-    "normalize_transcript",
-    "read_sidecar",
-    "review_flags",
-    "speakable_units",
-    "split_train_dev",
-    "transcribe_dataset",
+    "ASR_BACKENDS", "AUDIO_EXTENSIONS", "CJK_WEIGHT", "DEFAULT_INSTRUCT", "DIGIT_WEIGHT", "HIGH_COMPRESSION",
+    "HIGH_NO_SPEECH", "LOW_LOGPROB", "OTHER_MEDIA_EXTENSIONS", "PUNCTUATION_PROMPTS", "STAGE",
+    "TRANSCRIPT_SIDECARS", "TYPICAL_CPS", "AsrCache", "AsrResult", "FasterWhisperBackend",
+    "OpenAIWhisperBackend", "TranscribeConfig", "TranscribeSummary", "TranscriptTable", "Utterance",
+    "apply_review", "asr_settings", "build_asr_backend", "char_error_rate", "check_utterance", "dev_count",
+    "discover_inputs", "finalize_dataset", "guess_language", "load_audio_16k", "load_transcripts",
+    "merge_review", "normalize_transcript", "read_sidecar", "review_flags", "speakable_units",
+    "split_train_dev", "transcribe_dataset",
 ]
