@@ -17,7 +17,7 @@ import soundfile as sf
 
 from cosytune.cli.main import main
 from cosytune.config import load_config
-from cosytune.data.kaldi import read_kaldi_dir, read_kaldi_map, validate_kaldi_dir
+from cosytune.data.kaldi import read_kaldi_entries, read_kaldi_map, validate_kaldi_dir
 from cosytune.data.transcribe import (
     DEFAULT_INSTRUCT,
     TranscribeConfig,
@@ -76,7 +76,7 @@ def check_dataset(out: Path, expected_inputs: set[str] | None = None) -> dict:
         ids = set(read_kaldi_map(out / split / "wav.scp"))
         for name in ("text", "utt2spk", "instruct"):
             assert set(read_kaldi_map(out / split / name)) == ids
-        for e in read_kaldi_dir(out / split):
+        for e in read_kaldi_entries(out / split):
             assert Path(e.wav).is_file() and e.utt.startswith(e.speaker + "_")
     meta = read_jsonl(out / "metadata.jsonl")
     train = set(read_kaldi_map(out / "train" / "wav.scp"))

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 
 from cosytune.cli.main import main
-from cosytune.data.kaldi import read_kaldi_dir, read_kaldi_map, validate_kaldi_dir
+from cosytune.data.kaldi import read_kaldi_entries, read_kaldi_map, validate_kaldi_dir
 from cosytune.fileio import read_jsonl
 
 pytestmark = pytest.mark.skipif(
@@ -93,7 +93,7 @@ def test_prepare_audio_then_transcribe_on_unicode_paths(sample_speaker_dir, tmp_
     ids = set()
     for split in ("train", "dev"):
         assert validate_kaldi_dir(out / split) == []
-        entries = read_kaldi_dir(out / split)
+        entries = read_kaldi_entries(out / split)
         ids |= {e.utt for e in entries}
         for name in ("text", "utt2spk", "instruct"):
             assert set(read_kaldi_map(out / split / name)) == {e.utt for e in entries}

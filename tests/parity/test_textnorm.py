@@ -18,7 +18,6 @@ import pytest
 from cosytune.config.loading import load_config
 from cosytune.errors import ConfigError, DataError
 from cosytune.text.normalize import (
-    ENDOFPROMPT,
     TextFrontendConfig,
     TextFrontendError,
     TextNormalizer,
@@ -31,6 +30,7 @@ from cosytune.text.normalize import (
     postprocess_zh,
     split_paragraph,
 )
+from cosytune.text.special import ENDOFPROMPT
 
 TARGET = "latest"  # the wetext 0.1.8 variant; see the module docstring of cosytune.text.normalize
 

@@ -1,4 +1,5 @@
-"""Kaldi data dirs: write → read round trip, and the validator finds every kind of inconsistency."""
+"""Kaldi data dirs: write → read round trip, the reader's line rule, and the validator finds every kind of
+inconsistency."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pytest
 from cosytune.data.kaldi import (
     KaldiEntry,
     read_kaldi_dir,
+    read_kaldi_entries,
+    read_kaldi_map,
     upstream_warnings,
     validate_kaldi_dir,
     write_kaldi_dir,
@@ -32,13 +35,13 @@ def test_round_trip_sorted_and_valid(tmp_path):
     d = tmp_path / "train"
     assert write_kaldi_dir(d, entries) == 6
     assert validate_kaldi_dir(d) == []
-    back = read_kaldi_dir(d)
+    back = read_kaldi_entries(d)
     assert sorted(back, key=lambda e: e.utt) == sorted(entries, key=lambda e: e.utt)
     # byte order: upper-case 'Z' sorts before lower-case 's' (LC_ALL=C)
     assert [e.utt for e in back][:2] == ["Zed_u0", "Zed_u1"]
     spk2utt = dict(line.split(" ", 1) for line in (d / "spk2utt").read_text().splitlines())
     assert spk2utt["spk"].split() == ["spk_u0", "spk_u1", "spk_u2", "spk_u3"]
-    # text keeps its spaces: the value is everything after the first space
+    # text keeps its words: the fields after the id, re-joined with single spaces
     assert back[2].text == "text number 0, with spaces"
 
 
@@ -57,7 +60,7 @@ def test_validator_reports_each_problem(tmp_path):
     assert "not ending with <|endofprompt|>" in problems
     assert "do not exist" in problems
     with pytest.raises(DataError, match="inconsistent"):
-        read_kaldi_dir(d)
+        read_kaldi_entries(d)
 
 
 def read_kaldi_dir_wav(d: Path, utt: str) -> str:
@@ -97,9 +100,53 @@ def test_paths_with_spaces_read_back_but_warn_for_upstream(tmp_path):
     d = tmp_path / "e"
     entries = _entries(tmp_path, 2)  # files are named "w 0.wav", "w 1.wav"
     write_kaldi_dir(d, entries)
-    assert [e.wav for e in read_kaldi_dir(d)] == [e.wav for e in entries]
+    assert [e.wav for e in read_kaldi_entries(d)] == [e.wav for e in entries]
     assert "make_parquet_list.py" in upstream_warnings(d)[0]
     plain = tmp_path / "plain.wav"
     plain.write_bytes(b"RIFF")
     write_kaldi_dir(d, [KaldiEntry("spk_u0", str(plain), "t", "spk", INSTRUCT)])
     assert upstream_warnings(d) == []
+
+
+def test_reader_follows_upstreams_line_rule(tmp_path):
+    """Upstream's tools split lines at whitespace runs: the first field is the id, text/instruct are
+    the other fields re-joined with single spaces; a path keeps its spaces (upstream would cut it)."""
+    d = tmp_path / "u"
+    d.mkdir()
+    (d / "wav.scp").write_text("a\t/data/my clips/a.wav\n\nb   /data/b.wav  \n")
+    (d / "text").write_text("a  hello\t world \nb\n")
+    (d / "utt2spk").write_text("a spk\nb\tspk\n")
+    (d / "instruct").write_text(f"a You are  a helpful assistant.{INSTRUCT[-15:]}\nb {INSTRUCT}\n")
+    kd = read_kaldi_dir(d, need=("wav.scp", "text", "utt2spk"))
+    assert kd.utts == ["a", "b"]
+    assert kd.utt2wav == {"a": "/data/my clips/a.wav", "b": "/data/b.wav"}
+    assert kd.utt2text == {"a": "hello world", "b": ""}  # empty text is read (the validator reports it)
+    assert kd.utt2spk == {"a": "spk", "b": "spk"}
+    assert kd.utt2instruct == {"a": INSTRUCT, "b": INSTRUCT}
+    assert [e.text for e in kd.entries()] == ["hello world", ""]
+    # the feature-extraction stages use this same reader
+    from cosytune.data import frontend_common
+
+    assert frontend_common.read_kaldi_dir is read_kaldi_dir
+
+
+def test_reader_lists_every_malformed_line(tmp_path):
+    p = tmp_path / "wav.scp"
+    p.write_text("a /x/a.wav\nb\na /x/a2.wav\nc /x/c.wav\nd \t \n")
+    with pytest.raises(DataError) as err:
+        read_kaldi_map(p)
+    msg = str(err.value)
+    assert "3 malformed line(s)" in msg
+    assert "line 2: 'b' has an id but no value" in msg
+    assert "line 3: id 'a' appears twice" in msg
+    assert "line 5: 'd' has an id but no value" in msg
+    assert "Fix these lines" in msg
+    # a word file may have an empty value, but ids must still be unique
+    t = tmp_path / "text"
+    t.write_text("a\nb two words\nb again\n")
+    with pytest.raises(DataError, match="line 3: id 'b' appears twice"):
+        read_kaldi_map(t)
+    with pytest.raises(DataError, match="does not exist"):
+        read_kaldi_map(tmp_path / "utt2spk")
+    with pytest.raises(DataError, match="lacks utt2spk"):
+        read_kaldi_entries(tmp_path)

@@ -1,10 +1,7 @@
-"""Shared pieces of the feature-extraction stages: Kaldi data dirs, audio decoding, ``.pt`` maps.
+"""Shared pieces of the feature-extraction stages: data-dir paths, audio decoding, ``.pt`` maps.
 
-A Kaldi-style data dir (upstream ``examples/libritts/cosyvoice/local/prepare_data.py``) holds
-``wav.scp`` (``utt path``), ``text`` (``utt words…``), ``utt2spk`` (``utt spk``), ``spk2utt`` and, for
-CosyVoice 3, ``instruct`` (``utt You are a helpful assistant.<|endofprompt|>``). Lines are parsed the
-way upstream's tools parse them: fields split on whitespace, and ``text``/``instruct`` re-joined with
-single spaces. Duplicate ids or malformed lines are errors that list every offending line.
+Kaldi-style data dirs are read by :func:`cosytune.data.kaldi.read_kaldi_dir` (the one reader data prep
+uses too; re-exported here for the stages' convenience).
 
 The ``.pt`` maps (``utt2embedding.pt``, ``spk2embedding.pt``, ``utt2speech_token.pt``) are plain
 ``{id: list}`` dicts saved with ``torch.save``, exactly what upstream's ``tools/extract_*.py`` write and
@@ -25,6 +22,7 @@ from typing import Any
 
 import torch
 
+from cosytune.data.kaldi import MAX_LISTED, KaldiDir, read_kaldi_dir
 from cosytune.errors import CosytuneError, DataError
 from cosytune.fileio import atomic_path, write_json
 
@@ -42,86 +40,11 @@ __all__ = [
     "save_pt_map",
 ]
 
-MAX_LISTED = 20
-
 
 def _listing(ids, limit: int = MAX_LISTED) -> str:
     ids = list(ids)
     shown = ", ".join(ids[:limit])
     return shown + (f" … and {len(ids) - limit} more" if len(ids) > limit else "")
-
-
-@dataclass
-class KaldiDir:
-    """The lists of one Kaldi-style data dir, keyed by utterance id (``wav.scp`` order)."""
-
-    path: Path
-    utt2wav: dict[str, str]
-    utt2text: dict[str, str] = field(default_factory=dict)
-    utt2spk: dict[str, str] = field(default_factory=dict)
-    utt2instruct: dict[str, str] | None = None
-
-    @property
-    def utts(self) -> list[str]:
-        return list(self.utt2wav)
-
-
-def _read_list(path: Path, *, join_rest: bool) -> dict[str, str]:
-    out: dict[str, str] = {}
-    problems: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            key = parts[0]
-            if join_rest:
-                value = " ".join(parts[1:])
-            else:
-                if len(parts) < 2:
-                    problems.append(f"line {n}: '{line.strip()}' has an id but no value")
-                    continue
-                # Paths may contain spaces; upstream would cut them at the first one. Keep the rest.
-                value = line.strip().split(None, 1)[1]
-            if key in out:
-                problems.append(f"line {n}: duplicate id {key!r}")
-                continue
-            out[key] = value
-    if problems:
-        raise DataError(f"{path}: {len(problems)} malformed line(s):\n  " + "\n  ".join(problems[:MAX_LISTED])
-                        + ("\n  …" if len(problems) > MAX_LISTED else "") + "\nFix these lines and re-run.")
-    return out
-
-
-def read_kaldi_dir(path: str | os.PathLike, *, need: tuple[str, ...] = ("wav.scp",)) -> KaldiDir:
-    """Read a Kaldi-style data dir.
-
-    Args:
-        path: the directory.
-        need: files that must exist (``wav.scp`` always; add ``text``/``utt2spk`` where required).
-
-    Returns:
-        A :class:`KaldiDir`; optional files that are absent give empty maps (``instruct``: ``None``).
-
-    Raises:
-        DataError: a required file is missing, or a list has malformed/duplicate lines.
-    """
-    d = Path(path)
-    if not d.is_dir():
-        raise DataError(f"data dir {d} does not exist; expected a Kaldi-style dir with wav.scp, text, utt2spk "
-                        "(as written by `cosytune transcribe`)")
-    missing = [n for n in dict.fromkeys(("wav.scp",) + tuple(need)) if not (d / n).is_file()]
-    if missing:
-        raise DataError(f"data dir {d} lacks {', '.join(missing)}; expected the files `cosytune transcribe` "
-                        "writes (wav.scp, text, utt2spk, spk2utt, instruct)")
-    kd = KaldiDir(d, _read_list(d / "wav.scp", join_rest=False))
-    if (d / "text").is_file():
-        kd.utt2text = _read_list(d / "text", join_rest=True)
-    if (d / "utt2spk").is_file():
-        kd.utt2spk = _read_list(d / "utt2spk", join_rest=False)
-    if (d / "instruct").is_file():
-        kd.utt2instruct = _read_list(d / "instruct", join_rest=True)
-    return kd
 
 
 def resolve_wav_path(kd: KaldiDir, wav: str) -> Path:

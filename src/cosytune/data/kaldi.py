@@ -1,8 +1,7 @@
 """Kaldi-style data directories as upstream CosyVoice's data-prep tools read them.
 
-A data dir holds one line per utterance in each of these files (``<utt> <value>``, one space
-after the id, the value may contain spaces), sorted by utterance id in byte order (what
-``LC_ALL=C sort`` gives):
+A data dir holds one line per utterance in each of these files (``<utt> <value>``), sorted by
+utterance id in byte order (what ``LC_ALL=C sort`` gives):
 
 * ``wav.scp``   ``utt /abs/path/to/audio.wav``
 * ``text``      ``utt transcript``
@@ -13,8 +12,19 @@ after the id, the value may contain spaces), sorted by utterance id in byte orde
 Utterance ids are prefixed with the speaker id, so sorting utterances also keeps each
 speaker's utterances together (the Kaldi convention that ``utt2spk`` and ``spk2utt`` sort alike).
 
+Reading (one reader, :func:`read_kaldi_map`, for data prep and feature extraction alike) follows
+upstream's tools (``tools/make_parquet_list.py``, ``tools/extract_*.py``: ``line.split()``): a line is
+split at whitespace runs and the first field is the id; ``text`` and ``instruct`` are the remaining
+fields re-joined with single spaces (and may be empty). One deliberate difference: where upstream keeps
+only the second field of ``wav.scp``/``utt2spk``, we keep the rest of the line, so an audio path with a
+space in it survives (:func:`upstream_warnings` tells when upstream would cut it). Blank lines are
+skipped; duplicate ids and lines without a value are errors that list every offending line.
+
+The writer puts exactly one space after the id, so whatever it writes reads back unchanged (ids have
+no whitespace; transcripts are whitespace-normalised before they get here).
+
 Reference: upstream-spec.md §7.6 (``examples/libritts/cosyvoice/local/prepare_data.py`` writes
-these files; ``tools/make_parquet_list.py`` reads them and splits each line at the first space).
+these files; ``tools/make_parquet_list.py`` reads them).
 """
 
 from __future__ import annotations
@@ -22,16 +32,20 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cosytune.errors import DataError
 from cosytune.fileio import write_text
+from cosytune.text.special import ENDOFPROMPT
 
 logger = logging.getLogger(__name__)
 
 KALDI_FILES = ("wav.scp", "text", "utt2spk", "spk2utt", "instruct")
-ENDOFPROMPT = "<|endofprompt|>"
+#: Files whose value is words (re-joined with single spaces, may be empty) rather than one field.
+WORD_FILES = ("text", "instruct")
+#: Offending lines shown in an error message.
+MAX_LISTED = 20
 
 
 @dataclass(frozen=True)
@@ -115,53 +129,122 @@ def write_kaldi_dir(directory: str | os.PathLike, entries: Iterable[KaldiEntry])
     return len(rows)
 
 
-def read_kaldi_map(path: str | os.PathLike, allow_empty_value: bool = False) -> dict[str, str]:
-    """Read a ``<key> <value>`` file into a dict (value = rest of the line after the first space).
+def read_kaldi_map(path: str | os.PathLike, *, words: bool | None = None) -> dict[str, str]:
+    """Read one ``<id> <value>`` list into a dict in file order (the rule is in the module docstring).
+
+    Args:
+        path: the list file.
+        words: the value is words re-joined with single spaces and may be empty (``text``,
+            ``instruct``); otherwise it is the rest of the line after the id and must not be empty.
+            None = decided by the file name (:data:`WORD_FILES`).
 
     Raises:
-        DataError: on a missing file, a duplicate key or a line without a value.
+        DataError: a missing file, or malformed lines (duplicate id, no value), every one listed.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist; expected a Kaldi '<utt> <value>' file there")
+    if words is None:
+        words = path.name in WORD_FILES
     out: dict[str, str] = {}
+    problems: list[str] = []
     with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
+        for n, line in enumerate(f, 1):
+            parts = line.split(None, 1)
+            if not parts:
                 continue
-            key, _, value = line.partition(" ")
-            if not value and not allow_empty_value:
-                raise DataError(f"{path}:{i}: expected '<key> <value>', found {line!r}")
+            key = parts[0]
+            value = parts[1].strip() if len(parts) > 1 else ""
+            if words:
+                value = " ".join(value.split())
+            elif not value:
+                problems.append(f"line {n}: {line.strip()!r} has an id but no value")
+                continue
             if key in out:
-                raise DataError(f"{path}:{i}: key {key!r} appears twice; keys must be unique")
+                problems.append(f"line {n}: id {key!r} appears twice")
+                continue
             out[key] = value
+    if problems:
+        more = f"\n  … and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise DataError(
+            f"{path}: {len(problems)} malformed line(s) (expected '<id> <value>' with unique ids):\n  "
+            + "\n  ".join(problems[:MAX_LISTED]) + more + "\nFix these lines and re-run."
+        )
     return out
 
 
-def read_kaldi_dir(directory: str | os.PathLike) -> list[KaldiEntry]:
-    """Read a data dir written by :func:`write_kaldi_dir` (or upstream's prepare_data.py).
+@dataclass
+class KaldiDir:
+    """The lists of one Kaldi-style data dir, keyed by utterance id (``wav.scp`` order)."""
 
-    ``wav.scp``, ``text`` and ``utt2spk`` are required, ``instruct`` is optional.
+    path: Path
+    utt2wav: dict[str, str]
+    utt2text: dict[str, str] = field(default_factory=dict)
+    utt2spk: dict[str, str] = field(default_factory=dict)
+    utt2instruct: dict[str, str] | None = None
+
+    @property
+    def utts(self) -> list[str]:
+        return list(self.utt2wav)
+
+    def entries(self) -> list[KaldiEntry]:
+        """Every utterance, sorted by id in byte order.
+
+        Raises:
+            DataError: when ``text``, ``utt2spk`` or ``instruct`` disagree with ``wav.scp`` about the ids.
+        """
+        problems = _id_problems(self.utt2wav, self.utt2text, self.utt2spk, self.utt2instruct)
+        if problems:
+            raise DataError(f"Kaldi dir {self.path} is inconsistent:\n  - " + "\n  - ".join(problems))
+        instructs = self.utt2instruct
+        return [
+            KaldiEntry(utt, self.utt2wav[utt], self.utt2text[utt], self.utt2spk[utt],
+                       instructs[utt] if instructs is not None else None)
+            for utt in sorted(self.utt2wav, key=kaldi_sort_key)
+        ]
+
+
+def read_kaldi_dir(path: str | os.PathLike, *, need: tuple[str, ...] = ("wav.scp",)) -> KaldiDir:
+    """Read a Kaldi-style data dir (written by :func:`write_kaldi_dir` or upstream's prepare_data.py).
+
+    Args:
+        path: the directory.
+        need: files that must exist (``wav.scp`` always; add ``text``/``utt2spk`` where required).
+
+    Returns:
+        A :class:`KaldiDir`; optional files that are absent give empty maps (``instruct``: ``None``).
 
     Raises:
-        DataError: when a file is missing or the files disagree about the utterance ids.
+        DataError: a required file is missing, or a list has malformed/duplicate lines.
     """
-    directory = Path(directory)
-    wavs = read_kaldi_map(directory / "wav.scp")
-    texts = read_kaldi_map(directory / "text", allow_empty_value=True)
-    spks = read_kaldi_map(directory / "utt2spk")
-    instructs = read_kaldi_map(directory / "instruct") if (directory / "instruct").is_file() else None
-    problems = _id_problems(directory, wavs, texts, spks, instructs)
-    if problems:
-        raise DataError(f"Kaldi dir {directory} is inconsistent:\n  - " + "\n  - ".join(problems))
-    return [
-        KaldiEntry(utt, wavs[utt], texts[utt], spks[utt], instructs[utt] if instructs is not None else None)
-        for utt in sorted(wavs, key=kaldi_sort_key)
-    ]
+    d = Path(path)
+    if not d.is_dir():
+        raise DataError(f"data dir {d} does not exist; expected a Kaldi-style dir with wav.scp, text, utt2spk "
+                        "(as written by `cosytune transcribe`)")
+    missing = [n for n in dict.fromkeys(("wav.scp",) + tuple(need)) if not (d / n).is_file()]
+    if missing:
+        raise DataError(f"data dir {d} lacks {', '.join(missing)}; expected the files `cosytune transcribe` "
+                        "writes (wav.scp, text, utt2spk, spk2utt, instruct)")
+    kd = KaldiDir(d, read_kaldi_map(d / "wav.scp"))
+    if (d / "text").is_file():
+        kd.utt2text = read_kaldi_map(d / "text")
+    if (d / "utt2spk").is_file():
+        kd.utt2spk = read_kaldi_map(d / "utt2spk")
+    if (d / "instruct").is_file():
+        kd.utt2instruct = read_kaldi_map(d / "instruct")
+    return kd
 
 
-def _id_problems(directory: Path, wavs: dict, texts: dict, spks: dict, instructs: dict | None) -> list[str]:
+def read_kaldi_entries(directory: str | os.PathLike) -> list[KaldiEntry]:
+    """The utterances of a data dir with ``wav.scp``, ``text`` and ``utt2spk`` (``instruct`` optional).
+
+    Raises:
+        DataError: when a file is missing or malformed, or the files disagree about the utterance ids.
+    """
+    return read_kaldi_dir(directory, need=("wav.scp", "text", "utt2spk")).entries()
+
+
+def _id_problems(wavs: dict, texts: dict, spks: dict, instructs: dict | None) -> list[str]:
     problems = []
     ids = set(wavs)
     others = [("text", texts), ("utt2spk", spks)] + (
@@ -180,9 +263,9 @@ def _id_problems(directory: Path, wavs: dict, texts: dict, spks: dict, instructs
 def upstream_warnings(directory: str | os.PathLike) -> list[str]:
     """Things upstream CosyVoice's tools would misread in a data dir that our readers accept.
 
-    Upstream's ``tools/make_parquet_list.py`` splits every ``wav.scp`` line at *any* whitespace
-    and keeps the second field, so an audio path containing a space is cut short there (and the
-    file is not found). cosytune's own readers split at the first space only and are unaffected.
+    Upstream's ``tools/make_parquet_list.py`` splits every ``wav.scp`` line at whitespace and keeps
+    the second field, so an audio path containing a space is cut short there (and the file is not
+    found). cosytune's reader keeps the rest of the line and is unaffected.
 
     Returns:
         Warning messages (empty when upstream would read the dir as we do).
@@ -227,27 +310,22 @@ def validate_kaldi_dir(
     missing_files = [n for n in needed if not (directory / n).is_file()]
     if missing_files:
         return [f"missing file(s) {', '.join(missing_files)} in {directory}"]
+    names = ("wav.scp", "text", "utt2spk", "spk2utt") + (("instruct",) if (directory / "instruct").is_file() else ())
     try:
-        wavs = read_kaldi_map(directory / "wav.scp")
-        texts = read_kaldi_map(directory / "text", allow_empty_value=True)
-        spks = read_kaldi_map(directory / "utt2spk")
-        spk2utt_raw = read_kaldi_map(directory / "spk2utt")
-        instructs = read_kaldi_map(directory / "instruct") if (directory / "instruct").is_file() else None
+        maps = {name: read_kaldi_map(directory / name) for name in names}
     except DataError as e:
         return [str(e)]
-    problems += _id_problems(directory, wavs, texts, spks, instructs)
+    wavs, texts, spks, spk2utt_raw = maps["wav.scp"], maps["text"], maps["utt2spk"], maps["spk2utt"]
+    instructs = maps.get("instruct")
+    problems += _id_problems(wavs, texts, spks, instructs)
     inverse: dict[str, list[str]] = {}
     for utt, spk in spks.items():
         inverse.setdefault(spk, []).append(utt)
     spk2utt = {spk: v.split() for spk, v in spk2utt_raw.items()}
     if {k: sorted(v) for k, v in spk2utt.items()} != {k: sorted(v) for k, v in inverse.items()}:
         problems.append("spk2utt is not the inverse of utt2spk; regenerate it from utt2spk")
-    for name in ("wav.scp", "text", "utt2spk", "spk2utt") + (("instruct",) if instructs is not None else ()):
-        keys = [
-            line.split(" ", 1)[0]
-            for line in (directory / name).read_text(encoding="utf-8").splitlines()
-            if line
-        ]
+    for name, m in maps.items():
+        keys = list(m)  # file order
         if keys != sorted(keys, key=kaldi_sort_key):
             problems.append(f"{name} is not sorted by id in byte order (LC_ALL=C sort)")
     empty = sorted(u for u, t in texts.items() if not t.strip())

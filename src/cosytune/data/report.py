@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cosytune.data.kaldi import read_kaldi_dir
+from cosytune.data.kaldi import read_kaldi_entries
 from cosytune.data.transcribe import speakable_units
 from cosytune.errors import DataError
 from cosytune.fileio import atomic_path, read_jsonl, write_json, write_text
@@ -145,7 +145,7 @@ def _kaldi_rows(directory: Path) -> list[dict]:
     import soundfile as sf
 
     rows = []
-    for e in read_kaldi_dir(directory):
+    for e in read_kaldi_entries(directory):
         try:
             info = sf.info(e.wav)
         except Exception as err:

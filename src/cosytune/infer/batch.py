@@ -90,7 +90,7 @@ def _decode_group(synth: Synthesizer, rows: list[_Row], fast: bool) -> None:
     decoder = None
     if fast and capacity is not None:
         decoder = GraphedDecoder(llm, len(rows), capacity,
-                                 compile_mode=getattr(synth, "decode_compile_mode", None))
+                                 compile_mode=synth.decode_compile_mode)
     options = rows[0].options
     outputs = llm.generate_batch(prompts, sampling=options.sampling, generators=gens,
                                  min_len_mode=options.min_len_mode, rows=decoder)
@@ -108,7 +108,7 @@ def _mels(synth: Synthesizer, rows: list[_Row]) -> list[torch.Tensor]:
     dtype = next(flow.parameters()).dtype
     parts = []
     for r in rows:
-        prompt_token, prompt_feat, embedding = synth._flow_inputs(r.req)
+        prompt_token, prompt_feat, embedding = synth.flow_inputs(r.req)
         tok = torch.tensor([r.flow_tokens], dtype=torch.int64, device=dev)
         parts.append(flow.sampler_inputs(tok, prompt_token, prompt_feat.to(dev, dtype), embedding.to(dev, dtype)))
     b = len(parts)
@@ -167,7 +167,7 @@ def synthesize_batch(synth: Synthesizer, requests: Sequence[BatchRequest], *, ba
         except CosytuneError as exc:
             finish(i, exc)
             continue
-        rows.append(_Row(i, req, r.options, synth._seed(r.options), time.perf_counter() - t0))
+        rows.append(_Row(i, req, r.options, synth.resolve_seed(r.options), time.perf_counter() - t0))
 
     groups: dict[tuple, list[_Row]] = {}
     for row in rows:
@@ -208,7 +208,7 @@ def _run_batch(synth: Synthesizer, batch: list[_Row], fast: bool,
         timings = {"prepare_s": row.prepare_s, "llm_s": llm_s, "flow_s": flow_s, "hift_s": hift_s, "total_s": total,
                    "audio_s": audio_s, "rtf": total / audio_s if audio_s else float("inf")}
         assert row.thinner is not None
-        info = synth._result_info(row.req, row.options, row.tokens, len(row.flow_tokens), row.thinner, stream=False)
+        info = synth.result_info(row.req, row.options, row.tokens, len(row.flow_tokens), row.thinner, stream=False)
         info["batch"] = {"rows": n, "fast_decode": fast}
         info["llm_decoder"] = ("graph" if synth.device.type == "cuda" else "static") if fast else "reference"
         finish(row.index, SynthesisResult(audio, synth.sample_rate, row.tokens, row.seed, timings, info))

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from cosytune.errors import DataError
+from cosytune.text.special import DEFAULT_INSTRUCT, ENDOFPROMPT
 
 logger = logging.getLogger(__name__)
 
@@ -267,9 +268,9 @@ def zero_shot_entry_from_dir(model_dir: str | os.PathLike, prompt_wav: str | os.
     """
     from cosytune.modeldir.model_dir import ModelDir
 
-    if "<|endofprompt|>" not in prompt_text:
-        raise DataError(f"--prompt_text {prompt_text[:60]!r} lacks <|endofprompt|>; CosyVoice 3 needs it, e.g. "
-                        "'You are a helpful assistant.<|endofprompt|><transcript of the prompt wav>'")
+    if ENDOFPROMPT not in prompt_text:
+        raise DataError(f"--prompt_text {prompt_text[:60]!r} lacks {ENDOFPROMPT}; CosyVoice 3 needs it, e.g. "
+                        f"'{DEFAULT_INSTRUCT}<transcript of the prompt wav>'")
     md = ModelDir(model_dir)
     missing = [p.name for p in (md.campplus_path, md.speech_tokenizer_path, md.blanken_path) if not p.exists()]
     if missing:

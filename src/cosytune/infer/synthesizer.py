@@ -22,8 +22,8 @@ Public API
     * ``prepare(...) -> PreparedRequest`` (text front end, mode resolution, prompt features),
       ``generate_tokens``, ``tokens_to_mel``, ``mel_to_wav``: the stages, public so tests and tools can
       drive them one by one.
-    * ``speaker_from_prompt(prompt_wav, prompt_text) -> (Speaker, spk2info entry)``: a zero-shot speaker
-      to store in ``spk2info.pt`` and reuse by id.
+    * ``flow_inputs``, ``resolve_seed``, ``result_info``: the pieces :mod:`cosytune.infer.batch` shares with
+      :meth:`Synthesizer.synthesize` (flow prompt of a request, the seed of a run, the result's ``info``).
 
 One request (spec §2.5, §5.7, §6)
     1. Text: the spoken text is normalised without splitting (``TextNormalizer.normalize(split=False)``
@@ -70,7 +70,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,9 +80,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cosytune.errors import DataError, UsageError
-from cosytune.infer.frontend import PromptFrontend, Speaker, speaker_from_spk2info, speaker_to_spk2info
+from cosytune.infer.frontend import PromptFrontend, Speaker, speaker_from_spk2info
 from cosytune.infer.streaming import SILENT_TOKENS, SilenceThinner, StreamSchedule, StreamState
 from cosytune.models.sampling import SamplingConfig
+from cosytune.text.special import DEFAULT_INSTRUCT, ENDOFPROMPT
 
 #: Frame bucket of the graphed flow sampler (``fast_flow``): 64 mel frames = 1.28 s.
 FLOW_BUCKET = 64
@@ -101,9 +102,6 @@ __all__ = [
     "Synthesizer",
 ]
 
-ENDOFPROMPT = "<|endofprompt|>"
-#: The instruct CosyVoice 3 training data carries (transcribe's default ``instruct`` file).
-DEFAULT_INSTRUCT = "You are a helpful assistant.<|endofprompt|>"
 Mode = Literal["sft", "zero_shot", "instruct2", "cross_lingual"]
 MODES: tuple[str, ...] = ("sft", "zero_shot", "instruct2", "cross_lingual")
 PromptStrategy = Literal["default", "guide_prefix"]
@@ -495,22 +493,6 @@ class Synthesizer:
                              "build it with Synthesizer.from_dir to use prompt wavs")
         return self.prompt_frontend.speaker_from_wav(prompt_wav)
 
-    def speaker_from_prompt(self, prompt_wav: str | os.PathLike, prompt_text: str) -> tuple[Speaker, dict]:
-        """A zero-shot speaker and its ``spk2info.pt`` entry (upstream ``add_zero_shot_spk``).
-
-        Args:
-            prompt_wav: the prompt clip.
-            prompt_text: what the LLM sees before the text, including ``<|endofprompt|>``, e.g.
-                ``"You are a helpful assistant.<|endofprompt|>" + transcript``. Stored unnormalised.
-
-        Raises:
-            DataError: missing ``<|endofprompt|>``, unreadable wav.
-        """
-        ids = self._prompt_ids(prompt_text, "--prompt_text", transcript_hint=True)
-        speaker = self.speaker_from_wav(prompt_wav)
-        speaker.prompt_text_ids = ids
-        return speaker, speaker_to_spk2info(speaker, ids)
-
     # ---------------------------------------------------------------------------------- preparation
     def _prompt_ids(self, prompt_text: str, what: str, *, transcript_hint: bool = False) -> list[int]:
         if ENDOFPROMPT not in prompt_text:
@@ -685,7 +667,9 @@ class Synthesizer:
             if decoder is not None:
                 pool.release(decoder)
 
-    def _flow_inputs(self, req: PreparedRequest) -> tuple[Tensor, Tensor, Tensor]:
+    def flow_inputs(self, req: PreparedRequest) -> tuple[Tensor, Tensor, Tensor]:
+        """The flow prompt of a request on this device: ``(prompt_token (1, P), prompt_feat (1, 2P, 80),
+        embedding (1, 192))``; P = 0 when the mode has no flow prompt (sft)."""
         spk = req.speaker
         dev = self.device
         if req.flow_prompt:
@@ -740,11 +724,13 @@ class Synthesizer:
 
     # ---------------------------------------------------------------------------------- requests
     @staticmethod
-    def _seed(options: SynthesisOptions) -> int:
+    def resolve_seed(options: SynthesisOptions) -> int:
+        """The seed a run uses: ``options.seed``, or a fresh random one (reported in the result)."""
         return int(options.seed) if options.seed is not None else secrets.randbits(63)
 
-    def _result_info(self, req: PreparedRequest, options: SynthesisOptions, tokens: list[int], flow_tokens: int,
-                     thinner: SilenceThinner, stream: bool) -> dict[str, Any]:
+    def result_info(self, req: PreparedRequest, options: SynthesisOptions, tokens: list[int], flow_tokens: int,
+                    thinner: SilenceThinner, stream: bool) -> dict[str, Any]:
+        """The ``info`` dict of a :class:`SynthesisResult`: the request's info plus sampler and token counts."""
         sampling = options.sampling or self.llm.config.sampling
         info = dict(req.info)
         info.update({
@@ -774,7 +760,7 @@ class Synthesizer:
         t0 = time.perf_counter()
         req = self.prepare(text, mode=mode, spk_id=spk_id, prompt_text=prompt_text, prompt_wav=prompt_wav,
                            speaker=speaker, options=options)
-        seed = self._seed(options)
+        seed = self.resolve_seed(options)
         t1 = time.perf_counter()
         decoder_info: dict[str, Any] = {}
         tokens = list(self.generate_tokens(req, options, seed, info=decoder_info))
@@ -783,7 +769,7 @@ class Synthesizer:
         if not flow_tokens:
             raise DataError(NO_SPEECH)
         t2 = time.perf_counter()
-        mel = self.tokens_to_mel(flow_tokens, *self._flow_inputs(req), streaming=False, finalize=True)
+        mel = self.tokens_to_mel(flow_tokens, *self.flow_inputs(req), streaming=False, finalize=True)
         t3 = time.perf_counter()
         wav = self.mel_to_wav(mel, speed=options.speed)
         t4 = time.perf_counter()
@@ -791,7 +777,7 @@ class Synthesizer:
         audio_s = audio.shape[0] / self.sample_rate
         timings = {"prepare_s": t1 - t0, "llm_s": t2 - t1, "flow_s": t3 - t2, "hift_s": t4 - t3, "total_s": t4 - t0,
                    "audio_s": audio_s, "rtf": (t4 - t0) / audio_s if audio_s else float("inf")}
-        info = self._result_info(req, options, tokens, len(flow_tokens), thinner, stream=False)
+        info = self.result_info(req, options, tokens, len(flow_tokens), thinner, stream=False)
         info.update(decoder_info)
         return SynthesisResult(audio, self.sample_rate, tokens, seed, timings, info)
 
@@ -816,9 +802,9 @@ class Synthesizer:
         t0 = time.perf_counter()
         req = self.prepare(text, mode=mode, spk_id=spk_id, prompt_text=prompt_text, prompt_wav=prompt_wav,
                            speaker=speaker, options=options)
-        seed = self._seed(options)
+        seed = self.resolve_seed(options)
         prepare_s = time.perf_counter() - t0
-        prompt_token, prompt_feat, embedding = self._flow_inputs(req)
+        prompt_token, prompt_feat, embedding = self.flow_inputs(req)
         state = StreamState(self.schedule, int(prompt_token.shape[1]))
         thinner = SilenceThinner(SILENT_TOKENS, options.max_silent_run)
         vocoder = HiFTStreamState()
@@ -870,11 +856,7 @@ class Synthesizer:
         timings = {"prepare_s": prepare_s, **times, "total_s": total, "audio_s": audio_s,
                    "rtf": total / audio_s if audio_s else float("inf"), "first_chunk_s": first_chunk_s or total,
                    "chunks": state.chunks}
-        info = self._result_info(req, options, tokens, len(state.tokens), thinner, stream=True)
+        info = self.result_info(req, options, tokens, len(state.tokens), thinner, stream=True)
         info.update(decoder_info)
         last.result = SynthesisResult(audio, self.sample_rate, tokens, seed, timings, info)
         yield last
-
-    def with_options(self, options: SynthesisOptions, **changes: Any) -> SynthesisOptions:
-        """``dataclasses.replace`` for options (convenience for batch callers)."""
-        return replace(options, **changes)

@@ -1,13 +1,13 @@
 """Text front end: Qwen tokenizer with CosyVoice 3's special tokens (``tokenizer``) and text
-normalisation before synthesis (``normalize``).
+normalisation before synthesis (``normalize``); ``special`` holds the special strings other code shares.
 
 Importing this package is cheap: ``transformers`` is imported only when a tokenizer is loaded or built.
 """
 
 from __future__ import annotations
 
+from cosytune.text.special import DEFAULT_INSTRUCT, ENDOFPROMPT
 from cosytune.text.tokenizer import (
-    ENDOFPROMPT,
     ENDOFPROMPT_ID,
     CosyVoice3Tokenizer,
     build_tiny_qwen_tokenizer,
@@ -16,6 +16,7 @@ from cosytune.text.tokenizer import (
 )
 
 __all__ = [
+    "DEFAULT_INSTRUCT",
     "ENDOFPROMPT",
     "ENDOFPROMPT_ID",
     "CosyVoice3Tokenizer",

@@ -124,9 +124,6 @@ TokenCounter = Callable[[str], int]
 
 Branch = Literal["zh", "en", "special", "disabled"]
 
-ENDOFPROMPT = "<|endofprompt|>"
-"""CosyVoice 3's separator between an instruction/prompt text and what follows (spec §10.3)."""
-
 # Upstream's language test: any CJK Unified Ideograph (basic block only).
 _CJK_RE = re.compile(r"[\u4e00-\u9fff]")
 # The regex module's \p{P}/\p{S} match upstream's is_only_punctuation exactly (same Unicode tables);

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cosytune.errors import ModelDirError
+from cosytune.text.special import ENDOFPROMPT
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ BASE_SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_e
 #: Number of BPE ranks in ``qwen.tiktoken`` (ids 0 … 151642).
 NUM_BPE_TOKENS = 151643
 
-ENDOFPROMPT = "<|endofprompt|>"
 ENDOFPROMPT_ID = 151646
 ENDOFSYSTEM = "<|endofsystem|>"
 

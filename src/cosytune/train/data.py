@@ -303,9 +303,6 @@ class SFTDataset(BatchSource):
     def num_utts(self, indices: list[int]) -> int:
         return len(indices)
 
-    def total_frames(self) -> int:
-        return sum(it.frames for it in self.items)
-
 
 def total_batches_hint(ds: SFTDataset, world_size: int, accum: int) -> int:
     return math.ceil(len(ds.epoch_batches(0, 0, world_size)) / accum)
