@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from speaker_models import speaker_model_dir
 
 from cosytune.errors import DataError

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from unsafe_payload import write_evil
 
 from cosytune.cli.main import main
 from cosytune.errors import CheckpointError
-from unsafe_payload import write_evil
 
 
 @pytest.fixture
