@@ -107,6 +107,46 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def read_user_text(path: str | os.PathLike, what: str = "text file") -> str:
+    """Read a text file a person wrote, in the encodings their editors save: UTF-8 (with or without BOM),
+    UTF-16/32 with a BOM (Windows Notepad's "Unicode"), or GBK/GB18030 (Chinese Windows' "ANSI").
+
+    A file in another encoding gets a :class:`~cosytune.errors.DataError` that says how to convert it,
+    never a ``UnicodeDecodeError`` traceback. GB18030 is accepted only when the result holds CJK text, and
+    a warning says which encoding was assumed.
+    """
+    import logging
+
+    from cosytune.errors import DataError
+
+    raw = Path(path).read_bytes()
+    for bom, enc in ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+                     (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
+        if raw.startswith(bom):
+            try:
+                return raw.decode(enc)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: the {what} starts like {enc.upper()} but is not valid {enc.upper()} "
+                                f"({e.reason} at byte {e.start}); save it again as UTF-8") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as utf8_error:
+        try:
+            text = raw.decode("gb18030")
+        except UnicodeDecodeError:
+            text = ""
+        if any("\u4e00" <= ch <= "\u9fff" for ch in text):
+            logging.getLogger(__name__).warning(
+                "%s is not UTF-8; read it as GBK/GB18030 (Chinese Windows' default). Save it as UTF-8 to be sure",
+                path)
+            return text
+        raise DataError(
+            f"{path}: the {what} is not UTF-8 (invalid byte {raw[utf8_error.start]:#04x} at byte {utf8_error.start}) "
+            "and not GBK or UTF-16 either. Save it as UTF-8 (e.g. `iconv -f <its encoding> -t UTF-8 in > out`, "
+            "or \"Save as… UTF-8\" in your editor)"
+        ) from None
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's content."""
     h = hashlib.sha256()

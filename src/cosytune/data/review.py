@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cosytune.errors import DataError
-from cosytune.fileio import write_text
+from cosytune.fileio import read_user_text, write_text
 
 REVIEW_COLUMNS = ("utt_id", "duration_s", "status", "flags", "delete", "asr_check", "text")
 DELETE_MARKS = frozenset({"x", "1", "yes", "y", "true", "delete", "d"})
@@ -110,51 +110,51 @@ def read_review(path: str | os.PathLike) -> dict[str, ReviewRow]:
     out: dict[str, ReviewRow] = {}
     header_seen = False
     problems: list[str] = []
-    with open(path, encoding="utf-8-sig") as f:
-        for i, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            fields = [_unquote(x) for x in line.split("\t", len(REVIEW_COLUMNS) - 1)]
-            if not header_seen:
-                if tuple(x.strip() for x in fields) != REVIEW_COLUMNS:
-                    raise DataError(
-                        f"{path}:{i}: expected the header {'<TAB>'.join(REVIEW_COLUMNS)}, found {line!r}; "
-                        "keep the header row and the tab separators when editing"
-                    )
-                header_seen = True
-                continue
-            if len(fields) < len(REVIEW_COLUMNS) - 1:
-                problems.append(
-                    f"line {i}: expected {len(REVIEW_COLUMNS)} tab-separated columns, found {len(fields)}"
+    # The review file is edited by hand, often in a spreadsheet that saves UTF-16 or GBK.
+    for i, line in enumerate(read_user_text(path, "review file").splitlines(), 1):
+        line = line.rstrip("\r\n")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = [_unquote(x) for x in line.split("\t", len(REVIEW_COLUMNS) - 1)]
+        if not header_seen:
+            if tuple(x.strip() for x in fields) != REVIEW_COLUMNS:
+                raise DataError(
+                    f"{path}:{i}: expected the header {'<TAB>'.join(REVIEW_COLUMNS)}, found {line!r}; "
+                    "keep the header row and the tab separators when editing"
                 )
-                continue
-            if len(fields) == len(REVIEW_COLUMNS) - 1:  # an empty text column lost its trailing tab
-                fields.append("")
-            utt, dur, status, flags, delete, check_text, text = fields
-            utt = utt.strip()
-            mark = delete.strip().lower()
-            if mark not in DELETE_MARKS and mark not in KEEP_MARKS:
-                problems.append(
-                    f"line {i} ({utt}): delete column holds {delete!r}; use x to delete or leave it empty"
-                )
-                continue
-            if utt in out:
-                problems.append(f"line {i}: utterance {utt!r} appears twice")
-                continue
-            try:
-                duration_s = float(dur)
-            except ValueError:
-                duration_s = float("nan")
-            out[utt] = ReviewRow(
-                utt=utt,
-                duration_s=duration_s,
-                status=status.strip(),
-                flags=tuple(x for x in flags.strip().split(",") if x),
-                delete=mark in DELETE_MARKS,
-                text=" ".join(text.split()),
-                check_text=check_text.strip(),
+            header_seen = True
+            continue
+        if len(fields) < len(REVIEW_COLUMNS) - 1:
+            problems.append(
+                f"line {i}: expected {len(REVIEW_COLUMNS)} tab-separated columns, found {len(fields)}"
             )
+            continue
+        if len(fields) == len(REVIEW_COLUMNS) - 1:  # an empty text column lost its trailing tab
+            fields.append("")
+        utt, dur, status, flags, delete, check_text, text = fields
+        utt = utt.strip()
+        mark = delete.strip().lower()
+        if mark not in DELETE_MARKS and mark not in KEEP_MARKS:
+            problems.append(
+                f"line {i} ({utt}): delete column holds {delete!r}; use x to delete or leave it empty"
+            )
+            continue
+        if utt in out:
+            problems.append(f"line {i}: utterance {utt!r} appears twice")
+            continue
+        try:
+            duration_s = float(dur)
+        except ValueError:
+            duration_s = float("nan")
+        out[utt] = ReviewRow(
+            utt=utt,
+            duration_s=duration_s,
+            status=status.strip(),
+            flags=tuple(x for x in flags.strip().split(",") if x),
+            delete=mark in DELETE_MARKS,
+            text=" ".join(text.split()),
+            check_text=check_text.strip(),
+        )
     if not header_seen:
         raise DataError(f"{path} has no header row; expected {'<TAB>'.join(REVIEW_COLUMNS)}")
     if problems:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from cosytune.errors import DataError
+from cosytune.fileio import read_user_text
 
 TRANSCRIPT_SIDECARS = (".txt", ".lab")
 
@@ -53,7 +54,7 @@ def load_transcripts(path: str | os.PathLike) -> TranscriptTable:
         raise DataError(f"transcripts file {path} does not exist; expected 'name|text' lines")
     entries: dict[str, str] = {}
     problems = []
-    for i, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for i, line in enumerate(read_user_text(path, "transcripts file").splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         if line.lstrip().startswith("{"):
@@ -98,5 +99,5 @@ def read_sidecar(source: str | os.PathLike) -> str | None:
     for ext in TRANSCRIPT_SIDECARS:
         p = source.with_suffix(ext)
         if p.is_file():
-            return p.read_text(encoding="utf-8-sig")
+            return read_user_text(p, "transcript side file")
     return None
