@@ -34,7 +34,7 @@ def test_other_encodings_get_a_message_not_a_traceback(tmp_path):
 def test_review_file_saved_as_utf16_by_a_spreadsheet(tmp_path):
     from cosytune.data.review import REVIEW_COLUMNS, read_review
 
-    text = "\t".join(REVIEW_COLUMNS) + "\n" + "\t".join(["utt1", "1.5", "ok", "", "", "", "你好 世界"]) + "\n"
+    text = "\t".join(REVIEW_COLUMNS) + "\n" + "utt1\t1.5\tok\t\t\t\t你好 世界" + "\n"
     p = tmp_path / "review.tsv"
     p.write_bytes(text.encode("utf-16"))
     assert read_review(p)["utt1"].text == "你好 世界"
