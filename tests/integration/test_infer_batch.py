@@ -39,8 +39,11 @@ def _requests() -> list[BatchRequest]:
 def test_batch_equals_single_requests(synth, fast):
     reqs = _requests()
     done: list[int] = []
-    results = synthesize_batch(synth, reqs, batch_size=3, fast=fast, on_result=lambda i, r: done.append(i))
+    stages: list[str] = []
+    results = synthesize_batch(synth, reqs, batch_size=3, fast=fast, on_result=lambda i, r: done.append(i),
+                               on_stage=stages.append)
     assert sorted(done) == list(range(len(reqs)))
+    assert stages[0] == "batch 1/2: decoding 3 segment(s)" and "batch 2/2: rendering 1 segment(s)" in stages
     assert isinstance(results[2], DataError) and "nothing to speak" in str(results[2])
     # rows 0, 1, 3 share a sampler (one batch of 3); row 4 has its own settings (a batch of 1)
     assert [results[i].info["batch"]["rows"] for i in (0, 1, 3, 4)] == [3, 3, 3, 1]

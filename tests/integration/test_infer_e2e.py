@@ -307,9 +307,9 @@ def test_cli_infer_batch_resume_rejects_and_join(dirs, tmp_path):
     assert (out / "one.wav").is_file() and (out / "seg_0001.wav").is_file() and not (out / "bad.wav").exists()
     rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rejects) == 1 and rejects[0]["input"].endswith(":3")
+    assert not (out / "all.wav").exists()  # a joined file with a hole would pass for the whole text
     n1 = sf.info(str(out / "one.wav")).frames
     n2 = sf.info(str(out / "seg_0001.wav")).frames
-    assert sf.info(str(out / "all.wav")).frames == n1 + n2 + 12000
     manifest = [json.loads(x) for x in (out / "batch.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [m["name"] for m in manifest] == ["one", "seg_0001"] and all(m["seed"] == 9 for m in manifest)
     assert "First" not in (out / "batch.jsonl").read_text(encoding="utf-8")
@@ -318,10 +318,27 @@ def test_cli_infer_batch_resume_rejects_and_join(dirs, tmp_path):
     assert (out / "one.wav").stat().st_mtime_ns == mtime  # unchanged settings: skipped
     info = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert info["request"]["skipped"] == 2 and info["command"] == "infer-batch"
+    lines.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n", encoding="utf-8")  # the bad line fixed
+    assert main(args) == 0
+    assert sf.info(str(out / "all.wav")).frames == n1 + n2 + 12000
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"txt": "x"}\nnot json\n{"text": "a", "speed": "fast", "seed": true}\n', encoding="utf-8")
     assert main(["infer-batch", "--model_dir", str(dirs["a"]), "--spk_id", "alice", "--input", str(bad),
                  "--out_dir", str(tmp_path / "b2")]) == 1
+
+
+def test_cli_infer_batch_line_voice_wins_over_the_flag(dirs, tmp_path, capsys):
+    """--spk_id is the default voice; a line with its own prompt_wav speaks in that voice instead (no clash)."""
+    lines = tmp_path / "in.jsonl"
+    rows = [{"text": "In the default voice.", "name": "sft"},
+            {"text": "In the line's own voice.", "name": "own", "prompt_wav": str(dirs["clip"]),
+             "prompt_text": INSTRUCT + "Agent logged on."}]
+    lines.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    out = tmp_path / "voices"
+    assert main(["infer-batch", "--model_dir", str(dirs["a"]), "--spk_id", "alice", "--input", str(lines),
+                 "--out_dir", str(out), "--seed", "4", "--device", "cpu", "--no_progress"]) == 0, capsys.readouterr()
+    modes = {m["name"]: m["mode"] for m in map(json.loads, (out / "batch.jsonl").read_text().splitlines())}
+    assert modes == {"sft": "sft", "own": "zero_shot"}
 
 
 def test_batch_input_problems_are_all_listed(tmp_path):

@@ -5,7 +5,10 @@ Input (--input, alias --text_file), UTF-8:
   * .jsonl: one object per line with "text" and any per-line options: "name" (output file stem),
     "spk_id", "prompt_wav", "prompt_text", "mode", "speed", "seed", "temperature", "top_p", "top_k",
     "win_size", "tau_r", "text_frontend", "prompt_strategy", "guide_sep". Command-line flags are the
-    defaults of every line; a relative "prompt_wav" may be relative to the input file's folder.
+    defaults of every line; a line that names its own voice ("spk_id" or "prompt_wav") speaks in that
+    voice instead of the command line's (its mode/prompt_text come from the line too); a relative
+    "prompt_wav" may be relative to the input file's folder. --join is written only when every segment
+    succeeded.
 Each segment keeps its own text, voice, seed and settings and is never split; up to --batch_size
 segments share one LLM batch and one flow batch (same tokens as one at a time; cosytune.infer.batch).
 Outputs are OUT_DIR/<name>.wav (default name seg_NNNN, the 0-based segment number), batch.jsonl (one
@@ -126,8 +129,22 @@ def read_segments(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+#: The keys that say whose voice a segment speaks in.
+VOICE_KEYS = ("mode", "spk_id", "prompt_text", "prompt_wav")
+
+
+def line_voice(row: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The voice of one segment. A line that names a voice (``spk_id`` or ``prompt_wav``) replaces the
+    command line's voice as a whole (so ``--spk_id alice`` plus a line's own ``prompt_wav`` is that line's
+    zero-shot voice, not a clash); a line that names none takes the command line's."""
+    if "spk_id" in row or "prompt_wav" in row:
+        return {k: row.get(k) for k in VOICE_KEYS}
+    return {k: row.get(k, getattr(args, k, None)) for k in VOICE_KEYS}
+
+
 def _settings_hash(row: dict[str, Any], args: argparse.Namespace, model_files: dict[str, Any]) -> str:
-    keys = {k: row.get(k, getattr(args, k, None)) for k in ("text", "mode", *LINE_OPTIONS)}
+    keys = {k: row.get(k, getattr(args, k, None)) for k in ("text", *LINE_OPTIONS)}
+    keys.update(line_voice(row, args))
     keys["model_files"] = {k: v.get("sha256") for k, v in model_files.items()}
     blob = json.dumps(keys, sort_keys=True, default=str, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
@@ -191,11 +208,7 @@ def run(args: argparse.Namespace) -> int:
             rejects.add(f"{args.input}:{row['line']}", type(e).__name__, str(e))
             logger.error("segment %s (line %d) failed: %s", row["name"], row["line"], e)
             continue
-        pending.append((row, BatchRequest(row["text"], mode=row.get("mode", args.mode),
-                                          spk_id=row.get("spk_id", args.spk_id),
-                                          prompt_text=row.get("prompt_text", args.prompt_text),
-                                          prompt_wav=row.get("prompt_wav", args.prompt_wav), options=options),
-                        digest))
+        pending.append((row, BatchRequest(row["text"], **line_voice(row, args), options=options), digest))
     bar = progress(None, total=len(pending), desc="segments", enabled=not args.no_progress)
 
     def finished(row: dict[str, Any], digest: str, result: Any) -> None:
@@ -221,7 +234,9 @@ def run(args: argparse.Namespace) -> int:
     for start in range(0, len(pending), step):
         part = pending[start: start + step]
         synthesize_batch(synth, [req for _, req, _ in part], batch_size=args.batch_size, fast=synth.fast_decode,
-                         on_result=lambda i, res, part=part: finished(part[i][0], part[i][2], res))
+                         on_result=lambda i, res, part=part: finished(part[i][0], part[i][2], res),
+                         on_stage=lambda what, start=start: bar.set_postfix_str(
+                             f"segments {start + 1}-{min(start + step, len(pending))}, {what}"))
     bar.close()
     rejects.save()
     order = {r["name"]: i for i, r in enumerate(rows)}
@@ -231,9 +246,16 @@ def run(args: argparse.Namespace) -> int:
     timings["total_s"] = total
     timings["rtf"] = total / timings["audio_s"] if timings["audio_s"] else None
     joined = None
-    if args.join is not None and done:
+    join_note = "-"
+    if args.join is not None and done and len(rejects):
+        # A joined file with holes would pass for the whole text: write it only when every segment is there.
+        join_note = (f"NOT WRITTEN: {len(rejects)} segment(s) failed (see {rejects.path}); fix them and run the "
+                     "same command again (finished segments are kept)")
+        logger.error("--join %s not written: %d segment(s) failed", args.join, len(rejects))
+    elif args.join is not None and done:
         joined = args.join if args.join.is_absolute() else out_dir / args.join
         _join([Path(r["path"]) for r in done], joined, args.gap_s)
+        join_note = str(joined)
     settings = settings_from_args(args)
     write_run_json(out_dir / "run.json", settings=settings, seed=[r["seed"] for r in done],
                    model_files=synth.model_files, outputs=[{k: r[k] for k in ("path", "seconds")} for r in done]
@@ -244,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
     print_summary("infer-batch", [
         ("segments", len(rows)), ("written", len(done) - skipped), ("skipped (unchanged)", skipped),
         ("failed", f"{len(rejects)}" + (f" (see {rejects.path})" if len(rejects) else "")),
-        ("audio", f"{sum(r['seconds'] for r in done):.1f} s"), ("joined", joined or "-"),
+        ("audio", f"{sum(r['seconds'] for r in done):.1f} s"), ("joined", join_note),
         ("manifest", manifest_path),
     ])
     return 1 if len(rejects) else 0

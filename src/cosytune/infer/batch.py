@@ -132,6 +132,7 @@ def _mels(synth: Synthesizer, rows: list[_Row]) -> list[torch.Tensor]:
 def synthesize_batch(synth: Synthesizer, requests: Sequence[BatchRequest], *, batch_size: int = 8,
                      fast: bool | None = None,
                      on_result: Callable[[int, SynthesisResult | CosytuneError], None] | None = None,
+                     on_stage: Callable[[str], None] | None = None,
                      ) -> list[SynthesisResult | CosytuneError]:
     """Synthesise every request, batching the LLM and the flow across segments.
 
@@ -143,6 +144,8 @@ def synthesize_batch(synth: Synthesizer, requests: Sequence[BatchRequest], *, ba
             None = on CUDA only.
         on_result: called with (request index, result or error) as soon as a segment is finished
             (e.g. to write its wav at once), in completion order.
+        on_stage: called with a short description each time a batch starts a stage (e.g. "batch 2/5:
+            decoding 8 segments"), so a progress display shows what runs before the batch's results come.
 
     Returns:
         One entry per request, in order: a :class:`SynthesisResult`, or the user-facing error that
@@ -172,19 +175,27 @@ def synthesize_batch(synth: Synthesizer, requests: Sequence[BatchRequest], *, ba
     groups: dict[tuple, list[_Row]] = {}
     for row in rows:
         groups.setdefault(_group_key(row, synth), []).append(row)
+    batches: list[list[_Row]] = []
     for group in groups.values():
         # Similar lengths together: less padding in both the LLM cache and the flow batch.
         group.sort(key=lambda r: len(r.req.text_ids) + len(r.req.llm_prompt_ids) + len(r.req.llm_prompt_speech))
-        for start in range(0, len(group), batch_size):
-            _run_batch(synth, group[start: start + batch_size], fast, finish)
+        batches += [group[start: start + batch_size] for start in range(0, len(group), batch_size)]
+    for k, batch in enumerate(batches, 1):
+        stage = (lambda what, k=k: on_stage(f"batch {k}/{len(batches)}: {what}")) if on_stage else None
+        _run_batch(synth, batch, fast, finish, stage)
     return results
 
 
 def _run_batch(synth: Synthesizer, batch: list[_Row], fast: bool,
-               finish: Callable[[int, SynthesisResult | CosytuneError], None]) -> None:
+               finish: Callable[[int, SynthesisResult | CosytuneError], None],
+               stage: Callable[[str], None] | None = None) -> None:
     t1 = time.perf_counter()
+    if stage:
+        stage(f"decoding {len(batch)} segment(s)")
     _decode_group(synth, batch, fast)
     t2 = time.perf_counter()
+    if stage:
+        stage(f"rendering {len(batch)} segment(s)")
     speaking = []
     for row in batch:
         if row.flow_tokens:
