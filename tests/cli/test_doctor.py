@@ -29,3 +29,11 @@ def test_doctor_json_and_missing_model_dir_files(tmp_path, capsys):
         assert "MISSING" in by_name[name]["detail"], name
     assert by_name["spk2info.pt"]["level"] == "info"
     assert report["errors"] == 7
+
+
+def test_doctor_estimates_the_disk_a_training_run_needs(tmp_path, capsys):
+    (tmp_path / "llm.pt").write_bytes(b"\0" * 4096)
+    main(["doctor", "--model_dir", str(tmp_path), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    disk = {c["name"]: c for c in report["sections"][-1]["checks"]}["disk for training"]
+    assert disk["level"] == "ok" and "GiB free" in disk["detail"] and "resume state" in disk["detail"]

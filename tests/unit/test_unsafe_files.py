@@ -228,3 +228,14 @@ def test_a_locked_folder_names_its_holder(tmp_path):
         holder.wait()
     with exclusive_lock(tmp_path, "work dir"):  # a killed holder leaves nothing behind
         pass
+
+
+def test_disk_estimate_and_free_space_check(tmp_path):
+    from cosytune.errors import DataError
+    from cosytune.train.checkpoint import check_free_space, estimate_run_bytes
+
+    assert estimate_run_bytes(100, keep_best=5, max_epoch=40) == int((6 * 100 + 200) * 1.05)
+    assert estimate_run_bytes(100, keep_best=0, max_epoch=3) == int((3 * 100 + 200) * 1.05)
+    check_free_space(tmp_path / "new" / "run", 1)
+    with pytest.raises(DataError, match="GiB are free there"):
+        check_free_space(tmp_path, 1 << 62)

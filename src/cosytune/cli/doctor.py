@@ -211,6 +211,19 @@ def check_model_dir(path: Path, deep: bool) -> Section:
         level: Level = {"ok": "ok", "absent": "info", "missing": "error", "malformed": "error"}[st.status]
         detail = st.detail if st.status in ("ok", "absent") else f"{st.status.upper()}: {st.detail}"
         s.add(st.name, level, detail)
+    llm = path / "llm.pt"
+    if llm.is_file():
+        import shutil
+
+        from cosytune.train.checkpoint import estimate_run_bytes
+        from cosytune.train.config import TrainConfig
+
+        cfg = TrainConfig()
+        need = estimate_run_bytes(llm.stat().st_size, cfg.keep_best, 40)
+        free = shutil.disk_usage(Path.cwd()).free
+        s.add("disk for training", "ok" if free >= need else "warn",
+              f"an LLM run from this base holds up to ~{need / 2**30:.1f} GiB ({cfg.keep_best} best checkpoints + "
+              f"the newest + one resume state); {free / 2**30:.1f} GiB free in {Path.cwd()}")
     from cosytune.modeldir.package import shared_files
 
     shared = shared_files(path) if path.is_dir() else []

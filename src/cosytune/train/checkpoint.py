@@ -222,3 +222,30 @@ def remove_stale_temps(run_dir: Path) -> list[str]:
 def run_disk_bytes(run_dir: Path) -> int:
     """Bytes held by the files of a run dir (checkpoints, states, TensorBoard logs)."""
     return sum(p.stat().st_size for p in Path(run_dir).rglob("*") if p.is_file())
+
+
+def estimate_run_bytes(weights_bytes: int, keep_best: int, max_epoch: int) -> int:
+    """Disk a training run will hold at most: ``keep_best`` + 1 checkpoints (all of them when
+    ``keep_best`` is 0) of ``weights_bytes`` each (fp32 weights, as trained), one resume state of about
+    twice that (Adam's two moments), plus 5 % for yaml files and TensorBoard logs."""
+    checkpoints = max_epoch if keep_best <= 0 else min(max_epoch, keep_best + 1)
+    return int((checkpoints * weights_bytes + 2 * weights_bytes) * 1.05)
+
+
+def check_free_space(run_dir: Path, need_bytes: int, what: str = "training") -> None:
+    """Raise a DataError before any work when the filesystem of ``run_dir`` lacks ``need_bytes``."""
+    import shutil
+
+    from cosytune.errors import DataError
+
+    probe = Path(run_dir)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes:
+        raise DataError(
+            f"{what} needs about {need_bytes / 2**30:.1f} GiB in {run_dir} (the best checkpoints, the newest one "
+            f"and its resume state) but only {free / 2**30:.1f} GiB are free there. Free some space, point the work "
+            "dir at a larger disk, or keep fewer checkpoints (keep_best=K)"
+        )
+
