@@ -77,3 +77,10 @@ def test_explain_names_what_changed():
     assert "audio/a.mp3 removed" in note and "audio/b.mp3 added" in note
     assert "after transcribe re-ran" in note
     assert _explain(None, new) == "" and _explain(new, new) == ""
+
+
+def test_explain_puts_settings_before_a_long_list_of_files():
+    old = {"setting:requested": "false"}
+    new = {f"base/f{i}": "h" for i in range(10)}
+    note = _explain(old, new)
+    assert note.startswith("requested changed") and "7 more files changed" in note

@@ -166,14 +166,14 @@ def _explain(old: dict[str, str] | None, new: dict[str, str]) -> str:
     """Which recorded inputs differ, for the stage's note."""
     if not old:
         return ""
-    changed, after = [], []
+    settings, changed, after = [], [], []
     for k in sorted(set(old) | set(new)):
         if old.get(k) == new.get(k):
             continue
         if k.startswith("after:"):
             after.append(k[len("after:"):])
         elif k.startswith("setting:"):
-            changed.append(f"{k[len('setting:'):]} changed")
+            settings.append(f"{k[len('setting:'):]} changed")
         elif k not in old:
             changed.append(f"{k} added")
         elif k not in new:
@@ -181,7 +181,8 @@ def _explain(old: dict[str, str] | None, new: dict[str, str]) -> str:
         else:
             changed.append(f"{k} changed")
     if len(changed) > 4:
-        changed = changed[:4] + [f"{len(changed) - 4} more changed"]
+        changed = changed[:3] + [f"{len(changed) - 3} more files changed"]
+    changed = settings + changed
     parts = [", ".join(changed)] if changed else []
     if after:
         parts.append("after " + ", ".join(after) + " re-ran")
