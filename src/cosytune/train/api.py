@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cosytune.console import print_summary
-from cosytune.errors import UsageError
+from cosytune.errors import CosytuneError, UsageError
 from cosytune.fileio import write_json
 from cosytune.train.loop import TrainResult
 
@@ -117,6 +117,25 @@ def _clear_run_dir(run_dir: Path) -> None:
             p.unlink()
 
 
+def _warn_if_settings_differ(req: TrainRequest, cfg: object) -> None:
+    """Resuming a run whose recorded config differs trains on from weights made with other settings: say so."""
+    from cosytune.config.loading import config_to_dict, read_yaml
+    from cosytune.train.checkpoint import latest_checkpoint
+
+    old_path = req.run_dir / CONFIG_NAME
+    if req.resume != "auto" or not old_path.is_file() or latest_checkpoint(req.run_dir) is None:
+        return
+    try:
+        old = read_yaml(old_path)
+    except (OSError, ValueError, CosytuneError):  # an unreadable old config only loses the warning
+        return
+    new = config_to_dict(cfg)
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if differ:
+        logger.warning("%s: resuming a run made with other settings (%s differ); give a new --model_dir to "
+                       "train from the base weights with these settings", req.run_dir, ", ".join(differ))
+
+
 def run_training(req: TrainRequest, *, summary: bool = True) -> TrainingOutcome:
     """Train ``req.model`` (in this process, or as one rank under torchrun) and return what happened.
 
@@ -164,6 +183,7 @@ def run_training(req: TrainRequest, *, summary: bool = True) -> TrainingOutcome:
             req.run_dir.mkdir(parents=True, exist_ok=True)
             if req.inputs_key is not None:
                 write_json(req.run_dir / INPUTS_KEY_NAME, {"key": req.inputs_key})
+            _warn_if_settings_differ(req, cfg)
             dump_config(cfg, req.run_dir / CONFIG_NAME)
         if dist.world_size > 1:
             import torch.distributed as tdist
