@@ -9,13 +9,16 @@ pipeline behaves and looks exactly like the standalone command.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cosytune.console import print_summary, progress
 from cosytune.errors import DataError
 
 if TYPE_CHECKING:
+    from cosytune.data.embedding import EmbeddingSummary
+    from cosytune.data.parquet import ParquetSummary
     from cosytune.data.prepare_audio import PrepareAudioConfig, PrepareSummary
+    from cosytune.data.speech_token import SpeechTokenSummary
     from cosytune.data.transcribe import TranscribeConfig, TranscribeSummary
     from cosytune.modeldir.package import AssembleResult
     from cosytune.train.average import AverageResult
@@ -57,7 +60,7 @@ def _num_utts(data_dir: Path) -> int:
 
 def run_extract_embedding(data_dir: Path, onnx_path: Path, *, device: str = "auto", num_threads: int = 2,
                           force: bool = False, rejects_path: Path | None = None, show_progress: bool = True,
-                          summary: bool = True) -> Any:
+                          summary: bool = True) -> EmbeddingSummary:
     """``cosytune extract-embedding``: utt2embedding.pt and spk2embedding.pt of a Kaldi dir."""
     from cosytune.data.embedding import extract_embeddings
 
@@ -81,7 +84,7 @@ def run_extract_embedding(data_dir: Path, onnx_path: Path, *, device: str = "aut
 
 def run_extract_speech_token(data_dir: Path, onnx_path: Path, *, device: str = "auto", num_threads: int = 2,
                              max_batch: int | None = None, force: bool = False, rejects_path: Path | None = None,
-                             show_progress: bool = True, summary: bool = True) -> Any:
+                             show_progress: bool = True, summary: bool = True) -> SpeechTokenSummary:
     """``cosytune extract-speech-token``: utt2speech_token.pt of a Kaldi dir."""
     from cosytune.data.speech_token import extract_speech_tokens
 
@@ -105,7 +108,7 @@ def run_extract_speech_token(data_dir: Path, onnx_path: Path, *, device: str = "
 
 def run_make_parquet(src_dir: Path, des_dir: Path, *, num_utts_per_parquet: int = 1000, num_processes: int = 1,
                      dpo: bool = False, force: bool = False, rejects_path: Path | None = None,
-                     show_progress: bool = True, summary: bool = True) -> Any:
+                     show_progress: bool = True, summary: bool = True) -> ParquetSummary:
     """``cosytune make-parquet``: training shards and data.list of a Kaldi dir."""
     from cosytune.data.parquet import make_parquet
 
