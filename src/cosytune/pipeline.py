@@ -4,41 +4,49 @@ Work dir layout (made for people to find things)::
 
     WORK/
       run.yaml                 the resolved settings of this run
-      state.json               per stage: the hash of its inputs + settings, and when it finished
+      state.json               per stage: its key, what it read, when it finished; a cache of file hashes
       data/wavs/               24 kHz mono wavs, prepared.jsonl, rejects.jsonl   (prepare-audio)
       data/train/, data/dev/   Kaldi dirs, metadata, review.tsv, embeddings, tokens, parquet/
-      exp/llm/, exp/flow/      training runs (checkpoints, TensorBoard, config.yaml)
+      exp/llm/, exp/flow/      training runs (checkpoints, TensorBoard, train_config.yaml)
       models/<speaker>/        the tuned model dir (base files linked + llm.pt [+ flow.pt] + spk2info.pt)
       out/tuned/               sample synthesis (+ run.json); out/tuned_llm_base_flow/ with --train_flow
 
-A stage is skipped when its recorded hash equals the hash of its current inputs (content hashes of
-the files earlier stages produced, size+mtime fingerprints of the raw audio and base model) and
-settings, and its outputs exist. Every stage is itself resumable, so an interrupted run — even in
-the middle of training — continues where it stopped when started again. ``--from``, ``--until``
-and ``--force`` select stages.
+Each stage is one :class:`Stage`: its ``inputs`` (settings, the files it reads, the stages it comes after),
+its ``outputs`` and its ``run``, which calls the same library function as the standalone command
+(:mod:`cosytune.steps`, :func:`cosytune.train.api.run_training`, :func:`cosytune.infer.single.synthesize_to_file`),
+so its progress bar and summary are shown and its errors reach the user unchanged.
 
-Each stage runs the same code as the standalone command (through :func:`cosytune.cli.main.main`),
-so its progress bar and summary are shown as they would be on their own.
+The skip rule: a stage's key is the hash of its settings, the content hashes of every file it reads
+(including what earlier stages wrote) and the run ids of the stages it comes after. It is skipped when
+the key equals the one recorded when it last finished and its outputs exist. Otherwise it runs — and
+since it then gets a new run id, so does everything after it. A stage that runs with a key other than
+the one an interrupted attempt started with starts fresh (training clears its run dir, extraction
+recomputes every utterance); with the same key it continues where it stopped. ``--force STAGE`` redoes
+that stage from scratch and what comes after it. File hashes are cached by (path, size, mtime_ns) in
+state.json, so large files are hashed once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
-from cosytune.errors import CosytuneError, DataError, UsageError
+from cosytune.errors import DataError, UsageError
 from cosytune.fileio import read_jsonl, sha256_file, sha256_json, write_json
 
 logger = logging.getLogger(__name__)
 
-STAGES = (
-    "prepare-audio", "transcribe", "extract-embedding", "extract-speech-token", "make-parquet",
-    "train-llm", "train-flow", "average", "assemble", "synthesize",
-)
+SAMPLE_SEED = 1986
+"""Seed of the sample synthesis, so re-runs of the same model give the same sample."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,7 @@ class RunConfig:
     sample_text: str = "Hello! This is my new voice, made with cosytune."
     train_overrides: tuple[str, ...] = ()
     num_workers: int = 0
+    sample_seed: int = SAMPLE_SEED
 
 
 @dataclass
@@ -78,6 +87,36 @@ class RunResult:
     listen: list[Path] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """What a stage's result depends on."""
+
+    settings: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)  # label → file it reads
+    after: tuple[str, ...] = ()  # stages whose results it reads
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline. ``run(runner, ctx)`` returns a note for the summary (or raises)."""
+
+    name: str
+    inputs: Callable[[Runner], Inputs]
+    outputs: Callable[[Runner], list[Path]]
+    run: Callable[[Runner, StageContext], str]
+
+
+@dataclass(frozen=True)
+class StageContext:
+    key: str
+    fresh: bool  # do not continue partial results of an earlier attempt
+    forced: bool
+
+
+class NotRequested(Exception):
+    """Raised by a stage's run when the settings leave it out (e.g. flow training without --train_flow)."""
+
+
 def scaled_epochs(minutes: float) -> int:
     """Epochs for speaker SFT scaled to the usable minutes: about 150 minutes of audio seen in
     total, at least 10 and at most 40 epochs (10 min → 15 epochs). Early stopping on the CV loss
@@ -87,42 +126,85 @@ def scaled_epochs(minutes: float) -> int:
     return int(min(40, max(10, math.ceil(150 / minutes))))
 
 
-def _fingerprint_tree(root: Path) -> list:
-    if root.is_file():
-        st = root.stat()
-        return [[root.name, st.st_size, int(st.st_mtime)]]
-    out = []
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
+class FileHashes:
+    """Content hashes of files, cached by (resolved path, size, mtime_ns)."""
+
+    def __init__(self, cache: dict | None = None) -> None:
+        self.cache: dict[str, list] = dict(cache or {})
+
+    def digest(self, path: Path) -> str:
+        p = Path(path).resolve()
+        try:
             st = p.stat()
-            out.append([str(p.relative_to(root)), st.st_size, int(st.st_mtime)])
-    return out
+        except OSError:
+            return "missing"
+        if not p.is_file():
+            return "missing"
+        hit = self.cache.get(str(p))
+        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            return hit[2]
+        h = sha256_file(p)
+        self.cache[str(p)] = [st.st_size, st.st_mtime_ns, h]
+        return h
+
+    def pruned(self) -> dict[str, list]:
+        """The cache without entries of files that no longer exist."""
+        return {k: v for k, v in self.cache.items() if os.path.isfile(k)}
 
 
-def _hash_files(paths: list[Path]) -> dict[str, str | None]:
-    return {str(p): (sha256_file(p) if p.is_file() else None) for p in paths}
+def tree(root: Path, label: str, pattern: str = "*", exclude: Iterable[str] = ()) -> dict[str, Path]:
+    """Every file under ``root`` matching ``pattern`` as {label/relative path: path} (one file: {label: root})."""
+    root = Path(root)
+    if root.is_file():
+        return {label: root}
+    skip = tuple(exclude)
+    return {f"{label}/{p.relative_to(root).as_posix()}": p for p in sorted(root.rglob(pattern))
+            if p.is_file() and not p.name.endswith(skip)}
+
+
+def _explain(old: dict[str, str] | None, new: dict[str, str]) -> str:
+    """Which recorded inputs differ, for the stage's note."""
+    if not old:
+        return ""
+    settings, changed, after = [], [], []
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) == new.get(k):
+            continue
+        if k.startswith("after:"):
+            after.append(k[len("after:"):])
+        elif k.startswith("setting:"):
+            settings.append(f"{k[len('setting:'):]} changed")
+        elif k not in old:
+            changed.append(f"{k} added")
+        elif k not in new:
+            changed.append(f"{k} removed")
+        else:
+            changed.append(f"{k} changed")
+    if len(changed) > 4:
+        changed = changed[:3] + [f"{len(changed) - 3} more files changed"]
+    changed = settings + changed
+    parts = [", ".join(changed)] if changed else []
+    if after:
+        parts.append("after " + ", ".join(after) + " re-ran")
+    return "; ".join(parts)
 
 
 class Runner:
     """Runs the stages of one work dir; see the module docstring."""
 
-    def __init__(self, cfg: RunConfig, progress: bool = True,
-                 cli: Callable[[list[str]], int] | None = None) -> None:
-        self.cfg = cfg
-        self.w = cfg.work
+    def __init__(self, cfg: RunConfig, progress: bool = True) -> None:
+        self.cfg = replace(cfg, audio=cfg.audio.resolve(), base_model=cfg.base_model.resolve(),
+                           work=cfg.work.resolve(), transcripts=cfg.transcripts.resolve() if cfg.transcripts else None)
+        self.w = self.cfg.work
         self.progress = progress
-        if cli is None:
-            from cosytune.cli.main import main as cli
-        self.cli = cli
         self.state_path = self.w / "state.json"
         self.state: dict = {}
         if self.state_path.exists():
-            import json
-
             try:
                 self.state = json.loads(self.state_path.read_text(encoding="utf-8"))
             except ValueError:
                 logger.warning("%s is unreadable; every stage will be checked again", self.state_path)
+        self.hashes = FileHashes(self.state.get("_file_hashes"))
 
     # paths ---------------------------------------------------------------------------------------
     @property
@@ -137,20 +219,23 @@ class Runner:
         return self.data / name
 
     @property
+    def splits(self) -> tuple[Path, Path]:
+        return self.split("train"), self.split("dev")
+
+    @property
     def model_dir(self) -> Path:
         return self.w / "models" / self.cfg.speaker
 
+    def run_dir(self, kind: str) -> Path:
+        return self.w / "exp" / kind
+
     # helpers -------------------------------------------------------------------------------------
-    def _call(self, stage: str, argv: list[str]) -> None:
-        if not self.progress:
-            argv = argv + ["--no_progress"]
-        logger.info("[%s] cosytune %s", stage, " ".join(argv))
-        rc = self.cli(argv)
-        if rc != 0:
-            raise CosytuneError(
-                f"stage {stage} failed (exit {rc}); fix the problem above and run the same command again — "
-                "finished stages are skipped"
-            )
+    def work_files(self, names: Iterable[str], dirs: Iterable[Path] | None = None) -> dict[str, Path]:
+        """{work-relative label: path} of ``names`` in each of ``dirs`` (default: train and dev)."""
+        return {(d / n).relative_to(self.w).as_posix(): d / n for d in (dirs or self.splits) for n in names}
+
+    def prepared_wavs(self) -> dict[str, Path]:
+        return tree(self.wavs, "data/wavs", "*.wav")
 
     def _usable_minutes(self) -> float:
         meta = self.data / "metadata.jsonl"
@@ -159,123 +244,25 @@ class Runner:
         rows = read_jsonl(meta)
         return sum(float(r.get("duration", r.get("duration_s", 0.0)) or 0.0) for r in rows) / 60
 
-    def _epochs(self, given: int) -> int:
+    def epochs(self, given: int) -> int:
         return given if given > 0 else scaled_epochs(self._usable_minutes())
 
-    # stages --------------------------------------------------------------------------------------
-    def stage_inputs(self, name: str) -> dict:
-        """What a stage's skip decision depends on (settings + input hashes)."""
-        c, base = self.cfg, self.cfg.base_model
-        tr, dv = self.split("train"), self.split("dev")
-        if name == "prepare-audio":
-            return {"audio": _fingerprint_tree(c.audio)}
-        if name == "transcribe":
-            return {"prepared": _hash_files([self.wavs / "prepared.jsonl"]), "backend": c.backend,
-                    "transcripts": _fingerprint_tree(c.transcripts) if c.transcripts else None,
-                    "speaker": c.speaker, "whisper": c.whisper_model, "language": c.language}
-        kaldi = _hash_files([d / f for d in (tr, dv) for f in ("wav.scp", "text", "utt2spk", "instruct")])
-        if name == "extract-embedding":
-            return {"kaldi": kaldi, "onnx": _fingerprint_tree(base / "campplus.onnx")}
-        if name == "extract-speech-token":
-            return {"kaldi": kaldi, "onnx": _fingerprint_tree(base / "speech_tokenizer_v3.onnx")}
-        feats = _hash_files([d / f for d in (tr, dv) for f in ("utt2embedding.pt", "spk2embedding.pt",
-                                                                 "utt2speech_token.pt")])
-        if name == "make-parquet":
-            return {"kaldi": kaldi, "feats": feats}
-        lists = _hash_files([tr / "parquet" / "data.list", dv / "parquet" / "data.list"])
-        base_fp = {f: _fingerprint_tree(base / f) for f in ("cosyvoice3.yaml", "llm.pt", "flow.pt")}
-        if name == "train-llm":
-            return {"lists": lists, "base": base_fp, "epochs": self._epochs(c.llm_epochs),
-                    "overrides": list(c.train_overrides)}
-        if name == "train-flow":
-            return {"lists": lists, "base": base_fp, "epochs": self._epochs(c.flow_epochs),
-                    "overrides": list(c.train_overrides), "requested": c.train_flow}
-        if name == "average":
-            return {"llm": self.state.get("train-llm", {}).get("hash"),
-                    "flow": self.state.get("train-flow", {}).get("hash"), "num": c.num_average}
-        if name == "assemble":
-            return {"avg": _hash_files([self.w / "exp" / "llm" / "llm_avg.pt", self.w / "exp" / "flow" / "flow_avg.pt"]),
-                    "spk": _hash_files([tr / "spk2embedding.pt"]), "base": _fingerprint_tree(base)}
-        if name == "synthesize":
-            return {"model": _hash_files([self.model_dir / "llm.pt", self.model_dir / "spk2info.pt"]),
-                    "text": c.sample_text}
-        raise UsageError(f"unknown stage {name}")
+    def _save_state(self) -> None:
+        self.state["_file_hashes"] = self.hashes.pruned()
+        write_json(self.state_path, self.state)
 
-    def outputs_exist(self, name: str) -> bool:
-        tr, dv = self.split("train"), self.split("dev")
-        need = {
-            "prepare-audio": [self.wavs / "prepared.jsonl"],
-            "transcribe": [tr / "wav.scp", dv / "wav.scp", self.data / "metadata.jsonl"],
-            "extract-embedding": [tr / "spk2embedding.pt", dv / "utt2embedding.pt"],
-            "extract-speech-token": [tr / "utt2speech_token.pt", dv / "utt2speech_token.pt"],
-            "make-parquet": [tr / "parquet" / "data.list", dv / "parquet" / "data.list"],
-            "train-llm": [self.w / "exp" / "llm" / "config.yaml"],
-            "train-flow": [self.w / "exp" / "flow" / "config.yaml"] if self.cfg.train_flow else [],
-            "average": [self.w / "exp" / "llm" / "llm_avg.pt"],
-            "assemble": [self.model_dir / "llm.pt", self.model_dir / "spk2info.pt"],
-            "synthesize": [self.w / "out" / "tuned" / "sample.wav"],
-        }[name]
-        return all(p.exists() for p in need)
+    # the skip rule -------------------------------------------------------------------------------
+    def digests(self, stage: Stage) -> dict[str, str]:
+        """{input label: digest} of everything ``stage`` depends on (recorded, and compared to explain re-runs)."""
+        spec = stage.inputs(self)
+        d = {f"setting:{k}": json.dumps(v, sort_keys=True, default=str) for k, v in spec.settings.items()}
+        d.update({label: self.hashes.digest(p) for label, p in spec.files.items()})
+        d.update({f"after:{s}": self.state.get(s, {}).get("run", "not run") for s in spec.after})
+        return d
 
-    def run_stage(self, name: str) -> str:
-        c = self.cfg
-        tr, dv = self.split("train"), self.split("dev")
-        base = c.base_model
-        if name == "prepare-audio":
-            self._call(name, ["prepare-audio", "--in_dir", str(c.audio), "--out_dir", str(self.wavs)])
-        elif name == "transcribe":
-            backend = c.backend
-            argv = ["transcribe", "--wav_dir", str(self.wavs), "--out_root", str(self.data), "--spk_id", c.speaker]
-            if backend == "auto":
-                backend = "transcripts" if c.transcripts else "faster-whisper"
-            argv += ["--backend", backend]
-            if c.transcripts:
-                argv += ["--transcripts", str(c.transcripts)]
-            if backend != "transcripts":
-                argv += ["--whisper_model", c.whisper_model, "--device", c.device]
-            if c.language:
-                argv += ["--language", c.language]
-            self._call(name, argv)
-        elif name in ("extract-embedding", "extract-speech-token"):
-            onnx = "campplus.onnx" if name == "extract-embedding" else "speech_tokenizer_v3.onnx"
-            for d in (tr, dv):
-                self._call(name, [name, "--dir", str(d), "--onnx_path", str(base / onnx)])
-        elif name == "make-parquet":
-            for d in (tr, dv):
-                self._call(name, ["make-parquet", "--src_dir", str(d), "--des_dir", str(d / "parquet")])
-        elif name in ("train-llm", "train-flow"):
-            kind = name.split("-")[1]
-            if kind == "flow" and not c.train_flow:
-                return "not requested (add --train_flow; small-data flow training often hurts clarity)"
-            epochs = self._epochs(c.llm_epochs if kind == "llm" else c.flow_epochs)
-            self._call(name, ["train", "--model", kind, "--train_data", str(tr / "parquet" / "data.list"),
-                              "--cv_data", str(dv / "parquet" / "data.list"), "--base_model_dir", str(base),
-                              "--onnx_path", str(base), "--model_dir", str(self.w / "exp" / kind),
-                              "--device", c.device, "--num_workers", str(c.num_workers),
-                              f"max_epoch={epochs}", *c.train_overrides])
-            return f"{epochs} epochs max"
-        elif name == "average":
-            for kind in ("llm", "flow") if c.train_flow else ("llm",):
-                run = self.w / "exp" / kind
-                self._call(name, ["average", "--src_path", str(run), "--dst_model", str(run / f"{kind}_avg.pt"),
-                                  "--num", str(c.num_average), "--val_best"])
-        elif name == "assemble":
-            argv = ["assemble", "--base_model_dir", str(base), "--out_model_dir", str(self.model_dir),
-                    "--llm_pt", str(self.w / "exp" / "llm" / "llm_avg.pt"),
-                    "--spk2embedding_pt", str(tr / "spk2embedding.pt"), "--spk_id", c.speaker, "--overwrite"]
-            if c.train_flow:
-                argv += ["--flow_pt", str(self.w / "exp" / "flow" / "flow_avg.pt")]
-            self._call(name, argv)
-        elif name == "synthesize":
-            out = self.w / "out"
-            common = ["infer", "--model_dir", str(self.model_dir), "--spk_id", c.speaker, "--text", c.sample_text,
-                      "--seed", "1986", "--device", c.device]
-            # One folder per variant: each keeps its own run.json beside the wav.
-            self._call(name, common + ["--out_wav", str(out / "tuned" / "sample.wav")])
-            if c.train_flow:
-                self._call(name, common + ["--flow_ckpt", str(base / "flow.pt"),
-                                           "--out_wav", str(out / "tuned_llm_base_flow" / "sample.wav")])
-        return ""
+    def stage_key(self, stage: Stage) -> tuple[str, dict[str, str]]:
+        d = self.digests(stage)
+        return sha256_json(d), d
 
     def run(self, start: str | None = None, until: str | None = None, force: tuple[str, ...] = ()) -> RunResult:
         for s in (start, until, *force):
@@ -289,25 +276,283 @@ class Runner:
         i0 = STAGES.index(start) if start else 0
         i1 = STAGES.index(until) if until else len(STAGES) - 1
         result = RunResult()
-        for i, name in enumerate(STAGES):
-            if i < i0 or i > i1:
-                continue
-            key = sha256_json(self.stage_inputs(name))
-            rec = self.state.get(name, {})
-            if name not in force and rec.get("hash") == key and self.outputs_exist(name):
-                result.stages.append(StageResult(name, "skipped", note="unchanged since " + rec.get("done_at", "?")))
-                logger.info("[%s] up to date, skipped", name)
-                continue
-            t0 = time.time()
-            note = self.run_stage(name)
-            status = "done"
-            if note.startswith("not requested"):
-                status, note = "not requested", note[len("not requested"):].strip(" ()")
-            self.state[name] = {"hash": key,
-                                "done_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-            write_json(self.state_path, self.state)
-            result.stages.append(StageResult(name, status, time.time() - t0, note))
+        for stage in PIPELINE[i0:i1 + 1]:
+            result.stages.append(self._run_one(stage, stage.name in force))
         if (self.model_dir / "llm.pt").exists():
             result.model_dir = self.model_dir
         result.listen = sorted((self.w / "out").rglob("*.wav")) if (self.w / "out").exists() else []
         return result
+
+    def _run_one(self, stage: Stage, forced: bool) -> StageResult:
+        name = stage.name
+        key, digests = self.stage_key(stage)
+        rec = self.state.get(name, {})
+        outputs_ok = all(p.exists() for p in stage.outputs(self))
+        if not forced and rec.get("key") == key and outputs_ok:
+            logger.info("[%s] up to date, skipped", name)
+            return StageResult(name, "skipped", note="unchanged since " + rec.get("done_at", "?"))
+        running = self.state.setdefault("_running", {})
+        resumed = running.get(name) == key and not forced
+        if forced:
+            why = "forced"
+        elif resumed:
+            why = "continued an interrupted run"
+        elif rec.get("key") == key:
+            why = "outputs were missing"
+        else:
+            why = _explain(rec.get("inputs"), digests)
+        logger.info("[%s] running%s", name, f" ({why})" if why else "")
+        running[name] = key
+        self._save_state()
+        t0 = time.time()
+        status = "done"
+        try:
+            note = stage.run(self, StageContext(key, fresh=not resumed, forced=forced))
+        except NotRequested as e:
+            status, note = "not requested", str(e)
+        # A stage's outputs are part of later stages' inputs: hash them as they are now.
+        key, digests = self.stage_key(stage)
+        self.state[name] = {"key": key, "run": uuid.uuid4().hex, "done_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                            "inputs": digests}
+        running.pop(name, None)
+        self._save_state()
+        notes = "; ".join(n for n in (note, "" if status != "done" else why) if n)
+        return StageResult(name, status, time.time() - t0, notes)
+
+
+# stages --------------------------------------------------------------------------------------------
+
+def _prepare_inputs(r: Runner) -> Inputs:
+    return Inputs(files=tree(r.cfg.audio, "audio"))
+
+
+def _prepare_run(r: Runner, ctx: StageContext) -> str:
+    from cosytune.data.prepare_audio import PrepareAudioConfig
+    from cosytune.steps import run_prepare_audio
+
+    if ctx.forced and r.wavs.exists():
+        shutil.rmtree(r.wavs)
+    run_prepare_audio(r.cfg.audio, r.wavs, PrepareAudioConfig(), show_progress=r.progress)
+    return ""
+
+
+def _backend(r: Runner) -> str:
+    c = r.cfg
+    return c.backend if c.backend != "auto" else ("transcripts" if c.transcripts else "faster-whisper")
+
+
+def _transcribe_inputs(r: Runner) -> Inputs:
+    c = r.cfg
+    files = {**r.prepared_wavs(), **r.work_files(["prepared.jsonl", "rejects.jsonl"], [r.wavs])}
+    if c.transcripts:
+        files.update(tree(c.transcripts, c.transcripts.name))
+    asr = _backend(r) != "transcripts"
+    return Inputs(settings={"backend": _backend(r), "speaker": c.speaker, "language": c.language,
+                            "whisper_model": c.whisper_model if asr else None},
+                  files=files, after=("prepare-audio",))
+
+
+def _transcribe_run(r: Runner, ctx: StageContext) -> str:
+    from cosytune.data.transcribe import TranscribeConfig
+    from cosytune.steps import run_transcribe
+
+    c = r.cfg
+    kw: dict[str, Any] = {"backend": _backend(r), "speaker": c.speaker, "transcripts": c.transcripts,
+                          "language": c.language}
+    if kw["backend"] != "transcripts":
+        kw.update(whisper_model=c.whisper_model, device=c.device)
+    run_transcribe(r.wavs, r.data, TranscribeConfig(**kw), show_progress=r.progress)
+    return ""
+
+
+def _onnx_inputs(onnx: str, kaldi: list[str]) -> Callable[[Runner], Inputs]:
+    def inputs(r: Runner) -> Inputs:
+        return Inputs(files={**r.work_files(kaldi), **r.prepared_wavs(), f"base/{onnx}": r.cfg.base_model / onnx},
+                      after=("transcribe",))
+    return inputs
+
+
+def _embedding_run(r: Runner, ctx: StageContext) -> str:
+    from cosytune.steps import run_extract_embedding
+
+    for d in r.splits:
+        run_extract_embedding(d, r.cfg.base_model / "campplus.onnx", force=ctx.fresh, show_progress=r.progress)
+    return ""
+
+
+def _speech_token_run(r: Runner, ctx: StageContext) -> str:
+    from cosytune.steps import run_extract_speech_token
+
+    for d in r.splits:
+        run_extract_speech_token(d, r.cfg.base_model / "speech_tokenizer_v3.onnx", force=ctx.fresh,
+                                 show_progress=r.progress)
+    return ""
+
+
+FEATURES = ("utt2embedding.pt", "spk2embedding.pt", "utt2speech_token.pt")
+
+
+def _parquet_inputs(r: Runner) -> Inputs:
+    names = ["wav.scp", "text", "utt2spk", "instruct", "rejects.jsonl", *FEATURES]
+    return Inputs(files={**r.work_files(names), **r.prepared_wavs()},
+                  after=("extract-embedding", "extract-speech-token"))
+
+
+def _parquet_run(r: Runner, ctx: StageContext) -> str:
+    from cosytune.steps import run_make_parquet
+
+    for d in r.splits:
+        run_make_parquet(d, d / "parquet", force=ctx.fresh, show_progress=r.progress)
+    return ""
+
+
+def _train_inputs(kind: str) -> Callable[[Runner], Inputs]:
+    def inputs(r: Runner) -> Inputs:
+        c = r.cfg
+        if kind == "flow" and not c.train_flow:
+            return Inputs(settings={"requested": False})
+        base = c.base_model
+        files: dict[str, Path] = {}
+        for d in r.splits:
+            files.update(tree(d / "parquet", f"{d.relative_to(r.w).as_posix()}/parquet"))
+        files.update({f"base/{n}": base / n for n in ("cosyvoice3.yaml", f"{kind}.pt")})
+        files.update(tree(base / "CosyVoice-BlankEN", "base/CosyVoice-BlankEN"))
+        epochs = r.epochs(c.llm_epochs if kind == "llm" else c.flow_epochs)
+        return Inputs(settings={"model": kind, "max_epoch": epochs, "overrides": list(c.train_overrides)},
+                      files=files, after=("make-parquet",))
+    return inputs
+
+
+def _train_run(kind: str) -> Callable[[Runner, StageContext], str]:
+    def run(r: Runner, ctx: StageContext) -> str:
+        from cosytune.train.api import TrainRequest, run_training
+
+        c = r.cfg
+        if kind == "flow" and not c.train_flow:
+            raise NotRequested("add --train_flow; small-data flow training often hurts clarity")
+        tr, dv = r.splits
+        epochs = r.epochs(c.llm_epochs if kind == "llm" else c.flow_epochs)
+        out = run_training(TrainRequest(
+            model=kind, train_data=tr / "parquet" / "data.list", cv_data=dv / "parquet" / "data.list",
+            run_dir=r.run_dir(kind), base_model_dir=c.base_model, onnx_path=c.base_model,
+            overrides=c.train_overrides, max_epoch=epochs, device=c.device, num_workers=c.num_workers,
+            inputs_key=ctx.key, restart=ctx.fresh,
+        ))
+        return f"{epochs} epochs max" + (f"; cleared the earlier run ({out.cleared})" if out.cleared else "")
+    return run
+
+
+def _train_outputs(kind: str) -> Callable[[Runner], list[Path]]:
+    def outputs(r: Runner) -> list[Path]:
+        from cosytune.train.api import CONFIG_NAME
+
+        if kind == "flow" and not r.cfg.train_flow:
+            return []
+        return [r.run_dir(kind) / CONFIG_NAME]
+    return outputs
+
+
+def _kinds(r: Runner) -> tuple[str, ...]:
+    return ("llm", "flow") if r.cfg.train_flow else ("llm",)
+
+
+def _average_inputs(r: Runner) -> Inputs:
+    files: dict[str, Path] = {}
+    for kind in _kinds(r):
+        label = r.run_dir(kind).relative_to(r.w).as_posix()
+        files.update(tree(r.run_dir(kind), label, "epoch_*", exclude=(".state.pt",)))
+    return Inputs(settings={"num": r.cfg.num_average, "kinds": list(_kinds(r))}, files=files,
+                  after=("train-llm", "train-flow"))
+
+
+def _average_run(r: Runner, ctx: StageContext) -> str:
+    from cosytune.steps import run_average
+
+    for kind in _kinds(r):
+        run = r.run_dir(kind)
+        run_average(run, run / f"{kind}_avg.pt", num=r.cfg.num_average, val_best=True)
+    return ""
+
+
+def _avg_files(r: Runner) -> dict[str, Path]:
+    return {f"exp/{k}/{k}_avg.pt": r.run_dir(k) / f"{k}_avg.pt" for k in _kinds(r)}
+
+
+def _base_files(r: Runner) -> dict[str, Path]:
+    """The base model files a model dir is assembled from."""
+    from cosytune.modeldir.package import BASE_DIRS, BASE_FILES
+
+    out = {f"base/{n}": r.cfg.base_model / n for n in BASE_FILES}
+    for d in BASE_DIRS:
+        out.update(tree(r.cfg.base_model / d, f"base/{d}"))
+    return out
+
+
+def _assemble_inputs(r: Runner) -> Inputs:
+    return Inputs(settings={"speaker": r.cfg.speaker, "train_flow": r.cfg.train_flow},
+                  files={**_avg_files(r), **r.work_files(["spk2embedding.pt"], [r.split("train")]),
+                         **_base_files(r)},
+                  after=("average", "extract-embedding"))
+
+
+def _assemble_run(r: Runner, ctx: StageContext) -> str:
+    from cosytune.steps import run_assemble
+
+    c = r.cfg
+    run_assemble(c.base_model, r.model_dir, r.run_dir("llm") / "llm_avg.pt",
+                 flow_pt=r.run_dir("flow") / "flow_avg.pt" if c.train_flow else None,
+                 spk2embedding_pt=r.split("train") / "spk2embedding.pt", spk_ids=[c.speaker], overwrite=True)
+    return ""
+
+
+def _synthesize_inputs(r: Runner) -> Inputs:
+    c = r.cfg
+    files = tree(r.model_dir, f"models/{c.speaker}")
+    if c.train_flow:
+        files["base/flow.pt"] = c.base_model / "flow.pt"
+    return Inputs(settings={"text": c.sample_text, "seed": c.sample_seed, "speaker": c.speaker,
+                            "train_flow": c.train_flow},
+                  files=files, after=("assemble",))
+
+
+def _synthesize_run(r: Runner, ctx: StageContext) -> str:
+    from cosytune.infer.single import SegmentRequest, synthesize_to_file
+    from cosytune.infer.synthesizer import SynthesisOptions, Synthesizer
+
+    c = r.cfg
+    out = r.w / "out"
+    # One folder per variant: each keeps its own run.json beside the wav.
+    variants = [(out / "tuned" / "sample.wav", None)]
+    if c.train_flow:
+        variants.append((out / "tuned_llm_base_flow" / "sample.wav", c.base_model / "flow.pt"))
+    for wav, flow_ckpt in variants:
+        t0 = time.perf_counter()
+        synth = Synthesizer.from_dir(r.model_dir, device=c.device, flow_ckpt=flow_ckpt)
+        load_s = time.perf_counter() - t0
+        req = SegmentRequest(text=c.sample_text, out_wav=wav, spk_id=c.speaker,
+                             options=SynthesisOptions(seed=c.sample_seed))
+        settings = {"command": "run", "model_dir": r.model_dir, "spk_id": c.speaker, "text": c.sample_text,
+                    "seed": c.sample_seed, "device": c.device, "flow_ckpt": flow_ckpt, "out_wav": wav}
+        synthesize_to_file(synth, req, settings=settings, load_s=load_s)
+    return ""
+
+
+PIPELINE: tuple[Stage, ...] = (
+    Stage("prepare-audio", _prepare_inputs, lambda r: [r.wavs / "prepared.jsonl"], _prepare_run),
+    Stage("transcribe", _transcribe_inputs,
+          lambda r: [r.split("train") / "wav.scp", r.split("dev") / "wav.scp", r.data / "metadata.jsonl"],
+          _transcribe_run),
+    Stage("extract-embedding", _onnx_inputs("campplus.onnx", ["wav.scp", "utt2spk"]),
+          lambda r: [r.split("train") / "spk2embedding.pt", r.split("dev") / "utt2embedding.pt"], _embedding_run),
+    Stage("extract-speech-token", _onnx_inputs("speech_tokenizer_v3.onnx", ["wav.scp"]),
+          lambda r: [d / "utt2speech_token.pt" for d in r.splits], _speech_token_run),
+    Stage("make-parquet", _parquet_inputs, lambda r: [d / "parquet" / "data.list" for d in r.splits], _parquet_run),
+    Stage("train-llm", _train_inputs("llm"), _train_outputs("llm"), _train_run("llm")),
+    Stage("train-flow", _train_inputs("flow"), _train_outputs("flow"), _train_run("flow")),
+    Stage("average", _average_inputs, lambda r: list(_avg_files(r).values()), _average_run),
+    Stage("assemble", _assemble_inputs, lambda r: [r.model_dir / "llm.pt", r.model_dir / "spk2info.pt"],
+          _assemble_run),
+    Stage("synthesize", _synthesize_inputs, lambda r: [r.w / "out" / "tuned" / "sample.wav"], _synthesize_run),
+)
+
+STAGES: tuple[str, ...] = tuple(s.name for s in PIPELINE)

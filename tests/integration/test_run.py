@@ -87,3 +87,178 @@ def test_force_and_stage_names(tiny_base, tmp_path, capsys):
 
 def test_scaled_epochs():
     assert scaled_epochs(10) == 15 and scaled_epochs(60) == 10 and scaled_epochs(1) == 40 and scaled_epochs(0) == 10
+
+
+# --- the skip rule: a changed input or setting re-runs its stage and everything after it ----------
+
+CLIPS = ("conf-getchannel", "conf-getconfno", "conf-invalid", "invalid", "auth-incorrect", "agent-user")
+
+
+def _stage_lines(out: str) -> dict[str, str]:
+    """{stage: its line of the run summary} (status and note)."""
+    rows = {}
+    for line in out.splitlines():
+        parts = line.split(maxsplit=1)
+        if len(parts) == 2 and parts[0] in STAGES and line.startswith("  "):
+            rows[parts[0]] = parts[1]
+    return rows
+
+
+def _weights(path: Path) -> dict:
+    from cosytune.train.checkpoint import read_checkpoint_weights
+
+    return read_checkpoint_weights(path)
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def small_run(tiny_base, tmp_path_factory):
+    """A finished run on six short clips (1 epoch); tests below change one thing each and re-run."""
+    root = tmp_path_factory.mktemp("skip")
+    audio = root / "audio"
+    audio.mkdir()
+    lines = {ln.split("|", 1)[0]: ln for ln in (SAMPLE / "transcripts.txt").read_text().splitlines() if "|" in ln}
+    for c in CLIPS:
+        (audio / f"{c}.mp3").write_bytes((SAMPLE / "audio" / f"{c}.mp3").read_bytes())
+    transcripts = root / "transcripts.txt"
+    transcripts.write_text("\n".join(lines[f"{c}.mp3"] for c in CLIPS) + "\n")
+    work = root / "work"
+
+    def argv(*extra: str, base: Path = tiny_base) -> list[str]:
+        return ["run", "--audio", str(audio), "--speaker", "allison", "--base_model", str(base), "--work", str(work),
+                "--transcripts", str(transcripts), "--llm_epochs", "1", "--num_average", "1", "--device", "cpu",
+                "--no_progress", *extra, "accum_grad=1"]
+
+    assert main(argv()) == 0
+    return {"work": work, "audio": audio, "transcripts": transcripts, "argv": argv}
+
+
+def _llm_ckpt(work: Path) -> Path:
+    return work / "exp" / "llm" / "epoch_0_whole.pt"
+
+
+def test_unchanged_rerun_skips_everything(small_run, capsys):
+    capsys.readouterr()
+    assert main(small_run["argv"]()) == 0
+    rows = _stage_lines(capsys.readouterr().out)
+    assert set(rows) == set(STAGES)
+    assert all(r.startswith("skipped") for r in rows.values()), rows
+
+
+def test_run_dir_yamls_are_what_upstream_averaging_reads(small_run):
+    """Upstream's average_model.py reads every *.yaml of the run dir not starting with train/init as a
+    checkpoint record (KeyError 'loss_dict' otherwise); the resolved config is train_config.yaml."""
+    import glob
+
+    import yaml
+
+    run = small_run["work"] / "exp" / "llm"
+    assert (run / "train_config.yaml").is_file()
+    yamls = [f for f in glob.glob(f"{run}/*.yaml")
+             if not (os.path.basename(f).startswith("train") or os.path.basename(f).startswith("init"))]
+    assert yamls
+    for y in yamls:
+        with open(y) as f:
+            d = yaml.load(f, Loader=yaml.BaseLoader)
+        float(d["loss_dict"]["loss"]), int(d["epoch"]), int(d["step"]), d["tag"]
+
+
+def test_changed_transcript_retrains_and_says_why(small_run, capsys):
+    work, tr = small_run["work"], small_run["transcripts"]
+    before = _weights(_llm_ckpt(work))
+    text = tr.read_text()
+    tr.write_text(text.replace("Please enter the channel number", "Please enter the channel code"))
+    capsys.readouterr()
+    assert main(small_run["argv"]("--until", "train-llm")) == 0
+    rows = _stage_lines(capsys.readouterr().out)
+    assert rows["prepare-audio"].startswith("skipped")
+    assert rows["transcribe"].startswith("done") and "transcripts.txt changed" in rows["transcribe"], rows
+    for stage in ("extract-embedding", "extract-speech-token", "make-parquet", "train-llm"):
+        assert rows[stage].startswith("done"), rows
+    assert "after make-parquet re-ran" in rows["train-llm"], rows
+    assert not _same_weights(before, _weights(_llm_ckpt(work)))
+
+
+def test_changed_learning_rate_retrains(small_run, capsys):
+    work = small_run["work"]
+    assert main(small_run["argv"]("--until", "train-llm")) == 0
+    before = _weights(_llm_ckpt(work))
+    capsys.readouterr()
+    assert main(small_run["argv"]("--until", "train-llm", "optim.lr=1e-3")) == 0
+    out = capsys.readouterr().out
+    rows = _stage_lines(out)
+    assert rows["make-parquet"].startswith("skipped")
+    assert rows["train-llm"].startswith("done") and "overrides changed" in rows["train-llm"], rows
+    assert "cleared the earlier run" in rows["train-llm"]
+    assert "lr: 0.001" in (work / "exp" / "llm" / "train_config.yaml").read_text()
+    assert not _same_weights(before, _weights(_llm_ckpt(work)))
+
+
+def test_rerecorded_clip_gets_new_speech_tokens_and_retrains(small_run, capsys):
+    from cosytune.data.frontend_common import load_pt_map
+
+    work, audio = small_run["work"], small_run["audio"]
+    assert main(small_run["argv"]("--until", "train-llm")) == 0
+
+    def tokens() -> dict:
+        return {**load_pt_map(work / "data" / "train" / "utt2speech_token.pt"),
+                **load_pt_map(work / "data" / "dev" / "utt2speech_token.pt")}
+
+    old, before = tokens(), _weights(_llm_ckpt(work))
+    # A different recording under the same name (similar length, so the old transcript still passes).
+    (audio / "conf-getchannel.mp3").write_bytes((SAMPLE / "audio" / "conf-onlyone.mp3").read_bytes())
+    capsys.readouterr()
+    assert main(small_run["argv"]("--until", "train-llm")) == 0
+    rows = _stage_lines(capsys.readouterr().out)
+    assert "audio/conf-getchannel.mp3 changed" in rows["prepare-audio"], rows
+    new = tokens()
+    assert old.keys() == new.keys()
+    changed = sorted(u for u in old if list(old[u]) != list(new[u]))
+    assert changed and all("conf-getchannel" in u for u in changed), changed
+    assert rows["train-llm"].startswith("done")
+    assert not _same_weights(before, _weights(_llm_ckpt(work)))
+
+
+def test_force_train_llm_retrains(small_run, capsys):
+    work = small_run["work"]
+    assert main(small_run["argv"]("--until", "train-llm")) == 0
+    stamp = _llm_ckpt(work).stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(small_run["argv"]("--from", "train-llm", "--until", "train-llm", "--force", "train-llm")) == 0
+    out = capsys.readouterr().out
+    assert _stage_lines(out)["train-llm"].startswith("done") and "forced" in _stage_lines(out)["train-llm"]
+    steps = [int(ln.split()[-1]) for ln in out.splitlines() if ln.strip().startswith("optimizer steps")]
+    assert steps and steps[-1] > 0, out
+    assert _llm_ckpt(work).stat().st_mtime_ns != stamp
+    # What depends on it runs again too.
+    capsys.readouterr()
+    assert main(small_run["argv"]()) == 0
+    rows = _stage_lines(capsys.readouterr().out)
+    assert rows["train-llm"].startswith("skipped")
+    assert all(rows[s].startswith("done") for s in ("average", "assemble", "synthesize")), rows
+
+
+def test_typed_error_of_a_stage_reaches_the_user(small_run, tiny_base, tmp_path, capsys):
+    """A base model whose llm.pt lacks a tensor: the loader's CheckpointError (naming the key) is what the
+    user sees, not 'stage failed (exit 1)'."""
+    import shutil
+
+    import torch
+
+    from cosytune.weights.io import torch_load_safely
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    sd = torch_load_safely(base / "llm.pt")
+    dropped = max(k for k in sd if isinstance(sd[k], torch.Tensor))
+    del sd[dropped]
+    torch.save(sd, base / "llm.pt")
+    capsys.readouterr()
+    assert main(small_run["argv"]("--until", "train-llm", base=base)) != 0
+    err = capsys.readouterr().err
+    assert dropped in err and "failed (exit" not in err, err

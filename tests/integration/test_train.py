@@ -67,7 +67,7 @@ def test_training_runs_end_to_end(kind, sample_data, tiny_base, tmp_path, capsys
         assert sd["epoch"] == e and sd["step"] > 0  # upstream's format: weights + epoch/step
         info = (run / f"epoch_{e}_whole.yaml").read_text()
         assert "loss_dict" in info and "step" in info
-    assert (run / "config.yaml").exists() and any((run / "tensorboard").iterdir())
+    assert (run / "train_config.yaml").exists() and any((run / "tensorboard").iterdir())
     # the weights moved away from the base
     base = _weights(tiny_base / f"{kind}.pt")
     tuned = _weights(run / "epoch_1_whole.pt")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cosytune.cli.common import flag, print_summary
+from cosytune.cli.common import flag
 
 EPILOG = """example:
   cosytune assemble --base_model_dir pretrained/Fun-CosyVoice3-0.5B --out_model_dir models/alice \\
@@ -28,23 +28,8 @@ def build_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cosytune.modeldir.package import assemble
+    from cosytune.steps import run_assemble
 
-    res = assemble(args.base_model_dir, args.out_model_dir, args.llm_pt, args.flow_pt, args.spk2embedding_pt,
-                   args.spk_id, args.overwrite)
-    methods: dict[str, int] = {}
-    for m in res.linked.values():
-        methods[m] = methods.get(m, 0) + 1
-    shared = methods.get("hardlink", 0) + methods.get("symlink", 0)
-    note = (f"{shared} file(s) are the base dir's own files (links): replace them only by writing a new file and "
-            "renaming it, or with cosytune assemble; `cp other.pt` onto one would change the base model too")
-    warning = [("warning", note)] if shared else []
-    print_summary("assemble", [
-        ("model dir", res.out_dir),
-        ("written", ", ".join(res.written)),
-        ("flow", "tuned" if "flow.pt" in res.written else "base (linked)"),
-        ("linked from base", ", ".join(f"{n} {m}" for m, n in methods.items())),
-        ("speakers in spk2info.pt", ", ".join(res.speakers) or "(none written)"),
-        *warning,
-    ])
+    run_assemble(args.base_model_dir, args.out_model_dir, args.llm_pt, flow_pt=args.flow_pt,
+                 spk2embedding_pt=args.spk2embedding_pt, spk_ids=args.spk_id, overwrite=args.overwrite)
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cosytune.cli.common import flag, print_summary
+from cosytune.cli.common import flag
 
 EPILOG = """examples:
   cosytune average --dst_model exp/llm/llm_avg.pt --src_path exp/llm --num 5 --val_best
@@ -23,16 +23,7 @@ def build_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cosytune.train.average import average_checkpoints
+    from cosytune.steps import run_average
 
-    res = average_checkpoints(args.src_path, args.dst_model, args.num, args.val_best)
-    print_summary(
-        "average",
-        [
-            ("output", res.dst_model),
-            ("tensors", res.num_tensors),
-            ("selection", "lowest CV loss" if args.val_best else "newest"),
-        ]
-        + [(f"  {c.name}", f"cv_loss={c.cv_loss}") for c in res.sources],
-    )
+    run_average(args.src_path, args.dst_model, num=args.num, val_best=args.val_best)
     return 0

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Iterable, Mapping
 from typing import Any
+
+from cosytune.console import print_summary, progress
+
+__all__ = ["flag", "print_summary", "progress"]
 
 
 def flag(parser: argparse.ArgumentParser | Any, name: str, *aliases: str, **kwargs: Any) -> argparse.Action:
@@ -20,20 +22,3 @@ def flag(parser: argparse.ArgumentParser | Any, name: str, *aliases: str, **kwar
             opts.append(a)
     kwargs.setdefault("dest", name)
     return parser.add_argument(*opts, **kwargs)
-
-
-def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", enabled: bool = True):
-    """A tqdm progress bar on stderr (disabled when not wanted or not on rank 0)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
-                unit="file" if desc else "it", leave=False)
-
-
-def print_summary(title: str, items: Mapping[str, Any] | list[tuple[str, Any]]) -> None:
-    """Print the closing summary of a command on stdout: a title and aligned key/value lines."""
-    pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
-    width = max((len(k) for k, _ in pairs), default=0)
-    print(f"== {title}")
-    for k, v in pairs:
-        print(f"  {k.ljust(width)}  {v}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from cosytune.cli.common import flag, print_summary, progress
+from cosytune.cli.common import flag
 
 EPILOG = """examples:
   cosytune extract-embedding --dir data/train --onnx_path pretrained/Fun-CosyVoice3-0.5B/campplus.onnx
@@ -37,22 +37,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cosytune.data.embedding import extract_embeddings
-    from cosytune.data.frontend_common import read_kaldi_dir
+    from cosytune.steps import run_extract_embedding
 
-    total = len(read_kaldi_dir(args.dir).utt2wav)
-    with progress(total=total, desc="embeddings", enabled=not args.no_progress) as bar:
-        s = extract_embeddings(args.dir, args.onnx_path, device=args.onnx_device, num_threads=args.num_thread,
-                               force=args.force, rejects_path=args.rejects, progress=bar.update)
-    rate = s.computed / s.seconds if s.seconds > 0 else 0.0
-    print_summary("extract-embedding", [
-        ("utterances", s.utterances),
-        ("computed", s.computed),
-        ("reused from earlier run", s.reused),
-        ("speakers", s.speakers),
-        ("rejected", ", ".join(f"{k}: {v}" for k, v in sorted(s.rejected.items())) or "none"),
-        ("device", s.device),
-        ("speed", f"{rate:.1f} utt/s, {s.audio_seconds / s.seconds if s.seconds else 0:.0f}x real time"),
-        ("wrote", f"{s.utt_path}, {s.spk_path}"),
-    ])
+    run_extract_embedding(args.dir, args.onnx_path, device=args.onnx_device, num_threads=args.num_thread,
+                          force=args.force, rejects_path=args.rejects, show_progress=not args.no_progress)
     return 0

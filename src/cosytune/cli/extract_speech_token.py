@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from cosytune.cli.common import flag, print_summary, progress
+from cosytune.cli.common import flag
 from cosytune.cli.extract_embedding import add_onnx_flags
 
 EPILOG = """examples:
@@ -36,23 +36,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cosytune.data.frontend_common import read_kaldi_dir
-    from cosytune.data.speech_token import extract_speech_tokens
+    from cosytune.steps import run_extract_speech_token
 
-    total = len(read_kaldi_dir(args.dir).utt2wav)
-    with progress(total=total, desc="speech tokens", enabled=not args.no_progress) as bar:
-        s = extract_speech_tokens(args.dir, args.onnx_path, device=args.onnx_device, num_threads=args.num_thread,
-                                  max_batch=args.batch_size, force=args.force, rejects_path=args.rejects,
-                                  progress=bar.update)
-    rate = s.computed / s.seconds if s.seconds > 0 else 0.0
-    print_summary("extract-speech-token", [
-        ("utterances", s.utterances),
-        ("computed", s.computed),
-        ("reused from earlier run", s.reused),
-        ("tokens", s.tokens),
-        ("rejected", ", ".join(f"{k}: {v}" for k, v in sorted(s.rejected.items())) or "none"),
-        ("device", f"{s.device}{' (batched)' if s.batched else ''}"),
-        ("speed", f"{rate:.1f} utt/s, {s.audio_seconds / s.seconds if s.seconds else 0:.0f}x real time"),
-        ("wrote", s.path),
-    ])
+    run_extract_speech_token(args.dir, args.onnx_path, device=args.onnx_device, num_threads=args.num_thread,
+                             max_batch=args.batch_size, force=args.force, rejects_path=args.rejects,
+                             show_progress=not args.no_progress)
     return 0

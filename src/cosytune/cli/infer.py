@@ -14,14 +14,11 @@ decoder); --no_fast_decode forces the reference decoder.
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from cosytune.cli.common import flag, print_summary
-
-logger = logging.getLogger(__name__)
+from cosytune.cli.common import flag
 
 EPILOG = """examples:
   # fine-tuned speaker (SFT entry of spk2info.pt)
@@ -169,60 +166,14 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
-def _warn_if_replacing_other_run(run_json: Path, out_wav: Path) -> None:
-    """run.json describes one run; say so when it is about to replace the record of another wav."""
-    import json
-
-    try:
-        previous = json.loads(run_json.read_text(encoding="utf-8"))["outputs"][0]["path"]
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return
-    if Path(previous).resolve() != out_wav.resolve():
-        logger.warning("%s described %s and now describes %s; give each run its own --out_dir (or folder of "
-                       "--out_wav) to keep every run.json", run_json, previous, out_wav)
-
-
 def run(args: argparse.Namespace) -> int:
-    from cosytune.audio.io import write_wav_pcm16
-    from cosytune.infer.runinfo import write_run_json
+    from cosytune.infer.single import SegmentRequest, synthesize_to_file
 
     text = read_text_arg(args)
     synth, load_s = load_synthesizer(args)
     options = options_from_args(args, synth)
-    if args.out_wav is not None:
-        out_wav: Path = args.out_wav
-        out_dir = out_wav.parent
-    else:
-        out_dir = args.out_dir
-        out_wav = out_dir / "chunk_0000.wav"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    request = {"text": text, "mode": args.mode, "spk_id": args.spk_id, "prompt_text": args.prompt_text,
-               "prompt_wav": args.prompt_wav, "options": options}
-    outputs = []
-    if args.stream:
-        result = None
-        for chunk in synth.stream(**request):
-            piece = out_dir / f"piece_{chunk.index:04d}.wav"
-            write_wav_pcm16(piece, chunk.audio, chunk.sample_rate)
-            outputs.append({"path": str(piece), "samples": int(chunk.audio.shape[0]),
-                            "seconds": chunk.audio.shape[0] / chunk.sample_rate, "elapsed_s": chunk.elapsed_s})
-            logger.info("piece %d: %.2f s of audio after %.2f s", chunk.index, chunk.audio.shape[0] /
-                        chunk.sample_rate, chunk.elapsed_s)
-            result = chunk.result if chunk.final else result
-        assert result is not None
-    else:
-        result = synth.synthesize(**request)
-    write_wav_pcm16(out_wav, result.audio, result.sample_rate)
-    outputs.insert(0, {"path": str(out_wav), "samples": int(result.audio.shape[0]), "seconds": result.duration_s})
-    timings = {"load_s": load_s, **result.timings}
-    _warn_if_replacing_other_run(out_dir / "run.json", out_wav)
-    run_json = write_run_json(out_dir / "run.json", settings=settings_from_args(args), seed=result.seed,
-                              model_files=synth.model_files, outputs=outputs, timings=timings, request=result.info,
-                              device=str(synth.device), dtype=args.dtype)
-    items = [("output", out_wav), ("mode", result.info["mode"]), ("audio", f"{result.duration_s:.2f} s"),
-             ("speech tokens", len(result.tokens)), ("seed", result.seed), ("RTF", f"{result.timings['rtf']:.3f}")]
-    if args.stream:
-        items += [("pieces", len(outputs) - 1), ("first chunk", f"{result.timings['first_chunk_s']:.2f} s")]
-    items.append(("run.json", run_json))
-    print_summary("infer", items)
+    out_wav = args.out_wav if args.out_wav is not None else args.out_dir / "chunk_0000.wav"
+    req = SegmentRequest(text=text, out_wav=out_wav, mode=args.mode, spk_id=args.spk_id,
+                         prompt_text=args.prompt_text, prompt_wav=args.prompt_wav, options=options, stream=args.stream)
+    synthesize_to_file(synth, req, settings=settings_from_args(args), load_s=load_s, dtype=args.dtype)
     return 0

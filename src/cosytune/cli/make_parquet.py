@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from cosytune.cli.common import flag, print_summary, progress
+from cosytune.cli.common import flag
 
 EPILOG = """examples:
   cosytune make-parquet --src_dir data/train --des_dir data/train/parquet
@@ -30,19 +30,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cosytune.data.frontend_common import read_kaldi_dir
-    from cosytune.data.parquet import make_parquet
+    from cosytune.steps import run_make_parquet
 
-    total = len(read_kaldi_dir(args.src_dir).utt2wav)
-    with progress(total=total, desc="parquet", enabled=not args.no_progress) as bar:
-        s = make_parquet(args.src_dir, args.des_dir, num_utts_per_parquet=args.num_utts_per_parquet,
-                         num_processes=args.num_processes, dpo=args.dpo, force=args.force,
-                         rejects_path=args.rejects, progress=bar.update)
-    print_summary("make-parquet", [
-        ("utterances written", s.utterances),
-        ("shards", f"{s.shards} ({s.written} written, {s.reused} unchanged)"),
-        ("columns", ", ".join(s.columns)),
-        ("excluded", ", ".join(f"{k}: {v}" for k, v in sorted(s.excluded.items())) or "none"),
-        ("data.list", s.data_list),
-    ])
+    run_make_parquet(args.src_dir, args.des_dir, num_utts_per_parquet=args.num_utts_per_parquet,
+                     num_processes=args.num_processes, dpo=args.dpo, force=args.force, rejects_path=args.rejects,
+                     show_progress=not args.no_progress)
     return 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cosytune.cli.common import flag, print_summary
+from cosytune.cli.common import flag
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +89,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run prepare-audio and print its summary."""
     from cosytune.config.loading import load_config, parse_overrides
-    from cosytune.data.prepare_audio import PrepareAudioConfig, prepare_audio
-    from cosytune.errors import DataError
+    from cosytune.data.prepare_audio import PrepareAudioConfig
+    from cosytune.steps import run_prepare_audio
 
     overrides = parse_overrides(list(args.overrides or []))
     for name, _, _, _ in CONFIG_FLAGS:
@@ -103,12 +103,5 @@ def run(args: argparse.Namespace) -> int:
         overrides["slice_long"] = False
     cfg = load_config(PrepareAudioConfig, args.config, overrides)
     logger.debug("prepare-audio config: %s", cfg)
-    summary = prepare_audio(args.in_dir, args.out_dir, cfg, progress=not args.no_progress)
-    print_summary("prepare-audio", summary.items())
-    if summary.num_outputs == 0:
-        raise DataError(
-            f"no usable audio remains: all {summary.num_inputs} input file(s) were rejected "
-            f"({', '.join(f'{k} {v}' for k, v in sorted(summary.reject_counts.items()))}); see "
-            f"{summary.out_dir}/rejects.jsonl for each file's reason"
-        )
+    run_prepare_audio(args.in_dir, args.out_dir, cfg, show_progress=not args.no_progress)
     return 0

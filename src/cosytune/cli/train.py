@@ -3,18 +3,15 @@
 Accepts the seed workflow's / upstream recipe's flags. Settings come from the shipped preset
 (train_llm.yaml / train_flow.yaml), then --config (our YAML or an upstream recipe yaml, from which
 only train_conf is read), then key=value overrides (e.g. optim.lr=2e-5 max_epoch=20). The resolved
-config is saved as config.yaml in the run dir (--model_dir). Only rank 0 writes.
+config is saved as train_config.yaml in the run dir (--model_dir). Only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
-from cosytune.cli.common import flag, print_summary
-
-logger = logging.getLogger(__name__)
+from cosytune.cli.common import flag
 
 EPILOG = """examples:
   cosytune train --model llm --train_data data/train/parquet/data.list --cv_data data/dev/parquet/data.list \\
@@ -54,70 +51,15 @@ def build_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cosytune.train.api import TrainRequest, run_training
 
-    from cosytune.config.loading import dump_config
-    from cosytune.errors import UsageError
-    from cosytune.text.tokenizer import load_tokenizer
-    from cosytune.train import build
-    from cosytune.train.config import load_train_config
-    from cosytune.train.data import SFTDataset
-    from cosytune.train.distributed import DistInfo, cleanup_distributed, init_distributed, pick_device
-    from cosytune.train.loop import train
-
-    if args.train_engine != "torch_ddp":
-        raise UsageError("--train_engine deepspeed is not supported (upstream's DeepSpeed path silently "
-                         "switches to AdamW lr 1e-3); use torch_ddp, the default")
-    overrides = list(args.overrides)
-    if args.num_workers is not None:
-        overrides.append(f"data.num_workers={args.num_workers}")
-    if args.prefetch is not None:
-        overrides.append(f"data.prefetch={args.prefetch}")
-    if args.pin_memory:
-        overrides.append("data.pin_memory=true")
-    if args.no_amp:
-        overrides.append("amp=none")
-    if args.seed is not None:
-        overrides.append(f"seed={args.seed}")
-    cfg = load_train_config(args.model, args.config, overrides)
-
-    dist = DistInfo.from_env()
-    device = pick_device(dist, args.device)
-    init_distributed(dist, device, args.dist_backend)
-    try:
-        base = build.find_base_model_dir(args.base_model_dir, args.onnx_path, args.checkpoint,
-                                         args.qwen_pretrain_path)
-        tokenizer = load_tokenizer(args.qwen_pretrain_path or base / "CosyVoice-BlankEN")
-        model = build.build_model(args.model, base, args.checkpoint, args.from_scratch)
-        tok_x = emb_x = None
-        if args.onnx_path is not None:
-            tok_x, emb_x = build.online_extractors(args.onnx_path if args.onnx_path.is_dir() else base,
-                                                   args.onnx_device)
-        train_set = SFTDataset(args.train_data, tokenizer, args.model, cfg.data, cfg.seed, tok_x, emb_x)
-        cv_set = (SFTDataset(args.cv_data, tokenizer, args.model, cfg.data, cfg.seed, tok_x, emb_x)
-                  if args.cv_data else None)
-        if cv_set is None:
-            logger.warning("no --cv_data: no CV loss, so no early stopping and --val_best averaging cannot rank")
-        if dist.is_main:
-            args.model_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, args.model_dir / "config.yaml")
-        logger.info("training %s on %s: %d train / %d cv utterances, world size %d, amp %s",
-                    args.model, device, len(train_set), len(cv_set) if cv_set else 0, dist.world_size, cfg.amp)
-        resume = None if str(args.resume).lower() in ("none", "no", "false") else args.resume
-        res = train(cfg, model, build.STEP_FUNCTIONS[args.model], train_set, cv_set, args.model_dir, device, dist,
-                    resume=resume, extra_info={"base_model_dir": str(base)},
-                    tensorboard_dir=args.tensorboard_dir)
-    finally:
-        cleanup_distributed()
-    if dist.is_main:
-        st = res.state
-        print_summary(f"train {args.model}", [
-            ("run dir", res.run_dir),
-            ("epochs done", st.epoch),
-            ("optimizer steps", st.step),
-            ("best CV loss", f"{st.best_cv_loss:.4f} ({st.best_name})" if st.best_name else "n/a"),
-            ("stopped early", st.stopped_early),
-            ("checkpoints", ", ".join(c.name for c in res.checkpoints[-5:]) or "none"),
-            ("time", f"{res.seconds:.1f}s"),
-            ("next", f"cosytune average --src_path {res.run_dir} --dst_model {res.run_dir}/{args.model}_avg.pt"),
-        ])
+    run_training(TrainRequest(
+        model=args.model, train_data=args.train_data, run_dir=args.model_dir, cv_data=args.cv_data,
+        config=args.config, overrides=tuple(args.overrides), base_model_dir=args.base_model_dir,
+        qwen_pretrain_path=args.qwen_pretrain_path, onnx_path=args.onnx_path, checkpoint=args.checkpoint,
+        from_scratch=args.from_scratch, tensorboard_dir=args.tensorboard_dir, num_workers=args.num_workers,
+        prefetch=args.prefetch, pin_memory=bool(args.pin_memory), no_amp=args.no_amp, seed=args.seed,
+        device=args.device, onnx_device=args.onnx_device, dist_backend=args.dist_backend,
+        train_engine=args.train_engine, resume=args.resume,
+    ))
     return 0

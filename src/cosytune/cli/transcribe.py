@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from cosytune.cli.common import flag, print_summary
+from cosytune.cli.common import flag
 
 EPILOG = """examples:
   # your own transcripts (lines 'file.mp3|text'), after prepare-audio
@@ -169,15 +169,15 @@ def collect_overrides(args: argparse.Namespace, names: list[str]) -> dict:
 def run(args: argparse.Namespace) -> int:
     """Run transcribe; returns the exit code."""
     from cosytune.config.loading import load_config
-    from cosytune.data.transcribe import TranscribeConfig, transcribe_dataset
+    from cosytune.data.transcribe import TranscribeConfig
+    from cosytune.steps import run_transcribe
 
     overrides = collect_overrides(args, list(CONFIG_FLAGS))
     if args.transcripts is not None and args.backend is None:
         overrides.setdefault("backend", "transcripts")  # --transcripts FILE alone means "use my text"
     cfg = load_config(TranscribeConfig, args.config, overrides)
     out_dir = args.out_dir or args.in_dir
-    summary = transcribe_dataset(args.in_dir, out_dir, cfg, progress=not args.no_progress)
-    print_summary("transcribe", summary.items())
+    summary = run_transcribe(args.in_dir, out_dir, cfg, show_progress=not args.no_progress)
     print(
         f"next: review {summary.out_dir / 'review.tsv'}, then 'cosytune apply-review --dir {summary.out_dir}'"
     )

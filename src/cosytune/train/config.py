@@ -76,7 +76,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a training run (saved as config.yaml in the run dir)."""
+    """Everything that determines a training run (saved as train_config.yaml in the run dir)."""
 
     model: Literal["llm", "flow"] = "llm"
     max_epoch: int = 10
