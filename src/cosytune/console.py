@@ -11,12 +11,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 
-def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", enabled: bool = True):
+def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", enabled: bool = True,
+             unit: str | None = None):
     """A tqdm progress bar on stderr (disabled when not wanted or not on rank 0)."""
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
-                unit="file" if desc else "it", leave=False)
+                unit=unit or ("file" if desc else "it"), leave=False)
 
 
 def print_summary(title: str, items: Mapping[str, Any] | list[tuple[str, Any]]) -> None:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from cosytune.errors import DataError, UsageError
-from cosytune.fileio import read_jsonl, sha256_file, sha256_json, write_json
+from cosytune.fileio import exclusive_lock, read_jsonl, sha256_file, sha256_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +66,33 @@ class RunConfig:
     flow_epochs: int = 0
     num_average: int = 5
     device: str = "auto"
-    sample_text: str = "Hello! This is my new voice, made with cosytune."
+    sample_text: str | None = None  # None: a sentence in the language of the data (SAMPLE_TEXTS)
     train_overrides: tuple[str, ...] = ()
     num_workers: int = 0
     sample_seed: int = SAMPLE_SEED
+    review: bool = False  # stop after transcription so the transcripts can be reviewed first
+    compute_type: str = "default"  # faster-whisper options, as in `cosytune transcribe`
+    vad_filter: bool = True
+    initial_prompt: str | None = "auto"
+
+
+#: The sample sentence of the last stage, by the language most of the training text is in.
+SAMPLE_TEXTS = {
+    "en": "Hello! This is my new voice, made with cosytune.",
+    "zh": "你好！这是我用 cosytune 做出来的新声音。",
+}
+
+
+def data_language(texts: Iterable[str]) -> str:
+    """``zh`` when most characters of the texts are CJK ideographs, else ``en``."""
+    cjk = other = 0
+    for t in texts:
+        for ch in t:
+            if "\u4e00" <= ch <= "\u9fff":
+                cjk += 1
+            elif ch.isalpha():
+                other += 1
+    return "zh" if cjk > other / 3 else "en"  # a CJK character carries about as much as 3 Latin letters
 
 
 @dataclass
@@ -85,6 +108,7 @@ class RunResult:
     stages: list[StageResult] = field(default_factory=list)
     model_dir: Path | None = None
     listen: list[Path] = field(default_factory=list)
+    review: Path | None = None  # set when the run stopped for the transcripts to be reviewed
 
 
 @dataclass(frozen=True)
@@ -244,6 +268,14 @@ class Runner:
         rows = read_jsonl(meta)
         return sum(float(r.get("duration", r.get("duration_s", 0.0)) or 0.0) for r in rows) / 60
 
+    def sample_text(self) -> str:
+        """``--sample_text``, else a sentence in the language of the training transcripts."""
+        if self.cfg.sample_text:
+            return self.cfg.sample_text
+        meta = self.data / "metadata.jsonl"
+        texts = [str(r.get("text", "")) for r in read_jsonl(meta)] if meta.exists() else []
+        return SAMPLE_TEXTS[data_language(texts)]
+
     def epochs(self, given: int) -> int:
         return given if given > 0 else scaled_epochs(self._usable_minutes())
 
@@ -273,21 +305,33 @@ class Runner:
         if not self.cfg.base_model.is_dir():
             raise DataError(f"--base_model {self.cfg.base_model} is not a folder; point it at Fun-CosyVoice3-0.5B "
                             "(or make a test model with 'cosytune init-model --preset tiny --out DIR')")
+        if self.w == self.cfg.audio or self.cfg.audio in self.w.parents:
+            raise UsageError(f"--work {self.w} is inside --audio {self.cfg.audio}: the next run would read the work "
+                             "dir's own wavs back as recordings. Put the work dir outside the recordings folder")
+        transcribe_config(self.cfg)  # a bad --speaker (or other transcribe setting) fails now, not stages later
         i0 = STAGES.index(start) if start else 0
         i1 = STAGES.index(until) if until else len(STAGES) - 1
+        if self.cfg.review:
+            i1 = min(i1, STAGES.index("transcribe"))
         result = RunResult()
-        for stage in PIPELINE[i0:i1 + 1]:
-            result.stages.append(self._run_one(stage, stage.name in force))
+        with exclusive_lock(self.w, "work dir"):
+            from cosytune.config.loading import dump_config
+
+            dump_config(self.cfg, self.w / "run.yaml")
+            for stage in PIPELINE[i0:i1 + 1]:
+                result.stages.append(self._run_one(stage, stage.name in force))
         if (self.model_dir / "llm.pt").exists():
             result.model_dir = self.model_dir
         result.listen = sorted((self.w / "out").rglob("*.wav")) if (self.w / "out").exists() else []
+        if self.cfg.review:
+            result.review = self.data / "review.tsv"
         return result
 
     def _run_one(self, stage: Stage, forced: bool) -> StageResult:
         name = stage.name
         key, digests = self.stage_key(stage)
         rec = self.state.get(name, {})
-        outputs_ok = all(p.exists() for p in stage.outputs(self))
+        outputs_ok = _outputs_intact(stage.outputs(self), rec.get("outputs"))
         if not forced and rec.get("key") == key and outputs_ok:
             logger.info("[%s] up to date, skipped", name)
             return StageResult(name, "skipped", note="unchanged since " + rec.get("done_at", "?"))
@@ -298,7 +342,7 @@ class Runner:
         elif resumed:
             why = "continued an interrupted run"
         elif rec.get("key") == key:
-            why = "outputs were missing"
+            why = "outputs were missing or changed since they were written"
         else:
             why = _explain(rec.get("inputs"), digests)
         logger.info("[%s] running%s", name, f" ({why})" if why else "")
@@ -313,11 +357,31 @@ class Runner:
         # A stage's outputs are part of later stages' inputs: hash them as they are now.
         key, digests = self.stage_key(stage)
         self.state[name] = {"key": key, "run": uuid.uuid4().hex, "done_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-                            "inputs": digests}
+                            "inputs": digests, "outputs": _identities(stage.outputs(self))}
         running.pop(name, None)
         self._save_state()
         notes = "; ".join(n for n in (note, "" if status != "done" else why) if n)
         return StageResult(name, status, time.time() - t0, notes)
+
+
+def _identities(paths: Iterable[Path]) -> dict[str, list[int] | None]:
+    """(size, mtime_ns) of each output as written: any later truncation or replacement changes it."""
+    out: dict[str, list[int] | None] = {}
+    for p in paths:
+        try:
+            st = p.stat()
+            out[str(p)] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            out[str(p)] = None
+    return out
+
+
+def _outputs_intact(paths: list[Path], recorded: dict | None) -> bool:
+    """Every output exists and, where its identity was recorded, is still the file the stage wrote."""
+    now = _identities(paths)
+    if any(v is None for v in now.values()):
+        return False
+    return recorded is None or all(recorded.get(k, v) == v for k, v in now.items())
 
 
 # stages --------------------------------------------------------------------------------------------
@@ -348,20 +412,28 @@ def _transcribe_inputs(r: Runner) -> Inputs:
         files.update(tree(c.transcripts, c.transcripts.name))
     asr = _backend(r) != "transcripts"
     return Inputs(settings={"backend": _backend(r), "speaker": c.speaker, "language": c.language,
-                            "whisper_model": c.whisper_model if asr else None},
+                            "whisper_model": c.whisper_model if asr else None,
+                            "asr_options": [c.compute_type, c.vad_filter, c.initial_prompt] if asr else None},
                   files=files, after=("prepare-audio",))
 
 
-def _transcribe_run(r: Runner, ctx: StageContext) -> str:
+def transcribe_config(cfg: RunConfig) -> Any:
+    """The :class:`TranscribeConfig` a run uses (built at the start too, so a bad --speaker fails at once)."""
     from cosytune.data.transcribe import TranscribeConfig
+
+    backend = cfg.backend if cfg.backend != "auto" else ("transcripts" if cfg.transcripts else "faster-whisper")
+    kw: dict[str, Any] = {"backend": backend, "speaker": cfg.speaker, "transcripts": cfg.transcripts,
+                          "language": cfg.language}
+    if backend != "transcripts":
+        kw.update(whisper_model=cfg.whisper_model, device=cfg.device, compute_type=cfg.compute_type,
+                  vad_filter=cfg.vad_filter, initial_prompt=cfg.initial_prompt)
+    return TranscribeConfig(**kw)
+
+
+def _transcribe_run(r: Runner, ctx: StageContext) -> str:
     from cosytune.steps import run_transcribe
 
-    c = r.cfg
-    kw: dict[str, Any] = {"backend": _backend(r), "speaker": c.speaker, "transcripts": c.transcripts,
-                          "language": c.language}
-    if kw["backend"] != "transcripts":
-        kw.update(whisper_model=c.whisper_model, device=c.device)
-    run_transcribe(r.wavs, r.data, TranscribeConfig(**kw), show_progress=r.progress)
+    run_transcribe(r.wavs, r.data, transcribe_config(r.cfg), show_progress=r.progress)
     return ""
 
 
@@ -510,7 +582,7 @@ def _synthesize_inputs(r: Runner) -> Inputs:
     files = tree(r.model_dir, f"models/{c.speaker}")
     if c.train_flow:
         files["base/flow.pt"] = c.base_model / "flow.pt"
-    return Inputs(settings={"text": c.sample_text, "seed": c.sample_seed, "speaker": c.speaker,
+    return Inputs(settings={"text": r.sample_text(), "seed": c.sample_seed, "speaker": c.speaker,
                             "train_flow": c.train_flow},
                   files=files, after=("assemble",))
 
@@ -529,9 +601,9 @@ def _synthesize_run(r: Runner, ctx: StageContext) -> str:
         t0 = time.perf_counter()
         synth = Synthesizer.from_dir(r.model_dir, device=c.device, flow_ckpt=flow_ckpt)
         load_s = time.perf_counter() - t0
-        req = SegmentRequest(text=c.sample_text, out_wav=wav, spk_id=c.speaker,
+        req = SegmentRequest(text=r.sample_text(), out_wav=wav, spk_id=c.speaker,
                              options=SynthesisOptions(seed=c.sample_seed))
-        settings = {"command": "run", "model_dir": r.model_dir, "spk_id": c.speaker, "text": c.sample_text,
+        settings = {"command": "run", "model_dir": r.model_dir, "spk_id": c.speaker, "text": r.sample_text(),
                     "seed": c.sample_seed, "device": c.device, "flow_ckpt": flow_ckpt, "out_wav": wav}
         synthesize_to_file(synth, req, settings=settings, load_s=load_s)
     return ""

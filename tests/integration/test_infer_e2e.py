@@ -281,7 +281,7 @@ def test_cli_stream_out_wav_text_file_zero_shot(dirs, tmp_path):
 
 def test_cli_errors_exit_codes(dirs, tmp_path, capsys):
     base = ["infer", "--model_dir", str(dirs["a"]), "--out_dir", str(tmp_path / "e"), "--device", "cpu"]
-    assert main(base + ["--spk_id", "nobody", "--text", "Hi."]) == 1
+    assert main(base + ["--spk_id", "nobody", "--text", "Hi."]) == 2  # a usage error, listing the ids
     assert "alice, bob" in capsys.readouterr().err
     assert main(base + ["--spk_id", "alice", "--text", "...!?"]) == 1
     assert "punctuation" in capsys.readouterr().err
@@ -292,6 +292,38 @@ def test_cli_errors_exit_codes(dirs, tmp_path, capsys):
     assert "<|endofprompt|>" in capsys.readouterr().err
     assert main(base + ["--spk_id", "alice", "--text", "Hi.", "--stream", "--speed", "1.2"]) == 2
     assert main(base + ["--spk_id", "alice", "--text", "Hi.", "--top_p", "1.5"]) == 2
+
+
+def test_cli_checks_flags_and_outputs_before_loading(dirs, tmp_path, capsys):
+    """Bad flags and unwritable outputs are refused before the model loads (a missing model dir is not even
+    reached), and a failed run leaves no empty output folder behind."""
+    missing = ["infer", "--model_dir", str(tmp_path / "no_model"), "--device", "cpu", "--text", "Hi."]
+    cases = [
+        (["--spk_id", "alice", "--stream", "--speed", "1.2", "--out_dir", str(tmp_path / "o1")], "--stream"),
+        (["--spk_id", "alice", "--top_p", "1.5", "--out_dir", str(tmp_path / "o2")], "top_p"),
+        (["--out_dir", str(tmp_path / "o3")], "no voice given"),
+        (["--spk_id", "alice", "--out_wav", str(tmp_path / "x.mp3")], ".wav name"),
+        (["--spk_id", "alice", "--out_wav", str(tmp_path)], "is a folder"),
+    ]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases.append((["--spk_id", "alice", "--out_dir", str(a_file)], "is a file"))
+    for extra, message in cases:
+        capsys.readouterr()
+        assert main(missing + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "no_model" not in err, (extra, err)
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+    # a run that fails after loading leaves no empty folder either
+    assert main(["infer", "--model_dir", str(dirs["a"]), "--device", "cpu", "--spk_id", "alice", "--text", "?!",
+                 "--out_dir", str(tmp_path / "o4")]) == 1
+    assert not (tmp_path / "o4").exists()
+
+
+def test_too_long_text_says_how_long_a_segment_may_be(synth):
+    with pytest.raises(DataError, match="too long for one segment.*infer-batch") as e:
+        synth.prepare("word " * 20000, spk_id="alice", options=_opts(text_frontend=False))
+    assert "characters" in str(e.value)
 
 
 def test_cli_infer_batch_resume_rejects_and_join(dirs, tmp_path):

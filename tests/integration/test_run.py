@@ -262,3 +262,63 @@ def test_typed_error_of_a_stage_reaches_the_user(small_run, tiny_base, tmp_path,
     assert main(small_run["argv"]("--until", "train-llm", base=base)) != 0
     err = capsys.readouterr().err
     assert dropped in err and "failed (exit" not in err, err
+
+
+def test_damaged_model_file_is_assembled_again(small_run, capsys):
+    """A truncated models/<speaker>/llm.pt is not trusted as "unchanged": assemble and synthesize run again."""
+    llm = small_run["work"] / "models" / "allison" / "llm.pt"
+    whole = llm.read_bytes()
+    llm.write_bytes(whole[: len(whole) // 2])
+    capsys.readouterr()
+    assert main(small_run["argv"]()) == 0
+    rows = _stage_lines(capsys.readouterr().out)
+    assert rows["assemble"].startswith("done") and "changed since they were written" in rows["assemble"], rows
+    assert rows["synthesize"].startswith("done") and llm.read_bytes() == whole
+
+
+def test_review_stops_after_transcription_and_overrides_go_anywhere(small_run, tmp_path, capsys):
+    work = tmp_path / "w"
+    argv = ["run", "optim.lr=2e-5", "--audio", str(small_run["audio"]), "--speaker", "allison", "max_epoch=1",
+            "--base_model", str(small_run["argv"]()[6]), "--work", str(work), "--transcripts",
+            str(small_run["transcripts"]), "--device", "cpu", "--no_progress", "--review"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert set(_stage_lines(out)) == {"prepare-audio", "transcribe"}
+    assert "stopped for review" in out and "apply-review --dir" in out and (work / "data" / "review.tsv").is_file()
+    assert "optim.lr=2e-5" in (work / "run.yaml").read_text() and "max_epoch=1" in (work / "run.yaml").read_text()
+
+
+def test_bad_settings_fail_before_any_work(small_run, tmp_path, capsys):
+    """A bad --speaker and a work dir inside the recordings are refused before any stage runs."""
+    base = str(small_run["argv"]()[6])
+
+    def run(audio: Path, work: Path, speaker: str) -> tuple[int, str]:
+        capsys.readouterr()
+        rc = main(["run", "--audio", str(audio), "--speaker", speaker, "--base_model", base, "--work", str(work),
+                   "--device", "cpu", "--no_progress"])
+        return rc, capsys.readouterr().err
+
+    rc, err = run(small_run["audio"], tmp_path / "w1", "my voice")
+    assert rc == 2 and "speaker" in err and not (tmp_path / "w1" / "data").exists(), err
+    rc, err = run(small_run["audio"], small_run["audio"] / "work", "allison")
+    assert rc == 2 and "inside --audio" in err and not (small_run["audio"] / "work" / "data").exists(), err
+
+
+def test_two_runs_never_share_a_work_dir(small_run, capsys):
+    import subprocess
+    import sys
+
+    work = small_run["work"]
+    code = ("import time; from cosytune.fileio import exclusive_lock\n"
+            f"with exclusive_lock({str(work)!r}, 'work dir'):\n    print('held', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert main(small_run["argv"]()) == 1
+        err = capsys.readouterr().err
+        assert "is in use by another cosytune process" in err and f"pid {holder.pid}" in err, err
+    finally:
+        holder.kill()
+        holder.wait()

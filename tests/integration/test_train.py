@@ -194,6 +194,7 @@ def test_disk_use_is_bounded(sample_data, tiny_base, tmp_path, capsys):
     assert 0 < k and len(pts) <= k + 1, sorted(p.name for p in pts)
     assert [p.name for p in states] == ["epoch_9_whole.state.pt"]
     assert (run / "epoch_9_whole.pt").exists() and not list(run.glob(".*.tmp*"))
+    assert "MiB held on disk by the run dir" in capsys.readouterr().out
 
 
 def test_two_trainings_never_share_a_run_dir(sample_data, tiny_base, tmp_path, capsys):

@@ -84,3 +84,12 @@ def test_explain_puts_settings_before_a_long_list_of_files():
     new = {f"base/f{i}": "h" for i in range(10)}
     note = _explain(old, new)
     assert note.startswith("requested changed") and "7 more files changed" in note
+
+
+def test_sample_sentence_follows_the_language_of_the_data():
+    from cosytune.pipeline import SAMPLE_TEXTS, data_language
+
+    assert data_language(["今天天气很好。", "我们去公园吧"]) == "zh"
+    assert data_language(["Hello there.", "Please enter your password."]) == "en"
+    assert data_language(["Hello, 你好!"]) == "zh"  # two ideographs weigh as much as six letters
+    assert data_language([]) == "en" and set(SAMPLE_TEXTS) == {"en", "zh"}

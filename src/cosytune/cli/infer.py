@@ -14,11 +14,14 @@ decoder); --no_fast_decode forces the reference decoder.
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from cosytune.cli.common import flag
+
+logger = logging.getLogger(__name__)
 
 EPILOG = """examples:
   # fine-tuned speaker (SFT entry of spk2info.pt)
@@ -150,14 +153,12 @@ def read_text_arg(args: argparse.Namespace) -> str:
 
     if args.text is not None:
         return args.text
+    from cosytune.fileio import read_user_text
+
     path: Path = args.text_file
-    try:
-        # utf-8-sig: a byte-order mark (Windows editors) is not part of the text.
-        return path.read_text(encoding="utf-8-sig").rstrip("\n")
-    except FileNotFoundError as e:
-        raise DataError(f"--text_file {path} does not exist") from e
-    except UnicodeDecodeError as e:
-        raise DataError(f"--text_file {path} is not valid UTF-8 ({e}); save it as UTF-8") from e
+    if not path.is_file():
+        raise DataError(f"--text_file {path} does not exist")
+    return read_user_text(path, "text file").rstrip("\n")
 
 
 def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -166,14 +167,39 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
+def check_args_before_loading(args: argparse.Namespace) -> None:
+    """Everything that can be wrong with the flags alone, checked before the (slow) model load."""
+    from cosytune.errors import UsageError
+    from cosytune.infer.synthesizer import SynthesisOptions
+    from cosytune.models.sampling import SamplingConfig
+
+    if getattr(args, "stream", False) and args.speed != 1.0:
+        raise UsageError(f"--speed {args.speed} cannot be used with --stream: the time-stretch needs the whole mel "
+                         "(upstream has the same rule). Drop --stream or --speed")
+    SynthesisOptions(sampling=sampling_from_args(args, SamplingConfig()), speed=args.speed, seed=args.seed,
+                     text_frontend=args.text_frontend, prompt_strategy=args.prompt_strategy,
+                     guide_sep=args.guide_sep).check()
+    if not args.spk_id and not args.prompt_wav:
+        raise UsageError("no voice given: pass --spk_id NAME (a speaker in the model dir's spk2info.pt; "
+                         "'cosytune doctor --model_dir DIR' lists them) or --prompt_wav CLIP with --prompt_text for a "
+                         "zero-shot voice")
+    if not Path(args.model_dir).is_dir():
+        raise UsageError(f"--model_dir {args.model_dir} is not a folder; point it at a model dir (e.g. models/<speaker> "
+                         "from 'cosytune assemble', or Fun-CosyVoice3-0.5B)")
+
+
 def run(args: argparse.Namespace) -> int:
-    from cosytune.infer.single import SegmentRequest, synthesize_to_file
+    from cosytune.infer.single import SegmentRequest, check_output_path, synthesize_to_file
 
     text = read_text_arg(args)
+    out_wav = args.out_wav if args.out_wav is not None else args.out_dir / "chunk_0000.wav"
+    check_output_path(out_wav)
+    check_args_before_loading(args)
+    logger.info("loading %s on %s (%s) ...", args.model_dir, args.device, args.dtype)
     synth, load_s = load_synthesizer(args)
     options = options_from_args(args, synth)
-    out_wav = args.out_wav if args.out_wav is not None else args.out_dir / "chunk_0000.wav"
     req = SegmentRequest(text=text, out_wav=out_wav, mode=args.mode, spk_id=args.spk_id,
                          prompt_text=args.prompt_text, prompt_wav=args.prompt_wav, options=options, stream=args.stream)
-    synthesize_to_file(synth, req, settings=settings_from_args(args), load_s=load_s, dtype=args.dtype)
+    synthesize_to_file(synth, req, settings=settings_from_args(args), load_s=load_s, dtype=args.dtype,
+                       show_progress=not args.no_progress)
     return 0

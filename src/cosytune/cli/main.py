@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog=getattr(module, "EPILOG", None),
     )
     module.build_parser(parser)
-    args = parser.parse_args(argv[1:])
+    parse = parser.parse_intermixed_args if getattr(module, "INTERMIXED", False) else parser.parse_args
+    args = parse(argv[1:])
     configure_logging(args.log_level, args.debug)
     try:
         return int(module.run(args) or 0)

@@ -48,19 +48,39 @@ def _warn_if_replacing_other_run(run_json: Path, out_wav: Path) -> None:
                        "--out_wav) to keep every run.json", run_json, previous, out_wav)
 
 
+def check_output_path(out_wav: Path) -> None:
+    """Refuse, before any work, an output the run could not write: a folder where the wav should go, a file
+    where a folder should be, or a name whose extension promises another format than the WAV written."""
+    from cosytune.errors import UsageError
+
+    out_wav = Path(out_wav)
+    if out_wav.is_dir():
+        raise UsageError(f"{out_wav} is a folder; --out_wav needs a file name (or use --out_dir {out_wav})")
+    if out_wav.suffix.lower() != ".wav":
+        raise UsageError(f"{out_wav}: cosytune writes 16-bit PCM WAV; give the output a .wav name (convert it "
+                         f"afterwards if you need {out_wav.suffix or 'another format'}, e.g. with ffmpeg)")
+    for parent in out_wav.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{parent} is a file, so {out_wav} cannot be written there; choose another folder")
+            break
+
+
 def synthesize_to_file(synth: Synthesizer, req: SegmentRequest, *, settings: dict[str, Any],
-                       load_s: float = 0.0, dtype: str = "float32", summary: bool = True) -> SegmentOutcome:
+                       load_s: float = 0.0, dtype: str = "float32", summary: bool = True,
+                       show_progress: bool = False) -> SegmentOutcome:
     """Synthesise ``req`` with ``synth``, write the wav (and pieces) and run.json, print the summary.
 
-    ``settings`` are recorded in run.json (text-valued ones redacted by its writer).
+    ``settings`` are recorded in run.json (text-valued ones redacted by its writer). Folders are made
+    only when the first file is written, so a failed run leaves no empty output folder.
     """
     from cosytune.audio.io import write_wav_pcm16
     from cosytune.infer.runinfo import write_run_json
 
     req.options.check()
     out_wav = Path(req.out_wav)
+    check_output_path(out_wav)
     out_dir = out_wav.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
     request = {"text": req.text, "mode": req.mode, "spk_id": req.spk_id, "prompt_text": req.prompt_text,
                "prompt_wav": req.prompt_wav, "options": req.options}
     outputs = []
@@ -76,7 +96,11 @@ def synthesize_to_file(synth: Synthesizer, req: SegmentRequest, *, settings: dic
             result = chunk.result if chunk.final else result
         assert result is not None
     else:
-        result = synth.synthesize(**request)
+        from cosytune.console import progress
+
+        # A long text decodes for a while before any audio exists: count its speech tokens (25 per second).
+        with progress(total=None, desc="decoding", enabled=show_progress, unit="token") as bar:
+            result = synth.synthesize(**request, on_token=lambda n: bar.update(1))
     write_wav_pcm16(out_wav, result.audio, result.sample_rate)
     outputs.insert(0, {"path": str(out_wav), "samples": int(result.audio.shape[0]), "seconds": result.duration_s})
     timings = {"load_s": load_s, **result.timings}

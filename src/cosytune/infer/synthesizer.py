@@ -69,7 +69,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -84,6 +84,11 @@ from cosytune.infer.frontend import PromptFrontend, Speaker, speaker_from_spk2in
 from cosytune.infer.streaming import SILENT_TOKENS, SilenceThinner, StreamSchedule, StreamState
 from cosytune.models.sampling import SamplingConfig
 from cosytune.text.special import DEFAULT_INSTRUCT, ENDOFPROMPT
+
+
+class UnknownSpeakerError(UsageError, DataError):
+    """A ``--spk_id`` the model dir does not have: a usage error (exit code 2), listing the ids it has."""
+
 
 #: Frame bucket of the graphed flow sampler (``fast_flow``): 64 mel frames = 1.28 s.
 FLOW_BUCKET = 64
@@ -471,14 +476,14 @@ class Synthesizer:
         """The ``spk2info.pt`` speaker ``spk_id``.
 
         Raises:
-            DataError: unknown id (the available ids are listed).
+            UnknownSpeakerError: unknown id (the available ids are listed); a usage error (exit 2).
         """
         if spk_id not in self.spk2info:
             if self.spk2info:
                 shown = ", ".join(sorted(map(str, self.spk2info))[:50])
                 more = f" (and {len(self.spk2info) - 50} more)" if len(self.spk2info) > 50 else ""
-                raise DataError(f"unknown speaker id {spk_id!r}; spk2info.pt has: {shown}{more}")
-            raise DataError(f"unknown speaker id {spk_id!r}: this model dir has no speakers (spk2info.pt is absent "
+                raise UnknownSpeakerError(f"unknown speaker id {spk_id!r}; spk2info.pt has: {shown}{more}")
+            raise UnknownSpeakerError(f"unknown speaker id {spk_id!r}: this model dir has no speakers (spk2info.pt is absent "
                             "or empty). Add one with 'cosytune spk2info', or use --prompt_wav/--prompt_text")
         return speaker_from_spk2info(spk_id, self.spk2info[spk_id])
 
@@ -605,6 +610,7 @@ class Synthesizer:
         if self.endofprompt_id not in llm_prompt_ids + text_ids:
             raise DataError(f"{ENDOFPROMPT} is in neither the prompt text nor the text; CosyVoice 3 needs it. "
                             f"Pass --prompt_text '{DEFAULT_INSTRUCT}' (plus the transcript in zero-shot mode)")
+        self._check_length(text, llm_prompt_ids, text_ids, llm_speech)
         info = {
             "mode": mode,
             "speaker": speaker.source,
@@ -617,6 +623,22 @@ class Synthesizer:
             "flow_prompt_tokens": speaker.num_prompt_tokens if mode != "sft" else 0,
         }
         return PreparedRequest(mode, text_ids, llm_prompt_ids, llm_speech, speaker, mode != "sft", spoken_norm, info)
+
+    def _check_length(self, text: str, prompt_ids: list[int], text_ids: list[int], speech: list[int]) -> None:
+        """One segment must fit the LLM's positions: prompt + text + up to ``max_token_text_ratio`` speech tokens
+        per text token. Longer texts get a message with the limit (and the way to say more), not a traceback."""
+        cfg = self.llm.config
+        limit = cfg.qwen2.max_position_embeddings
+        need = 2 + len(prompt_ids) + len(text_ids) + len(speech) + int(len(text_ids) * cfg.max_token_text_ratio)
+        if need <= limit:
+            return
+        room = (limit - 2 - len(prompt_ids) - len(speech)) / (1 + cfg.max_token_text_ratio)
+        chars = int(room * len(text) / max(len(text_ids), 1))
+        raise DataError(
+            f"the text is too long for one segment: {len(text)} characters ({len(text_ids)} text tokens) may need "
+            f"{need} LLM positions, and the model has {limit}. One segment can hold about {int(room)} text tokens "
+            f"(~{chars} characters of this text). Split it into several segments, one per line, and synthesise "
+            "them with 'cosytune infer-batch' (it can --join them into one wav)")
 
     @staticmethod
     def _check_speakable(spoken: str) -> None:
@@ -747,8 +769,10 @@ class Synthesizer:
 
     def synthesize(self, text: str, *, mode: str | None = None, spk_id: str | None = None,
                    prompt_text: str | None = None, prompt_wav: str | os.PathLike | None = None,
-                   speaker: Speaker | None = None, options: SynthesisOptions | None = None) -> SynthesisResult:
-        """Synthesise one segment (non-streaming). Arguments as :meth:`prepare`.
+                   speaker: Speaker | None = None, options: SynthesisOptions | None = None,
+                   on_token: Callable[[int], None] | None = None) -> SynthesisResult:
+        """Synthesise one segment (non-streaming). Arguments as :meth:`prepare`; ``on_token(n)`` is called
+        after each of the LLM's speech tokens (n so far), e.g. for a progress display on long texts.
 
         Returns:
             :class:`SynthesisResult` (audio, tokens, seed, timings, info).
@@ -763,7 +787,11 @@ class Synthesizer:
         seed = self.resolve_seed(options)
         t1 = time.perf_counter()
         decoder_info: dict[str, Any] = {}
-        tokens = list(self.generate_tokens(req, options, seed, info=decoder_info))
+        tokens: list[int] = []
+        for token in self.generate_tokens(req, options, seed, info=decoder_info):
+            tokens.append(token)
+            if on_token is not None:
+                on_token(len(tokens))
         thinner = SilenceThinner(SILENT_TOKENS, options.max_silent_run)
         flow_tokens = [t for t in tokens if thinner.accept(t)]
         if not flow_tokens:

@@ -13,6 +13,7 @@ never resumed onto other data or settings.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -21,7 +22,8 @@ from pathlib import Path
 
 from cosytune.console import print_summary
 from cosytune.errors import CosytuneError, UsageError
-from cosytune.fileio import write_json
+from cosytune.fileio import exclusive_lock, write_json
+from cosytune.train.checkpoint import check_free_space, estimate_run_bytes
 from cosytune.train.loop import TrainResult
 
 logger = logging.getLogger(__name__)
@@ -109,8 +111,12 @@ def _clear_reason(req: TrainRequest) -> str:
 
 
 def _clear_run_dir(run_dir: Path) -> None:
-    """Remove everything a training run wrote into ``run_dir`` (the dir itself stays)."""
+    """Remove everything a training run wrote into ``run_dir`` (the dir itself and its lock file stay)."""
+    from cosytune.fileio import LOCK_NAME
+
     for p in run_dir.iterdir():
+        if p.name == LOCK_NAME:  # held by this process: a new file would let a second run lock it too
+            continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         else:
@@ -134,6 +140,17 @@ def _warn_if_settings_differ(req: TrainRequest, cfg: object) -> None:
     if differ:
         logger.warning("%s: resuming a run made with other settings (%s differ); give a new --model_dir to "
                        "train from the base weights with these settings", req.run_dir, ", ".join(differ))
+
+
+def _will_resume(req: TrainRequest) -> bool:
+    """Training will continue a checkpoint of the run dir (after any clearing), not start from weights."""
+    from cosytune.train.checkpoint import latest_checkpoint
+
+    if req.resume is None or str(req.resume).lower() in ("none", "no", "false"):
+        return False
+    if str(req.resume) != "auto":
+        return True
+    return req.run_dir.is_dir() and not _clear_reason(req) and latest_checkpoint(req.run_dir) is not None
 
 
 def run_training(req: TrainRequest, *, summary: bool = True) -> TrainingOutcome:
@@ -161,11 +178,15 @@ def run_training(req: TrainRequest, *, summary: bool = True) -> TrainingOutcome:
     dist = DistInfo.from_env()
     device = pick_device(dist, req.device)
     init_distributed(dist, device, req.dist_backend)
+    held = contextlib.ExitStack()
     cleared = ""
     try:
+        if dist.is_main:  # rank 0 holds the run dir for the whole run, before anything in it is cleared
+            held.enter_context(exclusive_lock(req.run_dir, "training run dir"))
         base = build.find_base_model_dir(req.base_model_dir, req.onnx_path, req.checkpoint, req.qwen_pretrain_path)
         tokenizer = load_tokenizer(req.qwen_pretrain_path or base / "CosyVoice-BlankEN")
-        model = build.build_model(req.model, base, req.checkpoint, req.from_scratch)
+        resuming = _will_resume(req)
+        model = build.build_model(req.model, base, req.checkpoint, req.from_scratch, resuming=resuming)
         tok_x = emb_x = None
         if req.onnx_path is not None:
             tok_x, emb_x = build.online_extractors(req.onnx_path if req.onnx_path.is_dir() else base,
@@ -181,6 +202,11 @@ def run_training(req: TrainRequest, *, summary: bool = True) -> TrainingOutcome:
                 logger.warning("%s holds a training run %s; clearing it and starting fresh", req.run_dir, cleared)
                 _clear_run_dir(req.run_dir)
             req.run_dir.mkdir(parents=True, exist_ok=True)
+            if not _will_resume(req):
+                weights = req.checkpoint or (base / f"{req.model}.pt")
+                size = weights.stat().st_size if weights.is_file() else 0
+                check_free_space(req.run_dir, estimate_run_bytes(size, cfg.keep_best, cfg.max_epoch),
+                                 f"training {req.model}")
             if req.inputs_key is not None:
                 write_json(req.run_dir / INPUTS_KEY_NAME, {"key": req.inputs_key})
             _warn_if_settings_differ(req, cfg)
@@ -194,8 +220,9 @@ def run_training(req: TrainRequest, *, summary: bool = True) -> TrainingOutcome:
         resume = None if req.resume is None or str(req.resume).lower() in ("none", "no", "false") else req.resume
         res = train(cfg, model, build.STEP_FUNCTIONS[req.model], train_set, cv_set, req.run_dir, device, dist,
                     resume=resume, extra_info={"base_model_dir": str(base)},
-                    tensorboard_dir=req.tensorboard_dir)
+                    tensorboard_dir=req.tensorboard_dir, lock=False)
     finally:
+        held.close()
         cleanup_distributed()
     if not dist.is_main:
         return TrainingOutcome(req.model, None)
@@ -215,5 +242,6 @@ def training_rows(model: str, res: TrainResult) -> list[tuple[str, object]]:
         ("stopped early", st.stopped_early),
         ("checkpoints", ", ".join(c.name for c in res.checkpoints[-5:]) or "none"),
         ("time", f"{res.seconds:.1f}s"),
+        ("disk", f"{res.disk_bytes / 2**20:.1f} MiB held on disk by the run dir (best checkpoints, newest, resume state)"),
         ("next", f"cosytune average --src_path {res.run_dir} --dst_model {res.run_dir}/{model}_avg.pt"),
     ]

@@ -42,8 +42,10 @@ def find_base_model_dir(base_model_dir: Path | None, onnx_path: Path | None, che
     )
 
 
-def build_model(kind: str, base_model_dir: Path, checkpoint: Path | None, from_scratch: bool = False) -> nn.Module:
-    """The ``kind`` network with its initial weights loaded strictly."""
+def build_model(kind: str, base_model_dir: Path, checkpoint: Path | None, from_scratch: bool = False, *,
+                resuming: bool = False) -> nn.Module:
+    """The ``kind`` network with its initial weights loaded strictly (``resuming``: only to be replaced by the
+    checkpoint the run resumes, which the log says instead of "starting from the base model")."""
     from cosytune.modeldir.builders import build_network
     from cosytune.modeldir.model_dir import ModelDir
     from cosytune.weights.io import load_weights
@@ -54,7 +56,10 @@ def build_model(kind: str, base_model_dir: Path, checkpoint: Path | None, from_s
         logger.warning("training %s from random weights (--from_scratch)", kind)
         return model
     src = Path(checkpoint) if checkpoint is not None else md.weight_path(kind)
-    if checkpoint is None:
+    if resuming:
+        logger.info("loading the base model's %s to build the network; the resumed checkpoint replaces its weights",
+                    src.name)
+    elif checkpoint is None:
         logger.info("no --checkpoint given: starting from the base model's %s", src.name)
     load_weights(model, src, kind)
     return model

@@ -195,12 +195,13 @@ def train(
     progress: bool = True,
     extra_info: dict | None = None,
     tensorboard_dir: Path | None = None,
+    lock: bool = True,
 ) -> TrainResult:
     """Train ``model`` according to ``cfg``; checkpoints go to ``run_dir`` (rank 0 writes).
 
-    Rank 0 holds an exclusive lock on ``run_dir`` for the whole run, so a second training into the
-    same dir fails at once (:class:`~cosytune.errors.BusyError`, naming the holder) instead of both
-    overwriting each other's checkpoints.
+    Rank 0 holds an exclusive lock on ``run_dir`` for the whole run (``lock=False``: the caller holds it
+    already), so a second training into the same dir fails at once (:class:`~cosytune.errors.BusyError`,
+    naming the holder) instead of both overwriting each other's checkpoints.
 
     Args:
         dist: this process's place in the job (default: a single process).
@@ -208,8 +209,8 @@ def train(
             a path resumes from that checkpoint; ``None`` starts fresh.
     """
     dist = dist if dist is not None else DistInfo()
-    lock = exclusive_lock(run_dir, "training run dir") if dist.is_main else contextlib.nullcontext()
-    with lock:
+    held = exclusive_lock(run_dir, "training run dir") if dist.is_main and lock else contextlib.nullcontext()
+    with held:
         return _train(cfg, model, step_fn, train_set, cv_set, run_dir, device, dist, resume, progress, extra_info,
                       tensorboard_dir)
 
