@@ -9,8 +9,7 @@ import torch
 
 from cosytune.errors import CheckpointError
 from cosytune.models.hift import HiFTConfig, HiFTGenerator
-from cosytune.models.llm import CosyVoice3LM, LLMConfig
-from cosytune.models.qwen2 import Qwen2Config
+from cosytune.models.llm import CosyVoice3LM
 from cosytune.weights import (
     load_weights,
     normalize_upstream_keys,
@@ -29,8 +28,7 @@ def hift():
 
 
 def _llm_from_golden(golden) -> CosyVoice3LM:
-    cfg = golden.json("llm_tiny_config")
-    return CosyVoice3LM(LLMConfig.from_upstream(cfg["CosyVoice3LM"], Qwen2Config.from_hf_dict(cfg["qwen2_config_written"])))
+    return CosyVoice3LM(golden.llm_config())
 
 
 class _NotATensor:  # instances cannot be loaded with weights_only=True
