@@ -121,6 +121,11 @@ def test_hift_generator_prefix_and_legacy_weight_norm_names(tmp_path, hift):
     for k, v in hift.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
     assert normalize_upstream_keys({"generator.x": torch.zeros(1)}, "llm") == {"generator.x": torch.zeros(1)}
+    # upstream removes the substring everywhere in the key (str.replace), not only a leading prefix
+    # (spec §1.1); this is the function load_weights and ModelDir.load run.
+    z = torch.zeros(1)
+    assert list(normalize_upstream_keys({"hift.generator.m_source.l_linear.bias": z}, "hift")) == [
+        "hift.m_source.l_linear.bias"]
 
 
 def test_hift_roundtrip_identical_output(tmp_path, hift):

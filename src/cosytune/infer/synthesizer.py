@@ -81,7 +81,7 @@ from torch import Tensor
 
 from cosytune.errors import DataError, UsageError
 from cosytune.infer.frontend import PromptFrontend, Speaker, speaker_from_spk2info, speaker_to_spk2info
-from cosytune.infer.streaming import SILENT_TOKENS, SilenceThinner, StreamSchedule, StreamState
+from cosytune.infer.streaming import SilenceThinner, StreamSchedule, StreamState
 from cosytune.models.sampling import SamplingConfig
 
 #: Frame bucket of the graphed flow sampler (``fast_flow``): 64 mel frames = 1.28 s.
@@ -778,7 +778,7 @@ class Synthesizer:
         t1 = time.perf_counter()
         decoder_info: dict[str, Any] = {}
         tokens = list(self.generate_tokens(req, options, seed, info=decoder_info))
-        thinner = SilenceThinner(SILENT_TOKENS, options.max_silent_run)
+        thinner = SilenceThinner(self.llm.config.silent_tokens, options.max_silent_run)
         flow_tokens = [t for t in tokens if thinner.accept(t)]
         if not flow_tokens:
             raise DataError(NO_SPEECH)
@@ -820,7 +820,7 @@ class Synthesizer:
         prepare_s = time.perf_counter() - t0
         prompt_token, prompt_feat, embedding = self._flow_inputs(req)
         state = StreamState(self.schedule, int(prompt_token.shape[1]))
-        thinner = SilenceThinner(SILENT_TOKENS, options.max_silent_run)
+        thinner = SilenceThinner(self.llm.config.silent_tokens, options.max_silent_run)
         vocoder = HiFTStreamState()
         ratio = self.schedule.token_mel_ratio
         tokens: list[int] = []

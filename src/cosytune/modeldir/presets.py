@@ -171,7 +171,7 @@ def write_model_dir(
             "created_by": f"cosytune {__version__} init-model",
             "preset": preset,
             "seed": seed,
-            "hparams": dataclasses.asdict(hp),
+            "hparams": json.loads(json.dumps(dataclasses.asdict(hp), default=sorted)),  # frozensets as lists
             "qwen2": qwen2.to_hf_dict(),
             "parameters": {k: sum(p.numel() for p in {id(p): p for p in n.parameters()}.values())
                            for k, n in nets.items()},

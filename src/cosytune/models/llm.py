@@ -111,6 +111,9 @@ class LLMConfig:
     """min_len = int(text tokens * this)."""
     max_token_text_ratio: float = 20.0
     """max_len = int(text tokens * this)."""
+    silent_tokens: frozenset[int] = frozenset({1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323})
+    """Speech-token ids of silence and breath in this checkpoint's FSQ codebook; upstream's CosyVoice 3
+    runtime gives at most 5 of them in a row to the flow (spec §6.2)."""
 
     def __post_init__(self) -> None:
         problems = []
