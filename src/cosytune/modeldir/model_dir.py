@@ -22,6 +22,7 @@ Upstream reference: ``cosyvoice/cli/cosyvoice.py`` (``CosyVoice3.__init__``), ``
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import zipfile
@@ -157,13 +158,11 @@ class ModelDir:
         Raises:
             ModelDirError: missing or invalid ``config.json``.
         """
-        from cosytune.models.qwen2 import Qwen2Config
-
         path = self.blanken_path / "config.json"
         if not path.is_file():
             raise ModelDirError(f"{path} is missing; it holds the Qwen2 backbone sizes the LLM needs")
         try:
-            return Qwen2Config.from_json(path)
+            return read_qwen2_config(path)
         except ConfigError as e:
             raise ModelDirError(str(e)) from e
 
@@ -380,6 +379,24 @@ class ModelDir:
             raise ModelDirError(status.detail if status.detail.startswith(str(self.spk2info_path))
                                 else f"{self.spk2info_path}: {status.detail}")
         return torch_load_safely(self.spk2info_path, ModelDirError, what="speaker table")
+
+
+def read_qwen2_config(path: str | os.PathLike) -> Any:
+    """A ``Qwen2Config`` from a transformers ``config.json`` file (e.g. ``CosyVoice-BlankEN/config.json``).
+
+    Raises:
+        ConfigError: unreadable JSON, or a config ``Qwen2Config.from_hf_dict`` rejects.
+    """
+    from cosytune.models.qwen2 import Qwen2Config
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read a JSON object from {path}: {e}", source=str(path)) from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a JSON object, found {type(data).__name__}", source=str(path))
+    return Qwen2Config.from_hf_dict(data, source=str(path))
 
 
 def expected_shapes(model_dir: ModelDir, kind: str) -> dict[str, tuple[int, ...]]:
