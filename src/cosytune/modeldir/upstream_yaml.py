@@ -626,14 +626,13 @@ def _llm(kw: dict[str, Any], c: _Collector, qwen2: Qwen2Config | dict[str, Any] 
         if s is not None:
             values["sampling"] = c.build(SamplingConfig, c.fields(s, "llm.sampling", SamplingConfig, _SAMPLING_ARGS),
                                          "llm.sampling")
-    widths = {k: kw.pop(k) for k in ("llm_input_size", "llm_output_size") if k in kw}
-    values.update(c.fields(kw, "llm", LLMConfig, _LLM_ARGS, required=("speech_token_size",)))
-    for k in ("llm_input_size", "llm_output_size"):
-        if k not in widths:
+    widths: dict[str, Any] = {}
+    for k in ("llm_input_size", "llm_output_size"):  # the backbone width, stated twice by upstream
+        if k not in kw:
             c.problems.append(f"llm.{k}: missing (required)")
-        elif not isinstance(widths[k], int) or isinstance(widths[k], bool):
-            c.problems.append(f"llm.{k}: expected int, found {_describe(widths[k])}")
-            widths.pop(k)
+        elif (w := _coerce(kw.pop(k), 0, f"llm.{k}", c.problems)) is not _BAD:
+            widths[k] = w
+    values.update(c.fields(kw, "llm", LLMConfig, _LLM_ARGS, required=("speech_token_size",)))
     w_in, w_out = widths.get("llm_input_size"), widths.get("llm_output_size")
     if w_in is not None and w_out is not None and w_in != w_out:
         c.problems.append(f"llm: llm_input_size {w_in} != llm_output_size {w_out}")
