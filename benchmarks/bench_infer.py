@@ -43,7 +43,7 @@ from cosytune.infer.fast import (
     fast_estimator,
 )
 from cosytune.modeldir.builders import build_network
-from cosytune.modeldir.presets import preset_hparams, preset_qwen2_config
+from cosytune.modeldir.presets import preset_hparams
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKEN_RATE = 25  # speech tokens per second of audio
@@ -118,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build(args: argparse.Namespace, device: torch.device) -> tuple:
     hp = preset_hparams(args.preset)
     torch.manual_seed(args.seed)
-    llm = build_network("llm", hp, preset_qwen2_config(args.preset), device).eval()
+    llm = build_network("llm", hp, device).eval()
     llm.to(DTYPES[args.dtype])
     flow = build_network("flow", hp, device=device).eval()
     hift = build_network("hift", hp, device=device).eval()

@@ -24,7 +24,7 @@ import torch
 
 from cosytune.fileio import write_json
 from cosytune.modeldir.builders import build_network
-from cosytune.modeldir.presets import preset_hparams, preset_qwen2_config
+from cosytune.modeldir.presets import preset_hparams
 from cosytune.train.build import STEP_FUNCTIONS
 from cosytune.train.distributed import DistInfo, cleanup_distributed, init_distributed, pick_device
 
@@ -69,13 +69,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     init_distributed(dist, device)
     torch.backends.cuda.matmul.allow_tf32 = True
     hp = preset_hparams(args.preset)
-    qwen2 = preset_qwen2_config(args.preset)
     results = []
     kinds = ["llm", "flow"] if args.model == "both" else [args.model]
     for kind in kinds:
         torch.manual_seed(0)
         random.seed(0)
-        model = build_network(kind, hp, qwen2 if kind == "llm" else None, device=device)
+        model = build_network(kind, hp, device=device)
         model.train()
         n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         fwd = model

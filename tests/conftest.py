@@ -95,6 +95,31 @@ class Golden:
     def json(self, stem: str) -> dict:
         return json.loads(self.path(f"{stem}.json").read_text(encoding="utf-8"))
 
+    # The tiny networks' configs, read from the recorded upstream constructor arguments by the same
+    # readers that read cosyvoice3.yaml (cosytune.modeldir.upstream_yaml).
+    def llm_config(self, **overrides):
+        import dataclasses
+
+        from cosytune.modeldir.upstream_yaml import llm_config
+
+        cfg = self.json("llm_tiny_config")
+        args = {k: v for k, v in cfg["CosyVoice3LM"].items() if k != "sampling"}  # recorded as text only
+        return dataclasses.replace(llm_config(args, cfg["qwen2_config_written"]), **overrides)
+
+    def flow_config(self):
+        from cosytune.modeldir.upstream_yaml import flow_config
+
+        cfg = self.json("flow_tiny_config")
+        decoder = {**cfg["CausalConditionalCFM"], "estimator": cfg["DiT"]}
+        return flow_config({**cfg["CausalMaskedDiffWithDiT"], "pre_lookahead_layer": cfg["PreLookaheadLayer"],
+                            "decoder": decoder})
+
+    def hift_config(self):
+        from cosytune.modeldir.upstream_yaml import hift_config
+
+        cfg = self.json("hift_tiny_config")
+        return hift_config(cfg["CausalHiFTGenerator"], cfg["CausalConvRNNF0Predictor"])
+
     def tol(self, stem: str, key: str) -> str | dict:
         table = self.tolerances.get(stem, {})
         suffix = key.rsplit(".", 1)[-1]

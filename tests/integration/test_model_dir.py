@@ -49,7 +49,7 @@ def _run_networks(md: ModelDir, nets: dict[str, torch.nn.Module]) -> dict[str, t
     out = {}
     with torch.no_grad():
         llm = nets["llm"]
-        emb = torch.randn(2, 11, hp.llm.llm_input_size, generator=g)
+        emb = torch.randn(2, 11, hp.llm.hidden_size, generator=g)
         out["llm"] = llm.llm_decoder(llm.hidden_states(emb, torch.tensor([11, 8])))
         flow = nets["flow"]
         token = torch.randint(0, hp.flow.vocab_size, (1, 12), generator=g)
@@ -76,7 +76,7 @@ def test_tiny_dir_is_complete_and_valid(tiny_dir):
                         "hift.pt": "ok", "campplus.onnx": "ok", "speech_tokenizer_v3.onnx": "ok",
                         "spk2info.pt": "absent"}
     assert md.hparams == preset_hparams("tiny")
-    assert md.qwen2_config.hidden_size == md.hparams.llm.llm_input_size
+    assert md.qwen2_config.hidden_size == md.hparams.llm.hidden_size
     tok = md.load_tokenizer()
     assert tok.endofprompt_id == 151646 and tok.encode("<|endofprompt|>") == [151646]
     assert md.load_spk2info() == {}
@@ -201,11 +201,11 @@ def test_full_size_architecture_matches_upstream_inventory(golden):
     from cosytune.models.qwen2 import Qwen2Config
 
     inv = golden.json("fullsize_keys")
-    hp = parse_cosyvoice3_yaml("full.yaml", text=dump_cosyvoice3_yaml(hparams("full")))
     qwen2 = Qwen2Config.from_hf_dict(inv["qwen2_config"])
+    hp = parse_cosyvoice3_yaml("full.yaml", text=dump_cosyvoice3_yaml(hparams("full")), qwen2=qwen2)
     total = 0
     for kind in ("llm", "flow", "hift"):
-        net = build_network(kind, hp, qwen2 if kind == "llm" else None, device="meta")
+        net = build_network(kind, hp, device="meta")
         sd = net.state_dict()
         want = inv[kind]
         assert list(sd) == list(want["keys"]), kind

@@ -10,14 +10,14 @@ import random
 import pytest
 import torch
 
+from cosytune.modeldir.upstream_yaml import flow_config
 from cosytune.models.dit import apply_rotary, attention_mask
 from cosytune.models.flow import FlowConfig, build_flow
 
 
 @pytest.fixture(scope="module")
 def model(golden):
-    cfg = FlowConfig.from_upstream(golden.json("flow_tiny_config"))
-    net = build_flow(cfg).eval()
+    net = build_flow(golden.flow_config()).eval()
     sd = golden.tensors("flow_tiny_weights")
     net.load_state_dict(sd, strict=True)
     order = golden.meta("flow_tiny_weights").get("state_dict_keys_in_order")
@@ -152,8 +152,7 @@ def test_config_errors_are_collected():
     from cosytune.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
-        FlowConfig.from_upstream({"CausalMaskedDiffWithDiT": {"bogus": 1}, "DiT": {"dim": 64, "heads": 3,
-                                                                                  "dim_head": 16, "nope": 2}})
+        flow_config({"bogus": 1, "decoder": {"estimator": {"dim": 64, "heads": 3, "dim_head": 16, "nope": 2}}})
     msg = str(e.value)
     assert "bogus" in msg and "nope" in msg
 

@@ -15,31 +15,30 @@ import torch
 import torch.nn.functional as F
 
 from cosytune.errors import CheckpointError, ConfigError
+from cosytune.modeldir.upstream_yaml import hift_config
 from cosytune.models.hift import (
     FixedNoise,
     HiFTConfig,
     HiFTGenerator,
     HiFTStreamState,
     causal_padding,
-    hift_state_dict_from_checkpoint,
-    load_hift_state_dict,
     replay_upstream_fixed_noise,
 )
+from cosytune.weights.io import load_state_dict, normalize_upstream_keys
 
 STEM = "hift_tiny_infer"
 OUTPUTS = ("f0", "source", "conv_pre_out", "conv_post_out", "wav")
 
 
 def _config(golden) -> HiFTConfig:
-    cfg = golden.json("hift_tiny_config")
-    return HiFTConfig.from_upstream(cfg["CausalHiFTGenerator"], cfg["CausalConvRNNF0Predictor"])
+    return golden.hift_config()
 
 
 @pytest.fixture(scope="module")
 def tiny(golden):
     """The fixture's tiny vocoder with its weights and its fixed noise installed."""
     model = HiFTGenerator(_config(golden)).eval()
-    load_hift_state_dict(model, golden.tensors("hift_tiny_weights"))
+    load_state_dict(model, golden.tensors("hift_tiny_weights"), "hift")
     t = golden.tensors(STEM)
     model.set_fixed_noise(t["sine_waves_fixed_prefix"], t["rand_ini"])
     return model, t
@@ -255,23 +254,23 @@ def test_config_values_and_upstream_mapping(golden):
     tiny = _config(golden)
     raw = golden.json("hift_tiny_config")
     nested = {**raw["CausalHiFTGenerator"], "f0_predictor": raw["CausalConvRNNF0Predictor"]}
-    assert HiFTConfig.from_upstream(nested) == tiny  # the yaml nests the f0 predictor
+    assert hift_config(nested) == tiny  # the yaml nests the f0 predictor
     derived = golden.json("hift_tiny_config").get("derived", {})
     if "channels_per_stage" in derived:
         assert tiny.stage_channels() == derived["channels_per_stage"]
     if "upsample_scale" in derived:
         assert tiny.upsample_scale == derived["upsample_scale"]
     with pytest.raises(ConfigError) as e:
-        HiFTConfig.from_upstream(
+        hift_config(
             {"base_channels": 64, "bogus": 1, "istft_params": {"n_fft": 16, "win": 3}},
             {"cond_channels": 8, "extra": 2},
         )
     msg = str(e.value)
     assert "bogus" in msg and "win" in msg and "extra" in msg
     with pytest.raises(ConfigError, match="upsample_kernel_sizes"):
-        HiFTConfig.from_upstream({"upsample_rates": [8, 5]})
+        hift_config({"upsample_rates": [8, 5]})
     with pytest.raises(ConfigError, match="base_channels"):
-        HiFTConfig.from_upstream({"base_channels": "wide"})
+        hift_config({"base_channels": "wide"})
 
 
 def test_causal_padding_formula():
@@ -286,7 +285,7 @@ def test_checkpoint_helpers(golden):
     # A trained HiFiGAN checkpoint: generator. prefix, epoch/step extras.
     trained = {f"generator.{k}": v for k, v in weights.items()}
     trained.update(epoch=torch.tensor(3), step=torch.tensor(100))
-    load_hift_state_dict(model, trained)
+    load_state_dict(model, trained, "hift", allow_unexpected=("epoch", "step"))
     assert torch.equal(
         model.conv_pre.parametrizations.weight.original1,
         weights["conv_pre.parametrizations.weight.original1"],
@@ -298,14 +297,14 @@ def test_checkpoint_helpers(golden):
         ): v
         for k, v in weights.items()
     }
-    assert hift_state_dict_from_checkpoint(legacy).keys() == weights.keys()
+    assert normalize_upstream_keys(legacy, "hift").keys() == weights.keys()
     # Errors name the keys.
     bad = dict(weights)
     bad.pop("conv_post.bias")
     bad["discriminator.mpd.0.weight"] = torch.zeros(1)
     bad["ups.0.bias"] = torch.zeros(3)
     with pytest.raises(CheckpointError) as e:
-        load_hift_state_dict(model, bad)
+        load_state_dict(model, bad, "hift")
     msg = str(e.value)
     assert "conv_post.bias" in msg and "discriminator.mpd.0.weight" in msg and "ups.0.bias" in msg
     assert "HiFiGAN training checkpoint" in msg

@@ -11,9 +11,10 @@ import random
 import pytest
 import torch
 
-from cosytune.models.llm import IGNORE_ID, CosyVoice3LM, LLMConfig
+from cosytune.models.llm import IGNORE_ID, CosyVoice3LM
 from cosytune.models.qwen2 import KVCache
 from cosytune.models.sampling import SamplingConfig
+from cosytune.weights.io import load_state_dict
 
 TRAIN, INFER = "llm_tiny_train", "llm_tiny_infer"
 
@@ -31,10 +32,8 @@ class ReplayDraws:
 
 @pytest.fixture(scope="module")
 def tiny_lm(golden) -> CosyVoice3LM:
-    cfg = golden.json("llm_tiny_config")
-    config = LLMConfig.from_upstream(cfg["CosyVoice3LM"], cfg["qwen2_config_written"])
-    model = CosyVoice3LM(config).eval()
-    model.load_upstream_state_dict(golden.tensors("llm_tiny_weights"))
+    model = CosyVoice3LM(golden.llm_config()).eval()
+    load_state_dict(model, golden.tensors("llm_tiny_weights"), "llm")
     return model
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cosytune.errors import ConfigError
+from cosytune.modeldir.model_dir import read_qwen2_config
 from cosytune.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
 
 # Tiny dimensions (a small text vocabulary keeps the parity test fast).
@@ -137,7 +138,7 @@ def test_config_from_hf_json_roundtrip(golden, tmp_path):
         assert getattr(config, key) == written[key], key
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config.to_hf_dict()))
-    assert Qwen2Config.from_json(path) == config
+    assert read_qwen2_config(path) == config
     full = golden.json("fullsize_keys")["qwen2_config"]
     assert Qwen2Config.from_hf_dict(full) == Qwen2Config()  # our defaults are the real backbone
     # transformers >= 5 writes rope_theta inside rope_parameters; informational fields do not count.
@@ -162,7 +163,7 @@ def test_config_errors_list_every_problem(tmp_path):
     bad = tmp_path / "config.json"
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="cannot read"):
-        Qwen2Config.from_json(bad)
+        read_qwen2_config(bad)
 
 
 def test_packed_projections_same_outputs_state_dict_and_training():

@@ -14,9 +14,10 @@ import torch
 from cosytune.infer.frontend import Speaker
 from cosytune.infer.streaming import StreamSchedule, StreamState
 from cosytune.infer.synthesizer import PreparedRequest, SynthesisOptions, Synthesizer
-from cosytune.models.hift import HiFTConfig, HiFTGenerator, HiFTStreamState, load_hift_state_dict
-from cosytune.models.llm import CosyVoice3LM, LLMConfig
+from cosytune.models.hift import HiFTGenerator, HiFTStreamState
+from cosytune.models.llm import CosyVoice3LM
 from cosytune.models.sampling import SamplingConfig
+from cosytune.weights.io import load_state_dict
 
 LLM_STEM, FLOW_STEM, HIFT_STEM = "llm_tiny_infer", "flow_tiny_infer", "hift_tiny_infer"
 
@@ -27,20 +28,17 @@ class _Tok:
 
 
 def _llm(golden, case: dict) -> CosyVoice3LM:
-    cfg = golden.json("llm_tiny_config")
-    config = LLMConfig.from_upstream(cfg["CosyVoice3LM"], cfg["qwen2_config_written"],
-                                     min_token_text_ratio=case["min_token_text_ratio"],
-                                     max_token_text_ratio=case["max_token_text_ratio"])
+    config = golden.llm_config(min_token_text_ratio=case["min_token_text_ratio"],
+                               max_token_text_ratio=case["max_token_text_ratio"])
     model = CosyVoice3LM(config).eval()
-    model.load_upstream_state_dict(golden.tensors("llm_tiny_weights"))
+    load_state_dict(model, golden.tensors("llm_tiny_weights"), "llm")
     return model
 
 
 @pytest.fixture(scope="module")
 def hift(golden):
-    cfg = golden.json("hift_tiny_config")
-    model = HiFTGenerator(HiFTConfig.from_upstream(cfg["CausalHiFTGenerator"], cfg["CausalConvRNNF0Predictor"]))
-    load_hift_state_dict(model, golden.tensors("hift_tiny_weights"))
+    model = HiFTGenerator(golden.hift_config())
+    load_state_dict(model, golden.tensors("hift_tiny_weights"), "hift")
     t = golden.tensors(HIFT_STEM)
     model.set_fixed_noise(t["sine_waves_fixed_prefix"], t["rand_ini"])
     return model.eval(), t
@@ -48,11 +46,10 @@ def hift(golden):
 
 @pytest.fixture(scope="module")
 def flow(golden):
-    from cosytune.models.flow import FlowConfig, build_flow
+    from cosytune.models.flow import build_flow
     from cosytune.weights.io import strict_load
 
-    config = FlowConfig.from_upstream(golden.json("flow_tiny_config"))
-    model = build_flow(config).eval()
+    model = build_flow(golden.flow_config()).eval()
     strict_load(model, golden.tensors("flow_tiny_weights"), source="flow_tiny_weights")
     return model
 

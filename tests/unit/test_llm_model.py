@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from cosytune.errors import CheckpointError, ConfigError, DataError
+from cosytune.modeldir.upstream_yaml import llm_config
 from cosytune.models.llm import IGNORE_ID, TIED_KEYS, CosyVoice3LM, LLMConfig, count_parameters
 from cosytune.models.qwen2 import Qwen2Config
 from cosytune.models.sampling import SamplingConfig
+from cosytune.weights.io import load_state_dict
 
 # A tiny model with a small text vocabulary (fast to build); the speech vocabulary is the real one.
 SMALL = LLMConfig(qwen2=Qwen2Config(vocab_size=200, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -26,9 +28,9 @@ def _small_model(seed: int = 0, config: LLMConfig = SMALL) -> CosyVoice3LM:
 
 def test_fullsize_keys_shapes_and_count_on_meta(golden):
     ref = golden.json("fullsize_keys")
-    config = LLMConfig.from_upstream({"llm_input_size": ref["qwen2_config"]["hidden_size"],
-                                      "llm_output_size": ref["qwen2_config"]["hidden_size"],
-                                      "speech_token_size": LLMConfig().speech_token_size}, ref["qwen2_config"])
+    config = llm_config({"llm_input_size": ref["qwen2_config"]["hidden_size"],
+                         "llm_output_size": ref["qwen2_config"]["hidden_size"],
+                         "speech_token_size": LLMConfig().speech_token_size}, ref["qwen2_config"])
     assert config == LLMConfig.fun_cosyvoice3_0_5b()
     with torch.device("meta"):
         model = CosyVoice3LM(config)
@@ -48,7 +50,7 @@ def test_fullsize_keys_shapes_and_count_on_meta(golden):
 
 def test_tiny_state_dict_matches_fixture(golden):
     cfg = golden.json("llm_tiny_config")
-    model = CosyVoice3LM(LLMConfig.from_upstream(cfg["CosyVoice3LM"], cfg["qwen2_config_written"]))
+    model = CosyVoice3LM(golden.llm_config())
     sd = model.state_dict()
     assert list(sd) == cfg["state_dict_keys_in_order"]
     assert {k: list(v.shape) for k, v in sd.items()} == cfg["state_dict_shapes"]
@@ -61,7 +63,7 @@ def test_strict_loading_names_bad_keys():
     # A file without the tied lm_head (like the golden weights) loads and re-ties.
     no_head = {k: v for k, v in sd.items() if k not in TIED_KEYS}
     fresh = _small_model(seed=1)
-    fresh.load_upstream_state_dict(no_head)
+    load_state_dict(fresh, no_head, "llm")
     assert torch.equal(fresh.llm.model.lm_head.weight, sd["llm.model.model.embed_tokens.weight"])
     assert fresh.llm.model.lm_head.weight is fresh.text_embedding.weight
     # Missing, unexpected and mis-shaped keys are all named in one error.
@@ -70,19 +72,19 @@ def test_strict_loading_names_bad_keys():
     broken["llm_embedding.weight"] = torch.zeros(2, 16)
     broken["speech_embedding.weight"] = torch.zeros(10, 16)
     with pytest.raises(CheckpointError) as e:
-        fresh.load_upstream_state_dict(broken)
+        load_state_dict(fresh, broken, "llm")
     msg = str(e.value)
     assert "llm_decoder.weight" in msg and "llm_embedding.weight" in msg and "speech_embedding.weight" in msg
     # Training-checkpoint extras only with an explicit allow-list.
     extra = dict(sd, epoch=torch.tensor(3), step=torch.tensor(100))
     with pytest.raises(CheckpointError, match="epoch"):
-        fresh.load_upstream_state_dict(extra)
-    fresh.load_upstream_state_dict(extra, allow_unexpected=("epoch", "step"))
+        load_state_dict(fresh, extra, "llm")
+    load_state_dict(fresh, extra, "llm", allow_unexpected=("epoch", "step"))
     # A tied alias that disagrees with its target is refused.
     untied = dict(sd)
     untied["llm.model.lm_head.weight"] = sd["llm.model.lm_head.weight"] + 1
     with pytest.raises(CheckpointError, match="differ"):
-        fresh.load_upstream_state_dict(untied)
+        load_state_dict(fresh, untied, "llm")
 
 
 def test_init_weights_is_deterministic():
@@ -231,7 +233,7 @@ def test_llm_config_validation():
         LLMConfig(num_special_tokens=2, mix_ratio=(0, 15), lsm_weight=1.5, min_token_text_ratio=30)
     assert len(e.value.problems) == 4
     with pytest.raises(ConfigError) as e:
-        LLMConfig.from_upstream({"llm_input_size": 64, "llm_output_size": 896}, Qwen2Config())
+        llm_config({"llm_input_size": 64, "llm_output_size": 896}, Qwen2Config())
     assert "speech_token_size" in str(e.value) and "llm_input_size" in str(e.value)
     tiny = LLMConfig.tiny()
     assert tiny.qwen2.hidden_size == 32 and tiny.speech_vocab_size == 6761

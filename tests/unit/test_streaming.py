@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cosytune.infer.streaming import SILENT_TOKENS, SilenceThinner, StreamSchedule, StreamState
+from cosytune.infer.streaming import SilenceThinner, StreamSchedule, StreamState
+from cosytune.models.llm import LLMConfig
 
 
 def _drain(state: StreamState, total: int, feed_step: int = 1):
@@ -62,7 +63,7 @@ def test_short_utterance_is_one_final_chunk():
 
 
 def test_silence_thinning_keeps_five_in_a_row():
-    s = min(SILENT_TOKENS)
+    s = min(LLMConfig().silent_tokens)
     thinner = SilenceThinner(max_run=5)
     seq = [7] + [s] * 8 + [9] + [s] * 3
     kept = [t for t in seq if thinner.accept(t)]

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from cosytune.errors import ConfigError
-from cosytune.modeldir.presets import preset_hparams
+from cosytune.modeldir.presets import preset_hparams, preset_qwen2_config
 from cosytune.modeldir.upstream_yaml import (
     CosyVoice3Hparams,
     TaggedNode,
@@ -88,13 +88,13 @@ def test_dump_then_parse_roundtrip(preset):
     text = dump_cosyvoice3_yaml(hp, header="hello")
     assert text.startswith("# hello")
     assert "!new:cosyvoice.llm.llm.CosyVoice3LM" in text and "!ref <chunk_size> * <token_mel_ratio>" in text
-    assert parse_cosyvoice3_yaml("x.yaml", text=text) == hp
+    assert parse_cosyvoice3_yaml("x.yaml", text=text, qwen2=preset_qwen2_config(preset)) == hp
 
 
 def test_full_preset_equals_released_numbers():
     hp = preset_hparams("full")
     assert hp == CosyVoice3Hparams()
-    assert (hp.llm.llm_input_size, hp.flow.dit.dim, hp.flow.dit.depth, hp.hift.base_channels) == (896, 1024, 22, 512)
+    assert (hp.llm.hidden_size, hp.flow.dit.dim, hp.flow.dit.depth, hp.hift.base_channels) == (896, 1024, 22, 512)
     assert hp.flow.dit.static_chunk_size == hp.chunk_size * hp.token_mel_ratio == 50
 
 
@@ -102,7 +102,7 @@ def test_non_default_values_survive_roundtrip():
     hp = preset_hparams("tiny")
     hp = dataclasses.replace(hp, flow=dataclasses.replace(
         hp.flow, dit=dataclasses.replace(hp.flow.dit, static_chunk_size=30, dropout=0.0, long_skip_connection=True)))
-    assert parse_cosyvoice3_yaml("x.yaml", text=dump_cosyvoice3_yaml(hp)) == hp
+    assert parse_cosyvoice3_yaml("x.yaml", text=dump_cosyvoice3_yaml(hp), qwen2=hp.llm.qwen2) == hp
 
 
 def _tiny_text() -> str:
@@ -115,7 +115,7 @@ def test_structure_problems_are_all_reported_at_once():
             .replace("    base_channels: 64", "    base_channels: wide\n    mystery_knob: 3")
             .replace("    speech_token_size: 6561\n", ""))
     with pytest.raises(ConfigError) as e:
-        parse_cosyvoice3_yaml("bad.yaml", text=text)
+        parse_cosyvoice3_yaml("bad.yaml", text=text, qwen2=preset_qwen2_config("tiny"))
     msg = str(e.value)
     assert "flow.decoder.estimator" in msg and "ConditionalDecoder" in msg
     assert "hift.base_channels: expected int" in msg
@@ -152,4 +152,4 @@ train_conf:
     d = load_upstream_yaml("x.yaml", text=text)
     assert isinstance(d["batch"], dict) and d["batch"]["max_frames_in_batch"] == 2000
     assert d["train_conf"]["optim_conf"]["lr"] == 1e-5
-    assert parse_cosyvoice3_yaml("x.yaml", text=text) == preset_hparams("tiny")
+    assert parse_cosyvoice3_yaml("x.yaml", text=text, qwen2=preset_qwen2_config("tiny")) == preset_hparams("tiny")

@@ -9,8 +9,7 @@ import torch
 
 from cosytune.errors import CheckpointError
 from cosytune.models.hift import HiFTConfig, HiFTGenerator
-from cosytune.models.llm import CosyVoice3LM, LLMConfig
-from cosytune.models.qwen2 import Qwen2Config
+from cosytune.models.llm import CosyVoice3LM
 from cosytune.weights import (
     load_weights,
     normalize_upstream_keys,
@@ -29,8 +28,7 @@ def hift():
 
 
 def _llm_from_golden(golden) -> CosyVoice3LM:
-    cfg = golden.json("llm_tiny_config")
-    return CosyVoice3LM(LLMConfig.from_upstream(cfg["CosyVoice3LM"], Qwen2Config.from_hf_dict(cfg["qwen2_config_written"])))
+    return CosyVoice3LM(golden.llm_config())
 
 
 class _NotATensor:  # instances cannot be loaded with weights_only=True
@@ -123,6 +121,11 @@ def test_hift_generator_prefix_and_legacy_weight_norm_names(tmp_path, hift):
     for k, v in hift.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
     assert normalize_upstream_keys({"generator.x": torch.zeros(1)}, "llm") == {"generator.x": torch.zeros(1)}
+    # upstream removes the substring everywhere in the key (str.replace), not only a leading prefix
+    # (spec §1.1); this is the function load_weights and ModelDir.load run.
+    z = torch.zeros(1)
+    assert list(normalize_upstream_keys({"hift.generator.m_source.l_linear.bias": z}, "hift")) == [
+        "hift.m_source.l_linear.bias"]
 
 
 def test_hift_roundtrip_identical_output(tmp_path, hift):

@@ -36,7 +36,7 @@ import torch
 
 from cosytune.errors import CosytuneError, DataError
 from cosytune.infer.fast import GraphedDecoder, batched_cfg_sample
-from cosytune.infer.streaming import SILENT_TOKENS, SilenceThinner
+from cosytune.infer.streaming import SilenceThinner
 from cosytune.infer.synthesizer import (
     NO_SPEECH,
     PreparedRequest,
@@ -96,7 +96,7 @@ def _decode_group(synth: Synthesizer, rows: list[_Row], fast: bool) -> None:
                                  min_len_mode=options.min_len_mode, rows=decoder)
     for row, tokens in zip(rows, outputs):
         row.tokens = tokens
-        row.thinner = SilenceThinner(SILENT_TOKENS, row.options.max_silent_run)
+        row.thinner = SilenceThinner(llm.config.silent_tokens, row.options.max_silent_run)
         row.flow_tokens = [t for t in tokens if row.thinner.accept(t)]
 
 

@@ -30,10 +30,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["SILENT_TOKENS", "SilenceThinner", "StreamChunk", "StreamSchedule", "StreamState"]
+from cosytune.models.llm import LLMConfig
 
-#: FSQ ids of silence and breath that upstream's CosyVoice 3 runtime thins (checkpoint-specific).
-SILENT_TOKENS: frozenset[int] = frozenset({1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323})
+__all__ = ["SilenceThinner", "StreamChunk", "StreamSchedule", "StreamState"]
 
 
 @dataclass(frozen=True)
@@ -142,12 +141,12 @@ class SilenceThinner:
     """Drops silent tokens beyond ``max_run`` consecutive ones (per request).
 
     Args:
-        silent_tokens: ids counted as silence.
+        silent_tokens: ids counted as silence (the model's ``LLMConfig.silent_tokens``).
         max_run: consecutive silent tokens passed through before dropping (upstream: 5); 0 disables
             thinning entirely (every token passes).
     """
 
-    silent_tokens: frozenset[int] = SILENT_TOKENS
+    silent_tokens: frozenset[int] = LLMConfig.silent_tokens
     max_run: int = 5
     run: int = 0
     dropped: int = 0

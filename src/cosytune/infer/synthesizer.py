@@ -81,7 +81,7 @@ from torch import Tensor
 
 from cosytune.errors import DataError, UsageError
 from cosytune.infer.frontend import PromptFrontend, Speaker, speaker_from_spk2info
-from cosytune.infer.streaming import SILENT_TOKENS, SilenceThinner, StreamSchedule, StreamState
+from cosytune.infer.streaming import SilenceThinner, StreamSchedule, StreamState
 from cosytune.models.sampling import SamplingConfig
 from cosytune.text.special import DEFAULT_INSTRUCT, ENDOFPROMPT
 
@@ -792,7 +792,7 @@ class Synthesizer:
             tokens.append(token)
             if on_token is not None:
                 on_token(len(tokens))
-        thinner = SilenceThinner(SILENT_TOKENS, options.max_silent_run)
+        thinner = SilenceThinner(self.llm.config.silent_tokens, options.max_silent_run)
         flow_tokens = [t for t in tokens if thinner.accept(t)]
         if not flow_tokens:
             raise DataError(NO_SPEECH)
@@ -834,7 +834,7 @@ class Synthesizer:
         prepare_s = time.perf_counter() - t0
         prompt_token, prompt_feat, embedding = self.flow_inputs(req)
         state = StreamState(self.schedule, int(prompt_token.shape[1]))
-        thinner = SilenceThinner(SILENT_TOKENS, options.max_silent_run)
+        thinner = SilenceThinner(self.llm.config.silent_tokens, options.max_silent_run)
         vocoder = HiFTStreamState()
         ratio = self.schedule.token_mel_ratio
         tokens: list[int] = []

@@ -3,7 +3,7 @@
 Layout (spec §1.1)::
 
     <model_dir>/
-      cosyvoice3.yaml            HyperPyYAML; read safely (models/upstream_yaml.py), never executed
+      cosyvoice3.yaml            HyperPyYAML; read safely (modeldir/upstream_yaml.py), never executed
       llm.pt  flow.pt  hift.pt   plain state dicts, upstream key names
       campplus.onnx              speaker encoder  (fbank (1, T, 80) → (1, 192))
       speech_tokenizer_v3.onnx   speech tokenizer (feats (1, 128, T), feats_length (1,) → indices)
@@ -12,8 +12,8 @@ Layout (spec §1.1)::
 
 :class:`ModelDir` checks every file and reports all problems in one :class:`ModelDirError`; the
 ``deep`` check also reads each weight file's keys and shapes (memory-mapped) and compares them with
-the networks the yaml describes, and parses the ONNX graphs. ``load_llm``/``load_flow``/``load_hift``
-build the networks from the yaml (+ BlankEN ``config.json``) and load the weights strictly, in eval mode.
+the networks the yaml describes, and parses the ONNX graphs. ``load(kind)`` builds a network from the
+yaml (+ BlankEN ``config.json``) and loads its weights strictly, in eval mode.
 
 Upstream reference: ``cosyvoice/cli/cosyvoice.py`` (``CosyVoice3.__init__``), ``cosyvoice/cli/model.py``
 (``load``); read for facts only.
@@ -22,6 +22,7 @@ Upstream reference: ``cosyvoice/cli/cosyvoice.py`` (``CosyVoice3.__init__``), ``
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import zipfile
@@ -133,7 +134,7 @@ class ModelDir:
     # configs -----------------------------------------------------------------------------------
     @functools.cached_property
     def hparams(self) -> CosyVoice3Hparams:
-        """The typed contents of ``cosyvoice3.yaml``.
+        """The networks' configs from ``cosyvoice3.yaml`` (the LLM backbone from ``CosyVoice-BlankEN/config.json``).
 
         Raises:
             ModelDirError: the yaml is missing or not understood (every problem listed).
@@ -141,7 +142,11 @@ class ModelDir:
         if not self.yaml_path.is_file():
             raise ModelDirError(f"{self.path}: {YAML_NAME} is missing; this is not a CosyVoice 3 model dir")
         try:
-            return parse_cosyvoice3_yaml(self.yaml_path,
+            qwen2 = self.qwen2_config
+        except ModelDirError:
+            qwen2 = None  # reported by the CosyVoice-BlankEN/ check; the yaml must then fit the released backbone
+        try:
+            return parse_cosyvoice3_yaml(self.yaml_path, qwen2=qwen2,
                                          overrides={"qwen_pretrain_path": str(self.blanken_path)})
         except ConfigError as e:
             raise ModelDirError(str(e)) from e
@@ -153,13 +158,11 @@ class ModelDir:
         Raises:
             ModelDirError: missing or invalid ``config.json``.
         """
-        from cosytune.models.qwen2 import Qwen2Config
-
         path = self.blanken_path / "config.json"
         if not path.is_file():
             raise ModelDirError(f"{path} is missing; it holds the Qwen2 backbone sizes the LLM needs")
         try:
-            return Qwen2Config.from_json(path)
+            return read_qwen2_config(path)
         except ConfigError as e:
             raise ModelDirError(str(e)) from e
 
@@ -218,10 +221,11 @@ class ModelDir:
             return FileStatus(YAML_NAME, "missing", "the model config; without it nothing can be built")
         try:
             self.__dict__.pop("hparams", None)
+            self.__dict__.pop("qwen2_config", None)
             hp = self.hparams
         except ModelDirError as e:
             return FileStatus(YAML_NAME, "malformed", str(e))
-        return FileStatus(YAML_NAME, "ok", f"llm {hp.llm.llm_input_size}-d, DiT {hp.flow.dit.dim}-d × "
+        return FileStatus(YAML_NAME, "ok", f"llm {hp.llm.hidden_size}-d, DiT {hp.flow.dit.dim}-d × "
                                            f"{hp.flow.dit.depth}, HiFT {hp.hift.base_channels} ch")
 
     def _check_blanken(self) -> FileStatus:
@@ -239,13 +243,6 @@ class ModelDir:
             qwen = self.qwen2_config
         except ModelDirError as e:
             problems.append(str(e))
-        if qwen is not None and self.yaml_path.is_file():
-            try:
-                width = self.hparams.llm.llm_input_size
-                if qwen.hidden_size != width:
-                    problems.append(f"config.json hidden_size {qwen.hidden_size} != yaml llm_input_size {width}")
-            except ModelDirError:
-                pass
         if problems:
             return FileStatus(BLANKEN_NAME + "/", "malformed", "; ".join(problems))
         note = "" if (d / "model.safetensors").is_file() else " (no model.safetensors: fine for cosytune, " \
@@ -330,7 +327,9 @@ class ModelDir:
         """
         from cosytune.modeldir.builders import build_network
 
-        return build_network(kind, self.hparams, self.qwen2_config if kind == "llm" else None, device=device)
+        if kind == "llm":
+            self.qwen2_config  # noqa: B018 - the backbone must come from config.json, not the released default
+        return build_network(kind, self.hparams, device=device)
 
     def load(self, kind: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
              weights: str | os.PathLike | None = None) -> torch.nn.Module:
@@ -360,18 +359,6 @@ class ModelDir:
         # Upstream's load() calls eval(); left in train mode, HiFT would use random instead of fixed noise.
         return module.eval()
 
-    def load_llm(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
-        """The speech LLM with ``llm.pt`` loaded (see :meth:`load`)."""
-        return self.load("llm", device, dtype)
-
-    def load_flow(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
-        """The flow (token → mel) with ``flow.pt`` loaded (see :meth:`load`)."""
-        return self.load("flow", device, dtype)
-
-    def load_hift(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
-        """The HiFT vocoder with ``hift.pt`` loaded (see :meth:`load`)."""
-        return self.load("hift", device, dtype)
-
     def load_tokenizer(self) -> Any:
         """The text tokenizer (``CosyVoice3Tokenizer``) from ``CosyVoice-BlankEN``."""
         from cosytune.text.tokenizer import load_tokenizer
@@ -392,6 +379,24 @@ class ModelDir:
             raise ModelDirError(status.detail if status.detail.startswith(str(self.spk2info_path))
                                 else f"{self.spk2info_path}: {status.detail}")
         return torch_load_safely(self.spk2info_path, ModelDirError, what="speaker table")
+
+
+def read_qwen2_config(path: str | os.PathLike) -> Any:
+    """A ``Qwen2Config`` from a transformers ``config.json`` file (e.g. ``CosyVoice-BlankEN/config.json``).
+
+    Raises:
+        ConfigError: unreadable JSON, or a config ``Qwen2Config.from_hf_dict`` rejects.
+    """
+    from cosytune.models.qwen2 import Qwen2Config
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read a JSON object from {path}: {e}", source=str(path)) from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a JSON object, found {type(data).__name__}", source=str(path))
+    return Qwen2Config.from_hf_dict(data, source=str(path))
 
 
 def expected_shapes(model_dir: ModelDir, kind: str) -> dict[str, tuple[int, ...]]:

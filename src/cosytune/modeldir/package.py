@@ -20,7 +20,7 @@ import torch
 
 from cosytune.errors import CheckpointError, DataError, ModelDirError
 from cosytune.fileio import atomic_path, read_jsonl, sha256_file, write_json
-from cosytune.weights.io import read_state_dict, torch_load_safely
+from cosytune.weights.io import compare_state_dict, read_state_dict, torch_load_safely
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +101,12 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def check_same_layout(tuned: dict[str, torch.Tensor], base: dict[str, torch.Tensor], what: str) -> None:
-    """Raise CheckpointError unless ``tuned`` has exactly ``base``'s keys and shapes."""
-    missing = sorted(set(base) - set(tuned))
-    extra = sorted(set(tuned) - set(base))
-    shapes = sorted(k for k in set(base) & set(tuned) if tuple(base[k].shape) != tuple(tuned[k].shape))
-    if missing or extra or shapes:
+    """Raise CheckpointError unless ``tuned`` has exactly ``base``'s keys and shapes (compared by
+    :func:`cosytune.weights.io.compare_state_dict`, like every weight check)."""
+    missing, extra, shaped = compare_state_dict({k: tuple(v.shape) for k, v in base.items()}, tuned)
+    if missing or extra or shaped:
+        missing, extra = sorted(missing), sorted(extra)
+        shapes = sorted(k for k in base if k in tuned and tuple(base[k].shape) != tuple(tuned[k].shape))
         parts = []
         if missing:
             parts.append(f"missing keys ({len(missing)}): {missing[:8]}")

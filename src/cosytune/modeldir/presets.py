@@ -34,14 +34,10 @@ import torch
 from cosytune import __version__
 from cosytune.errors import UsageError
 from cosytune.fileio import dir_mode, sha256_file, write_json, write_text
-from cosytune.modeldir.upstream_yaml import (
-    CosyVoice3Hparams,
-    DiTHparams,
-    FlowHparams,
-    HiFTHparams,
-    LLMHparams,
-    dump_cosyvoice3_yaml,
-)
+from cosytune.modeldir.upstream_yaml import CosyVoice3Hparams, dump_cosyvoice3_yaml
+from cosytune.models.flow import FlowConfig
+from cosytune.models.hift import HiFTConfig
+from cosytune.models.llm import LLMConfig
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +49,7 @@ INIT_INFO_NAME = "cosytune_init.json"
 
 
 def preset_hparams(preset: str) -> CosyVoice3Hparams:
-    """The yaml hyper-parameters of a preset.
+    """The configs of a preset (the networks' ``fun_cosyvoice3``/``tiny`` configs).
 
     Raises:
         UsageError: unknown preset name.
@@ -61,11 +57,7 @@ def preset_hparams(preset: str) -> CosyVoice3Hparams:
     if preset == "full":
         return CosyVoice3Hparams()
     if preset == "tiny":
-        return CosyVoice3Hparams(
-            llm=LLMHparams(llm_input_size=32, llm_output_size=32),
-            flow=FlowHparams(pre_lookahead_channels=64, dit=DiTHparams(dim=64, depth=2, heads=4, dim_head=16)),
-            hift=HiFTHparams(base_channels=64, f0_cond_channels=32),
-        )
+        return CosyVoice3Hparams(llm=LLMConfig.tiny(), flow=FlowConfig.tiny(), hift=HiFTConfig.tiny())
     raise UsageError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
 
 
@@ -74,18 +66,10 @@ def preset_qwen2_config(preset: str):
 
     The text vocabulary keeps its real size (151,936 rows) in both presets, so real tokenizer ids work.
     """
-    from cosytune.models.qwen2 import Qwen2Config
-
-    if preset == "full":
-        return Qwen2Config()
-    if preset == "tiny":
-        hp = preset_hparams("tiny")
-        return Qwen2Config(hidden_size=hp.llm.llm_input_size, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_window_layers=2)
-    raise UsageError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return preset_hparams(preset).llm.qwen2
 
 
-def _init_networks(hp: CosyVoice3Hparams, qwen2, seed: int) -> dict[str, torch.nn.Module]:
+def _init_networks(hp: CosyVoice3Hparams, seed: int) -> dict[str, torch.nn.Module]:
     """Build the three networks with seeded random weights (the global RNG is left untouched)."""
     from cosytune.modeldir.builders import build_network
 
@@ -94,7 +78,7 @@ def _init_networks(hp: CosyVoice3Hparams, qwen2, seed: int) -> dict[str, torch.n
     with torch.random.fork_rng(devices=[]):
         for i, kind in enumerate(("llm", "flow", "hift")):
             torch.manual_seed(seed + i)
-            net = build_network(kind, hp, qwen2 if kind == "llm" else None, device="cpu")
+            net = build_network(kind, hp, device="cpu")
             if kind == "llm" and hasattr(net, "init_weights"):
                 # nn.Embedding's default N(0, 1) would make a 151,936-row table dominate; use a GPT-style init.
                 net.init_weights(torch.Generator().manual_seed(seed))
@@ -160,7 +144,7 @@ def write_model_dir(
 
     out = Path(out)
     hp = preset_hparams(preset)
-    qwen2 = preset_qwen2_config(preset)
+    qwen2 = hp.llm.qwen2
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         if is_complete_model_dir(out, preset, seed):
             logger.info("%s is already a complete %s model dir with seed %d; nothing to do", out, preset, seed)
@@ -174,7 +158,7 @@ def write_model_dir(
         write_text(tmp / "cosyvoice3.yaml", dump_cosyvoice3_yaml(
             hp, header=f"CosyVoice 3 model config written by cosytune {__version__} (preset {preset}, seed {seed}).\n"
                        "Random weights: this model produces noise-like speech until trained."))
-        nets = _init_networks(hp, qwen2, seed)
+        nets = _init_networks(hp, seed)
         for kind, net in nets.items():
             save_weights(net, tmp / f"{kind}.pt", kind)  # type: ignore[arg-type]
         _write_blanken(tmp / "CosyVoice-BlankEN", qwen2, nets["llm"],
@@ -187,7 +171,7 @@ def write_model_dir(
             "created_by": f"cosytune {__version__} init-model",
             "preset": preset,
             "seed": seed,
-            "hparams": dataclasses.asdict(hp),
+            "hparams": json.loads(json.dumps(dataclasses.asdict(hp), default=sorted)),  # frozensets as lists
             "qwen2": qwen2.to_hf_dict(),
             "parameters": {k: sum(p.numel() for p in {id(p): p for p in n.parameters()}.values())
                            for k, n in nets.items()},

@@ -12,14 +12,18 @@ Here the same file is read as *data*:
    arithmetic the file uses, and imports nothing. YAML 1.2 float spellings (``1e-06``) are numbers, as
    in ruamel/HyperPyYAML.
 2. :func:`parse_cosyvoice3_yaml` checks the structure (classes must be the CosyVoice 3 ones, every
-   argument known) and maps the numbers onto :class:`CosyVoice3Hparams`: plain typed dataclasses whose
-   field names are upstream's constructor arguments. Anything it does not understand is reported, all
-   problems at once, as :class:`~cosytune.errors.ConfigError`.
+   argument known) and maps the numbers directly onto the networks' own configs (``LLMConfig``,
+   ``FlowConfig`` with its ``DiTConfig``, ``HiFTConfig``, ``SamplingConfig``), held with the shared
+   numbers by :class:`CosyVoice3Hparams`. One map per upstream constructor names the field each argument
+   sets (``_FLOW_ARGS`` ...); the writer uses the same field names. :func:`llm_config`,
+   :func:`flow_config` and :func:`hift_config` are the same readers for the constructor arguments of one
+   network given as plain JSON (the golden fixtures). Anything not understood is reported, all problems
+   at once, as :class:`~cosytune.errors.ConfigError`.
 3. :func:`dump_cosyvoice3_yaml` writes a file in the same tagged format (so upstream CosyVoice can build
    the networks from it) from a :class:`CosyVoice3Hparams` (e.g. the tiny preset).
 
-The Qwen2 backbone sizes are not in the yaml (it only names ``CosyVoice-BlankEN``); they come from that
-folder's ``config.json`` (``cosytune.models.qwen2.Qwen2Config.from_json``).
+The Qwen2 backbone sizes are not in the yaml (it only names ``CosyVoice-BlankEN`` and gives the width);
+they come from that folder's ``config.json``, passed in as ``qwen2``.
 
 Upstream reference: ``examples/libritts/cosyvoice3/conf/cosyvoice3.yaml`` and the model dir's
 ``cosyvoice3.yaml``; ``cosyvoice/cli/cosyvoice.py`` (how it is loaded). Read for facts only.
@@ -34,13 +38,19 @@ import logging
 import operator
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from cosytune.errors import ConfigError
+from cosytune.models.dit import DiTConfig
+from cosytune.models.flow import FlowConfig
+from cosytune.models.hift import HiFTConfig
+from cosytune.models.llm import LLMConfig
+from cosytune.models.qwen2 import Qwen2Config
+from cosytune.models.sampling import SamplingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -307,110 +317,36 @@ def load_upstream_yaml(
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. Typed hyper-parameters (field names = upstream constructor arguments)
+# 2. The networks' own configs from upstream's constructor arguments
 # --------------------------------------------------------------------------------------------------
+#
+# Each network has one config class (``LLMConfig``, ``FlowConfig`` with its ``DiTConfig``, ``HiFTConfig``,
+# ``SamplingConfig``). The maps below name, per upstream constructor, which of our fields each argument
+# sets; the reader and the writer both use them, so a new argument is added in the config class and here.
 
-
-@dataclass(frozen=True)
-class RasSamplingHparams:
-    """``ras_sampling`` partial bound in the yaml (spec §2.6)."""
-
-    top_p: float = 0.8
-    top_k: int = 25
-    win_size: int = 10
-    tau_r: float = 0.1
-
-
-@dataclass(frozen=True)
-class LLMHparams:
-    """``CosyVoice3LM`` arguments (spec §2). The Qwen2 sizes live in ``CosyVoice-BlankEN/config.json``."""
-
-    llm_input_size: int = 896
-    llm_output_size: int = 896
-    speech_token_size: int = 6561
-    length_normalized_loss: bool = True
-    lsm_weight: float = 0.0
-    mix_ratio: tuple[int, int] = (5, 15)
-    sampling: RasSamplingHparams = RasSamplingHparams()
-
-
-@dataclass(frozen=True)
-class CFMHparams:
-    """``CausalConditionalCFM`` arguments and ``cfm_params`` (spec §3.1)."""
-
-    in_channels: int = 240
-    n_spks: int = 1
-    spk_emb_dim: int = 80
-    sigma_min: float = 1e-6
-    solver: str = "euler"
-    t_scheduler: str = "cosine"
-    training_cfg_rate: float = 0.2
-    inference_cfg_rate: float = 0.7
-    reg_loss_type: str = "l1"
-
-
-@dataclass(frozen=True)
-class DiTHparams:
-    """``DiT`` estimator arguments (spec §3.1). ``dropout`` is not in the released yaml (default 0.1)."""
-
-    dim: int = 1024
-    depth: int = 22
-    heads: int = 16
-    dim_head: int = 64
-    ff_mult: int = 2
-    mel_dim: int = 80
-    mu_dim: int = 80
-    spk_dim: int = 80
-    out_channels: int = 80
-    static_chunk_size: int = 50
-    num_decoding_left_chunks: int = -1
-    dropout: float = 0.1
-    long_skip_connection: bool = False
-
-
-@dataclass(frozen=True)
-class FlowHparams:
-    """``CausalMaskedDiffWithDiT`` arguments with its ``PreLookaheadLayer``, CFM and DiT (spec §3.1)."""
-
-    input_size: int = 80
-    output_size: int = 80
-    spk_embed_dim: int = 192
-    output_type: str = "mel"
-    vocab_size: int = 6561
-    input_frame_rate: int = 25
-    only_mask_loss: bool = True
-    token_mel_ratio: int = 2
-    pre_lookahead_len: int = 3
-    pre_lookahead_channels: int = 1024
-    cfm: CFMHparams = CFMHparams()
-    dit: DiTHparams = DiTHparams()
-
-
-@dataclass(frozen=True)
-class HiFTHparams:
-    """``CausalHiFTGenerator`` arguments plus its ``CausalConvRNNF0Predictor`` (spec §4.1)."""
-
-    in_channels: int = 80
-    base_channels: int = 512
-    nb_harmonics: int = 8
-    sampling_rate: int = 24000
-    nsf_alpha: float = 0.1
-    nsf_sigma: float = 0.003
-    nsf_voiced_threshold: float = 10.0
-    upsample_rates: tuple[int, ...] = (8, 5, 3)
-    upsample_kernel_sizes: tuple[int, ...] = (16, 11, 7)
-    istft_n_fft: int = 16
-    istft_hop_len: int = 4
-    resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
-    resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
-    source_resblock_kernel_sizes: tuple[int, ...] = (7, 7, 11)
-    source_resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
-    lrelu_slope: float = 0.1
-    audio_limit: float = 0.99
-    conv_pre_look_right: int = 4
-    f0_num_class: int = 1
-    f0_in_channels: int = 80
-    f0_cond_channels: int = 512
+# CosyVoice3LM (``llm_input_size``/``llm_output_size`` are the backbone width, checked separately).
+_LLM_ARGS = {"speech_token_size": "speech_token_size", "length_normalized_loss": "length_normalized_loss",
+             "lsm_weight": "lsm_weight", "mix_ratio": "mix_ratio"}
+# the ``ras_sampling`` partial
+_SAMPLING_ARGS = {"top_p": "top_p", "top_k": "top_k", "win_size": "win_size", "tau_r": "tau_r"}
+# CausalMaskedDiffWithDiT, its PreLookaheadLayer, CausalConditionalCFM (+ cfm_params) and DiT
+_FLOW_ARGS = {k: k for k in ("input_size", "output_size", "spk_embed_dim", "output_type", "vocab_size",
+                             "input_frame_rate", "only_mask_loss", "token_mel_ratio", "pre_lookahead_len")}
+_PRE_LOOKAHEAD_ARGS = {"channels": "pre_lookahead_channels", "in_channels": "input_size",
+                       "pre_lookahead_len": "pre_lookahead_len"}
+_CFM_ARGS = {"in_channels": "cfm_in_channels", "n_spks": "n_spks", "spk_emb_dim": "spk_emb_dim"}
+_CFM_PARAMS = {k: k for k in ("sigma_min", "solver", "t_scheduler", "training_cfg_rate", "inference_cfg_rate",
+                              "reg_loss_type")}
+_DIT_ARGS = {k: k for k in ("dim", "depth", "heads", "dim_head", "ff_mult", "mel_dim", "mu_dim", "spk_dim",
+                            "out_channels", "static_chunk_size", "num_decoding_left_chunks", "dropout",
+                            "long_skip_connection")}
+# CausalHiFTGenerator, its istft_params and CausalConvRNNF0Predictor
+_HIFT_ARGS = {k: k for k in ("in_channels", "base_channels", "nb_harmonics", "sampling_rate", "nsf_alpha",
+                             "nsf_sigma", "nsf_voiced_threshold", "upsample_rates", "upsample_kernel_sizes",
+                             "resblock_kernel_sizes", "resblock_dilation_sizes", "source_resblock_kernel_sizes",
+                             "source_resblock_dilation_sizes", "lrelu_slope", "audio_limit", "conv_pre_look_right")}
+_ISTFT_ARGS = {"n_fft": "istft_n_fft", "hop_len": "istft_hop_len"}
+_F0_ARGS = {"num_class": "f0_num_class", "in_channels": "f0_in_channels", "cond_channels": "f0_cond_channels"}
 
 
 @dataclass(frozen=True)
@@ -427,32 +363,53 @@ class MelHparams:
     center: bool = False
 
 
+_MEL_ARGS = {f.name: f.name for f in dataclasses.fields(MelHparams)}
+
+
 @dataclass(frozen=True)
 class CosyVoice3Hparams:
-    """Everything numeric in ``cosyvoice3.yaml`` that our networks and front end need."""
+    """A model dir's configuration: the three networks' configs and the shared numbers of ``cosyvoice3.yaml``.
+
+    ``llm`` includes the Qwen2 backbone, which comes from ``CosyVoice-BlankEN/config.json`` (the yaml
+    only gives its width).
+    """
 
     sample_rate: int = 24000
     token_frame_rate: int = 25
     token_mel_ratio: int = 2
     chunk_size: int = 25
     num_decoding_left_chunks: int = -1
-    llm: LLMHparams = LLMHparams()
-    flow: FlowHparams = FlowHparams()
-    hift: HiFTHparams = HiFTHparams()
-    mel: MelHparams = MelHparams()
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    hift: HiFTConfig = field(default_factory=HiFTConfig)
+    mel: MelHparams = field(default_factory=MelHparams)
     skip_special_tokens: bool = True
 
 
 # --------------------------------------------------------------------------------------------------
-# Mapping inert data → typed hparams, collecting every problem
+# Mapping inert data → configs, collecting every problem
 # --------------------------------------------------------------------------------------------------
 
 
 class _Collector:
-    def __init__(self) -> None:
-        self.problems: list[str] = []
+    """Collects every problem of one reading.
 
-    def node(self, value: Any, where: str, kind: str, target: str) -> TaggedNode | None:
+    ``tagged``: nested objects must be the ``!new:``/``!name:`` tags upstream builds (a yaml file); when
+    False (constructor arguments given as plain JSON, as in the golden fixtures) plain mappings stand in
+    for them.
+    """
+
+    def __init__(self, tagged: bool = True) -> None:
+        self.problems: list[str] = []
+        self.tagged = tagged
+
+    def node(self, value: Any, where: str, kind: str, target: str) -> dict[str, Any] | None:
+        """The keyword arguments under a tag (or a plain mapping when not ``tagged``)."""
+        if not self.tagged and not isinstance(value, TaggedNode):
+            if value is None:
+                return {}
+            if isinstance(value, dict):
+                return value
         if not isinstance(value, TaggedNode):
             self.problems.append(f"{where}: expected '!{kind}:{target}', found {_describe(value)}")
             return None
@@ -465,29 +422,38 @@ class _Collector:
         if value.args:
             self.problems.append(f"{where} (line {value.line}): expected keyword arguments, found positional ones")
             return None
-        return value
+        return value.kwargs
 
-    def fields(self, kwargs: dict[str, Any], where: str, cls: type, rename: dict[str, str] | None = None,
-               ignore: tuple[str, ...] = (), required: tuple[str, ...] = ()) -> dict[str, Any]:
-        """Convert kwargs to ``cls`` field values; unknown keys and bad types are problems."""
-        rename = rename or {}
-        hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    def fields(self, kwargs: dict[str, Any], where: str, cls: type, names: dict[str, str],
+               required: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Convert upstream ``kwargs`` to ``cls`` field values via ``names`` (upstream → ours).
+
+        Unknown arguments, wrong types and missing ``required`` arguments are problems.
+        """
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         out: dict[str, Any] = {}
         for key, value in kwargs.items():
-            if key in ignore:
-                continue
-            name = rename.get(key, key)
-            if name not in hints:
+            if key not in names:
                 self.problems.append(f"{where}.{key}: unknown argument (cosytune does not know what it changes)")
                 continue
-            converted = _coerce(value, defaults[name], f"{where}.{key}", self.problems)
+            converted = _coerce(value, defaults[names[key]], f"{where}.{key}", self.problems)
             if converted is not _BAD:
-                out[name] = converted
+                out[names[key]] = converted
         for key in required:
             if key not in kwargs:
                 self.problems.append(f"{where}.{key}: missing (required)")
         return out
+
+    def build(self, cls: type, values: dict[str, Any], where: str) -> Any:
+        """``cls(**values)``, its validation errors added to the problems (None then, or when a part is None)."""
+        if any(v is None for v in values.values()):
+            return None
+        try:
+            return cls(**values)
+        except (ValueError, TypeError, ConfigError) as e:
+            found = e.problems if isinstance(e, ConfigError) else str(e).split("; ")
+            self.problems.extend(f"{where}: {p}" for p in found)
+            return None
 
 
 _BAD = object()
@@ -531,6 +497,55 @@ def _coerce(value: Any, default: Any, where: str, problems: list[str]) -> Any:
     return _BAD
 
 
+def _finish(c: _Collector, result: Any, source: str) -> Any:
+    if c.problems:
+        raise ConfigError(c.problems, source)
+    return result
+
+
+def llm_config(kwargs: dict[str, Any], qwen2: Qwen2Config | dict[str, Any] | None = None, *,
+               source: str = "llm config") -> LLMConfig:
+    """``LLMConfig`` from ``CosyVoice3LM`` arguments (the yaml ``llm`` block, or the same as plain JSON).
+
+    Args:
+        kwargs: ``llm_input_size``, ``llm_output_size``, ``speech_token_size``, ... (a nested ``sampling``
+            ``ras_sampling`` partial and the ``llm`` ``Qwen2Encoder`` are read too when given).
+        qwen2: the backbone (a :class:`Qwen2Config` or a ``config.json`` dict); None: the released
+            backbone, which must then have the yaml's width.
+        source: named in the error.
+
+    Raises:
+        ConfigError: listing every problem.
+    """
+    c = _Collector(tagged=isinstance(kwargs, TaggedNode))
+    return _finish(c, _llm(kwargs, c, qwen2), source)
+
+
+def flow_config(kwargs: dict[str, Any], *, source: str = "flow config") -> FlowConfig:
+    """``FlowConfig`` from ``CausalMaskedDiffWithDiT`` arguments with ``pre_lookahead_layer`` and ``decoder``
+    (whose ``cfm_params`` and ``estimator`` are nested), as in the yaml or as plain JSON.
+
+    Raises:
+        ConfigError: listing every problem.
+    """
+    c = _Collector(tagged=isinstance(kwargs, TaggedNode))
+    return _finish(c, _flow(kwargs, c), source)
+
+
+def hift_config(kwargs: dict[str, Any], f0_predictor: dict[str, Any] | None = None, *,
+                source: str = "HiFT config") -> HiFTConfig:
+    """``HiFTConfig`` from ``CausalHiFTGenerator`` arguments (``istft_params`` and ``f0_predictor``
+    nested, as in the yaml; or the f0 predictor's arguments given separately).
+
+    Raises:
+        ConfigError: listing every problem.
+    """
+    c = _Collector(tagged=isinstance(kwargs, TaggedNode))
+    if f0_predictor is not None:
+        kwargs = {**kwargs, "f0_predictor": f0_predictor}
+    return _finish(c, _hift(kwargs, c), source)
+
+
 # Top-level keys the mapping reads, and keys it knows are irrelevant to the networks (data pipeline,
 # training, GAN). Anything else is reported only as a debug message, not as an error: recipe files carry
 # many such entries and they do not change the networks.
@@ -538,21 +553,24 @@ _SCALARS = ("sample_rate", "token_frame_rate", "token_mel_ratio", "chunk_size", 
 
 
 def parse_cosyvoice3_yaml(
-    source: str | os.PathLike, *, text: str | None = None, overrides: dict[str, Any] | None = None
+    source: str | os.PathLike, *, text: str | None = None, overrides: dict[str, Any] | None = None,
+    qwen2: Qwen2Config | None = None,
 ) -> CosyVoice3Hparams:
-    """Read ``cosyvoice3.yaml`` safely and map it onto :class:`CosyVoice3Hparams`.
+    """Read ``cosyvoice3.yaml`` safely and map it onto the networks' configs.
 
     Args:
         source: path of the yaml (or a name for messages when ``text`` is given).
         text: YAML text; read from ``source`` when omitted.
         overrides: top-level overrides applied before references resolve.
+        qwen2: the LLM backbone (``CosyVoice-BlankEN/config.json``); None: the released one, which must
+            then have the yaml's ``llm_input_size``.
 
     Returns:
-        The typed hyper-parameters.
+        The model dir's configuration.
 
     Raises:
         ConfigError: listing every structural problem (wrong classes, unknown or missing arguments,
-            wrong types).
+            wrong types, values the networks reject).
     """
     doc = load_upstream_yaml(source, overrides, text=text)
     c = _Collector()
@@ -565,11 +583,17 @@ def parse_cosyvoice3_yaml(
     for key in ("llm", "flow", "hift"):
         if key not in doc:
             c.problems.append(f"{key}: missing (a CosyVoice 3 yaml defines llm, flow and hift)")
-
-    llm = _parse_llm(doc.get("llm"), c) if "llm" in doc else None
-    flow = _parse_flow(doc.get("flow"), c) if "flow" in doc else None
-    hift = _parse_hift(doc.get("hift"), c) if "hift" in doc else None
-    mel = _parse_mel(doc.get("feat_extractor"), c) if "feat_extractor" in doc else MelHparams()
+    nets: dict[str, Any] = {}
+    for key, parse in (("llm", lambda kw: _llm(kw, c, qwen2)), ("flow", lambda kw: _flow(kw, c)),
+                       ("hift", lambda kw: _hift(kw, c))):
+        node = c.node(doc[key], key, "new", _CLASSES[key]) if key in doc else None
+        if node is not None:
+            nets[key] = parse(node)
+    mel = MelHparams()
+    if "feat_extractor" in doc:
+        mel_kw = c.node(doc["feat_extractor"], "feat_extractor", "name", MEL_FUNC)
+        if mel_kw is not None:
+            mel = MelHparams(**c.fields(mel_kw, "feat_extractor", MelHparams, _MEL_ARGS))
     skip_special = True
     tok = doc.get("get_tokenizer")
     if isinstance(tok, TaggedNode) and tok.target == TOKENIZER_FUNC:
@@ -577,130 +601,107 @@ def parse_cosyvoice3_yaml(
         version = tok.kwargs.get("version", "cosyvoice3")
         if version != "cosyvoice3":
             c.problems.append(f"get_tokenizer.version: expected 'cosyvoice3', found {version!r}")
-    if c.problems:
+    sample_rate = top.get("sample_rate", CosyVoice3Hparams.sample_rate)
+    if "hift" in nets and nets["hift"] is not None and nets["hift"].sampling_rate != sample_rate:
+        c.problems.append(f"hift.sampling_rate {nets['hift'].sampling_rate} != sample_rate {sample_rate}")
+    if c.problems or any(v is None for v in nets.values()):
         raise ConfigError(c.problems, str(source))
-    hp = CosyVoice3Hparams(**top, llm=llm, flow=flow, hift=hift, mel=mel, skip_special_tokens=skip_special)
-    _check_consistency(hp, str(source))
-    return hp
+    return CosyVoice3Hparams(**top, **nets, mel=mel, skip_special_tokens=skip_special)
 
 
-def _parse_llm(value: Any, c: _Collector) -> LLMHparams | None:
-    node = c.node(value, "llm", "new", LLM_CLASS)
-    if node is None:
-        return None
-    kw = dict(node.kwargs)
-    qwen = kw.pop("llm", None)
-    if qwen is None:
-        c.problems.append("llm.llm: missing (the Qwen2Encoder backbone)")
-    else:
-        c.node(qwen, "llm.llm", "new", QWEN_ENCODER_CLASS)
-    sampling = RasSamplingHparams()
+_CLASSES = {"llm": LLM_CLASS, "flow": FLOW_CLASS, "hift": HIFT_CLASS}
+
+
+def _llm(kw: dict[str, Any], c: _Collector, qwen2: Qwen2Config | dict[str, Any] | None) -> LLMConfig | None:
+    kw = dict(kw)
+    backbone = kw.pop("llm", None)
+    if c.tagged:
+        if backbone is None:
+            c.problems.append("llm.llm: missing (the Qwen2Encoder backbone)")
+        else:
+            c.node(backbone, "llm.llm", "new", QWEN_ENCODER_CLASS)
+    values: dict[str, Any] = {}
     if "sampling" in kw:
         s = c.node(kw.pop("sampling"), "llm.sampling", "name", RAS_SAMPLING_FUNC)
         if s is not None:
-            sampling = RasSamplingHparams(**c.fields(s.kwargs, "llm.sampling", RasSamplingHparams))
-    vals = c.fields(kw, "llm", LLMHparams, required=("llm_input_size", "llm_output_size", "speech_token_size"))
-    if "mix_ratio" in vals and len(vals["mix_ratio"]) != 2:
-        c.problems.append(f"llm.mix_ratio: expected two integers, found {list(vals['mix_ratio'])}")
-        return None
+            values["sampling"] = c.build(SamplingConfig, c.fields(s, "llm.sampling", SamplingConfig, _SAMPLING_ARGS),
+                                         "llm.sampling")
+    widths: dict[str, Any] = {}
+    for k in ("llm_input_size", "llm_output_size"):  # the backbone width, stated twice by upstream
+        if k not in kw:
+            c.problems.append(f"llm.{k}: missing (required)")
+        elif (w := _coerce(kw.pop(k), 0, f"llm.{k}", c.problems)) is not _BAD:
+            widths[k] = w
+    values.update(c.fields(kw, "llm", LLMConfig, _LLM_ARGS, required=("speech_token_size",)))
+    w_in, w_out = widths.get("llm_input_size"), widths.get("llm_output_size")
+    if w_in is not None and w_out is not None and w_in != w_out:
+        c.problems.append(f"llm: llm_input_size {w_in} != llm_output_size {w_out}")
     try:
-        return LLMHparams(**vals, sampling=sampling)
-    except TypeError:
+        q = qwen2 if isinstance(qwen2, Qwen2Config) else Qwen2Config.from_hf_dict(qwen2) if qwen2 else Qwen2Config()
+    except ConfigError as e:
+        c.problems.extend(f"qwen2: {p}" for p in e.problems)
         return None
+    if w_in is not None and w_in != q.hidden_size:
+        where = "CosyVoice-BlankEN/config.json" if qwen2 is not None else "the released Qwen2 backbone (no config.json given)"
+        c.problems.append(f"llm.llm_input_size: {where} hidden_size {q.hidden_size} != yaml llm_input_size {w_in}")
+    if "mix_ratio" in values and len(values["mix_ratio"]) != 2:
+        c.problems.append(f"llm.mix_ratio: expected two integers, found {list(values['mix_ratio'])}")
+    return c.build(LLMConfig, {"qwen2": q, **values}, "llm")
 
 
-def _parse_flow(value: Any, c: _Collector) -> FlowHparams | None:
-    node = c.node(value, "flow", "new", FLOW_CLASS)
-    if node is None:
-        return None
-    kw = dict(node.kwargs)
+def _flow(kw: dict[str, Any], c: _Collector) -> FlowConfig | None:
+    kw = dict(kw)
     pre = kw.pop("pre_lookahead_layer", None)
     dec = kw.pop("decoder", None)
-    vals = c.fields(kw, "flow", FlowHparams, ignore=("pre_lookahead_channels", "cfm", "dit"),
-                    required=("input_size", "output_size", "spk_embed_dim", "vocab_size"))
-    pre_node = c.node(pre, "flow.pre_lookahead_layer", "new", PRE_LOOKAHEAD_CLASS)
-    if pre_node is not None:
-        pk = pre_node.kwargs
-        for key in pk:
-            if key not in ("in_channels", "channels", "pre_lookahead_len"):
-                c.problems.append(f"flow.pre_lookahead_layer.{key}: unknown argument")
-        ch = _coerce(pk.get("channels"), 0, "flow.pre_lookahead_layer.channels", c.problems)
-        if ch is not _BAD:
-            vals["pre_lookahead_channels"] = ch
-        if pk.get("in_channels", vals.get("input_size", 80)) != vals.get("input_size", 80):
-            c.problems.append("flow.pre_lookahead_layer.in_channels: must equal flow.input_size")
-        if pk.get("pre_lookahead_len", vals.get("pre_lookahead_len", 3)) != vals.get("pre_lookahead_len", 3):
-            c.problems.append("flow.pre_lookahead_layer.pre_lookahead_len: must equal flow.pre_lookahead_len")
-    dec_node = c.node(dec, "flow.decoder", "new", CFM_CLASS)
-    if dec_node is not None:
-        dk = dict(dec_node.kwargs)
+    values = c.fields(kw, "flow", FlowConfig, _FLOW_ARGS,
+                      required=("input_size", "output_size", "spk_embed_dim", "vocab_size"))
+    pre_kw = c.node(pre, "flow.pre_lookahead_layer", "new", PRE_LOOKAHEAD_CLASS)
+    if pre_kw is not None:
+        got = c.fields(pre_kw, "flow.pre_lookahead_layer", FlowConfig, _PRE_LOOKAHEAD_ARGS)
+        for key, ours in (("in_channels", "input_size"), ("pre_lookahead_len", "pre_lookahead_len")):
+            if ours in got and got[ours] != values.get(ours, getattr(FlowConfig, ours)):
+                c.problems.append(f"flow.pre_lookahead_layer.{key}: must equal flow.{ours}")
+        if "pre_lookahead_channels" in got:
+            values["pre_lookahead_channels"] = got["pre_lookahead_channels"]
+    dec_kw = c.node(dec, "flow.decoder", "new", CFM_CLASS)
+    if dec_kw is not None:
+        dk = dict(dec_kw)
         est = dk.pop("estimator", None)
         params = dk.pop("cfm_params", None)
         if isinstance(params, TaggedNode) and params.target == DICTCONFIG_CLASS:
             params = params.kwargs.get("content", params.args[0] if params.args else None)
+        if params is None and not c.tagged:
+            params = {}
         if not isinstance(params, dict):
             c.problems.append(f"flow.decoder.cfm_params: expected a mapping (or omegaconf.DictConfig), found "
                               f"{_describe(params)}")
             params = {}
-        cfm = c.fields({**dk, **params}, "flow.decoder", CFMHparams)
-        vals["cfm"] = CFMHparams(**cfm)
-        est_node = c.node(est, "flow.decoder.estimator", "new", DIT_CLASS)
-        if est_node is not None:
-            vals["dit"] = DiTHparams(**c.fields(est_node.kwargs, "flow.decoder.estimator", DiTHparams,
-                                                required=("dim", "depth", "heads", "dim_head")))
-    try:
-        return FlowHparams(**vals)
-    except TypeError:
-        return None
+        values.update(c.fields(dk, "flow.decoder", FlowConfig, _CFM_ARGS))
+        values.update(c.fields(params, "flow.decoder.cfm_params", FlowConfig, _CFM_PARAMS))
+        est_kw = c.node(est, "flow.decoder.estimator", "new", DIT_CLASS)
+        if est_kw is not None:
+            values["dit"] = c.build(DiTConfig, c.fields(est_kw, "flow.decoder.estimator", DiTConfig, _DIT_ARGS,
+                                                        required=("dim", "depth", "heads", "dim_head")),
+                                    "flow.decoder.estimator")
+    return c.build(FlowConfig, values, "flow")
 
 
-def _parse_hift(value: Any, c: _Collector) -> HiFTHparams | None:
-    node = c.node(value, "hift", "new", HIFT_CLASS)
-    if node is None:
-        return None
-    kw = dict(node.kwargs)
+def _hift(kw: dict[str, Any], c: _Collector) -> HiFTConfig | None:
+    kw = dict(kw)
     f0 = kw.pop("f0_predictor", None)
     istft = kw.pop("istft_params", None)
-    vals = c.fields(kw, "hift", HiFTHparams, ignore=("istft_n_fft", "istft_hop_len", "f0_num_class",
-                                                      "f0_in_channels", "f0_cond_channels"),
-                    required=("in_channels", "base_channels", "upsample_rates"))
+    values = c.fields(kw, "hift", HiFTConfig, _HIFT_ARGS, required=("in_channels", "base_channels", "upsample_rates"))
     if istft is not None:
         if not isinstance(istft, dict):
-            c.problems.append(f"hift.istft_params: expected a mapping, found {_describe(istft)}")
+            c.problems.append(f"hift.istft_params: expected a mapping with n_fft and hop_len, found {_describe(istft)}")
         else:
-            vals.update(c.fields(istft, "hift.istft_params", HiFTHparams,
-                                 rename={"n_fft": "istft_n_fft", "hop_len": "istft_hop_len"}))
-    f0_node = c.node(f0, "hift.f0_predictor", "new", F0_CLASS)
-    if f0_node is not None:
-        vals.update(c.fields(f0_node.kwargs, "hift.f0_predictor", HiFTHparams,
-                             rename={"num_class": "f0_num_class", "in_channels": "f0_in_channels",
-                                     "cond_channels": "f0_cond_channels"}))
-    try:
-        return HiFTHparams(**vals)
-    except TypeError:
-        return None
-
-
-def _parse_mel(value: Any, c: _Collector) -> MelHparams:
-    node = c.node(value, "feat_extractor", "name", MEL_FUNC)
-    if node is None:
-        return MelHparams()
-    return MelHparams(**c.fields(node.kwargs, "feat_extractor", MelHparams))
-
-
-def _check_consistency(hp: CosyVoice3Hparams, source: str) -> None:
-    """Cross-field rules the networks rely on; violations mean a hand-edited, inconsistent file."""
-    p: list[str] = []
-    if hp.llm.llm_input_size != hp.llm.llm_output_size:
-        p.append(f"llm: llm_input_size {hp.llm.llm_input_size} != llm_output_size {hp.llm.llm_output_size}")
-    if hp.hift.sampling_rate != hp.sample_rate:
-        p.append(f"hift.sampling_rate {hp.hift.sampling_rate} != sample_rate {hp.sample_rate}")
-    if len(hp.hift.upsample_rates) != len(hp.hift.upsample_kernel_sizes):
-        p.append("hift: upsample_rates and upsample_kernel_sizes differ in length")
-    if len(hp.hift.resblock_kernel_sizes) != len(hp.hift.resblock_dilation_sizes):
-        p.append("hift: resblock_kernel_sizes and resblock_dilation_sizes differ in length")
-    if p:
-        raise ConfigError(p, source)
+            values.update(c.fields(istft, "hift.istft_params", HiFTConfig, _ISTFT_ARGS))
+    f0_kw = c.node(f0, "hift.f0_predictor", "new", F0_CLASS)
+    if f0_kw is not None:
+        values.update(c.fields(f0_kw, "hift.f0_predictor", HiFTConfig, _F0_ARGS))
+    if "f0_in_channels" not in values and "in_channels" in values:
+        values["f0_in_channels"] = values["in_channels"]
+    return c.build(HiFTConfig, values, "hift")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -739,7 +740,6 @@ def dump_cosyvoice3_yaml(hp: CosyVoice3Hparams, *, header: str = "") -> str:
         The YAML text.
     """
     L, F, D, H, M = hp.llm, hp.flow, hp.flow.dit, hp.hift, hp.mel
-    cfm = hp.flow.cfm
     lines = [f"# {h}" for h in header.splitlines()] if header else []
     lines += [
         "# Upstream seeds every RNG while building the models; kept so upstream reproduces its fixed noise.",
@@ -750,8 +750,8 @@ def dump_cosyvoice3_yaml(hp: CosyVoice3Hparams, *, header: str = "") -> str:
         "",
         "# shared numbers",
         f"sample_rate: {_y(hp.sample_rate)}",
-        f"llm_input_size: {_y(L.llm_input_size)}",
-        f"llm_output_size: {_y(L.llm_output_size)}",
+        f"llm_input_size: {_y(L.hidden_size)}",
+        f"llm_output_size: {_y(L.hidden_size)}",
         f"spk_embed_dim: {_y(F.spk_embed_dim)}",
         "qwen_pretrain_path: ''",
         f"token_frame_rate: {_y(hp.token_frame_rate)}",
@@ -789,17 +789,17 @@ def dump_cosyvoice3_yaml(hp: CosyVoice3Hparams, *, header: str = "") -> str:
         f"        channels: {_y(F.pre_lookahead_channels)}",
         f"        pre_lookahead_len: {_y(F.pre_lookahead_len)}",
         f"    decoder: !new:{CFM_CLASS}",
-        f"        in_channels: {_y(cfm.in_channels)}",
-        f"        n_spks: {_y(cfm.n_spks)}",
-        f"        spk_emb_dim: {_y(cfm.spk_emb_dim)}",
+        f"        in_channels: {_y(F.cfm_in_channels)}",
+        f"        n_spks: {_y(F.n_spks)}",
+        f"        spk_emb_dim: {_y(F.spk_emb_dim)}",
         f"        cfm_params: !new:{DICTCONFIG_CLASS}",
         "            content:",
-        f"                sigma_min: {_y(cfm.sigma_min)}",
-        f"                solver: {_y(cfm.solver)}",
-        f"                t_scheduler: {_y(cfm.t_scheduler)}",
-        f"                training_cfg_rate: {_y(cfm.training_cfg_rate)}",
-        f"                inference_cfg_rate: {_y(cfm.inference_cfg_rate)}",
-        f"                reg_loss_type: {_y(cfm.reg_loss_type)}",
+        f"                sigma_min: {_y(F.sigma_min)}",
+        f"                solver: {_y(F.solver)}",
+        f"                t_scheduler: {_y(F.t_scheduler)}",
+        f"                training_cfg_rate: {_y(F.training_cfg_rate)}",
+        f"                inference_cfg_rate: {_y(F.inference_cfg_rate)}",
+        f"                reg_loss_type: {_y(F.reg_loss_type)}",
         f"        estimator: !new:{DIT_CLASS}",
         f"            dim: {_y(D.dim)}",
         f"            depth: {_y(D.depth)}",
@@ -816,7 +816,7 @@ def dump_cosyvoice3_yaml(hp: CosyVoice3Hparams, *, header: str = "") -> str:
     else:
         lines.append(f"            static_chunk_size: {_y(D.static_chunk_size)}")
     lines.append("            num_decoding_left_chunks: !ref <num_decoding_left_chunks>")
-    if D.dropout != DiTHparams.dropout:
+    if D.dropout != DiTConfig.dropout:
         lines.append(f"            dropout: {_y(D.dropout)}")
     if D.long_skip_connection:
         lines.append(f"            long_skip_connection: {_y(D.long_skip_connection)}")

@@ -40,10 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cosytune.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DiTConfig:
-    """DiT sizes (upstream yaml ``estimator: DiT`` arguments)."""
+    """DiT sizes (upstream yaml ``estimator: DiT`` arguments; ``long_skip_connection`` is recorded but
+    building a DiT with it refuses, and the last three are fixed by the architecture, not in the yaml)."""
 
     dim: int = 1024
     depth: int = 22
@@ -70,8 +73,6 @@ class DiTConfig:
             problems.append(f"dim {self.dim} must be divisible by conv_pos_groups {self.conv_pos_groups}")
         if self.dim_head % 2:
             problems.append(f"dim_head must be even for rotary embeddings, got {self.dim_head}")
-        if self.long_skip_connection:
-            problems.append("long_skip_connection=True is not used by CosyVoice 3 and not implemented")
         if self.static_chunk_size < 1:
             problems.append(f"static_chunk_size must be >= 1, got {self.static_chunk_size}")
         if problems:
@@ -289,6 +290,9 @@ class DiT(nn.Module):
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
+        if cfg.long_skip_connection:
+            raise ConfigError("DiT long_skip_connection=True is not used by CosyVoice 3 and not implemented; "
+                              "set it to False (the released yaml leaves it out)", source="flow estimator")
         self.config = cfg
         self.time_embed = TimestepEmbedding(cfg.dim, cfg.time_freq_dim)
         self.input_embed = InputEmbedding(cfg)

@@ -2,8 +2,8 @@
 
 Public API
     * :class:`FlowConfig` (frozen): sizes, CFM settings and the :class:`~cosytune.models.dit.DiTConfig`;
-      ``FlowConfig.fun_cosyvoice3()``, ``FlowConfig.tiny()``, ``FlowConfig.from_upstream(d)`` (the
-      nested yaml arguments, as in ``flow_tiny_config.json``).
+      ``FlowConfig.fun_cosyvoice3()``, ``FlowConfig.tiny()`` (``cosyvoice3.yaml`` is read into it by
+      ``cosytune.modeldir.upstream_yaml``).
     * :func:`build_flow` ``(config)`` → :class:`CausalMaskedDiffWithDiT`, built without I/O. Its
       ``state_dict()`` has exactly upstream flow.pt's keys (330 tensors + ``rotary_embed.inv_freq``).
     * Training: ``model(batch)`` → ``{"loss": tensor}`` (:meth:`CausalMaskedDiffWithDiT.forward`).
@@ -39,7 +39,6 @@ Reference: upstream ``FunAudioLLM/CosyVoice:cosyvoice/flow/flow.py`` (``CausalMa
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 from collections.abc import Mapping
@@ -50,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cosytune.errors import ConfigError, DataError
+from cosytune.errors import DataError
 from cosytune.models.dit import DiT, DiTConfig
 
 NOISE_FRAMES = 15000
@@ -64,15 +63,27 @@ class FlowConfig:
     input_size: int = 80
     output_size: int = 80
     spk_embed_dim: int = 192
+    output_type: str = "mel"
     vocab_size: int = 6561
     input_frame_rate: int = 25
+    only_mask_loss: bool = True
+    """The loss covers valid frames only (upstream's flag; the loss here always does)."""
     token_mel_ratio: int = 2
     pre_lookahead_len: int = 3
     pre_lookahead_channels: int = 1024
+    """Hidden channels of the pre-lookahead layer (its ``channels`` argument)."""
+    cfm_in_channels: int = 240
+    """The CFM's ``in_channels`` (x, mu and cond stacked: 3 × 80)."""
+    n_spks: int = 1
+    spk_emb_dim: int = 80
+    """Width of the speaker condition the CFM receives (after the flow's affine layer)."""
     sigma_min: float = 1e-6
+    solver: str = "euler"
     t_scheduler: str = "cosine"
     training_cfg_rate: float = 0.2
     inference_cfg_rate: float = 0.7
+    reg_loss_type: str = "l1"
+    """Recorded from the yaml; the CosyVoice 3 loss is the masked MSE of the module docstring."""
     n_timesteps: int = 10
     noise_seed: int = 0
     dit: DiTConfig = field(default_factory=DiTConfig)
@@ -85,6 +96,8 @@ class FlowConfig:
             problems.append(f"t_scheduler must be 'cosine' or 'linear', got {self.t_scheduler!r}")
         if self.token_mel_ratio != 2:
             problems.append(f"token_mel_ratio must be 2 for CosyVoice 3, got {self.token_mel_ratio}")
+        if self.solver != "euler":
+            problems.append(f"solver: only 'euler' is used by CosyVoice 3, got {self.solver!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -97,52 +110,6 @@ class FlowConfig:
     def tiny(cls) -> FlowConfig:
         """The golden fixtures' tiny flow (PreLookahead 64 channels, DiT 64 wide, 2 blocks)."""
         return cls(pre_lookahead_channels=64, dit=DiTConfig(dim=64, depth=2, heads=4, dim_head=16))
-
-    @classmethod
-    def from_upstream(cls, d: Mapping[str, Any]) -> FlowConfig:
-        """Build from the nested upstream constructor arguments (``flow_tiny_config.json`` layout).
-
-        Raises:
-            ConfigError: unknown keys or invalid values, all listed.
-        """
-        problems: list[str] = []
-        flow = dict(d.get("CausalMaskedDiffWithDiT", {}))
-        pre = dict(d.get("PreLookaheadLayer", {}))
-        cfm = dict(d.get("CausalConditionalCFM", {}))
-        dit = dict(d.get("DiT", {}))
-        for k in ("output_type", "only_mask_loss"):
-            flow.pop(k, None)
-        kw: dict[str, Any] = {}
-        for k in ("input_size", "output_size", "spk_embed_dim", "vocab_size", "input_frame_rate", "token_mel_ratio",
-                  "pre_lookahead_len"):
-            if k in flow:
-                kw[k] = flow.pop(k)
-        problems += [f"CausalMaskedDiffWithDiT.{k}: unknown key" for k in flow]
-        if "channels" in pre:
-            kw["pre_lookahead_channels"] = pre.pop("channels")
-        if pre.get("in_channels", kw.get("input_size", 80)) != kw.get("input_size", 80):
-            problems.append("PreLookaheadLayer.in_channels must equal input_size")
-        if pre.get("pre_lookahead_len", kw.get("pre_lookahead_len", 3)) != kw.get("pre_lookahead_len", 3):
-            problems.append("PreLookaheadLayer.pre_lookahead_len must equal the flow's pre_lookahead_len")
-        params = dict(cfm.get("cfm_params", {}))
-        for ours, theirs in (("sigma_min", "sigma_min"), ("t_scheduler", "t_scheduler"),
-                             ("training_cfg_rate", "training_cfg_rate"), ("inference_cfg_rate", "inference_cfg_rate")):
-            if theirs in params:
-                kw[ours] = params.pop(theirs)
-        if params.get("solver", "euler") != "euler":
-            problems.append(f"cfm_params.solver: only 'euler' is used by CosyVoice 3, got {params['solver']!r}")
-        fields = {f.name for f in dataclasses.fields(DiTConfig)}
-        unknown = sorted(set(dit) - fields)
-        problems += [f"DiT.{k}: unknown key" for k in unknown]
-        try:
-            kw["dit"] = DiTConfig(**{k: v for k, v in dit.items() if k in fields})
-            cfg = cls(**kw)
-        except (TypeError, ValueError) as e:
-            problems.append(str(e))
-            cfg = None
-        if problems or cfg is None:
-            raise ConfigError(problems, "flow config")
-        return cfg
 
 
 def make_valid_mask(lengths: Tensor, max_len: int) -> Tensor:

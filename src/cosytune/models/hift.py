@@ -33,8 +33,8 @@ All items of a batch share the same noise and must have the same length (no padd
 Public API (constructors do no I/O and draw nothing):
 
 - :class:`HiFTConfig` — frozen dataclass; defaults are the shipped Fun-CosyVoice3-0.5B values
-  (:meth:`HiFTConfig.fun_cosyvoice3`). :meth:`HiFTConfig.from_upstream` maps the keyword arguments of
-  upstream's ``CausalHiFTGenerator`` / ``CausalConvRNNF0Predictor`` (yaml or golden config JSON) onto it.
+  (:meth:`HiFTConfig.fun_cosyvoice3`); ``cosytune.modeldir.upstream_yaml`` reads upstream's
+  ``CausalHiFTGenerator`` / ``CausalConvRNNF0Predictor`` arguments into it.
 - :class:`HiFTGenerator` — ``inference(speech_feat, finalize=True) -> HiFTOutput(wav, source, f0)``;
   ``forward(speech_feat, generator=None) -> (wav, f0)`` is the training path (random noise, fp32 f0).
   ``state_dict()`` keys equal upstream ``hift.pt`` keys (weight norm as
@@ -45,8 +45,7 @@ Public API (constructors do no I/O and draw nothing):
   the inference noise. :meth:`HiFTGenerator.use_upstream_noise` installs
   :func:`replay_upstream_fixed_noise`, which redraws upstream's construction-time noise bit for bit
   (checked against the golden fixture): use it when loading the released ``hift.pt`` for parity.
-- :func:`hift_state_dict_from_checkpoint` (strip ``generator.``, map legacy ``weight_g/weight_v``)
-  and :func:`load_hift_state_dict` (strict, errors name the keys).
+- Weight files are read and loaded by ``cosytune.weights.io`` (one loader for all three networks).
 
 Noise (CHECKPOINT-COMPAT): upstream draws its inference noise from the *global* CPU RNG when the module is
 built — ``rand_ini = rand(1, 9)`` (column 0 zeroed), ``sine_waves = rand(1, 7_200_000, 9)`` (uniform
@@ -67,7 +66,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -76,8 +75,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
-
-from cosytune.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +92,6 @@ __all__ = [
     "ResBlock",
     "Snake",
     "causal_padding",
-    "hift_state_dict_from_checkpoint",
-    "load_hift_state_dict",
     "replay_upstream_fixed_noise",
 ]
 
@@ -228,88 +223,6 @@ class HiFTConfig:
     def tiny(cls) -> HiFTConfig:
         """Same architecture with narrow channels (64 base, 32 in the f0 predictor): for tests and demos."""
         return cls(base_channels=64, f0_cond_channels=32)
-
-    @classmethod
-    def from_upstream(
-        cls, generator: Mapping[str, Any], f0_predictor: Mapping[str, Any] | None = None
-    ) -> HiFTConfig:
-        """Build from upstream keyword arguments (``cosyvoice3.yaml`` ``hift`` or the golden config JSON).
-
-        Args:
-            generator: keyword arguments of ``CausalHiFTGenerator`` (``in_channels``, ``base_channels``,
-                ``istft_params: {n_fft, hop_len}``, ...). A nested ``f0_predictor`` mapping is accepted.
-            f0_predictor: keyword arguments of ``CausalConvRNNF0Predictor`` (``num_class``,
-                ``in_channels``, ``cond_channels``); defaults to the real model's.
-
-        Returns:
-            The config.
-
-        Raises:
-            ConfigError: listing every unknown key and invalid value.
-        """
-        gen = dict(generator)
-        f0 = dict(f0_predictor if f0_predictor is not None else gen.pop("f0_predictor", None) or {})
-        gen.pop("f0_predictor", None)
-        problems: list[str] = []
-        kwargs: dict[str, Any] = {}
-        fields = {f.name for f in dataclasses.fields(cls)}
-        for key, value in gen.items():
-            if key == "istft_params":
-                if not isinstance(value, Mapping):
-                    problems.append(
-                        f"istft_params: expected a mapping with n_fft and hop_len, found {value!r}"
-                    )
-                    continue
-                for sub, ours in (("n_fft", "istft_n_fft"), ("hop_len", "istft_hop_len")):
-                    if sub in value:
-                        kwargs[ours] = value[sub]
-                extra = set(value) - {"n_fft", "hop_len"}
-                if extra:
-                    problems.append(f"istft_params: unknown keys {sorted(extra)} (expected n_fft, hop_len)")
-            elif key in fields and not key.startswith("f0_"):
-                kwargs[key] = value
-            else:
-                problems.append(f"hift.{key}: unknown CausalHiFTGenerator argument")
-        for key, value in f0.items():
-            if key in ("num_class", "in_channels", "cond_channels"):
-                kwargs[f"f0_{key}"] = value
-            else:
-                problems.append(f"f0_predictor.{key}: unknown CausalConvRNNF0Predictor argument")
-        if "f0_in_channels" not in kwargs and "in_channels" in kwargs:
-            kwargs["f0_in_channels"] = kwargs["in_channels"]
-        for key in (
-            "upsample_rates",
-            "upsample_kernel_sizes",
-            "resblock_kernel_sizes",
-            "source_resblock_kernel_sizes",
-        ):
-            if key in kwargs:
-                try:
-                    kwargs[key] = tuple(int(v) for v in kwargs[key])
-                except (TypeError, ValueError):
-                    problems.append(f"{key}: expected a list of integers, found {kwargs[key]!r}")
-        for key in ("resblock_dilation_sizes", "source_resblock_dilation_sizes"):
-            if key in kwargs:
-                try:
-                    kwargs[key] = tuple(tuple(int(d) for d in ds) for ds in kwargs[key])
-                except (TypeError, ValueError):
-                    problems.append(f"{key}: expected a list of integer lists, found {kwargs[key]!r}")
-        for f in dataclasses.fields(cls):
-            if f.name in kwargs and f.type in ("int", "float"):
-                value = kwargs[f.name]
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-                if f.type == "int" and not (ok and float(value).is_integer()):
-                    ok = False
-                if not ok:
-                    problems.append(f"{f.name}: expected {f.type}, found {value!r}")
-                else:
-                    kwargs[f.name] = int(value) if f.type == "int" else float(value)
-        if problems:
-            raise ConfigError(problems, source="HiFT config")
-        try:
-            return cls(**kwargs)
-        except ValueError as e:
-            raise ConfigError(str(e).split("; "), source="HiFT config") from e
 
 
 # --------------------------------------------------------------------------------------------------
@@ -973,82 +886,3 @@ def replay_upstream_fixed_noise(
     n = num_samples if num_samples is not None else UPSTREAM_NOISE_SECONDS * c.sampling_rate
     sine_noise = torch.rand(1, n, c.num_sines, generator=g)
     return FixedNoise(rand_ini=rand_ini, sine_noise=sine_noise, seed=None)
-
-
-_LEGACY_WN = {
-    ".weight_g": ".parametrizations.weight.original0",
-    ".weight_v": ".parametrizations.weight.original1",
-}
-
-
-def hift_state_dict_from_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Normalise a ``hift.pt`` / HiFiGAN training checkpoint to our (= upstream ``hift.pt``) key names.
-
-    Strips a leading ``generator.`` (trained HiFiGAN checkpoints) and renames legacy weight-norm keys
-    ``*.weight_g`` / ``*.weight_v`` to ``*.parametrizations.weight.original0/1``. Other keys pass
-    through unchanged, so :func:`load_hift_state_dict` reports them (e.g. ``discriminator.*``).
-
-    Args:
-        state_dict: the loaded mapping.
-
-    Returns:
-        A new dict.
-    """
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        key = key.removeprefix("generator.")
-        for old, new in _LEGACY_WN.items():
-            if key.endswith(old):
-                key = key[: -len(old)] + new
-        out[key] = value
-    return out
-
-
-def load_hift_state_dict(
-    model: HiFTGenerator,
-    state_dict: Mapping[str, Tensor],
-    allow_unexpected: Sequence[str] = ("epoch", "step"),
-) -> None:
-    """Strictly load vocoder weights (after :func:`hift_state_dict_from_checkpoint`).
-
-    Args:
-        model: the generator to fill.
-        state_dict: upstream-named tensors.
-        allow_unexpected: extra keys that are ignored (training checkpoints carry ``epoch``/``step``).
-
-    Raises:
-        CheckpointError: naming every missing, unexpected and mis-shaped key.
-    """
-    sd = hift_state_dict_from_checkpoint(state_dict)
-    ours = model.state_dict()
-    missing = sorted(set(ours) - set(sd))
-    unexpected = sorted(k for k in set(sd) - set(ours) if k not in allow_unexpected)
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(ours[k].shape)}"
-        for k in set(sd) & set(ours)
-        if not isinstance(sd[k], Tensor) or tuple(sd[k].shape) != tuple(ours[k].shape)
-    )
-    if missing or unexpected or shapes:
-        lines = []
-        if missing:
-            lines.append(
-                f"missing {len(missing)} key(s): {', '.join(missing[:20])}{' …' if len(missing) > 20 else ''}"
-            )
-        if unexpected:
-            hint = (
-                " (discriminator keys: this is a HiFiGAN training checkpoint; keep only generator.*)"
-                if any(k.startswith("discriminator.") for k in unexpected)
-                else ""
-            )
-            lines.append(
-                f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:20])}"
-                f"{' …' if len(unexpected) > 20 else ''}{hint}"
-            )
-        if shapes:
-            lines.append(f"{len(shapes)} shape mismatch(es): {'; '.join(shapes[:20])}")
-        raise CheckpointError(
-            "HiFT weights do not match the model: "
-            + " | ".join(lines)
-            + ". Check that the config matches the checkpoint."
-        )
-    model.load_state_dict({k: sd[k] for k in ours}, strict=True)

@@ -2,11 +2,11 @@
 
 Public API
     * :class:`LLMConfig` (frozen): sizes and constants; ``LLMConfig.fun_cosyvoice3_0_5b()`` (real
-      sizes), ``LLMConfig.tiny()`` (tests/demo), ``LLMConfig.from_upstream(lm_kwargs, qwen2)`` (from
-      the yaml's ``CosyVoice3LM`` arguments and ``CosyVoice-BlankEN/config.json``).
+      sizes), ``LLMConfig.tiny()`` (tests/demo); ``cosytune.modeldir.upstream_yaml`` reads the yaml's
+      ``CosyVoice3LM`` arguments and ``CosyVoice-BlankEN/config.json`` into it.
     * :class:`CosyVoice3LM` ``(config)``: an ``nn.Module`` built without any I/O. Its ``state_dict()``
-      has exactly upstream ``llm.pt``'s keys, shapes and order. ``load_upstream_state_dict(sd)``
-      loads strictly; only the tied ``llm.model.lm_head.weight`` may be absent (:data:`TIED_KEYS`).
+      has exactly upstream ``llm.pt``'s keys, shapes and order; ``cosytune.weights.io`` loads it
+      strictly, where only the tied ``llm.model.lm_head.weight`` may be absent (:data:`TIED_KEYS`).
     * Training: ``model(batch, rng)`` -> :class:`LMOutput` (loss, acc, num_tokens), with the pieces
       ``prepare_inputs`` -> :class:`LMInputs`, ``hidden_states`` and ``loss_from_hidden`` exposed.
     * Inference: ``build_prompt`` -> :class:`InferencePrompt`; ``generate(...)`` yields token ids;
@@ -59,12 +59,12 @@ import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from cosytune.errors import CheckpointError, ConfigError, DataError
+from cosytune.errors import ConfigError, DataError
 from cosytune.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
 from cosytune.models.sampling import DrawQ, SampleResult, SamplingConfig, ras_sample, ras_sample_rows
 
@@ -111,6 +111,9 @@ class LLMConfig:
     """min_len = int(text tokens * this)."""
     max_token_text_ratio: float = 20.0
     """max_len = int(text tokens * this)."""
+    silent_tokens: frozenset[int] = frozenset({1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323})
+    """Speech-token ids of silence and breath in this checkpoint's FSQ codebook; upstream's CosyVoice 3
+    runtime gives at most 5 of them in a row to the flow (spec §6.2)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -178,44 +181,6 @@ class LLMConfig:
         """
         return cls(qwen2=Qwen2Config(hidden_size=32, intermediate_size=128, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, max_window_layers=2))
-
-    @classmethod
-    def from_upstream(cls, lm_kwargs: Mapping[str, Any], qwen2: Qwen2Config | Mapping[str, Any],
-                      sampling: SamplingConfig | None = None, **overrides: Any) -> LLMConfig:
-        """Build from upstream's ``CosyVoice3LM`` constructor arguments and the backbone config.
-
-        Args:
-            lm_kwargs: ``llm_input_size``, ``llm_output_size``, ``speech_token_size`` and optionally
-                ``length_normalized_loss``, ``lsm_weight``, ``mix_ratio`` (yaml ``llm`` block);
-                other keys (``llm``, ``sampling`` objects) are ignored.
-            qwen2: a :class:`Qwen2Config` or a ``config.json`` dict.
-            sampling: sampler parameters (yaml ``sampling``), default the yaml's values.
-            **overrides: any other :class:`LLMConfig` field.
-
-        Raises:
-            ConfigError: listing every missing or inconsistent value.
-        """
-        q = qwen2 if isinstance(qwen2, Qwen2Config) else Qwen2Config.from_hf_dict(qwen2)
-        problems = []
-        for key in ("llm_input_size", "llm_output_size", "speech_token_size"):
-            if key not in lm_kwargs:
-                problems.append(f"missing {key}")
-        for key in ("llm_input_size", "llm_output_size"):
-            if key in lm_kwargs and int(lm_kwargs[key]) != q.hidden_size:
-                problems.append(f"{key} = {lm_kwargs[key]} but the Qwen2 hidden_size is {q.hidden_size}")
-        if problems:
-            raise ConfigError(problems, source="CosyVoice3LM arguments")
-        kwargs: dict[str, Any] = {"qwen2": q, "speech_token_size": int(lm_kwargs["speech_token_size"])}
-        if "length_normalized_loss" in lm_kwargs:
-            kwargs["length_normalized_loss"] = bool(lm_kwargs["length_normalized_loss"])
-        if "lsm_weight" in lm_kwargs:
-            kwargs["lsm_weight"] = float(lm_kwargs["lsm_weight"])
-        if "mix_ratio" in lm_kwargs:
-            kwargs["mix_ratio"] = tuple(int(v) for v in lm_kwargs["mix_ratio"])
-        if sampling is not None:
-            kwargs["sampling"] = sampling
-        kwargs.update(overrides)
-        return cls(**kwargs)
 
 
 @dataclass
@@ -350,59 +315,6 @@ class CosyVoice3LM(nn.Module):
                 p.zero_()
             else:
                 p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) * std)
-
-    def load_upstream_state_dict(self, state_dict: Mapping[str, Tensor], *,
-                                 allow_missing: Sequence[str] = tuple(TIED_KEYS),
-                                 allow_unexpected: Sequence[str] = ()) -> None:
-        """Load an upstream-format state dict strictly.
-
-        Every key must be present with the right shape, except tied aliases (``TIED_KEYS``) which
-        may be omitted; a present alias must equal the tensor it aliases. Values are cast to the
-        parameters' dtype.
-
-        Args:
-            state_dict: upstream ``llm.pt`` content (keys ``llm.model.model.*``, ``llm_decoder.weight``,
-                ``speech_embedding.weight``).
-            allow_missing: keys that may be absent (default: the tied ``lm_head``).
-            allow_unexpected: extra keys to ignore (e.g. ``epoch``, ``step`` of training checkpoints).
-
-        Raises:
-            CheckpointError: naming every missing, unexpected and mis-shaped key.
-        """
-        expected = self.state_dict()
-        missing = [k for k in expected if k not in state_dict and k not in allow_missing]
-        unexpected = [k for k in state_dict if k not in expected and k not in allow_unexpected]
-        shape_bad = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-                     for k in expected if k in state_dict and isinstance(state_dict[k], Tensor)
-                     and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
-        not_tensor = [k for k in expected if k in state_dict and not isinstance(state_dict[k], Tensor)]
-        tie_bad = [f"{alias} differs from {target}" for alias, target in TIED_KEYS.items()
-                   if alias in state_dict and target in state_dict and not shape_bad
-                   and not torch.equal(state_dict[alias].float(), state_dict[target].float())]
-        if missing or unexpected or shape_bad or not_tensor or tie_bad:
-            parts = []
-            if missing:
-                parts.append(f"missing keys ({len(missing)}): {missing}")
-            if unexpected:
-                parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-            if shape_bad:
-                parts.append(f"shape mismatches ({len(shape_bad)}): {shape_bad}")
-            if not_tensor:
-                parts.append(f"non-tensor values: {not_tensor}")
-            if tie_bad:
-                parts.append(f"tied weights that differ: {tie_bad}")
-            raise CheckpointError("LLM weights do not match the model configuration; " + "; ".join(parts)
-                                  + ". Check that the file is a CosyVoice 3 llm.pt of this size.")
-        with torch.no_grad():
-            params = dict(self.named_parameters(remove_duplicate=False))
-            buffers = dict(self.named_buffers())
-            for k, target in {**params, **buffers}.items():
-                src = state_dict.get(k)
-                if src is None:
-                    src = state_dict[TIED_KEYS[k]] if k in TIED_KEYS else None
-                if src is None:  # allowed missing, not a tie: keep current value
-                    continue
-                target.copy_(src)
 
     # ------------------------------------------------------------------ training
     def prepare_inputs(self, batch: Mapping[str, Tensor], rng: RandomSource) -> LMInputs:

@@ -47,12 +47,9 @@ upstream ``FunAudioLLM/CosyVoice:cosyvoice/llm/llm.py`` (``Qwen2Encoder``); spec
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -215,22 +212,6 @@ class Qwen2Config:
             raise ConfigError(e.problems, source=source) from None
         except TypeError as e:
             raise ConfigError(str(e), source=source) from None
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> Qwen2Config:
-        """Read a transformers ``config.json`` file (e.g. ``CosyVoice-BlankEN/config.json``).
-
-        Raises:
-            ConfigError: unreadable JSON, or a config :meth:`from_hf_dict` rejects.
-        """
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read a JSON object from {path}: {e}", source=str(path)) from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"expected a JSON object, found {type(data).__name__}", source=str(path))
-        return cls.from_hf_dict(data, source=str(path))
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The ``config.json`` content transformers (and upstream CosyVoice) can load."""

@@ -46,12 +46,11 @@ def build_model(kind: str, base_model_dir: Path, checkpoint: Path | None, from_s
                 resuming: bool = False) -> nn.Module:
     """The ``kind`` network with its initial weights loaded strictly (``resuming``: only to be replaced by the
     checkpoint the run resumes, which the log says instead of "starting from the base model")."""
-    from cosytune.modeldir.builders import build_network
     from cosytune.modeldir.model_dir import ModelDir
     from cosytune.weights.io import load_weights
 
     md = ModelDir.open(base_model_dir)
-    model = build_network(kind, md.hparams, md.qwen2_config if kind == "llm" else None)
+    model = md.build(kind)
     if from_scratch:
         logger.warning("training %s from random weights (--from_scratch)", kind)
         return model

@@ -34,6 +34,7 @@ import torch
 
 from cosytune.errors import CheckpointError
 from cosytune.fileio import atomic_path
+from cosytune.models.llm import TIED_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +45,7 @@ TRAINING_META_KEYS: tuple[str, ...] = ("epoch", "step")
 
 #: Keys that are the same tensor as another key, per model. Upstream's ``llm.pt`` carries both names of
 #: the tied Qwen2 embedding; a file may omit the alias (the golden fixtures do), never the source.
-TIED_ALIASES: dict[str, dict[str, str]] = {
-    "llm": {"llm.model.lm_head.weight": "llm.model.model.embed_tokens.weight"},
-    "flow": {},
-    "hift": {},
-}
+TIED_ALIASES: dict[str, dict[str, str]] = {"llm": dict(TIED_KEYS), "flow": {}, "hift": {}}
 
 _MAX_LISTED = 25
 
@@ -262,6 +259,8 @@ def check_state_dict(
     hint = ""
     if mis_shaped and not missing and not unexpected:
         hint = " The file is for a model of another size: check that cosyvoice3.yaml matches the weights."
+    elif any(k.startswith("discriminator.") for k in unexpected):
+        hint = " It has discriminator keys: this is a HiFiGAN training checkpoint; keep only the generator.* entries."
     elif missing and unexpected:
         hint = " The file may belong to another network (llm.pt vs flow.pt vs hift.pt) or another model version."
     raise CheckpointError(
@@ -312,6 +311,34 @@ def strict_load(
                               f"unexpected {sorted(result.unexpected_keys)}")
 
 
+def load_state_dict(
+    module: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    kind: ModelKind,
+    *,
+    source: str | None = None,
+    allow_unexpected: Iterable[str] = (),
+) -> None:
+    """Strictly load upstream-named tensors into the ``kind`` network, as :func:`load_weights` does for a file.
+
+    Applies :func:`normalize_upstream_keys` (upstream's ``hift.pt`` key rule) and the tied-alias
+    allow-list, then :func:`strict_load`.
+
+    Args:
+        module: the llm, flow or hift network.
+        state_dict: key → tensor, upstream key names.
+        kind: which network ``module`` is.
+        source: what the tensors are, for messages (default: ``"<kind> weights"``).
+        allow_unexpected: extra keys to ignore.
+
+    Raises:
+        CheckpointError: any key/shape mismatch (all listed).
+    """
+    tensors = normalize_upstream_keys(state_dict, kind)
+    strict_load(module, tensors, source=source or f"{kind} weights", allow_missing=TIED_ALIASES[kind],
+                allow_unexpected=allow_unexpected)
+
+
 def load_weights(
     module: torch.nn.Module, path: str | os.PathLike, kind: ModelKind
 ) -> dict[str, Any]:
@@ -329,8 +356,7 @@ def load_weights(
         CheckpointError: unreadable file or any key/shape mismatch (all listed).
     """
     tensors, meta = read_state_dict(path)
-    tensors = normalize_upstream_keys(tensors, kind)
-    strict_load(module, tensors, source=f"{path} ({kind})", allow_missing=TIED_ALIASES[kind])
+    load_state_dict(module, tensors, kind, source=f"{path} ({kind})")
     if meta:
         logger.info("%s: training checkpoint (%s); the epoch/step entries were set aside", path,
                     ", ".join(f"{k}={v}" for k, v in meta.items()))
