@@ -19,7 +19,7 @@ ALLOWED: dict[str, set[str]] = {
     "text": {"errors", "fileio"},
     "config": {"errors", "fileio"},
     "models": {"errors"},
-    "weights": {"errors", "fileio"},
+    "weights": {"errors", "fileio", "models"},
     "modeldir": {"errors", "fileio", "models", "weights", "text", "config"},
     "data": {"errors", "fileio", "console", "audio", "text", "config", "modeldir", "weights"},
     "train": {"errors", "fileio", "console", "audio", "text", "config", "models", "modeldir", "weights", "data"},
