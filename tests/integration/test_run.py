@@ -322,3 +322,20 @@ def test_two_runs_never_share_a_work_dir(small_run, capsys):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_every_file_of_a_run_is_readable_by_others(small_run):
+    """Under the usual umask 022 every file a run writes (wavs, reports, checkpoints, the model dir) is 0644,
+    not mkstemp's 0600, so a web server, a container or another user can read the results."""
+    import os
+    import stat
+
+    from cosytune.fileio import file_mode
+
+    old = os.umask(0o022)
+    os.umask(old)
+    assert old == 0o022, "this test needs the usual umask 022"
+    private = [str(p.relative_to(small_run["work"])) for p in small_run["work"].rglob("*")
+               if p.is_file() and not p.is_symlink() and stat.S_IMODE(p.stat().st_mode) & 0o044 != 0o044]
+    assert not private, private[:10]
+    assert file_mode() == 0o644

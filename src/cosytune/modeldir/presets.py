@@ -33,7 +33,7 @@ import torch
 
 from cosytune import __version__
 from cosytune.errors import UsageError
-from cosytune.fileio import dir_mode, sha256_file, write_json, write_text
+from cosytune.fileio import dir_mode, file_mode, sha256_file, write_json, write_text
 from cosytune.modeldir.upstream_yaml import CosyVoice3Hparams, dump_cosyvoice3_yaml
 from cosytune.models.flow import FlowConfig
 from cosytune.models.hift import HiFTConfig
@@ -109,6 +109,7 @@ def _write_blanken(out: Path, qwen2, llm: torch.nn.Module, tokenizer_from: Path 
     sd = {k[len(prefix):]: v.detach().contiguous() for k, v in llm.state_dict().items()
           if k.startswith(prefix) and k != prefix + "lm_head.weight"}
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(out / "model.safetensors", file_mode())  # safetensors creates it 0600 whatever the umask
 
 
 def write_model_dir(
