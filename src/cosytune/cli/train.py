@@ -12,7 +12,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from cosytune.cli.common import flag, print_summary
+from cosytune.cli.common import add_config_flags, config_overrides, flag, print_summary
 
 logger = logging.getLogger(__name__)
 
@@ -38,18 +38,21 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     flag(p, "from_scratch", action="store_true", help="start from random weights instead (not for SFT)")
     flag(p, "model_dir", "--run_dir", required=True, type=Path, help="output dir for checkpoints and logs")
     flag(p, "tensorboard_dir", type=Path, default=None, help="TensorBoard dir (default: MODEL_DIR/tensorboard)")
-    flag(p, "num_workers", type=int, default=None, help="data-loading worker processes")
-    flag(p, "prefetch", type=int, default=None, help="batches prefetched per worker")
-    flag(p, "pin_memory", action="store_true", default=None, help="pin host memory for faster GPU copies")
-    flag(p, "use_amp", action="store_true", help="mixed precision (bf16 where supported; the default on GPUs)")
-    flag(p, "no_amp", action="store_true", help="train in fp32")
-    flag(p, "train_engine", choices=["torch_ddp", "deepspeed"], default="torch_ddp", help="only torch_ddp")
+    from cosytune.train.config import TrainConfig
+
+    add_config_flags(p, TrainConfig, ["data.num_workers", "data.prefetch", "data.pin_memory", "amp", "seed"])
+    flag(p, "use_amp", action="store_true", help="mixed precision: accepted for the seed workflow, --amp auto "
+         "already uses it where the GPU supports it")
+    flag(p, "no_amp", dest="amp", action="store_const", const="none", help="train in fp32 (--amp none)")
+    flag(p, "train_engine", choices=["torch_ddp", "deepspeed"], default="torch_ddp",
+         help="only torch_ddp (default: %(default)s)")
     flag(p, "dist_backend", "--ddp.dist_backend", choices=["nccl", "gloo"], default=None,
          help="DDP backend (default: nccl on GPUs, gloo on CPU)")
-    flag(p, "resume", default="auto", help="auto (newest checkpoint in --model_dir), a checkpoint path, or none")
-    flag(p, "device", choices=["auto", "cuda", "cpu"], default="auto")
-    flag(p, "onnx_device", choices=["auto", "cuda", "cpu"], default="auto")
-    flag(p, "seed", type=int, default=None, help="random seed (default: the config's)")
+    flag(p, "resume", default="auto", help="auto (newest checkpoint in --model_dir), a checkpoint path, or none "
+         "(default: %(default)s)")
+    flag(p, "device", choices=["auto", "cuda", "cpu"], default="auto", help="where training runs (default: %(default)s)")
+    flag(p, "onnx_device", choices=["auto", "cuda", "cpu"], default="auto",
+         help="onnxruntime device of the online feature extractors (default: %(default)s)")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. max_epoch=20 optim.lr=2e-5")
 
 
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from cosytune.errors import UsageError
     from cosytune.text.tokenizer import load_tokenizer
     from cosytune.train import build
-    from cosytune.train.config import load_train_config
+    from cosytune.train.config import TrainConfig, load_train_config
     from cosytune.train.data import SFTDataset
     from cosytune.train.distributed import DistInfo, cleanup_distributed, init_distributed, pick_device
     from cosytune.train.loop import train
@@ -67,18 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if args.train_engine != "torch_ddp":
         raise UsageError("--train_engine deepspeed is not supported (upstream's DeepSpeed path silently "
                          "switches to AdamW lr 1e-3); use torch_ddp, the default")
-    overrides = list(args.overrides)
-    if args.num_workers is not None:
-        overrides.append(f"data.num_workers={args.num_workers}")
-    if args.prefetch is not None:
-        overrides.append(f"data.prefetch={args.prefetch}")
-    if args.pin_memory:
-        overrides.append("data.pin_memory=true")
-    if args.no_amp:
-        overrides.append("amp=none")
-    if args.seed is not None:
-        overrides.append(f"seed={args.seed}")
-    cfg = load_train_config(args.model, args.config, overrides)
+    cfg = load_train_config(args.model, args.config, config_overrides(args, TrainConfig))
 
     dist = DistInfo.from_env()
     device = pick_device(dist, args.device)
