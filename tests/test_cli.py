@@ -167,7 +167,7 @@ def _config_classes(name: str) -> list[tuple[type, tuple[str, ...] | None, str |
         return [(SynthesisOptions, None, None), (SamplingConfig, None, "the model yaml's; {} in Fun-CosyVoice3-0.5B")]
     from cosytune.train.config import TrainConfig
 
-    return [(TrainConfig, ("data.num_workers", "data.prefetch", "data.pin_memory", "amp", "seed"), None)]
+    return [(TrainConfig, ("data.num_workers", "data.prefetch", "data.pin_memory", "seed"), None)]
 
 
 @pytest.mark.parametrize("name", ["prepare-audio", "transcribe", "infer", "infer-batch", "train"])
@@ -203,7 +203,7 @@ def test_config_flag_help_shows_concrete_defaults(capsys, monkeypatch):
 
 
 def test_config_flags_keep_the_seed_aliases_and_precedence(tmp_path):
-    from cosytune.cli.common import config_from_args
+    from cosytune.cli.config_flags import config_from_args
     from cosytune.data.prepare_audio import PrepareAudioConfig
 
     yaml_file = tmp_path / "pa.yaml"
@@ -222,7 +222,7 @@ def test_config_flags_keep_the_seed_aliases_and_precedence(tmp_path):
 
 
 def test_transcribe_flags_map_onto_the_config():
-    from cosytune.cli.common import config_overrides
+    from cosytune.cli.config_flags import config_overrides
     from cosytune.data.transcribe import TranscribeConfig
 
     p = _command_parser("transcribe")
@@ -240,21 +240,23 @@ def test_transcribe_flags_map_onto_the_config():
 
 
 def test_train_flags_map_onto_nested_config_keys():
-    from cosytune.cli.common import config_overrides
+    from cosytune.cli.config_flags import config_overrides
     from cosytune.train.config import TrainConfig, load_train_config
 
     argv = ["--model", "llm", "--train_data", "d.list", "--model_dir", "exp", "--num_workers", "2",
             "--prefetch", "4", "--pin_memory", "--seed", "7", "--ddp.dist_backend", "gloo", "--use_amp"]
-    args = _command_parser("train").parse_args([*argv, "--no_amp", "max_epoch=3", "optim.lr=2e-5"])
+    args = _command_parser("train").parse_args([*argv, "--no_amp", "max_epoch=3", "optim.lr=2e-5", "seed=5"])
     cfg = load_train_config("llm", None, config_overrides(args, TrainConfig))
-    assert (cfg.data.num_workers, cfg.data.prefetch, cfg.data.pin_memory, cfg.amp, cfg.seed) == (2, 4, True, "none", 7)
-    assert cfg.max_epoch == 3 and cfg.optim.lr == 2e-5 and args.dist_backend == "gloo"
-    assert load_train_config("llm", None, config_overrides(_command_parser("train").parse_args(argv),
-                                                           TrainConfig)).amp == "auto"
+    assert (cfg.data.num_workers, cfg.data.prefetch, cfg.data.pin_memory, cfg.seed) == (2, 4, True, 7)
+    assert cfg.max_epoch == 3 and cfg.optim.lr == 2e-5 and cfg.data.max_frames_in_batch == 2000
+    assert args.dist_backend == "gloo" and args.no_amp and args.use_amp
+    unset = config_overrides(_command_parser("train").parse_args(["--model", "llm", "--train_data", "d",
+                                                                   "--model_dir", "e"]), TrainConfig)
+    assert unset == {}  # flags not given leave the preset and --config alone
 
 
 def test_infer_flags_build_the_synthesis_options():
-    from cosytune.cli.common import config_flag_values
+    from cosytune.cli.config_flags import config_flag_values
     from cosytune.cli.infer import sampling_from_args
     from cosytune.infer.synthesizer import SynthesisOptions
     from cosytune.models.sampling import SamplingConfig

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cosytune.cli.common import add_config_flags, config_flag_values, flag, print_summary
+from cosytune.cli.common import flag, print_summary
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def add_synthesis_flags(p: argparse.ArgumentParser, *, batch: bool = False) -> N
          "cross_lingual")
     flag(p, "prompt_text", default=None, help="text before the target text in the LLM input, with <|endofprompt|>: "
          "'<instruction><|endofprompt|><transcript of --prompt_wav>' (zero_shot) or '<instruction><|endofprompt|>'")
+    from cosytune.cli.config_flags import add_config_flags
     from cosytune.infer.synthesizer import SynthesisOptions
     from cosytune.models.sampling import SamplingConfig
 
@@ -93,6 +94,7 @@ def sampling_from_args(args: argparse.Namespace, default: Any) -> Any:
     """The model's SamplingConfig with the CLI overrides applied."""
     import dataclasses
 
+    from cosytune.cli.config_flags import config_flag_values
     from cosytune.errors import ConfigError, UsageError
     from cosytune.models.sampling import SamplingConfig
 
@@ -107,6 +109,7 @@ def options_from_args(args: argparse.Namespace, synth: Any, **overrides: Any) ->
     """SynthesisOptions from the CLI flags (``overrides`` win, e.g. per-line batch options)."""
     import dataclasses
 
+    from cosytune.cli.config_flags import config_flag_values
     from cosytune.infer.synthesizer import SynthesisOptions
     from cosytune.models.sampling import SamplingConfig
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cosytune.cli.common import add_config_flags, config_from_args, flag, print_summary
+from cosytune.cli.common import flag, print_summary
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
         metavar="key=value",
         help="config overrides, e.g. trim=false slice_target_s=10",
     )
+    from cosytune.cli.config_flags import add_config_flags
     from cosytune.data.prepare_audio import PrepareAudioConfig
 
     g = parser.add_argument_group("settings (override the config)")
@@ -67,6 +68,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run prepare-audio and print its summary."""
+    from cosytune.cli.config_flags import config_from_args
     from cosytune.data.prepare_audio import PrepareAudioConfig, prepare_audio
     from cosytune.errors import DataError
 

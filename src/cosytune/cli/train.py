@@ -12,7 +12,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from cosytune.cli.common import add_config_flags, config_overrides, flag, print_summary
+from cosytune.cli.common import flag, print_summary
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +38,12 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     flag(p, "from_scratch", action="store_true", help="start from random weights instead (not for SFT)")
     flag(p, "model_dir", "--run_dir", required=True, type=Path, help="output dir for checkpoints and logs")
     flag(p, "tensorboard_dir", type=Path, default=None, help="TensorBoard dir (default: MODEL_DIR/tensorboard)")
+    from cosytune.cli.config_flags import add_config_flags
     from cosytune.train.config import TrainConfig
 
-    add_config_flags(p, TrainConfig, ["data.num_workers", "data.prefetch", "data.pin_memory", "amp", "seed"])
-    flag(p, "use_amp", action="store_true", help="mixed precision: accepted for the seed workflow, --amp auto "
-         "already uses it where the GPU supports it")
-    flag(p, "no_amp", dest="amp", action="store_const", const="none", help="train in fp32 (--amp none)")
+    add_config_flags(p, TrainConfig, ["data.num_workers", "data.prefetch", "data.pin_memory", "seed"])
+    flag(p, "use_amp", action="store_true", help="mixed precision (bf16 where supported; the default on GPUs)")
+    flag(p, "no_amp", action="store_true", help="train in fp32 (amp=none)")
     flag(p, "train_engine", choices=["torch_ddp", "deepspeed"], default="torch_ddp",
          help="only torch_ddp (default: %(default)s)")
     flag(p, "dist_backend", "--ddp.dist_backend", choices=["nccl", "gloo"], default=None,
@@ -58,6 +58,7 @@ def build_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
 
+    from cosytune.cli.config_flags import config_overrides
     from cosytune.config.loading import dump_config
     from cosytune.errors import UsageError
     from cosytune.text.tokenizer import load_tokenizer
@@ -70,7 +71,10 @@ def run(args: argparse.Namespace) -> int:
     if args.train_engine != "torch_ddp":
         raise UsageError("--train_engine deepspeed is not supported (upstream's DeepSpeed path silently "
                          "switches to AdamW lr 1e-3); use torch_ddp, the default")
-    cfg = load_train_config(args.model, args.config, config_overrides(args, TrainConfig))
+    overrides = config_overrides(args, TrainConfig)
+    if args.no_amp:
+        overrides["amp"] = "none"
+    cfg = load_train_config(args.model, args.config, overrides)
 
     dist = DistInfo.from_env()
     device = pick_device(dist, args.device)

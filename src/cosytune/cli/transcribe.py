@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from cosytune.cli.common import add_config_flags, config_overrides, flag, print_summary
+from cosytune.cli.common import flag, print_summary
 
 EPILOG = """examples:
   # your own transcripts (lines 'file.mp3|text'), after prepare-audio
@@ -49,6 +49,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     flag(io, "config", metavar="YAML", default=None, help="settings file (keys of TranscribeConfig)")
     io.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. dev_size=3")
 
+    from cosytune.cli.config_flags import add_config_flags
     from cosytune.data.transcribe import TranscribeConfig
 
     groups = {
@@ -65,6 +66,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run transcribe; returns the exit code."""
+    from cosytune.cli.config_flags import config_overrides
     from cosytune.config.loading import load_config
     from cosytune.data.transcribe import TranscribeConfig, transcribe_dataset
 
