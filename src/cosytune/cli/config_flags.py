@@ -34,8 +34,8 @@ def field_docs(cls: type) -> dict[str, str]:
     """The attribute docstrings of a dataclass's fields (the string right below each field), one line each.
 
     Read once per class from its source with ``ast``: the configs already document every field that
-    way for readers and IDEs, so the CLI help reuses those sentences instead of a second copy.
-    ``field(metadata={"help": ...})`` wins where given.
+    way for readers and IDEs, so the CLI help reuses those sentences instead of a second copy in
+    ``field(metadata={"help": ...})``.
     """
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
@@ -51,9 +51,6 @@ def field_docs(cls: type) -> dict[str, str]:
                     and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
                     and isinstance(nxt.value.value, str)):
                 docs[node.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
-    for f in dataclasses.fields(cls):
-        if "help" in f.metadata:
-            docs[f.name] = str(f.metadata["help"])
     return docs
 
 
