@@ -16,7 +16,7 @@ EPILOG = """examples:
 def build_parser(p: argparse.ArgumentParser) -> None:
     flag(p, "dst_model", required=True, type=Path, help="output .pt (a plain state dict)")
     flag(p, "src_path", required=True, type=Path, help="training run dir with epoch_*.pt and .yaml files")
-    flag(p, "num", type=int, default=5, help="how many checkpoints to average (default 5)")
+    flag(p, "num", type=int, default=5, help="how many checkpoints to average (default: %(default)s)")
     g = p.add_mutually_exclusive_group()
     flag(g, "val_best", action="store_true", default=True, help="take the lowest CV losses (default)")
     g.add_argument("--last", dest="val_best", action="store_false", help="take the newest checkpoints")

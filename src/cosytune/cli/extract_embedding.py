@@ -26,7 +26,7 @@ def add_onnx_flags(parser: argparse.ArgumentParser, default_threads: int = 2) ->
     flag(parser, "onnx_device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
          help="onnxruntime device (default auto: CUDA when it works, else CPU)")
     flag(parser, "num_thread", "num_threads", type=int, default=default_threads,
-         help=f"worker threads for decoding and concurrent model calls (default {default_threads})")
+         help="worker threads for decoding and concurrent model calls (default: %(default)s)")
     flag(parser, "force", action="store_true", help="recompute every utterance, ignoring earlier results")
     flag(parser, "rejects", default=None, help="rejects.jsonl to record rejects in (default DIR/rejects.jsonl)")
 

@@ -53,25 +53,15 @@ def add_synthesis_flags(p: argparse.ArgumentParser, *, batch: bool = False) -> N
          "cross_lingual")
     flag(p, "prompt_text", default=None, help="text before the target text in the LLM input, with <|endofprompt|>: "
          "'<instruction><|endofprompt|><transcript of --prompt_wav>' (zero_shot) or '<instruction><|endofprompt|>'")
-    flag(p, "prompt_strategy", choices=["default", "guide_prefix"], default="default",
-         help="default: the prompt text conditions the LLM and is not spoken; guide_prefix: the prompt text "
-              "without <|endofprompt|> is spoken first, joined to the text by --guide_sep")
-    flag(p, "guide_sep", default=" ", help="separator between the spoken prompt and the text (guide_prefix)")
-    flag(p, "speed", type=float, default=1.0, help="speaking-rate factor (>1 faster; not with --stream)")
-    flag(p, "seed", type=int, default=None, help="sampling seed: same seed + inputs → same audio on the same "
-         "device (default: a random seed, recorded in run.json)")
-    flag(p, "temperature", type=float, default=None, help="sampling temperature (default 1.0 = upstream)")
-    flag(p, "top_p", type=float, default=None, help="nucleus mass (default: the model yaml's, 0.8)")
-    flag(p, "top_k", type=int, default=None, help="max candidates (default: the model yaml's, 25)")
-    flag(p, "win_size", type=int, default=None, help="repetition window (default: the model yaml's, 10)")
-    flag(p, "tau_r", type=float, default=None, help="repetition threshold ratio (default: the model yaml's, 0.1)")
-    p.add_argument("--text_frontend", "--text-frontend", dest="text_frontend", action="store_true", default=True,
-                   help="normalise numbers, dates, symbols with wetext (default)")
-    p.add_argument("--no-text_frontend", "--no_text_frontend", "--no-text-frontend", dest="text_frontend",
-                   action="store_false", help="feed the text to the tokenizer unchanged")
-    flag(p, "device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    from cosytune.cli.config_flags import add_config_flags
+    from cosytune.infer.synthesizer import SynthesisOptions
+    from cosytune.models.sampling import SamplingConfig
+
+    add_config_flags(p, SynthesisOptions, skip=("sampling",), class_defaults=True)
+    add_config_flags(p, SamplingConfig, default_note="the model yaml's; {default} in Fun-CosyVoice3-0.5B")
+    flag(p, "device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     flag(p, "dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-         help="LLM and flow precision (the vocoder always runs in float32)")
+         help="LLM and flow precision; the vocoder always runs in float32 (default: %(default)s)")
     flag(p, "upstream_noise", action="store_true", help="use the vocoder noise upstream CosyVoice draws "
          "(bit-exact parity with upstream; ~260 MB more memory, 300 s cap)")
     flag(p, "no_fast_decode", action="store_true", help="decode the LLM with the reference decoder (a KV cache "
@@ -104,10 +94,11 @@ def sampling_from_args(args: argparse.Namespace, default: Any) -> Any:
     """The model's SamplingConfig with the CLI overrides applied."""
     import dataclasses
 
+    from cosytune.cli.config_flags import config_flag_values
     from cosytune.errors import ConfigError, UsageError
+    from cosytune.models.sampling import SamplingConfig
 
-    changes = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "win_size", "tau_r")
-               if getattr(args, k, None) is not None}
+    changes = config_flag_values(args, SamplingConfig)
     try:
         return dataclasses.replace(default, **changes)
     except ConfigError as e:
@@ -116,13 +107,16 @@ def sampling_from_args(args: argparse.Namespace, default: Any) -> Any:
 
 def options_from_args(args: argparse.Namespace, synth: Any, **overrides: Any) -> Any:
     """SynthesisOptions from the CLI flags (``overrides`` win, e.g. per-line batch options)."""
-    from cosytune.infer.synthesizer import SynthesisOptions
+    import dataclasses
 
-    values = {"speed": args.speed, "seed": args.seed, "text_frontend": args.text_frontend,
-              "prompt_strategy": args.prompt_strategy, "guide_sep": args.guide_sep}
-    values.update({k: v for k, v in overrides.items() if k in values})
-    ns = argparse.Namespace(**{**vars(args), **{k: v for k, v in overrides.items()
-                                                if k in ("temperature", "top_p", "top_k", "win_size", "tau_r")}})
+    from cosytune.cli.config_flags import config_flag_values
+    from cosytune.infer.synthesizer import SynthesisOptions
+    from cosytune.models.sampling import SamplingConfig
+
+    values = config_flag_values(args, SynthesisOptions)
+    values.update({k: v for k, v in overrides.items() if k in {f.name for f in dataclasses.fields(SynthesisOptions)}})
+    sampling_keys = {f.name for f in dataclasses.fields(SamplingConfig)}
+    ns = argparse.Namespace(**{**vars(args), **{k: v for k, v in overrides.items() if k in sampling_keys}})
     options = SynthesisOptions(sampling=sampling_from_args(ns, synth.llm.config.sampling), **values)
     options.check()
     return options
@@ -164,7 +158,7 @@ def read_text_arg(args: argparse.Namespace) -> str:
 def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Every CLI setting (the raw text is redacted by run.json's writer)."""
     skip = {"func", "debug", "log_level", "no_progress"}
-    return {k: v for k, v in vars(args).items() if k not in skip}
+    return {k: v for k, v in vars(args).items() if k not in skip and not k.startswith("_")}
 
 
 def check_args_before_loading(args: argparse.Namespace) -> None:

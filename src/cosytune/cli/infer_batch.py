@@ -57,10 +57,10 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     flag(p, "out_dir", required=True, type=Path, help="where the wavs, batch.jsonl and run.json go")
     flag(p, "join", type=Path, default=None, help="also write all segments joined into this wav "
          "(relative paths are inside --out_dir)")
-    flag(p, "gap_s", type=float, default=0.3, help="silence between joined segments in seconds (default 0.3)")
+    flag(p, "gap_s", type=float, default=0.3, help="silence between joined segments in seconds (default: %(default)s)")
     flag(p, "force", action="store_true", help="re-synthesise segments that already exist")
     flag(p, "batch_size", type=int, default=8, help="segments decoded and rendered together (one LLM batch and "
-         "one flow batch; default 8; 1 = one at a time). Each segment keeps its own seed and settings")
+         "one flow batch; 1 = one at a time). Each segment keeps its own seed and settings (default: %(default)s)")
 
 
 def read_segments(path: Path) -> list[dict[str, Any]]:

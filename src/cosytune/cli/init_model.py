@@ -23,9 +23,9 @@ EPILOG = """examples:
 
 
 def build_parser(p: argparse.ArgumentParser) -> None:
-    flag(p, "preset", choices=["tiny", "full"], default="tiny", help="model size (default tiny)")
+    flag(p, "preset", choices=["tiny", "full"], default="tiny", help="model size (default: %(default)s)")
     flag(p, "out", "--out_dir", "--model_dir", required=True, type=Path, help="directory to create")
-    flag(p, "seed", type=int, default=0, help="seed of every random weight (default 0)")
+    flag(p, "seed", type=int, default=0, help="seed of every random weight (default: %(default)s)")
     flag(p, "overwrite", action="store_true",
          help="replace OUT if it exists (without it, an intact OUT of the same preset/seed is kept)")
 

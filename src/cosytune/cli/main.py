@@ -46,7 +46,7 @@ def _common_parent() -> argparse.ArgumentParser:
     g.add_argument("--debug", action="store_true", help="show full tracebacks and debug logging")
     g.add_argument(
         "--log_level", "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="logging level (default INFO)",
+        help="logging level (default: %(default)s)",
     )
     g.add_argument("--no_progress", "--no-progress", action="store_true", help="hide progress bars")
     return p

@@ -21,8 +21,8 @@ EPILOG = """examples:
 def build_parser(parser: argparse.ArgumentParser) -> None:
     flag(parser, "src_dir", "dir", required=True, help="Kaldi-style data dir (wav.scp, text, utt2spk, ...)")
     flag(parser, "des_dir", "out_dir", required=True, help="output dir for the shards and lists")
-    flag(parser, "num_utts_per_parquet", type=int, default=1000, help="rows per shard (default 1000)")
-    flag(parser, "num_processes", type=int, default=1, help="worker processes (default 1)")
+    flag(parser, "num_utts_per_parquet", type=int, default=1000, help="rows per shard (default: %(default)s)")
+    flag(parser, "num_processes", type=int, default=1, help="worker processes (default: %(default)s)")
     flag(parser, "dpo", action="store_true",
          help="add reject_speech_token from SRC_DIR_reject/utt2speech_token.pt (DPO training)")
     flag(parser, "force", action="store_true", help="rewrite every shard even if unchanged")

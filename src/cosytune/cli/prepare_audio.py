@@ -31,20 +31,6 @@ EPILOG = """examples:
   cosytune prepare-audio --in_dir raw --out_dir wavs trim_threshold_db=-40 max_duration_s=20
 """
 
-# Flags that map 1:1 onto PrepareAudioConfig keys: (name, type, metavar, help).
-CONFIG_FLAGS: tuple[tuple[str, type, str, str], ...] = (
-    ("sample_rate", int, "HZ", "output sample rate (default 24000)"),
-    ("trim_threshold_db", float, "DB", "silence threshold in dBFS for trimming (default -35)"),
-    ("trim_start_duration_s", float, "S", "sound needed to stop trimming at the start (default 0.15)"),
-    ("trim_end_duration_s", float, "S", "the same at the end (default 0.15)"),
-    ("min_duration_s", float, "S", "reject clips shorter than this after trimming (default 0.5)"),
-    ("max_duration_s", float, "S", "slice recordings longer than this at pauses (default 30)"),
-    ("loudness_target_lufs", float, "LUFS", "normalise each clip to this loudness, e.g. -20 (default off)"),
-    ("peak_ceiling_db", float, "DB", "scale clips down so the peak stays below this dBFS (default -1)"),
-    ("num_workers", int, "N", "worker processes (default 0 = all cores)"),
-)
-
-
 def build_parser(parser: argparse.ArgumentParser) -> None:
     """Add prepare-audio's arguments."""
     io = parser.add_argument_group("input and output")
@@ -73,35 +59,20 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
         metavar="key=value",
         help="config overrides, e.g. trim=false slice_target_s=10",
     )
+    from cosytune.cli.config_flags import add_config_flags
+    from cosytune.data.prepare_audio import PrepareAudioConfig
+
     g = parser.add_argument_group("settings (override the config)")
-    for name, tp, metavar, help_text in CONFIG_FLAGS:
-        flag(g, name, type=tp, metavar=metavar, default=None, help=help_text)
-    flag(g, "no_trim", action="store_true", default=False, help="keep silence at both ends")
-    flag(
-        g,
-        "no_slice",
-        action="store_true",
-        default=False,
-        help="reject recordings longer than max_duration_s instead of slicing them",
-    )
+    add_config_flags(g, PrepareAudioConfig, negations={"slice_long": ["no_slice"]})
 
 
 def run(args: argparse.Namespace) -> int:
     """Run prepare-audio and print its summary."""
-    from cosytune.config.loading import load_config, parse_overrides
+    from cosytune.cli.config_flags import config_from_args
     from cosytune.data.prepare_audio import PrepareAudioConfig
     from cosytune.steps import run_prepare_audio
 
-    overrides = parse_overrides(list(args.overrides or []))
-    for name, _, _, _ in CONFIG_FLAGS:
-        value = getattr(args, name)
-        if value is not None:
-            overrides[name] = value
-    if args.no_trim:
-        overrides["trim"] = False
-    if args.no_slice:
-        overrides["slice_long"] = False
-    cfg = load_config(PrepareAudioConfig, args.config, overrides)
+    cfg = config_from_args(PrepareAudioConfig, args)
     logger.debug("prepare-audio config: %s", cfg)
     run_prepare_audio(args.in_dir, args.out_dir, cfg, show_progress=not args.no_progress)
     return 0

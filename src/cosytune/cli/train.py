@@ -35,30 +35,34 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     flag(p, "from_scratch", action="store_true", help="start from random weights instead (not for SFT)")
     flag(p, "model_dir", "--run_dir", required=True, type=Path, help="output dir for checkpoints and logs")
     flag(p, "tensorboard_dir", type=Path, default=None, help="TensorBoard dir (default: MODEL_DIR/tensorboard)")
-    flag(p, "num_workers", type=int, default=None, help="data-loading worker processes")
-    flag(p, "prefetch", type=int, default=None, help="batches prefetched per worker")
-    flag(p, "pin_memory", action="store_true", default=None, help="pin host memory for faster GPU copies")
+    from cosytune.cli.config_flags import add_config_flags
+    from cosytune.train.config import TrainConfig
+
+    add_config_flags(p, TrainConfig, ["data.num_workers", "data.prefetch", "data.pin_memory", "seed"])
     flag(p, "use_amp", action="store_true", help="mixed precision (bf16 where supported; the default on GPUs)")
-    flag(p, "no_amp", action="store_true", help="train in fp32")
-    flag(p, "train_engine", choices=["torch_ddp", "deepspeed"], default="torch_ddp", help="only torch_ddp")
+    flag(p, "no_amp", action="store_true", help="train in fp32 (amp=none)")
+    flag(p, "train_engine", choices=["torch_ddp", "deepspeed"], default="torch_ddp",
+         help="only torch_ddp (default: %(default)s)")
     flag(p, "dist_backend", "--ddp.dist_backend", choices=["nccl", "gloo"], default=None,
          help="DDP backend (default: nccl on GPUs, gloo on CPU)")
-    flag(p, "resume", default="auto", help="auto (newest checkpoint in --model_dir), a checkpoint path, or none")
-    flag(p, "device", choices=["auto", "cuda", "cpu"], default="auto")
-    flag(p, "onnx_device", choices=["auto", "cuda", "cpu"], default="auto")
-    flag(p, "seed", type=int, default=None, help="random seed (default: the config's)")
+    flag(p, "resume", default="auto", help="auto (newest checkpoint in --model_dir), a checkpoint path, or none "
+         "(default: %(default)s)")
+    flag(p, "device", choices=["auto", "cuda", "cpu"], default="auto", help="where training runs (default: %(default)s)")
+    flag(p, "onnx_device", choices=["auto", "cuda", "cpu"], default="auto",
+         help="onnxruntime device of the online feature extractors (default: %(default)s)")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. max_epoch=20 optim.lr=2e-5")
 
 
 def run(args: argparse.Namespace) -> int:
+    from cosytune.cli.config_flags import config_overrides
     from cosytune.train.api import TrainRequest, run_training
+    from cosytune.train.config import TrainConfig
 
     run_training(TrainRequest(
         model=args.model, train_data=args.train_data, run_dir=args.model_dir, cv_data=args.cv_data,
-        config=args.config, overrides=tuple(args.overrides), base_model_dir=args.base_model_dir,
+        config=args.config, overrides=config_overrides(args, TrainConfig), base_model_dir=args.base_model_dir,
         qwen_pretrain_path=args.qwen_pretrain_path, onnx_path=args.onnx_path, checkpoint=args.checkpoint,
-        from_scratch=args.from_scratch, tensorboard_dir=args.tensorboard_dir, num_workers=args.num_workers,
-        prefetch=args.prefetch, pin_memory=bool(args.pin_memory), no_amp=args.no_amp, seed=args.seed,
+        from_scratch=args.from_scratch, tensorboard_dir=args.tensorboard_dir, no_amp=args.no_amp,
         device=args.device, onnx_device=args.onnx_device, dist_backend=args.dist_backend,
         train_engine=args.train_engine, resume=args.resume,
     ))

@@ -150,7 +150,8 @@ def _build(cls: type[T], data: dict, problems: list[str], prefix: str = "") -> A
         return _MISSING
 
 
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """Set ``data["a"]["b"] = value`` for ``dotted="a.b"``, creating sections on the way."""
     parts = dotted.split(".")
     cur = data
     for p in parts[:-1]:
@@ -173,7 +174,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             parsed = yaml.safe_load(v) if v != "" else ""
         except yaml.YAMLError:
             parsed = v
-        _set_dotted(out, k.strip(), parsed)
+        set_dotted(out, k.strip(), parsed)
     if problems:
         raise ConfigError(problems, "overrides")
     return out

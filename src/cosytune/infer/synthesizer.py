@@ -119,15 +119,17 @@ class SynthesisOptions:
     """Per-request settings (all optional; defaults reproduce upstream except where noted)."""
 
     speed: float = 1.0
-    """Time-stretch factor (> 1 is faster); non-streaming only, as upstream."""
+    """Speaking-rate (time-stretch) factor, > 1 is faster; non-streaming only, as upstream."""
     seed: int | None = None
-    """Seed of the LLM sampler; None draws one (reported in the result)."""
+    """Seed of the LLM sampler: the same seed and inputs give the same audio on the same device; None
+    draws one (reported in the result and in run.json)."""
     sampling: SamplingConfig | None = None
     """top_p/top_k/win_size/tau_r/temperature; None uses the model's yaml values."""
     text_frontend: bool = True
-    """Normalise the text (wetext + inflect); False feeds it to the tokenizer unchanged."""
+    """Normalise numbers, dates and symbols (wetext + inflect); false feeds the text to the tokenizer unchanged."""
     prompt_strategy: PromptStrategy = "default"
-    """``default`` (prompt text conditions the LLM, unspoken) or ``guide_prefix`` (spoken first)."""
+    """``default``: the prompt text conditions the LLM and is not spoken; ``guide_prefix``: the prompt text
+    without <|endofprompt|> is spoken first, joined to the text by ``guide_sep``."""
     guide_sep: str = " "
     """Joins the spoken guide and the text under ``guide_prefix``."""
     instruct: str = DEFAULT_INSTRUCT

@@ -14,11 +14,14 @@ never resumed onto other data or settings.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cosytune.console import print_summary
 from cosytune.errors import CosytuneError, UsageError
@@ -44,7 +47,7 @@ class TrainRequest:
     run_dir: Path
     cv_data: Path | None = None
     config: Path | None = None
-    overrides: tuple[str, ...] = ()
+    overrides: tuple[str, ...] | Mapping[str, Any] = ()  # key=value strings, or a nested dict
     base_model_dir: Path | None = None
     qwen_pretrain_path: Path | None = None
     onnx_path: Path | None = None
@@ -75,20 +78,20 @@ class TrainingOutcome:
     cleared: str = ""  # why an earlier run in the run dir was cleared ("" when none was)
 
 
-def _typed_overrides(req: TrainRequest) -> list[str]:
-    out = list(req.overrides)
-    if req.max_epoch is not None:
-        out.append(f"max_epoch={int(req.max_epoch)}")
-    if req.num_workers is not None:
-        out.append(f"data.num_workers={int(req.num_workers)}")
-    if req.prefetch is not None:
-        out.append(f"data.prefetch={int(req.prefetch)}")
+def _typed_overrides(req: TrainRequest) -> dict:
+    """``req.overrides`` (``key=value`` strings or a nested dict) with the typed fields that are set on top."""
+    from cosytune.config.loading import parse_overrides, set_dotted
+
+    out = copy.deepcopy(dict(req.overrides)) if isinstance(req.overrides, Mapping) else parse_overrides(
+        list(req.overrides))
+    for key, value in (("max_epoch", req.max_epoch), ("data.num_workers", req.num_workers),
+                       ("data.prefetch", req.prefetch), ("seed", req.seed)):
+        if value is not None:
+            set_dotted(out, key, int(value))
     if req.pin_memory:
-        out.append("data.pin_memory=true")
+        set_dotted(out, "data.pin_memory", True)
     if req.no_amp:
-        out.append("amp=none")
-    if req.seed is not None:
-        out.append(f"seed={int(req.seed)}")
+        set_dotted(out, "amp", "none")
     return out
 
 

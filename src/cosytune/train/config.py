@@ -62,8 +62,11 @@ class DataConfig:
     use_spk_embedding: bool = True
     """Condition on the speaker-mean embedding (speaker SFT) instead of each utterance's own."""
     num_workers: int = 0
+    """Data-loading worker processes (0: load in the training process)."""
     prefetch: int = 2
+    """Batches prefetched per worker."""
     pin_memory: bool = False
+    """Pin host memory for faster GPU copies."""
 
     def __post_init__(self) -> None:
         if self.max_frames_in_batch < 50:
@@ -87,6 +90,7 @@ class TrainConfig:
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
     """auto: bf16 on GPUs that support it, fp16 with a grad scaler on older GPUs, fp32 on CPU."""
     seed: int = 1986
+    """Seed of torch, numpy and Python randomness and of the batch order (with the epoch)."""
     log_interval: int = 10
     save_per_step: int = -1
     """Also checkpoint (after a CV pass) every N optimiser steps; -1: only at epoch ends."""
@@ -158,7 +162,7 @@ def _from_upstream_recipe(path: Path) -> dict:
     return out
 
 
-def load_train_config(model: str, config: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+def load_train_config(model: str, config: str | Path | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
     """Preset for ``model`` ⊕ the given config file ⊕ overrides.
 
     The config file is either our own plain YAML (keys of :class:`TrainConfig`) or an upstream
