@@ -209,225 +209,207 @@ def train(
             a path resumes from that checkpoint; ``None`` starts fresh.
     """
     dist = dist if dist is not None else DistInfo()
-    held = exclusive_lock(run_dir, "training run dir") if dist.is_main and lock else contextlib.nullcontext()
-    with held:
-        return _train(cfg, model, step_fn, train_set, cv_set, run_dir, device, dist, resume, progress, extra_info,
-                      tensorboard_dir)
+    with contextlib.ExitStack() as held:
+        if dist.is_main and lock:
+            held.enter_context(exclusive_lock(run_dir, "training run dir"))
+        t_start = time.time()
+        run_dir = Path(run_dir)
+        model.to(device)
+        model.train()
+        raw_model = model
+        opt = build_optimizer(cfg, raw_model, device)
+        sched = build_scheduler(cfg, opt)
+        amp_dtype, use_scaler = resolve_amp(cfg, device)
+        scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        state = TrainState()
+        torch.manual_seed(cfg.seed)
+        import random as _random
 
+        _random.seed(cfg.seed)
 
-def _train(
-    cfg: TrainConfig,
-    model: nn.Module,
-    step_fn: StepFn,
-    train_set: BatchSource,
-    cv_set: BatchSource | None,
-    run_dir: Path,
-    device: torch.device,
-    dist: DistInfo | None = None,
-    resume: str | Path | None = "auto",
-    progress: bool = True,
-    extra_info: dict | None = None,
-    tensorboard_dir: Path | None = None,
-) -> TrainResult:
-    t_start = time.time()
-    dist = dist if dist is not None else DistInfo()
-    run_dir = Path(run_dir)
-    model.to(device)
-    model.train()
-    raw_model = model
-    opt = build_optimizer(cfg, raw_model, device)
-    sched = build_scheduler(cfg, opt)
-    amp_dtype, use_scaler = resolve_amp(cfg, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    state = TrainState()
-    torch.manual_seed(cfg.seed)
-    import random as _random
+        if dist.is_main and Path(run_dir).is_dir():
+            remove_stale_temps(run_dir)
+        ref: CheckpointRef | None = None
+        if resume == "auto":
+            ref = latest_checkpoint(run_dir)
+        elif resume:
+            p = Path(resume)
+            refs = [c for c in list_checkpoints(p.parent, with_state=True) if c.path == p or c.name == p.stem]
+            if not refs:
+                from cosytune.errors import CheckpointError
 
-    _random.seed(cfg.seed)
+                raise CheckpointError(
+                    f"cannot resume from {p}: expected a checkpoint .pt with its .yaml and resume state (.state.pt); "
+                    "only the newest checkpoint of a run keeps a resume state. Use --resume auto, or start a new run "
+                    f"from these weights with --checkpoint {p}")
+            ref = refs[0]
+        if ref is not None:
+            from cosytune.train.checkpoint import load_resume_state, read_checkpoint_weights
 
-    if dist.is_main and Path(run_dir).is_dir():
-        remove_stale_temps(run_dir)
-    ref: CheckpointRef | None = None
-    if resume == "auto":
-        ref = latest_checkpoint(run_dir)
-    elif resume:
-        p = Path(resume)
-        refs = [c for c in list_checkpoints(p.parent, with_state=True) if c.path == p or c.name == p.stem]
-        if not refs:
-            from cosytune.errors import CheckpointError
+            raw_model.load_state_dict(read_checkpoint_weights(ref.path), strict=True)
+            st = load_resume_state(ref.state_path)
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            if st.get("scaler"):
+                scaler.load_state_dict(st["scaler"])
+            state = TrainState(**st["train_state"])
+            set_rng_state(st["rng"][dist.rank] if isinstance(st["rng"], list) else st["rng"])
+            logger.info("resumed from %s (epoch %d, step %d, batch %d of the epoch)", ref.name, state.epoch,
+                        state.step, state.batch_in_epoch)
 
-            raise CheckpointError(
-                f"cannot resume from {p}: expected a checkpoint .pt with its .yaml and resume state (.state.pt); "
-                "only the newest checkpoint of a run keeps a resume state. Use --resume auto, or start a new run "
-                f"from these weights with --checkpoint {p}")
-        ref = refs[0]
-    if ref is not None:
-        from cosytune.train.checkpoint import load_resume_state, read_checkpoint_weights
-
-        raw_model.load_state_dict(read_checkpoint_weights(ref.path), strict=True)
-        st = load_resume_state(ref.state_path)
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        if st.get("scaler"):
-            scaler.load_state_dict(st["scaler"])
-        state = TrainState(**st["train_state"])
-        set_rng_state(st["rng"][dist.rank] if isinstance(st["rng"], list) else st["rng"])
-        logger.info("resumed from %s (epoch %d, step %d, batch %d of the epoch)", ref.name, state.epoch,
-                    state.step, state.batch_in_epoch)
-
-    if dist.distributed:
-        ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
-        model = torch.nn.parallel.DistributedDataParallel(raw_model, find_unused_parameters=True, **ddp_kw)
-
-    if cfg.compile:
-        model = torch.compile(model)
-
-    writer = None
-    if dist.is_main and cfg.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(tensorboard_dir or run_dir / "tensorboard"))
-        except ImportError:  # pragma: no cover
-            logger.warning("tensorboard is not installed; no TensorBoard scalars will be written")
-
-    def autocast():
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-    def checkpoint(name: str, epoch: int, cv_metrics: dict[str, float], grad_norm: float) -> CheckpointRef | None:
-        rngs = [rng_state()]
         if dist.distributed:
-            gathered: list[Any] = [None] * dist.world_size
-            torch.distributed.all_gather_object(gathered, rngs[0])
-            rngs = gathered
-        ref_out = None
-        if dist.is_main:
-            info = {
-                "epoch": epoch, "step": state.step, "batch_idx": state.batch_in_epoch, "tag": "CV",
-                "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm, "loss_dict": cv_metrics,
-                "model": cfg.model, "world_size": dist.world_size, **(extra_info or {}),
-            }
-            train_state = {
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict() if use_scaler else None,
-                "train_state": state.__dict__.copy(), "rng": rngs if dist.distributed else rngs[0],
-            }
-            ref_out = save_checkpoint(run_dir, name, raw_model.state_dict(), info, train_state)
-            logger.info("saved %s (cv %s)", ref_out.path.name,
-                        ", ".join(f"{k}={v:.4f}" for k, v in cv_metrics.items()) or "n/a")
-        barrier(dist)
-        return ref_out
+            ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
+            model = torch.nn.parallel.DistributedDataParallel(raw_model, find_unused_parameters=True, **ddp_kw)
 
-    def run_cv() -> dict[str, float]:
-        if cv_set is None:
-            return {}
-        return evaluate(raw_model, step_fn, cv_set, cfg, device, dist)
+        if cfg.compile:
+            model = torch.compile(model)
 
-    grad_norm = float("nan")
-    total_steps_est = None
-    done = False
-    while state.epoch < cfg.max_epoch and not done and not state.stopped_early:
-        batches = train_set.epoch_batches(state.epoch, dist.rank, dist.world_size)
-        if not batches:
-            from cosytune.errors import DataError
+        writer = None
+        if dist.is_main and cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            raise DataError("the training set produced no batches (all utterances filtered?); see the data summary")
-        if total_steps_est is None:
-            total_steps_est = cfg.max_epoch * math.ceil(len(batches) / cfg.accum_grad)
-        skip = state.batch_in_epoch
-        todo = batches[skip:]
-        t_epoch = time.time()
-        t_log, steps_at_log = time.time(), state.step
-        metrics_acc: dict[str, float] = {}
-        n_acc = 0
-        opt.zero_grad(set_to_none=True)
-        for i, batch in enumerate(_loader(train_set, todo, cfg, cfg.seed * 1000 + state.epoch), start=skip):
-            boundary = (i + 1) % cfg.accum_grad == 0 or i + 1 == len(batches)
-            sync_ctx = model.no_sync() if (dist.distributed and not boundary) else contextlib.nullcontext()
-            batch = _to_device(batch, device)
-            with sync_ctx:
-                with autocast():
-                    out = step_fn(model, batch)
-                loss = out["loss"] / cfg.accum_grad
-                scaler.scale(loss).backward() if use_scaler else loss.backward()
-            for k, v in out.items():
-                if isinstance(v, torch.Tensor) and v.numel() == 1:
-                    metrics_acc[k] = metrics_acc.get(k, 0.0) + float(v.detach())
-            n_acc += 1
-            state.batch_in_epoch = i + 1
-            if not boundary:
-                continue
-            if use_scaler:
-                scaler.unscale_(opt)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip))
-            if math.isfinite(grad_norm):
-                scaler.step(opt) if use_scaler else opt.step()
-            else:
-                logger.warning("step %d: gradient norm is %s; update skipped", state.step, grad_norm)
-            if use_scaler:
-                scaler.update()
+                writer = SummaryWriter(str(tensorboard_dir or run_dir / "tensorboard"))
+            except ImportError:  # pragma: no cover
+                logger.warning("tensorboard is not installed; no TensorBoard scalars will be written")
+
+        def autocast():
+            if amp_dtype is None:
+                return contextlib.nullcontext()
+            return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+        def checkpoint(name: str, epoch: int, cv_metrics: dict[str, float], grad_norm: float) -> CheckpointRef | None:
+            rngs = [rng_state()]
+            if dist.distributed:
+                gathered: list[Any] = [None] * dist.world_size
+                torch.distributed.all_gather_object(gathered, rngs[0])
+                rngs = gathered
+            ref_out = None
+            if dist.is_main:
+                info = {
+                    "epoch": epoch, "step": state.step, "batch_idx": state.batch_in_epoch, "tag": "CV",
+                    "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm, "loss_dict": cv_metrics,
+                    "model": cfg.model, "world_size": dist.world_size, **(extra_info or {}),
+                }
+                train_state = {
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict() if use_scaler else None,
+                    "train_state": state.__dict__.copy(), "rng": rngs if dist.distributed else rngs[0],
+                }
+                ref_out = save_checkpoint(run_dir, name, raw_model.state_dict(), info, train_state)
+                logger.info("saved %s (cv %s)", ref_out.path.name,
+                            ", ".join(f"{k}={v:.4f}" for k, v in cv_metrics.items()) or "n/a")
+            barrier(dist)
+            return ref_out
+
+        def run_cv() -> dict[str, float]:
+            if cv_set is None:
+                return {}
+            return evaluate(raw_model, step_fn, cv_set, cfg, device, dist)
+
+        grad_norm = float("nan")
+        total_steps_est = None
+        done = False
+        while state.epoch < cfg.max_epoch and not done and not state.stopped_early:
+            batches = train_set.epoch_batches(state.epoch, dist.rank, dist.world_size)
+            if not batches:
+                from cosytune.errors import DataError
+
+                raise DataError("the training set produced no batches (all utterances filtered?); see the data summary")
+            if total_steps_est is None:
+                total_steps_est = cfg.max_epoch * math.ceil(len(batches) / cfg.accum_grad)
+            skip = state.batch_in_epoch
+            todo = batches[skip:]
+            t_epoch = time.time()
+            t_log, steps_at_log = time.time(), state.step
+            metrics_acc: dict[str, float] = {}
+            n_acc = 0
             opt.zero_grad(set_to_none=True)
-            sched.step()
-            state.step += 1
+            for i, batch in enumerate(_loader(train_set, todo, cfg, cfg.seed * 1000 + state.epoch), start=skip):
+                boundary = (i + 1) % cfg.accum_grad == 0 or i + 1 == len(batches)
+                sync_ctx = model.no_sync() if (dist.distributed and not boundary) else contextlib.nullcontext()
+                batch = _to_device(batch, device)
+                with sync_ctx:
+                    with autocast():
+                        out = step_fn(model, batch)
+                    loss = out["loss"] / cfg.accum_grad
+                    scaler.scale(loss).backward() if use_scaler else loss.backward()
+                for k, v in out.items():
+                    if isinstance(v, torch.Tensor) and v.numel() == 1:
+                        metrics_acc[k] = metrics_acc.get(k, 0.0) + float(v.detach())
+                n_acc += 1
+                state.batch_in_epoch = i + 1
+                if not boundary:
+                    continue
+                if use_scaler:
+                    scaler.unscale_(opt)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip))
+                if math.isfinite(grad_norm):
+                    scaler.step(opt) if use_scaler else opt.step()
+                else:
+                    logger.warning("step %d: gradient norm is %s; update skipped", state.step, grad_norm)
+                if use_scaler:
+                    scaler.update()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+                state.step += 1
+                if dist.is_main and writer is not None:
+                    writer.add_scalar("TRAIN/lr", opt.param_groups[0]["lr"], state.step)
+                    writer.add_scalar("TRAIN/grad_norm", grad_norm, state.step)
+                    for k, v in metrics_acc.items():
+                        writer.add_scalar(f"TRAIN/{k}", v / max(n_acc, 1), state.step)
+                if state.step % cfg.log_interval == 0 and dist.is_main:
+                    el = time.time() - t_log
+                    its = (state.step - steps_at_log) / el if el > 0 else float("nan")
+                    left = (total_steps_est - state.step) / its if math.isfinite(its) and its > 0 else float("nan")
+                    eta = time.strftime("%H:%M:%S", time.gmtime(left)) if math.isfinite(left) else "?"
+                    logger.info(
+                        "epoch %d step %d | %s | lr %.2e | grad %.2f | %.2f it/s | ETA %s | mem %.1f GB",
+                        state.epoch, state.step,
+                        " | ".join(f"{k} {v / max(n_acc, 1):.4f}" for k, v in metrics_acc.items()),
+                        opt.param_groups[0]["lr"], grad_norm, its, eta, _mem_gb(device),
+                    )
+                    t_log, steps_at_log = time.time(), state.step
+                metrics_acc, n_acc = {}, 0
+                if cfg.save_per_step > 0 and state.step % cfg.save_per_step == 0 and state.batch_in_epoch < len(batches):
+                    cvm = run_cv()
+                    checkpoint(f"epoch_{state.epoch}_step_{state.step}", state.epoch, cvm, grad_norm)
+                if cfg.max_steps and state.step >= cfg.max_steps:
+                    done = True
+                    break
+            # End of the epoch (or of max_steps): CV, checkpoint, early stopping.
+            cvm = run_cv()
+            cvm = all_reduce_mean(cvm, dist, device) if cvm else cvm
+            finished_epoch = state.epoch
+            state.history.append({"epoch": finished_epoch, "step": state.step, **cvm,
+                                  "seconds": round(time.time() - t_epoch, 2)})
+            improved = False
+            if "loss" in cvm:
+                improved = cvm["loss"] < state.best_cv_loss - cfg.early_stop_min_delta
+                if improved:
+                    state.best_cv_loss = cvm["loss"]
+                    state.best_name = f"epoch_{finished_epoch}_whole"
+                    state.epochs_without_improvement = 0
+                else:
+                    state.epochs_without_improvement += 1
             if dist.is_main and writer is not None:
-                writer.add_scalar("TRAIN/lr", opt.param_groups[0]["lr"], state.step)
-                writer.add_scalar("TRAIN/grad_norm", grad_norm, state.step)
-                for k, v in metrics_acc.items():
-                    writer.add_scalar(f"TRAIN/{k}", v / max(n_acc, 1), state.step)
-            if state.step % cfg.log_interval == 0 and dist.is_main:
-                el = time.time() - t_log
-                its = (state.step - steps_at_log) / el if el > 0 else float("nan")
-                left = (total_steps_est - state.step) / its if math.isfinite(its) and its > 0 else float("nan")
-                eta = time.strftime("%H:%M:%S", time.gmtime(left)) if math.isfinite(left) else "?"
-                logger.info(
-                    "epoch %d step %d | %s | lr %.2e | grad %.2f | %.2f it/s | ETA %s | mem %.1f GB",
-                    state.epoch, state.step,
-                    " | ".join(f"{k} {v / max(n_acc, 1):.4f}" for k, v in metrics_acc.items()),
-                    opt.param_groups[0]["lr"], grad_norm, its, eta, _mem_gb(device),
-                )
-                t_log, steps_at_log = time.time(), state.step
-            metrics_acc, n_acc = {}, 0
-            if cfg.save_per_step > 0 and state.step % cfg.save_per_step == 0 and state.batch_in_epoch < len(batches):
-                cvm = run_cv()
-                checkpoint(f"epoch_{state.epoch}_step_{state.step}", state.epoch, cvm, grad_norm)
-            if cfg.max_steps and state.step >= cfg.max_steps:
-                done = True
-                break
-        # End of the epoch (or of max_steps): CV, checkpoint, early stopping.
-        cvm = run_cv()
-        cvm = all_reduce_mean(cvm, dist, device) if cvm else cvm
-        finished_epoch = state.epoch
-        state.history.append({"epoch": finished_epoch, "step": state.step, **cvm,
-                              "seconds": round(time.time() - t_epoch, 2)})
-        improved = False
-        if "loss" in cvm:
-            improved = cvm["loss"] < state.best_cv_loss - cfg.early_stop_min_delta
-            if improved:
-                state.best_cv_loss = cvm["loss"]
-                state.best_name = f"epoch_{finished_epoch}_whole"
-                state.epochs_without_improvement = 0
-            else:
-                state.epochs_without_improvement += 1
-        if dist.is_main and writer is not None:
-            for k, v in cvm.items():
-                writer.add_scalar(f"CV/{k}", v, state.step)
-            writer.flush()
-        if cfg.early_stop_patience and state.epochs_without_improvement >= cfg.early_stop_patience:
-            state.stopped_early = True
-            logger.info("early stop: CV loss has not improved for %d epochs (best %.4f at %s)",
-                        state.epochs_without_improvement, state.best_cv_loss, state.best_name)
-        if dist.is_main:
-            logger.info("epoch %d done in %.1fs: %s", finished_epoch, time.time() - t_epoch,
-                        ", ".join(f"cv_{k}={v:.4f}" for k, v in cvm.items()) or "no CV set")
-        if state.batch_in_epoch >= len(batches):
-            state.epoch += 1
-            state.batch_in_epoch = 0
-        name = f"epoch_{finished_epoch}_whole" if state.batch_in_epoch == 0 else f"epoch_{finished_epoch}_step_{state.step}"
-        checkpoint(name, finished_epoch, cvm, grad_norm)
-        if dist.is_main:
-            prune_checkpoints(run_dir, cfg.keep_best, protect={name, state.best_name})
-    if writer is not None:
-        writer.close()
-    return TrainResult(run_dir, state, list_checkpoints(run_dir), time.time() - t_start, run_disk_bytes(run_dir))
+                for k, v in cvm.items():
+                    writer.add_scalar(f"CV/{k}", v, state.step)
+                writer.flush()
+            if cfg.early_stop_patience and state.epochs_without_improvement >= cfg.early_stop_patience:
+                state.stopped_early = True
+                logger.info("early stop: CV loss has not improved for %d epochs (best %.4f at %s)",
+                            state.epochs_without_improvement, state.best_cv_loss, state.best_name)
+            if dist.is_main:
+                logger.info("epoch %d done in %.1fs: %s", finished_epoch, time.time() - t_epoch,
+                            ", ".join(f"cv_{k}={v:.4f}" for k, v in cvm.items()) or "no CV set")
+            if state.batch_in_epoch >= len(batches):
+                state.epoch += 1
+                state.batch_in_epoch = 0
+            name = f"epoch_{finished_epoch}_whole" if state.batch_in_epoch == 0 else f"epoch_{finished_epoch}_step_{state.step}"
+            checkpoint(name, finished_epoch, cvm, grad_norm)
+            if dist.is_main:
+                prune_checkpoints(run_dir, cfg.keep_best, protect={name, state.best_name})
+        if writer is not None:
+            writer.close()
+        return TrainResult(run_dir, state, list_checkpoints(run_dir), time.time() - t_start, run_disk_bytes(run_dir))
