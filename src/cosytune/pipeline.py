@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cosytune.errors import DataError, UsageError
 from cosytune.fileio import exclusive_lock, read_jsonl, sha256_file, sha256_json, write_json
@@ -51,29 +51,51 @@ SAMPLE_SEED = 1986
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Settings of one ``cosytune run``."""
+    """Settings of one ``cosytune run`` (its flags are generated from these fields and their docs)."""
 
     audio: Path
+    """Folder of recordings of one speaker."""
     speaker: str
+    """Speaker name, used as spk_id (letters, digits, '.', '_', '-')."""
     base_model: Path
+    """Base model dir, e.g. Fun-CosyVoice3-0.5B."""
     work: Path
+    """Work dir (data/, exp/, models/, out/)."""
     transcripts: Path | None = None
-    backend: str = "auto"  # auto: transcripts if given/side files exist, else faster-whisper
+    """A 'name|text' file with your own transcripts instead of ASR."""
+    backend: Literal["auto", "transcripts", "faster-whisper", "openai-whisper"] = "auto"
+    """Where the text comes from; auto: --transcripts if given, else faster-whisper."""
     whisper_model: str = "large-v3"
+    """faster-whisper model name or local dir."""
     language: str | None = None
-    train_flow: bool = False
-    llm_epochs: int = 0  # 0: scaled to the data size
-    flow_epochs: int = 0
-    num_average: int = 5
-    device: str = "auto"
-    sample_text: str | None = None  # None: a sentence in the language of the data (SAMPLE_TEXTS)
-    train_overrides: tuple[str, ...] = ()
-    num_workers: int = 0
-    sample_seed: int = SAMPLE_SEED
-    review: bool = False  # stop after transcription so the transcripts can be reviewed first
-    compute_type: str = "default"  # faster-whisper options, as in `cosytune transcribe`
+    """Language code for ASR (none: detect)."""
+    compute_type: str = "default"
+    """faster-whisper compute type (e.g. float16, int8_float16)."""
     vad_filter: bool = True
+    """faster-whisper's voice-activity filter."""
     initial_prompt: str | None = "auto"
+    """faster-whisper initial prompt (auto: a punctuation hint for Chinese; none: no prompt)."""
+    review: bool = False
+    """Stop after transcription so you can check data/review.tsv; then run 'cosytune apply-review --dir
+    WORK/data' and the same command without --review."""
+    train_flow: bool = False
+    """Also fine-tune the flow (on small data it tends to hurt clarity)."""
+    llm_epochs: int = 0
+    """Max LLM epochs (0: scaled to the data size)."""
+    flow_epochs: int = 0
+    """Max flow epochs (0: scaled to the data size)."""
+    num_average: int = 5
+    """Checkpoints to average (lowest CV loss)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device for ASR, training and the sample."""
+    num_workers: int = 0
+    """Data-loading workers for training."""
+    sample_text: str | None = None
+    """Text of the sample synthesis at the end (none: a sentence in the language of your transcripts)."""
+    sample_seed: int = SAMPLE_SEED
+    """Seed of the sample synthesis."""
+    train_overrides: tuple[str, ...] = ()
+    """Training overrides (key=value)."""
 
 
 #: The sample sentence of the last stage, by the language most of the training text is in.

@@ -165,12 +165,18 @@ def _config_classes(name: str) -> list[tuple[type, tuple[str, ...] | None, str |
 
         # SynthesisOptions.sampling is a SamplingConfig: its fields are flags of their own.
         return [(SynthesisOptions, None, None), (SamplingConfig, None, "the model yaml's; {} in Fun-CosyVoice3-0.5B")]
+    if name == "run":
+        from cosytune.pipeline import RunConfig
+
+        fields = tuple(f.name for f in dataclasses.fields(RunConfig)
+                       if f.default is not dataclasses.MISSING and f.name != "train_overrides")
+        return [(RunConfig, fields, None)]
     from cosytune.train.config import TrainConfig
 
     return [(TrainConfig, ("data.num_workers", "data.prefetch", "data.pin_memory", "seed"), None)]
 
 
-@pytest.mark.parametrize("name", ["prepare-audio", "transcribe", "infer", "infer-batch", "train"])
+@pytest.mark.parametrize("name", ["prepare-audio", "transcribe", "infer", "infer-batch", "train", "run"])
 def test_config_flags_cover_the_config_and_show_its_defaults(name, capsys, monkeypatch):
     entries = _help_entries(name, capsys, monkeypatch)
     for cls, only, note in _config_classes(name):

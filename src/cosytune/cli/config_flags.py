@@ -132,8 +132,11 @@ def add_config_flags(
         shown = format_default(default)
         shown = default_note.format(default=shown) if default_note else shown
         doc = field_docs(owner).get(name, "").replace("``", "").rstrip(".")
-        help_text = f"{doc} (default: {shown})".strip().replace("%", "%%")
-        kw: dict[str, Any] = {"default": default if class_defaults else None, "help": help_text}
+        required = default is dataclasses.MISSING  # a field without a default is a flag that must be given
+        help_text = (doc if required else f"{doc} (default: {shown})").strip().replace("%", "%%")
+        kw: dict[str, Any] = {"default": None if required or not class_defaults else default, "help": help_text}
+        if required:
+            kw["required"] = True
         if typing.get_origin(tp) is Literal:
             choices = list(typing.get_args(tp))
             kw.update(choices=choices, type=type(choices[0]))

@@ -9,7 +9,6 @@ it stopped when you run the same command again.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from cosytune.cli.common import flag, print_summary
 
@@ -23,34 +22,18 @@ stages: prepare-audio transcribe extract-embedding extract-speech-token make-par
 """
 
 
-def add_run_flags(p: argparse.ArgumentParser, audio_required: bool = True) -> None:
-    flag(p, "audio", "--audio_dir", required=audio_required, type=Path, help="folder of recordings of one speaker")
-    flag(p, "speaker", "--spk_id", required=audio_required, help="speaker name (used as spk_id)")
-    flag(p, "base_model", "--base_model_dir", required=audio_required, type=Path,
-         help="base model dir, e.g. Fun-CosyVoice3-0.5B")
-    flag(p, "work", required=audio_required, type=Path, help="work dir (data/, exp/, models/, out/)")
-    flag(p, "transcripts", type=Path, default=None, help="'name|text' file with your own transcripts")
-    flag(p, "backend", choices=["auto", "transcripts", "faster-whisper", "openai-whisper"], default="auto")
-    flag(p, "whisper_model", default="large-v3", help="faster-whisper model name or local dir")
-    flag(p, "language", default=None, help="language code for ASR (default: detect)")
-    flag(p, "compute_type", default="default", help="faster-whisper compute type (e.g. float16, int8_float16)")
-    p.add_argument("--vad_filter", action=argparse.BooleanOptionalAction, default=True,
-                   help="faster-whisper's voice-activity filter (default: on)")
-    flag(p, "initial_prompt", default="auto", help="faster-whisper initial prompt ('auto': punctuation hint for "
-         "Chinese; 'none': no prompt)")
-    flag(p, "review", action="store_true", help="stop after transcription so you can check data/review.tsv; "
-         "then run 'cosytune apply-review --dir WORK/data' and the same command without --review")
-    flag(p, "train_flow", action="store_true", help="also fine-tune the flow (off by default)")
-    flag(p, "llm_epochs", type=int, default=0, help="max LLM epochs (default: scaled to the data size)")
-    flag(p, "flow_epochs", type=int, default=0, help="max flow epochs (default: scaled to the data size)")
-    flag(p, "num_average", type=int, default=5, help="checkpoints to average (best CV loss)")
-    flag(p, "device", choices=["auto", "cpu", "cuda"], default="auto")
-    flag(p, "sample_text", default=None,
-         help="text of the sample synthesis at the end (default: a sentence in the language of your transcripts)")
-    flag(p, "num_workers", type=int, default=0, help="data-loading workers for training")
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of ``cosytune run``: one per :class:`~cosytune.pipeline.RunConfig` field (its doc is the help,
+    its default shown), the seed workflow's names as aliases, then the stage selection."""
+    from cosytune.cli.config_flags import add_config_flags
+    from cosytune.pipeline import RunConfig
+
+    add_config_flags(p, RunConfig, skip={"train_overrides"}, class_defaults=True, valued_bools={"vad_filter"},
+                     aliases={"audio": ["audio_dir"], "speaker": ["spk_id"], "base_model": ["base_model_dir"]})
     flag(p, "from", "--from_stage", dest="start", default=None, help="first stage to consider")
     flag(p, "until", default=None, help="last stage to run")
-    flag(p, "force", action="append", default=[], help="re-run this stage even if up to date (repeatable)")
+    flag(p, "force", action="append", default=[], help="re-run this stage (and what depends on it) even if up to "
+         "date; repeatable")
     p.add_argument("train_overrides", nargs="*", help="training overrides, e.g. optim.lr=2e-5 (anywhere on the line)")
 
 
@@ -63,17 +46,15 @@ def build_parser(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
+    from dataclasses import fields
+
     from cosytune.pipeline import RunConfig
 
-    return RunConfig(
-        audio=args.audio, speaker=args.speaker, base_model=args.base_model, work=args.work,
-        transcripts=args.transcripts, backend=args.backend, whisper_model=args.whisper_model,
-        language=args.language, train_flow=args.train_flow, llm_epochs=args.llm_epochs,
-        flow_epochs=args.flow_epochs, num_average=args.num_average, device=args.device,
-        sample_text=args.sample_text, train_overrides=tuple(args.train_overrides), num_workers=args.num_workers,
-        review=args.review, compute_type=args.compute_type, vad_filter=args.vad_filter,
-        initial_prompt=None if str(args.initial_prompt).lower() == "none" else args.initial_prompt,
-    )
+    values = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
+    values["train_overrides"] = tuple(args.train_overrides)
+    if str(values.get("initial_prompt")).lower() == "none":
+        values["initial_prompt"] = None
+    return RunConfig(**values)
 
 
 def report(res, cfg) -> None:
