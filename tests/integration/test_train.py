@@ -236,3 +236,15 @@ def test_truncated_checkpoint_is_a_clear_error(sample_data, tiny_base, tmp_path,
         err = capsys.readouterr().err
         assert str(f) in err and "truncated or corrupted" in err and "Traceback" not in err, err
         f.write_bytes(whole)
+
+
+def test_resume_log_tells_the_truth(sample_data, tiny_base, tmp_path, capsys):
+    """A resumed run does not claim to start from the base weights, and the data log lists drops as text."""
+    run = tmp_path / "run"
+    assert main(_train_argv("llm", sample_data, tiny_base, run, "max_epoch=1", "tensorboard=false")) == 0
+    capsys.readouterr()
+    assert main(_train_argv("llm", sample_data, tiny_base, run, "max_epoch=2", "tensorboard=false")) == 0
+    text = capsys.readouterr().err  # the log goes to stderr
+    assert "resumed from epoch_0_whole" in text and "starting from the base model" not in text, text
+    kept = [line for line in text.splitlines() if "utterances kept, dropped" in line]
+    assert kept and all("{" not in line for line in kept), kept
