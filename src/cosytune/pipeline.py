@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from cosytune.errors import DataError, UsageError
+from cosytune.errors import ConfigError, DataError, UsageError
 from cosytune.fileio import exclusive_lock, read_jsonl, sha256_file, sha256_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -449,7 +449,10 @@ def transcribe_config(cfg: RunConfig) -> Any:
     if backend != "transcripts":
         kw.update(whisper_model=cfg.whisper_model, device=cfg.device, compute_type=cfg.compute_type,
                   vad_filter=cfg.vad_filter, initial_prompt=cfg.initial_prompt)
-    return TranscribeConfig(**kw)
+    try:
+        return TranscribeConfig(**kw)
+    except ValueError as e:  # its own checks (e.g. a --speaker with a space): a usage problem, said at once
+        raise ConfigError(str(e).split("; "), source="cosytune run") from e
 
 
 def _transcribe_run(r: Runner, ctx: StageContext) -> str:
