@@ -182,3 +182,21 @@ def sample_speaker_dir() -> Path:
     from importlib.resources import files
 
     return Path(str(files("cosytune") / "assets" / "sample_speaker"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shipped_assets_stay_untouched():
+    """No test may write into the package's shipped sample (a test once re-encoded one of its mp3s)."""
+    import hashlib
+    from importlib.resources import files
+
+    root = Path(str(files("cosytune") / "assets"))
+
+    def digest() -> dict[str, str]:
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    before = digest()
+    yield
+    changed = sorted(k for k, v in digest().items() if before.get(k) != v)
+    assert not changed, f"tests modified shipped assets: {changed}"

@@ -95,7 +95,11 @@ def test_damaged_shard_and_rerecorded_audio_are_rewritten(tmp_path, sample_speak
     again = make_parquet(d, out, num_utts_per_parquet=2)
     assert (again.written, again.reused) == (1, 1) and shard.read_bytes() == whole
     kd = read_kaldi_dir(d)
-    wav = Path(kd.utt2wav[kd.utts[0]])
+    utt = kd.utts[0]
+    wav = tmp_path / f"own{Path(kd.utt2wav[utt]).suffix}"  # our own copy: the shipped sample stays untouched
+    wav.write_bytes(Path(kd.utt2wav[utt]).read_bytes())
+    (d / "wav.scp").write_text("".join(f"{u} {wav if u == utt else kd.utt2wav[u]}\n" for u in kd.utts))
+    make_parquet(d, out, num_utts_per_parquet=2)
     x, sr = sf.read(str(wav))
     sf.write(str(wav), x[::-1].copy(), sr)  # a different recording, same name and length
     again = make_parquet(d, out, num_utts_per_parquet=2)
