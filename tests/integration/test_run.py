@@ -340,3 +340,14 @@ def test_every_file_of_a_run_is_readable_by_others(small_run):
                if p.is_file() and not p.is_symlink() and stat.S_IMODE(p.stat().st_mode) & 0o044 != 0o044]
     assert not private, private[:10]
     assert file_mode() == 0o644
+
+
+def test_a_first_run_does_not_claim_to_clear_anything(small_run):
+    """The first training of a work dir found nothing to clear (its run dir held only the lock); the demo's
+    summary used to say "cleared the earlier run (restart requested)" on a fresh work dir."""
+    from cosytune.train.api import TrainRequest, _clear_reason
+
+    empty = small_run["work"] / "exp" / "fresh"
+    empty.mkdir(parents=True)
+    (empty / ".cosytune.lock").write_text("{}")
+    assert _clear_reason(TrainRequest(model="llm", train_data=empty, run_dir=empty, restart=True)) == ""

@@ -97,9 +97,11 @@ def _typed_overrides(req: TrainRequest) -> dict:
 
 def _clear_reason(req: TrainRequest) -> str:
     """Why the run dir's earlier checkpoints must go ("" to keep and resume them)."""
+    from cosytune.fileio import LOCK_NAME
+
     run_dir = req.run_dir
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
-        return ""
+    if not run_dir.is_dir() or not any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+        return ""  # nothing there but (maybe) the lock this process holds
     if req.restart:
         return "restart requested"
     if req.inputs_key is None:
