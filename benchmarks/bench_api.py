@@ -1,0 +1,181 @@
+"""The speed users get: the public API only (``Synthesizer.from_dir`` + ``synthesize`` / ``stream``), with
+the settings ``cosytune infer`` uses by default unless told otherwise (issue #14's measurement).
+
+Nothing here reaches past the public API: no hand-built decoder, flow or vocoder path. A request is a
+zero-shot request with a prompt clip from the shipped sample (so the prompt front end is paid, as by
+``cosytune infer --prompt_wav``) and a ~125-token English text, RAS sampling and text normalisation on.
+
+Reported (JSON with ``--out`` and a table):
+  * load time; the first request after load (non-streaming and streaming first chunk): "cold";
+  * warm non-streaming: per-request total, RTF, LLM ms/token, p50/p95 over ``--requests``;
+  * warm streaming: first-chunk latency and RTF, p50/p95;
+  * concurrent streaming for each of ``--concurrency`` (threads sharing one Synthesizer): first-chunk
+    p50/p95, aggregate x real time, errors.
+
+GPU (full-size random model dir):
+    python benchmarks/bench_api.py --preset full --device cuda --dtype bfloat16 --requests 20 \\
+        --concurrency 1,16 --out bench_api.json
+CPU smoke run (tiny model):
+    python benchmarks/bench_api.py --preset tiny --device cpu --requests 2 --concurrency 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cosytune.fileio import write_json
+from cosytune.infer.synthesizer import SynthesisOptions, Synthesizer
+
+TEXT = ("The quick brown fox jumps over the lazy dog while the morning sun rises slowly above the quiet hills, "
+        "and somewhere in the valley a small bell begins to ring, calling the villagers to gather for the "
+        "market, where fresh bread, ripe apples and warm tea are waiting for everyone who arrives early.")
+PROMPT_CLIP = "agent-user.mp3"
+PROMPT_TEXT = "You are a helpful assistant.<|endofprompt|>Please enter the extension of the person you are calling."
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    """The q-th percentile (nearest rank) of ``xs``; None when empty."""
+    if not xs:
+        return None
+    ys = sorted(xs)
+    return ys[min(len(ys) - 1, max(0, round(q / 100 * (len(ys) - 1))))]
+
+
+def summary(xs: list[float]) -> dict[str, float | None]:
+    return {"p50": pct(xs, 50), "p95": pct(xs, 95), "mean": statistics.fmean(xs) if xs else None, "n": len(xs)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def one_request(synth: Synthesizer, seed: int, stream: bool, prompt_wav: Path) -> dict[str, Any]:
+    """One public-API request; wall-clock figures measured around the call (and its first chunk)."""
+    options = SynthesisOptions(seed=seed)
+    t0 = time.perf_counter()
+    if not stream:
+        res = synth.synthesize(TEXT, prompt_wav=prompt_wav, prompt_text=PROMPT_TEXT, options=options)
+        _sync(synth.device)
+        total = time.perf_counter() - t0
+        return {"total_s": total, "audio_s": res.duration_s, "rtf": total / res.duration_s,
+                "tokens": len(res.tokens), "llm_ms_per_token": 1000 * res.timings["llm_s"] / max(len(res.tokens), 1),
+                "decoder": res.info.get("llm_decoder")}
+    first = None
+    audio_s = 0.0
+    result = None
+    for chunk in synth.stream(TEXT, prompt_wav=prompt_wav, prompt_text=PROMPT_TEXT, options=options):
+        if first is None and chunk.audio.shape[0]:
+            first = time.perf_counter() - t0
+        audio_s += chunk.audio.shape[0] / chunk.sample_rate
+        result = chunk.result if chunk.final else result
+    total = time.perf_counter() - t0
+    return {"first_chunk_s": first, "total_s": total, "audio_s": audio_s, "rtf": total / audio_s if audio_s else None,
+            "tokens": len(result.tokens) if result else None}
+
+
+def concurrent(synth: Synthesizer, clients: int, per_client: int, prompt_wav: Path) -> dict[str, Any]:
+    """``clients`` threads, each streaming ``per_client`` requests through the one Synthesizer."""
+    rows: list[dict[str, Any]] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        for i in range(per_client):
+            try:
+                row = one_request(synth, 1000 * k + i, True, prompt_wav)
+            except Exception as e:  # noqa: BLE001 - a benchmark counts failures instead of stopping
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}")
+                continue
+            with lock:
+                rows.append(row)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    audio = sum(r["audio_s"] for r in rows)
+    return {"clients": clients, "requests": len(rows), "errors": errors, "wall_s": wall,
+            "first_chunk_s": summary([r["first_chunk_s"] for r in rows if r["first_chunk_s"] is not None]),
+            "x_real_time": audio / wall if wall else None}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model_dir", type=Path, default=None, help="an existing model dir (default: build --preset)")
+    p.add_argument("--preset", choices=["tiny", "full"], default="tiny")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="Synthesizer dtype (default: what cosytune infer uses)")
+    p.add_argument("--compile_decode", action="store_true")
+    p.add_argument("--fast_flow", action="store_true")
+    p.add_argument("--requests", type=int, default=20)
+    p.add_argument("--concurrency", default="1,16", help="comma-separated client counts")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    model_dir = args.model_dir
+    if model_dir is None:
+        from cosytune.modeldir.presets import write_model_dir
+
+        model_dir = write_model_dir(Path(tempfile.mkdtemp(prefix="bench_api_")) / args.preset, preset=args.preset)
+    prompt_wav = Path(str(files("cosytune") / "assets" / "sample_speaker" / "audio" / PROMPT_CLIP))
+    kw: dict[str, Any] = {"device": args.device}
+    if args.dtype:
+        kw["dtype"] = getattr(torch, args.dtype)
+    if args.compile_decode:
+        kw["compile_decode"] = True
+    if args.fast_flow:
+        kw["fast_flow"] = True
+    t0 = time.perf_counter()
+    synth = Synthesizer.from_dir(model_dir, **kw)
+    load_s = time.perf_counter() - t0
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name() if synth.device.type == "cuda" else "cpu",
+                           "model_dir": str(model_dir), "settings": {k: str(v) for k, v in kw.items()},
+                           "load_s": load_s}
+    out["first_request"] = one_request(synth, 1, False, prompt_wav)
+    out["first_stream"] = one_request(synth, 2, True, prompt_wav)
+    warm = [one_request(synth, 10 + i, False, prompt_wav) for i in range(args.requests)]
+    out["warm"] = {k: summary([r[k] for r in warm]) for k in ("total_s", "rtf", "llm_ms_per_token", "audio_s")}
+    out["warm"]["decoder"] = sorted({str(r["decoder"]) for r in warm})
+    stream = [one_request(synth, 100 + i, True, prompt_wav) for i in range(args.requests)]
+    out["warm_stream"] = {k: summary([r[k] for r in stream if r[k] is not None])
+                          for k in ("first_chunk_s", "rtf", "audio_s")}
+    out["concurrent"] = [concurrent(synth, c, max(1, args.requests // c), prompt_wav)
+                         for c in (int(x) for x in args.concurrency.split(",") if x)]
+    if args.out:
+        write_json(args.out, out)
+    print(f"public API on {out['device']} ({out['settings']}), load {load_s:.1f} s")
+    fr, fs = out["first_request"], out["first_stream"]
+    print(f"  first request   total {fr['total_s']:.3f} s  RTF {fr['rtf']:.3f}  "
+          f"first stream chunk {fs['first_chunk_s'] or float('nan'):.3f} s")
+    w, ws = out["warm"], out["warm_stream"]
+    print(f"  warm            RTF p50 {w['rtf']['p50']:.3f} p95 {w['rtf']['p95']:.3f}  "
+          f"LLM {w['llm_ms_per_token']['p50']:.2f} ms/token ({', '.join(w['decoder'])})  "
+          f"audio {w['audio_s']['p50']:.1f} s")
+    print(f"  warm stream     first chunk p50 {ws['first_chunk_s']['p50']:.3f} s p95 {ws['first_chunk_s']['p95']:.3f} s"
+          f"  RTF p50 {ws['rtf']['p50']:.3f}")
+    for c in out["concurrent"]:
+        fc = c["first_chunk_s"]
+        p50 = f"{fc['p50']:.3f}" if fc["p50"] is not None else "-"
+        p95 = f"{fc['p95']:.3f}" if fc["p95"] is not None else "-"
+        print(f"  {c['clients']:>2} streams     first chunk p50 {p50} s p95 {p95} s  "
+              f"{c['x_real_time'] or 0:.1f}x real time  errors {len(c['errors'])}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
