@@ -622,13 +622,14 @@ def _synthesize_run(r: Runner, ctx: StageContext) -> str:
     variants = [(out / "tuned" / "sample.wav", None)]
     if c.train_flow:
         variants.append((out / "tuned_llm_base_flow" / "sample.wav", c.base_model / "flow.pt"))
+    text = r.sample_text()
     for wav, flow_ckpt in variants:
         t0 = time.perf_counter()
         synth = Synthesizer.from_dir(r.model_dir, device=c.device, flow_ckpt=flow_ckpt)
         load_s = time.perf_counter() - t0
-        req = SegmentRequest(text=r.sample_text(), out_wav=wav, spk_id=c.speaker,
+        req = SegmentRequest(text=text, out_wav=wav, spk_id=c.speaker,
                              options=SynthesisOptions(seed=c.sample_seed))
-        settings = {"command": "run", "model_dir": r.model_dir, "spk_id": c.speaker, "text": r.sample_text(),
+        settings = {"command": "run", "model_dir": r.model_dir, "spk_id": c.speaker, "text": text,
                     "seed": c.sample_seed, "device": c.device, "flow_ckpt": flow_ckpt, "out_wav": wav}
         synthesize_to_file(synth, req, settings=settings, load_s=load_s)
     return ""

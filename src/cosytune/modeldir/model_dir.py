@@ -304,18 +304,23 @@ class ModelDir:
         return FileStatus(name, "ok", f"{size / 2**20:.1f} MiB, inputs {inputs}, outputs {outputs}")
 
     def _check_spk2info(self) -> FileStatus:
+        return self._read_spk2info()[1]
+
+    def _read_spk2info(self) -> tuple[dict | None, FileStatus]:
+        """The speaker table (None unless it reads safely and is well formed) and its status, in one read."""
         path = self.spk2info_path
         if not path.is_file():
-            return FileStatus(SPK2INFO_NAME, "absent", "optional speaker table (none: zero-shot prompts only)",
-                              required=False)
+            return None, FileStatus(SPK2INFO_NAME, "absent", "optional speaker table (none: zero-shot prompts only)",
+                                    required=False)
         try:
             table = torch_load_safely(path, ModelDirError, what="speaker table")
         except ModelDirError as e:
-            return FileStatus(SPK2INFO_NAME, "malformed", str(e), required=False)
+            return None, FileStatus(SPK2INFO_NAME, "malformed", str(e), required=False)
         if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
-            return FileStatus(SPK2INFO_NAME, "malformed", "expected {speaker_id: {field: tensor}}", required=False)
-        return FileStatus(SPK2INFO_NAME, "ok", f"{len(table)} speaker(s): {', '.join(sorted(map(str, table))[:5])}",
-                          required=False)
+            return None, FileStatus(SPK2INFO_NAME, "malformed", "expected {speaker_id: {field: tensor}}",
+                                    required=False)
+        return table, FileStatus(SPK2INFO_NAME, "ok",
+                                 f"{len(table)} speaker(s): {', '.join(sorted(map(str, table))[:5])}", required=False)
 
     # loading -----------------------------------------------------------------------------------
     def build(self, kind: str, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -372,13 +377,13 @@ class ModelDir:
         Raises:
             ModelDirError: the file exists but cannot be read safely or has the wrong structure.
         """
-        status = self._check_spk2info()
+        table, status = self._read_spk2info()
         if status.status == "absent":
             return {}
-        if status.status != "ok":
+        if table is None:
             raise ModelDirError(status.detail if status.detail.startswith(str(self.spk2info_path))
                                 else f"{self.spk2info_path}: {status.detail}")
-        return torch_load_safely(self.spk2info_path, ModelDirError, what="speaker table")
+        return table
 
 
 def read_qwen2_config(path: str | os.PathLike) -> Any:

@@ -207,7 +207,7 @@ def run_training(req: TrainRequest, *, summary: bool = True) -> TrainingOutcome:
                 logger.warning("%s holds a training run %s; clearing it and starting fresh", req.run_dir, cleared)
                 _clear_run_dir(req.run_dir)
             req.run_dir.mkdir(parents=True, exist_ok=True)
-            if not _will_resume(req):
+            if not resuming:
                 weights = req.checkpoint or (base / f"{req.model}.pt")
                 size = weights.stat().st_size if weights.is_file() else 0
                 check_free_space(req.run_dir, estimate_run_bytes(size, cfg.keep_best, cfg.max_epoch),
