@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -51,7 +53,7 @@ logger = logging.getLogger(__name__)
 #: Compiled decoders with at most this many rows attend through fused reductions (see GraphedDecoder).
 REDUCE_ATTENTION_MAX_ROWS = 4
 
-__all__ = ["GraphedDecoder", "GraphedFlowSampler", "GraphedVocoder", "autocast_ctx", "batched_cfg_sample", "compile_flow_estimator", "compile_hift", "fast_estimator"]
+__all__ = ["DeviceGate", "GraphedDecoder", "GraphedFlowSampler", "GraphedVocoder", "autocast_ctx", "batched_cfg_sample", "compile_flow_estimator", "compile_hift", "fast_estimator", "sample_decode"]
 
 
 def autocast_ctx(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -61,27 +63,107 @@ def autocast_ctx(device: torch.device | str, dtype: torch.dtype | None) -> conte
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+class DeviceGate:
+    """A readers-writer lock over one device's work: many launchers at once, or one CUDA graph capture alone.
+
+    CUDA graph capture breaks (``cudaErrorStreamCaptureUnsupported`` / ``...Invalidated``) when another
+    thread synchronises the device, or touches the capturing stream's memory pool, while the capture is
+    under way. So every piece of request work that launches kernels holds :meth:`shared` (cheap; any number
+    of threads together), and every capture holds :meth:`exclusive`, which waits until no launcher is inside
+    and keeps new ones out until it is done (writers go first, so a capture is not starved).
+
+    A thread that holds :meth:`shared` and needs to capture (a lazily built graph) may call
+    :meth:`exclusive`: its own shared holds are given up while it waits and taken back afterwards, so the
+    upgrade cannot deadlock against itself (another upgrading thread simply waits its turn).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+        self._local = threading.local()
+        #: Exclusive sections entered so far (captures); for tests and stats.
+        self.exclusive_count = 0
+
+    def _held(self) -> int:
+        return getattr(self._local, "shared", 0)
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        """Launch work (any number of threads together); re-entrant."""
+        held = self._held()
+        if held == 0 and not getattr(self._local, "exclusive", False):
+            with self._cond:
+                while self._writer or self._waiting_writers:
+                    self._cond.wait()
+                self._readers += 1
+        self._local.shared = held + 1
+        try:
+            yield
+        finally:
+            self._local.shared -= 1
+            if self._local.shared == 0 and not getattr(self._local, "exclusive", False):
+                with self._cond:
+                    self._readers -= 1
+                    if self._readers == 0:
+                        self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Capture alone: no other thread launches work meanwhile (re-entrant; upgrades a shared hold)."""
+        if getattr(self._local, "exclusive", False):
+            yield
+            return
+        held = self._held()
+        with self._cond:
+            if held:
+                self._readers -= 1
+                self._cond.notify_all()
+            self._waiting_writers += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting_writers -= 1
+            self._writer = True
+            self.exclusive_count += 1
+        self._local.exclusive = True
+        try:
+            yield
+        finally:
+            self._local.exclusive = False
+            with self._cond:
+                self._writer = False
+                if held:
+                    self._readers += 1
+                self._cond.notify_all()
+
+
 def capture_graph(device: torch.device, run: Callable[[], None], *, warmups: int,
-                  after_each: Callable[[], Any] | None = None) -> torch.cuda.CUDAGraph:
+                  after_each: Callable[[], Any] | None = None, gate: DeviceGate | None = None) -> torch.cuda.CUDAGraph:
     """Capture ``run`` as a CUDA graph after ``warmups`` eager runs on a side stream.
 
     The warm-up runs do what must not happen during capture (compilation, cuBLAS workspaces, kernel
     choice); ``after_each`` runs after each of them and after the capture (e.g. to undo state they
-    advanced). Capture errors are thread-local, so other threads may keep using the device meanwhile.
+    advanced). With a ``gate``, all of it happens under :meth:`DeviceGate.exclusive`, so no other thread
+    that launches through the same gate can invalidate the capture; without one the capture errors are
+    only thread-local (safe only when no other thread uses the device meanwhile).
     """
-    stream = torch.cuda.Stream(device=device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(warmups):
+    with gate.exclusive() if gate is not None else contextlib.nullcontext():
+        torch.cuda.synchronize(device)
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmups):
+                run()
+                if after_each is not None:
+                    after_each()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             run()
-            if after_each is not None:
-                after_each()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        run()
-    if after_each is not None:
-        after_each()
+        if after_each is not None:
+            after_each()
+        torch.cuda.synchronize(device)
     return graph
 
 
@@ -115,9 +197,10 @@ class _CapturedGraphs:
 class GraphedDecoder:
     """Static-shape LLM decoding for B rows with a preallocated cache; CUDA-graph replay on GPU.
 
-    The graph is captured lazily at the first :meth:`step` (once per instance, i.e. per (B, S));
-    later prefills write into the same cache tensors, so the captured graph stays valid across
-    utterances. Row lengths live on the device (``cache.lengths``) and advance inside the graph.
+    The graph is captured lazily at the first :meth:`step` (once per instance, i.e. per (B, S)), or
+    ahead of time by :meth:`warm_up`; later prefills write into the same cache tensors, so the captured
+    graph stays valid across utterances. Row lengths live on the device (``cache.lengths``) and advance
+    inside the graph.
 
     Args:
         model: the speech LM (eval mode, on its device and dtype).
@@ -133,24 +216,41 @@ class GraphedDecoder:
         force_compile: compile on CPU too (tests).
         pack: pack the model's q/k/v and gate/up weights (``Qwen2Model.pack_projections``: same
             parameters, one GEMM each) so a step launches fewer kernels.
-        prefill_bucket: with graphs, prompts are right-padded to a multiple of this many positions and
-            the prefill is replayed from a graph captured once per padded length (padding is never
-            visible: each row's length is its own, and later steps overwrite the padded positions).
+        prefill_bucket: with graphs, prompts are right-padded to a power of two of at least this many
+            positions (capped at the capacity) and the prefill is replayed from a graph captured once per
+            padded length (padding is never visible: each row's length is its own, and later steps
+            overwrite the padded positions). Powers of two keep the captures per decoder few (ahead of
+            time in :meth:`warm_up`).
+        gate: the device's :class:`DeviceGate`; captures take it exclusively.
+        sample_head: also compute, inside the step, the min-length masked log-probs, their softmax and
+            its stable descending sort (batch 1): :meth:`decode` then samples RAS with one small
+            device→host transfer per token (see :func:`sample_decode`).
     """
 
     def __init__(self, model: CosyVoice3LM, batch_size: int, capacity: int, *, use_graph: bool = True,
                  autocast_dtype: torch.dtype | None = None, compile_mode: str | None = None,
-                 force_compile: bool = False, pack: bool = True, prefill_bucket: int = 32) -> None:
+                 force_compile: bool = False, pack: bool = True, prefill_bucket: int = 32,
+                 gate: DeviceGate | None = None, sample_head: bool = False) -> None:
         self.model = model
         dev = model.speech_embedding.weight.device
         self.device = dev
+        self.gate = gate
         cache_dtype = autocast_dtype or model.speech_embedding.weight.dtype
         self.cache = KVCache.allocate(model.config.qwen2, batch_size, capacity, device=dev, dtype=cache_dtype)
         self.autocast_dtype = autocast_dtype
         self.use_graph = bool(use_graph and dev.type == "cuda")
         self.tokens = torch.zeros(batch_size, dtype=torch.long, device=dev)  # static input
-        self.logp = torch.zeros(batch_size, model.config.speech_vocab_size, dtype=torch.float32, device=dev)
+        vocab = model.config.speech_vocab_size
+        self.logp = torch.zeros(batch_size, vocab, dtype=torch.float32, device=dev)
         self.argmax = torch.zeros(batch_size, dtype=torch.long, device=dev)  # static greedy output
+        self.sample_head = bool(sample_head)
+        if self.sample_head:
+            # Static sampler inputs/outputs: which ids min_len blocks, whether it blocks them this step.
+            self.stop_mask = torch.zeros(vocab, dtype=torch.bool, device=dev)
+            self.suppress = torch.zeros(1, dtype=torch.bool, device=dev)
+            self.masked = torch.zeros(batch_size, vocab, dtype=torch.float32, device=dev)
+            self.sorted_p = torch.zeros(batch_size, vocab, dtype=torch.float32, device=dev)
+            self.sorted_ids = torch.zeros(batch_size, vocab, dtype=torch.long, device=dev)
         self._graph: Any = None
         self.prefill_bucket = max(1, int(prefill_bucket))
         self._prefill_graphs: dict[int, dict[str, Any]] = {}
@@ -170,20 +270,68 @@ class GraphedDecoder:
         """Rows B."""
         return self.cache.batch_size
 
+    @property
+    def captured(self) -> bool:
+        """Whether the step graph has been captured."""
+        return self._graph is not None
+
     def _step_body(self) -> None:
         logp, _ = self.model.step_logp(self.tokens, self.cache, self.attention)
         self.logp.copy_(logp)
         self.argmax.copy_(logp.argmax(dim=-1))
 
+    def _head(self) -> None:
+        """Min-length masking, softmax and the stable descending sort of ``logp`` (the RAS inputs)."""
+        masked = self.logp.masked_fill(self.stop_mask & self.suppress, -float("inf"))
+        self.masked.copy_(masked)
+        p, ids = masked.softmax(dim=-1).sort(dim=-1, descending=True, stable=True)
+        self.sorted_p.copy_(p)
+        self.sorted_ids.copy_(ids)
+
     def _eager_step(self) -> None:
         with torch.inference_mode(), autocast_ctx(self.device, self.autocast_dtype):
             self._body()
+        if self.sample_head:
+            with torch.inference_mode():
+                self._head()
 
     def _capture(self) -> None:
         # The warm-up steps advance the row lengths: restore them after each.
         saved = self.cache.lengths.clone()
         self._graph = capture_graph(self.device, self._eager_step, warmups=2,
-                                    after_each=lambda: self.cache.lengths.copy_(saved))
+                                    after_each=lambda: self.cache.lengths.copy_(saved), gate=self.gate)
+
+    def prefill_width(self, longest: int) -> int:
+        """The padded prompt width a prompt of ``longest`` positions is prefilled at."""
+        if not self.use_graph:
+            return longest
+        width = self.prefill_bucket
+        while width < longest:
+            width *= 2
+        return min(width, self.cache.capacity)
+
+    @torch.inference_mode()
+    def warm_up(self, widths: Sequence[int] = ()) -> int:
+        """Capture the step graph and the prefill graphs of ``widths`` now (CUDA; a no-op on CPU).
+
+        Returns the number of graphs captured. Costs two eager runs and one capture per graph (tens of
+        milliseconds each at full size; seconds when the step is compiled, at its first capture).
+        """
+        if not self.use_graph:
+            return 0
+        n = 0
+        dim = self.model.config.hidden_size
+        dtype = self.model.speech_embedding.weight.dtype
+        for w in sorted({self.prefill_width(int(w)) for w in widths if 0 < int(w) < self.cache.capacity}):
+            if w not in self._prefill_graphs:
+                self.prefill([torch.zeros(1, w, dim, device=self.device, dtype=dtype)])
+                n += 1
+        if self._graph is None:
+            self.cache.reset()
+            self._capture()
+            n += 1
+        self.cache.reset()
+        return n
 
     @torch.inference_mode()
     def prefill(self, lm_inputs: Sequence[Tensor]) -> Tensor:
@@ -198,9 +346,7 @@ class GraphedDecoder:
         longest = max((x[0] if x.dim() == 3 else x).shape[0] for x in lm_inputs)
         if longest >= self.cache.capacity:
             raise ValueError(f"prompt of {longest} positions leaves no room in a cache of {self.cache.capacity}")
-        width = longest
-        if self.use_graph:
-            width = min(-(-width // self.prefill_bucket) * self.prefill_bucket, self.cache.capacity)
+        width = self.prefill_width(longest)
         x, input_lens = right_pad_prompts(lm_inputs, width)
         if not self.use_graph:
             self._prefill_body(x, input_lens)
@@ -209,7 +355,7 @@ class GraphedDecoder:
         if entry is None:
             entry = {"x": x.clone(), "lens": input_lens.clone()}
             entry["graph"] = capture_graph(self.device, lambda: self._prefill_body(entry["x"], entry["lens"]),
-                                           warmups=1)
+                                           warmups=1, gate=self.gate)
             self._prefill_graphs[width] = entry
         entry["x"].copy_(x)
         entry["lens"].copy_(input_lens)
@@ -228,12 +374,16 @@ class GraphedDecoder:
             logp = self.model._logp(hidden[torch.arange(b, device=self.device), input_lens - 1])
         self.logp.copy_(logp)
 
-    def step(self, token_ids: Tensor) -> Tensor:
+    def step(self, token_ids: Tensor | int) -> Tensor:
         """Feed one id per row and return the static (B, V_sp) log-prob buffer (overwritten next step).
 
+        ``token_ids``: (B,) ids, or one Python int for every row (a fill: no host-to-device copy).
         The caller keeps every row's length below the capacity (not checked: that would sync).
         """
-        self.tokens.copy_(token_ids)
+        if isinstance(token_ids, int):
+            self.tokens.fill_(token_ids)
+        else:
+            self.tokens.copy_(token_ids)
         if not self.use_graph:
             self._eager_step()
         else:
@@ -254,7 +404,9 @@ class GraphedDecoder:
         """Batch-1 decoding with the same rules and draws as :meth:`CosyVoice3LM.decode`.
 
         Needs ``batch_size == 1`` and ``capacity >= L + max_len``. ``draw_q`` injects the sampler's
-        Exp(1) draws (tests), as in :meth:`CosyVoice3LM.decode`.
+        Exp(1) draws (tests), as in :meth:`CosyVoice3LM.decode`. A decoder built with ``sample_head``
+        samples through :func:`sample_decode` (one transfer per token) when it can: a seeded
+        ``generator``, no ``draw_q`` and temperature 1; otherwise the model's own loop drives the steps.
         """
         if self.batch_size != 1:
             raise ValueError("decode() is for a batch-1 decoder; use prefill/step for batches")
@@ -263,8 +415,82 @@ class GraphedDecoder:
         if prompt.lm_input.shape[1] + prompt.max_len > self.cache.capacity:
             raise ValueError(f"prompt ({prompt.lm_input.shape[1]}) + max_len ({prompt.max_len}) exceeds the "
                              f"cache capacity {self.cache.capacity}; build the decoder with a larger capacity")
+        sampling = sampling or self.model.config.sampling
+        if self.sample_head and draw_q is None and generator is not None and sampling.temperature == 1.0:
+            yield from sample_decode(self, prompt, sampling, generator, min_len_mode)
+            return
+        if self.sample_head:
+            self.suppress.fill_(False)  # the model's loop masks on its own
         yield from self.model.decode(prompt, sampling=sampling, generator=generator, draw_q=draw_q,
                                      min_len_mode=min_len_mode, rows=self)
+
+
+def sample_decode(dec: GraphedDecoder, prompt: InferencePrompt, sampling: SamplingConfig,
+                  generator: torch.Generator, min_len_mode: MinLenMode) -> Iterator[DecodeStep]:
+    """RAS decoding on a ``sample_head`` decoder: the same tokens as :meth:`CosyVoice3LM.decode`.
+
+    The step (graph) leaves the min-length masked log-probs, their softmax and its stable sort on the
+    device; per token the host reads the top-k head (probabilities and ids) and the Exp(1) draws in
+    *one* transfer, picks the candidate exactly as :func:`~cosytune.models.sampling.ras_sample` does
+    (the same float32 running sum, the same ``argmax(p / q)``), and feeds the id back with a fill. Only
+    a repetition redraw (it needs the pick first, as upstream) costs a second transfer.
+
+    Draws: on the CPU the head is read first and exactly ``count`` draws are made, as the reference does.
+    On CUDA the ``top_k`` draws are made before the count is known, in the same transfer: the Philox
+    kernel gives element i the same value and advances the generator by the same offset for any size up
+    to a block, so the first ``count`` equal the reference's draws (checked by a GPU test).
+    """
+    from cosytune.models.sampling import SampleResult, _nucleus_count, _redraw, exponential_draws
+
+    cfg = dec.model.config
+    stop_from = cfg.speech_token_size
+    dec.stop_mask.zero_()
+    if min_len_mode == "upstream":
+        dec.stop_mask[stop_from] = True
+    elif min_len_mode == "all_stops":
+        dec.stop_mask[stop_from:] = True
+    else:
+        raise ValueError(f"min_len_mode must be 'all_stops' or 'upstream', got {min_len_mode!r}")
+    k = min(sampling.top_k, cfg.speech_vocab_size)
+    ahead = dec.device.type == "cuda" and generator.device.type == "cuda"
+    draw = exponential_draws(generator)
+    dec.suppress.fill_(prompt.min_len > 0)
+    with dec.gate.shared() if dec.gate is not None else contextlib.nullcontext():
+        dec.prefill([prompt.lm_input])
+        dec._head()  # the prefill graph leaves only logp
+    history: list[int] = []
+    for step in range(prompt.max_len):
+        gate = dec.gate.shared() if dec.gate is not None else contextlib.nullcontext()
+        with gate:
+            head_p, head_ids = dec.sorted_p[0, :k], dec.sorted_ids[0, :k]
+            if ahead:
+                q = torch.empty(k, dtype=head_p.dtype, device=dec.device).exponential_(1.0, generator=generator)
+                host = torch.stack((head_p, head_ids.to(head_p.dtype), q)).cpu().numpy()
+                count = _nucleus_count(host[0], sampling.top_p)
+                qs = host[2, :count]
+            else:
+                host = torch.stack((head_p, head_ids.to(head_p.dtype))).cpu().numpy()
+                count = _nucleus_count(host[0], sampling.top_p)
+                qs = draw(dec.sorted_p[0, :count]).cpu().numpy()
+            ps = host[0, :count]
+            pos = int(np.argmax(ps / qs))
+            ids = [int(i) for i in host[1, :count]]
+            pick = ids[pos]
+            raw = dec.logp[0].clone()
+            token, redraw = pick, False
+            repeats = sum(1 for t in history[-sampling.win_size:] if t == pick)
+            if repeats >= sampling.win_size * sampling.tau_r:  # same float product as ras_sample
+                token, redraw = _redraw(dec.masked[0], pick, draw), True
+        result = SampleResult(token, tuple(ids), pos, pick, redraw)
+        stop = cfg.is_stop(token)
+        yield DecodeStep(step, raw, result, token, stop)
+        if stop or step + 1 == prompt.max_len:
+            return
+        history.append(token)
+        with dec.gate.shared() if dec.gate is not None else contextlib.nullcontext():
+            if step + 1 == prompt.min_len:
+                dec.suppress.fill_(False)
+            dec.step(token)
 
 
 @torch.inference_mode()
@@ -340,12 +566,14 @@ class GraphedFlowSampler:
         max_graphs: shapes to keep captured.
         bucket: pad the frame count up to a multiple of this (1 = exact shapes).
         estimator: the DiT to run instead of ``decoder.estimator`` (e.g. :func:`fast_estimator`'s copy).
+        gate: the device's :class:`DeviceGate`; captures take it exclusively.
     """
 
     def __init__(self, decoder: torch.nn.Module, *, autocast_dtype: torch.dtype | None = None,
                  use_graph: bool = True, max_graphs: int = 8, bucket: int = 1,
-                 estimator: torch.nn.Module | None = None) -> None:
+                 estimator: torch.nn.Module | None = None, gate: DeviceGate | None = None) -> None:
         self.decoder = decoder
+        self.gate = gate
         self._estimator = estimator
         self.autocast_dtype = autocast_dtype
         dev = next(decoder.parameters()).device
@@ -374,7 +602,7 @@ class GraphedFlowSampler:
         entry = {"mu": mu.clone(), "mask": mask.clone(), "spks": spks.clone(), "cond": cond.clone(),
                  "noise": noise.clone(), "t_span": t_span.clone(), "cfg_rate": cfg_rate,
                  "streaming": streaming, "out": torch.empty(mu.shape, device=mu.device, dtype=torch.float32)}
-        entry["graph"] = capture_graph(self.device, lambda: self._run(entry), warmups=2)
+        entry["graph"] = capture_graph(self.device, lambda: self._run(entry), warmups=2, gate=self.gate)
         return entry
 
     @torch.inference_mode()
@@ -420,10 +648,13 @@ class GraphedVocoder:
         hift: the ``HiFTGenerator`` (eval mode, float32), its ``decode`` possibly compiled.
         use_graph: capture CUDA graphs (ignored on CPU).
         max_graphs: shapes to keep captured.
+        gate: the device's :class:`DeviceGate`; captures take it exclusively.
     """
 
-    def __init__(self, hift: torch.nn.Module, *, use_graph: bool = True, max_graphs: int = 8) -> None:
+    def __init__(self, hift: torch.nn.Module, *, use_graph: bool = True, max_graphs: int = 8,
+                 gate: DeviceGate | None = None) -> None:
         self.hift = hift
+        self.gate = gate
         dev = next(hift.parameters()).device
         self.device = dev
         self.use_graph = bool(use_graph and dev.type == "cuda")
@@ -453,7 +684,7 @@ class GraphedVocoder:
                 entry["out"] = hift.inference(entry["mel"], finalize=finalize)
 
             # The eager warm-ups also raise the plain call's errors (e.g. a too-short chunk).
-            entry["graph"] = capture_graph(self.device, run, warmups=2)
+            entry["graph"] = capture_graph(self.device, run, warmups=2, gate=self.gate)
             return entry
 
         entry = self._graphs.get(key, build)

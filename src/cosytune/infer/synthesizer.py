@@ -64,12 +64,13 @@ Upstream reference (facts only): ``cosyvoice/cli/cosyvoice.py`` (``inference_*``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -92,6 +93,12 @@ class UnknownSpeakerError(UsageError, DataError):
 
 #: Frame bucket of the graphed flow sampler (``fast_flow``): 64 mel frames = 1.28 s.
 FLOW_BUCKET = 64
+#: Flow shapes kept captured (LRU): non-streaming and streaming solves of every bucket up to ~40 s.
+FLOW_MAX_GRAPHS = 64
+#: Prompt + speech seconds whose flow buckets :meth:`Synthesizer.warmup` captures.
+FLOW_WARMUP_SECONDS = 20.0
+#: Streamed-chunk vocoder shapes kept captured (LRU).
+VOCODER_MAX_GRAPHS = 32
 
 logger = logging.getLogger(__name__)
 
@@ -228,56 +235,104 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-#: Fast decoders are built for capacities rounded up to a multiple of this (fewer distinct graphs).
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str) -> torch.dtype:
+    """The dtype of the LLM and flow: a torch dtype or its name as given, and for ``"auto"``/None bfloat16
+    on a CUDA device that supports it (compute capability 8.0+), else float32 (every CPU).
+
+    Raises:
+        UsageError: an unknown name.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = "auto" if dtype is None else str(dtype).replace("torch.", "")
+    if name == "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise UsageError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return getattr(torch, name)
+
+
+#: Dtype names accepted besides ``auto``.
+DTYPES = ("float32", "bfloat16", "float16")
+
+#: Linear capacity granularity of a :class:`DecoderPool` built with ``bucket=`` (tests, tools).
 CAPACITY_BUCKET = 256
+
+#: Default decoder capacities: powers of two from this many positions (few distinct graphs, so they can
+#: all be captured at load; a step attends over at most twice the positions it needs, which costs
+#: microseconds at batch 1).
+MIN_POW2_CAPACITY = 512
+
+#: Capacities :meth:`Synthesizer.warmup` prepares by default (each capped at the model's positions):
+#: 512 holds a short prompt + ~400 tokens (16 s), 4096 a long prompt + 150 text tokens at 20x.
+WARMUP_CAPACITIES = (512, 1024, 2048, 4096)
 
 #: Why a request yields no audio when the LLM stops before its first speech token.
 NO_SPEECH = ("the LLM produced no speech tokens for this text (it stopped at once); try another --seed, or check "
              "that the model dir and --llm_ckpt belong together")
 
 
-def bucket_capacity(positions: int, limit: int, bucket: int = CAPACITY_BUCKET) -> int | None:
-    """``positions`` rounded up to a multiple of ``bucket``, capped at ``limit``; None past ``limit``.
+def bucket_capacity(positions: int, limit: int, bucket: int | None = CAPACITY_BUCKET) -> int | None:
+    """``positions`` rounded up to a multiple of ``bucket`` (None: to a power of two of at least
+    ``MIN_POW2_CAPACITY``), capped at ``limit``; None past ``limit``.
 
     Decoders are built per capacity, so bucketing lets requests of similar length share one (and its
     captured graph).
     """
     if positions > limit:
         return None
+    if bucket is None:
+        cap = MIN_POW2_CAPACITY
+        while cap < positions:
+            cap *= 2
+        return min(limit, cap)
     return min(limit, -(-int(positions) // bucket) * bucket)
-#: Idle decoders kept per capacity bucket (the rest are dropped when returned, bounding memory).
-MAX_IDLE_PER_BUCKET = 2
+
+
+#: Idle decoders kept per capacity bucket (the rest are dropped when returned, bounding memory). Enough
+#: for a burst of concurrent requests to find their captured decoders again in the next burst.
+MAX_IDLE_PER_BUCKET = 16
 
 
 class DecoderPool:
     """Thread-safe pool of batch-1 :class:`~cosytune.infer.fast.GraphedDecoder` s, keyed by cache capacity.
 
     A request :meth:`acquire` s a decoder for the positions it needs (prompt + ``max_len``), rounded up to
-    a multiple of ``bucket`` and capped at the backbone's ``max_position_embeddings``, and :meth:`release` s
-    it when done. A checked-out decoder belongs to one request only, so concurrent requests share no
-    mutable state; an idle one is reused by the next request of the same bucket (its cache is reset by
-    ``prefill``, and its captured CUDA graph stays valid). Decoders are built lazily (the graph is captured
-    at a decoder's first step); at most ``max_idle_per_bucket`` idle decoders are kept per bucket, so memory
+    a power of two of at least ``MIN_POW2_CAPACITY`` (or to a multiple of ``bucket`` when one is given)
+    and capped at the backbone's ``max_position_embeddings``, and :meth:`release` s it when done. A
+    checked-out decoder belongs to one request only, so concurrent requests share no mutable state; an
+    idle one is reused by the next request of the same bucket (its cache is reset by ``prefill``, and its
+    captured CUDA graphs stay valid). Decoders are built lazily (graphs captured at first use, under the
+    device gate's exclusive hold so that other requests' launches cannot break the capture) or ahead of
+    time by :meth:`warm_up`; at most ``max_idle_per_bucket`` idle decoders are kept per bucket, so memory
     is bounded by the peak concurrency plus that many per bucket.
 
     Args:
         llm: the ``CosyVoice3LM`` (eval mode, on its device and dtype).
         use_graph: capture CUDA graphs (ignored on CPU, where the static step runs eagerly).
-        bucket: capacity granularity in positions.
+        compile_mode: ``torch.compile`` mode of the decoders' step (None: eager kernels in the graph).
+        bucket: linear capacity granularity in positions; None (default): powers of two.
         max_idle_per_bucket: idle decoders kept per capacity.
+        gate: the device's :class:`~cosytune.infer.fast.DeviceGate` (one is made when None).
     """
 
     def __init__(self, llm: Any, *, use_graph: bool = True, compile_mode: str | None = None,
-                 bucket: int = CAPACITY_BUCKET,
-                 max_idle_per_bucket: int = MAX_IDLE_PER_BUCKET) -> None:
-        if bucket <= 0 or max_idle_per_bucket < 0:
+                 bucket: int | None = None, max_idle_per_bucket: int = MAX_IDLE_PER_BUCKET,
+                 gate: Any = None) -> None:
+        from cosytune.infer.fast import DeviceGate
+
+        if (bucket is not None and bucket <= 0) or max_idle_per_bucket < 0:
             raise ValueError(f"bucket must be > 0 and max_idle_per_bucket >= 0, got {bucket}, {max_idle_per_bucket}")
         self.llm = llm
         self.use_graph = use_graph
         self.compile_mode = compile_mode
-        self.bucket = int(bucket)
+        self.bucket = None if bucket is None else int(bucket)
         self.max_idle_per_bucket = int(max_idle_per_bucket)
         self.limit = int(llm.config.qwen2.max_position_embeddings)
+        self.gate = gate if gate is not None else DeviceGate()
         self._lock = threading.Lock()
         self._idle: dict[int, list[Any]] = {}
         self._counts = {"created": 0, "reused": 0, "released": 0, "discarded": 0, "in_use": 0, "peak_in_use": 0,
@@ -289,6 +344,12 @@ class DecoderPool:
     def capacity_for(self, positions: int) -> int | None:
         """The bucketed capacity for ``positions`` cache positions, or None when it exceeds the limit."""
         return bucket_capacity(positions, self.limit, self.bucket)
+
+    def _build(self, capacity: int) -> Any:
+        from cosytune.infer.fast import GraphedDecoder
+
+        return GraphedDecoder(self.llm, 1, capacity, use_graph=self.use_graph, pack=False,
+                              compile_mode=self.compile_mode, gate=self.gate, sample_head=True)
 
     def acquire(self, positions: int) -> Any | None:
         """Check out a decoder holding at least ``positions`` positions (None: too long, use the reference)."""
@@ -303,11 +364,8 @@ class DecoderPool:
             self._counts["in_use"] += 1
             self._counts["peak_in_use"] = max(self._counts["peak_in_use"], self._counts["in_use"])
         if decoder is None:  # built outside the lock: allocation must not block other requests' releases
-            from cosytune.infer.fast import GraphedDecoder
-
             try:
-                decoder = GraphedDecoder(self.llm, 1, capacity, use_graph=self.use_graph, pack=False,
-                                         compile_mode=self.compile_mode)
+                decoder = self._build(capacity)
             except BaseException:
                 with self._lock:
                     self._counts["in_use"] -= 1
@@ -326,6 +384,28 @@ class DecoderPool:
             else:
                 self._counts["discarded"] += 1
 
+    def warm_up(self, capacities: Sequence[int] = WARMUP_CAPACITIES, *, per_bucket: int = 1) -> int:
+        """Build ``per_bucket`` idle decoders per capacity and capture their graphs now (step, and the
+        prefill widths a prompt of that bucket can have: powers of two up to half the capacity, at most
+        1024). Returns the graphs captured (0 on CPU). Costs tens of milliseconds per graph at full size.
+        """
+        caps = sorted({c for c in (self.capacity_for(int(c)) for c in capacities) if c is not None})
+        captured = 0
+        for cap in caps:
+            widths = []
+            w = 32
+            while w <= min(cap // 2, 1024):
+                widths.append(w)
+                w *= 2
+            with self._lock:
+                have = len(self._idle.get(cap, []))
+            for _ in range(max(0, min(per_bucket, self.max_idle_per_bucket) - have)):
+                decoder = self._build(cap)
+                captured += decoder.warm_up(widths)
+                with self._lock:
+                    self._idle.setdefault(cap, []).append(decoder)
+        return captured
+
     def stats(self) -> dict[str, Any]:
         """Counters (``created``, ``reused``, ``released``, ``discarded``, ``in_use``, ``peak_in_use``,
         ``fallbacks``) and ``idle``: {capacity: idle decoders}."""
@@ -336,6 +416,18 @@ class DecoderPool:
         """Drop every idle decoder (frees their caches and graphs; checked-out ones are unaffected)."""
         with self._lock:
             self._idle.clear()
+
+
+def _gated(items: Iterator[Any], gate: Any) -> Iterator[Any]:
+    """``items`` advanced under ``gate.shared()`` one item at a time (never held across a yield, so a
+    consumer that stops reading cannot hold a capture up)."""
+    while True:
+        with gate.shared():
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+        yield item
 
 
 class Synthesizer:
@@ -357,19 +449,29 @@ class Synthesizer:
             step attends over the whole preallocated cache and gains nothing); True on CPU runs the static
             step eagerly (tests use it); False always uses ``CosyVoice3LM.decode``.
         fast_flow: replay the flow's 10-step CFG solve as a CUDA graph per 64-frame bucket
-            (:class:`~cosytune.infer.fast.GraphedFlowSampler`; same mel up to float rounding). Off by
-            default: a new bucket costs a warm-up and a capture, which pays off only in a long-running
-            process that synthesises many requests (a server, a notebook). Ignored on CPU.
+            (:class:`~cosytune.infer.fast.GraphedFlowSampler`, on a copy of the DiT whose small position
+            convolutions run as one GEMM; same mel up to float rounding). None (default) = on for CUDA;
+            ignored on CPU. A bucket not captured at load (:meth:`warmup`) is captured at first use.
         compile_decode: ``torch.compile`` the fast decoders' step before capturing it (fused norm / RoPE /
-            residual kernels, fused cache attention: 1.19 vs 2.43 ms per token on an H200). Each decoder size compiles once,
-            which takes tens of seconds, so it is off by default. Ignored on CPU.
+            residual kernels, fused cache attention: ~1.7 vs ~3.1 ms per token on an H100). Each decoder
+            compiles once, which takes tens of seconds (paid by :meth:`warmup` at load when it runs), so it
+            is off by default. Ignored on CPU.
+        fast_vocoder: replay the vocoder of streamed chunks from CUDA graphs per chunk shape
+            (:class:`~cosytune.infer.fast.GraphedVocoder`; the same kernels, so the same samples). None
+            (default) = on for CUDA; ignored on CPU. Whole utterances and final chunks run eagerly (their
+            lengths rarely repeat).
+        speaker_cache: prompt wavs whose features are kept (by content hash), so a voice used again skips
+            the prompt front end (CAM++ and the speech tokenizer); 0 turns the cache off.
     """
 
     def __init__(self, llm: Any, flow: Any, hift: Any, *, tokenizer: Any, normalizer: Any = None,
                  spk2info: Mapping[str, Mapping[str, Any]] | None = None,
                  prompt_frontend: PromptFrontend | None = None, sample_rate: int = SAMPLE_RATE,
                  schedule: StreamSchedule | None = None, model_files: dict[str, Any] | None = None,
-                 fast_decode: bool | None = None, fast_flow: bool = False, compile_decode: bool = False) -> None:
+                 fast_decode: bool | None = None, fast_flow: bool | None = None, compile_decode: bool = False,
+                 fast_vocoder: bool | None = None, speaker_cache: int = 32) -> None:
+        from cosytune.infer.fast import DeviceGate
+
         self.llm = llm
         self.flow = flow
         self.hift = hift
@@ -381,35 +483,105 @@ class Synthesizer:
         self.schedule = schedule or StreamSchedule()
         self.model_files = dict(model_files or {})
         self.device = next(llm.parameters()).device
+        #: Parameter dtype of the LLM (float32 is the parity mode).
+        self.dtype = next(llm.parameters()).dtype
+        cuda = self.device.type == "cuda"
         self.endofprompt_id = int(getattr(llm.config, "endofprompt_id", 151646))
-        self.fast_decode = self.device.type == "cuda" if fast_decode is None else bool(fast_decode)
-        #: Idle fast decoders (None when ``fast_decode`` is off); see :class:`DecoderPool`.
+        #: Launches hold ``gate.shared()``, CUDA graph captures ``gate.exclusive()`` (concurrent requests
+        #: cannot break a capture): see :class:`~cosytune.infer.fast.DeviceGate`.
+        self.gate = DeviceGate()
+        self.fast_decode = cuda if fast_decode is None else bool(fast_decode)
         #: torch.compile mode of the fast decoders' step (None: not compiled).
-        self.decode_compile_mode = "default" if compile_decode and self.device.type == "cuda" else None
-        self.decoder_pool: DecoderPool | None = (DecoderPool(llm, compile_mode=self.decode_compile_mode)
-                                                 if self.fast_decode else None)
-        self.fast_flow = bool(fast_flow) and self.device.type == "cuda"
+        self.decode_compile_mode = "default" if compile_decode and cuda else None
+        #: Idle fast decoders (None when ``fast_decode`` is off); see :class:`DecoderPool`.
+        self.decoder_pool: DecoderPool | None = (DecoderPool(llm, compile_mode=self.decode_compile_mode,
+                                                             gate=self.gate) if self.fast_decode else None)
+        self.fast_flow = (cuda if fast_flow is None else bool(fast_flow)) and cuda
         self._flow_sampler: Any = None
         self._flow_lock = threading.Lock()  # one graphed solve at a time (its buffers are shared)
         if self.fast_flow:
-            from cosytune.infer.fast import GraphedFlowSampler
+            from cosytune.infer.fast import GraphedFlowSampler, fast_estimator
 
-            self._flow_sampler = GraphedFlowSampler(flow.decoder, bucket=FLOW_BUCKET)
+            self._flow_sampler = GraphedFlowSampler(flow.decoder, bucket=FLOW_BUCKET, gate=self.gate,
+                                                    max_graphs=FLOW_MAX_GRAPHS,
+                                                    estimator=fast_estimator(flow.decoder.estimator))
+        self.fast_vocoder = (cuda if fast_vocoder is None else bool(fast_vocoder)) and cuda
+        self._vocoder: Any = None
+        self._vocoder_lock = threading.Lock()
+        if self.fast_vocoder:
+            from cosytune.infer.fast import GraphedVocoder
+
+            self._vocoder = GraphedVocoder(hift, gate=self.gate, max_graphs=VOCODER_MAX_GRAPHS)
+        self.speaker_cache_size = max(0, int(speaker_cache))
+        self._speakers: dict[str, Speaker] = {}  # content hash -> speaker, insertion order = recency
+        self._speaker_lock = threading.Lock()
+        #: What :meth:`warmup` did (graphs captured, seconds), empty until it runs.
+        self.warmup_info: dict[str, Any] = {}
+
+    def warmup(self, *, capacities: Sequence[int] = WARMUP_CAPACITIES, decoders_per_bucket: int = 1,
+               flow_seconds: float = FLOW_WARMUP_SECONDS) -> dict[str, Any]:
+        """Capture the CUDA graphs of common request shapes now, so no user request pays for a capture.
+
+        * LLM: ``decoders_per_bucket`` idle decoders per capacity in ``capacities`` (step graph and the
+          prefill graphs of the prompt widths that bucket can hold; with ``compile_decode`` each
+          decoder's step is also compiled here).
+        * Flow (``fast_flow``): the non-streaming and the streaming solve of every 64-frame bucket up to
+          ``flow_seconds`` of prompt + speech.
+
+        On an H100 with the full-size model this takes a few seconds (about a minute more with
+        ``compile_decode``) and some hundreds of MB of graph memory. A no-op on CPU. Returns (and keeps in
+        :attr:`warmup_info`) the counts and the seconds spent.
+        """
+        t0 = time.perf_counter()
+        info: dict[str, Any] = {"decoder_graphs": 0, "flow_graphs": 0}
+        if self.device.type != "cuda":
+            self.warmup_info = {**info, "seconds": 0.0}
+            return self.warmup_info
+        if self.decoder_pool is not None:
+            info["decoder_graphs"] = self.decoder_pool.warm_up(capacities, per_bucket=decoders_per_bucket)
+        if self._flow_sampler is not None:
+            info["flow_graphs"] = self._warm_flow(flow_seconds)
+        info["seconds"] = time.perf_counter() - t0
+        self.warmup_info = info
+        logger.info("warm-up: %d decoder graphs, %d flow graphs in %.1f s", info["decoder_graphs"],
+                    info["flow_graphs"], info["seconds"])
+        return info
+
+    @torch.inference_mode()
+    def _warm_flow(self, seconds: float) -> int:
+        flow = self.flow
+        dtype = next(flow.parameters()).dtype
+        dev = self.device
+        n_mels = flow.config.output_size
+        frames = min(int(seconds * 50), 14000)
+        before = self._flow_sampler.captures
+        spks = torch.zeros(1, n_mels, device=dev, dtype=dtype)
+        for t in range(FLOW_BUCKET, frames + 1, FLOW_BUCKET):
+            mu = torch.zeros(1, n_mels, t, device=dev, dtype=dtype)
+            mask = torch.ones(1, 1, t, device=dev, dtype=dtype)
+            for streaming in (False, True):
+                with self._flow_lock, self.gate.shared():
+                    self._flow_sampler(mu, mask, spks, mu, streaming=streaming)
+        return self._flow_sampler.captures - before
 
     # ---------------------------------------------------------------------------------- loading
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike, *, device: str | torch.device | None = "cpu",
-                 dtype: torch.dtype = torch.float32, llm_ckpt: str | os.PathLike | None = None,
+                 dtype: torch.dtype | str | None = "auto", llm_ckpt: str | os.PathLike | None = None,
                  flow_ckpt: str | os.PathLike | None = None, hash_files: bool = True,
                  upstream_noise: bool = False, fast_decode: bool | None = None,
-                 fast_flow: bool = False, compile_decode: bool = False) -> Synthesizer:
+                 fast_flow: bool | None = None, compile_decode: bool = False,
+                 fast_vocoder: bool | None = None, warmup: bool | None = None,
+                 speaker_cache: int = 32) -> Synthesizer:
         """Load a model dir (upstream layout) strictly.
 
         Args:
             model_dir: the directory (``cosyvoice3.yaml``, ``llm.pt``, ``flow.pt``, ``hift.pt``, ONNX models,
                 ``CosyVoice-BlankEN/``, optional ``spk2info.pt``).
             device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
-            dtype: dtype of the LLM and flow (float32, bfloat16, float16); HiFT stays float32.
+            dtype: dtype of the LLM and flow (float32, bfloat16, float16, or ``"auto"``/None: bfloat16 on
+                a GPU that supports it, else float32; see :func:`resolve_dtype`); HiFT stays float32.
+                float32 is the parity mode (what the golden fixtures and upstream's CPU runs compare with).
             llm_ckpt: a weight file to load instead of ``llm.pt`` (epoch/step checkpoints and averaged
                 files are accepted; ``epoch``/``step`` entries are ignored).
             flow_ckpt: a weight file to load instead of ``flow.pt``.
@@ -418,8 +590,12 @@ class Synthesizer:
                 model (bit-exact upstream parity; ~260 MB of CPU memory, 300 s cap per call). Default: the
                 vocoder's own seeded noise (same distribution, different values).
             fast_decode: pooled fast LLM decoders; None = on for CUDA, off for CPU (see the class).
-            fast_flow: graph-replayed flow solves (see the class).
+            fast_flow: graph-replayed flow solves; None = on for CUDA (see the class).
             compile_decode: compiled fast-decoder steps (see the class).
+            fast_vocoder: graph-replayed vocoder for streamed chunks; None = on for CUDA (see the class).
+            warmup: run :meth:`warmup` before returning (captures the common graphs once, at load: a few
+                seconds on an H100, about a minute more with ``compile_decode``); None = on for CUDA.
+            speaker_cache: prompt wavs whose features are kept (see the class).
 
         Raises:
             ModelDirError: missing or malformed files (all listed).
@@ -429,6 +605,7 @@ class Synthesizer:
         from cosytune.modeldir.model_dir import ModelDir
 
         dev = _resolve_device(device)
+        dtype = resolve_dtype(dtype, dev)
         md = ModelDir.open(model_dir)
         hp = md.hparams
         weights = {"llm": Path(llm_ckpt) if llm_ckpt else md.weight_path("llm"),
@@ -460,9 +637,13 @@ class Synthesizer:
         files["flow"]["swapped"] = flow_ckpt is not None
         logger.info("loaded %s on %s (%s)%s%s", md.path, dev, str(dtype).replace("torch.", ""),
                     f", llm from {llm_ckpt}" if llm_ckpt else "", f", flow from {flow_ckpt}" if flow_ckpt else "")
-        return cls(llm, flow, hift, tokenizer=tokenizer, spk2info=spk2info, prompt_frontend=frontend,
-                   sample_rate=hp.sample_rate, schedule=schedule, model_files=files, fast_decode=fast_decode,
-                   fast_flow=fast_flow, compile_decode=compile_decode)
+        synth = cls(llm, flow, hift, tokenizer=tokenizer, spk2info=spk2info, prompt_frontend=frontend,
+                    sample_rate=hp.sample_rate, schedule=schedule, model_files=files, fast_decode=fast_decode,
+                    fast_flow=fast_flow, compile_decode=compile_decode, fast_vocoder=fast_vocoder,
+                    speaker_cache=speaker_cache)
+        if warmup if warmup is not None else dev.type == "cuda":
+            synth.warmup()
+        return synth
 
     @property
     def normalizer(self) -> Any:
@@ -498,7 +679,28 @@ class Synthesizer:
         if self.prompt_frontend is None:
             raise UsageError("this Synthesizer has no prompt front end (campplus.onnx, speech_tokenizer_v3.onnx); "
                              "build it with Synthesizer.from_dir to use prompt wavs")
-        return self.prompt_frontend.speaker_from_wav(prompt_wav)
+        key = None
+        if self.speaker_cache_size:
+            import hashlib
+
+            try:
+                key = hashlib.sha256(Path(prompt_wav).read_bytes()).hexdigest()
+            except OSError:
+                key = None  # the front end reports the unreadable file in its own words
+        if key is not None:
+            with self._speaker_lock:
+                cached = self._speakers.pop(key, None)
+                if cached is not None:
+                    self._speakers[key] = cached
+                    return cached
+        with self.gate.shared():
+            speaker = self.prompt_frontend.speaker_from_wav(prompt_wav)
+        if key is not None:
+            with self._speaker_lock:
+                self._speakers[key] = speaker
+                while len(self._speakers) > self.speaker_cache_size:
+                    self._speakers.pop(next(iter(self._speakers)))
+        return speaker
 
     # ---------------------------------------------------------------------------------- preparation
     def _prompt_ids(self, prompt_text: str, what: str, *, transcript_hint: bool = False) -> list[int]:
@@ -671,10 +873,12 @@ class Synthesizer:
             draw_q: inject Exp(1) draws (tests; see ``cosytune.models.sampling``).
             info: when given, ``info["llm_decoder"]`` is set to ``graph``, ``static`` or ``reference``.
         """
-        prompt = self.llm.build_prompt(req.text_ids, req.llm_prompt_ids, req.llm_prompt_speech)
+        with self.gate.shared():
+            prompt = self.llm.build_prompt(req.text_ids, req.llm_prompt_ids, req.llm_prompt_speech)
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
         pool = self.decoder_pool
         decoder = pool.acquire(int(prompt.lm_input.shape[1]) + int(prompt.max_len)) if pool is not None else None
+        steps = None
         try:
             if decoder is None:
                 kind, source = "reference", self.llm
@@ -682,12 +886,15 @@ class Synthesizer:
                 kind, source = ("graph" if self.device.type == "cuda" else "static"), decoder
             if info is not None:
                 info["llm_decoder"] = kind
-            for step in source.decode(prompt, sampling=options.sampling, generator=generator, draw_q=draw_q,
-                                      min_len_mode=options.min_len_mode):
+            steps = source.decode(prompt, sampling=options.sampling, generator=generator, draw_q=draw_q,
+                                  min_len_mode=options.min_len_mode)
+            for step in _gated(steps, self.gate):
                 if step.stop:
                     return
                 yield step.token_id
         finally:
+            if steps is not None:
+                steps.close()
             if decoder is not None:
                 pool.release(decoder)
 
@@ -696,10 +903,11 @@ class Synthesizer:
         embedding (1, 192))``; P = 0 when the mode has no flow prompt (sft)."""
         spk = req.speaker
         dev = self.device
-        if req.flow_prompt:
-            return (spk.speech_token.to(dev, torch.int64), spk.speech_feat.to(dev), spk.embedding.to(dev))
-        return (torch.zeros(1, 0, dtype=torch.int64, device=dev), torch.zeros(1, 0, spk.speech_feat.shape[-1],
-                device=dev), spk.embedding.to(dev))
+        with self.gate.shared():
+            if req.flow_prompt:
+                return (spk.speech_token.to(dev, torch.int64), spk.speech_feat.to(dev), spk.embedding.to(dev))
+            return (torch.zeros(1, 0, dtype=torch.int64, device=dev), torch.zeros(1, 0, spk.speech_feat.shape[-1],
+                    device=dev), spk.embedding.to(dev))
 
     def tokens_to_mel(self, tokens: list[int] | Tensor, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
                       *, streaming: bool, finalize: bool) -> Tensor:
@@ -721,16 +929,19 @@ class Synthesizer:
         tok = tokens if isinstance(tokens, Tensor) else torch.tensor([list(tokens)], dtype=torch.int64)
         tok = tok.to(dev, torch.int64).reshape(1, -1)
         dtype = next(self.flow.parameters()).dtype
-        with torch.inference_mode():
+        # The flow lock (graphed sampler only) is taken before the gate: a thread never waits for it
+        # while holding the gate, so a capture (which waits for every gate holder) cannot deadlock.
+        lock = self._flow_lock if self._flow_sampler is not None else contextlib.nullcontext()
+        with torch.inference_mode(), lock, self.gate.shared():
             args = (tok, prompt_token.to(dev, torch.int64), prompt_feat.to(dev, dtype), embedding.to(dev, dtype))
             if self._flow_sampler is not None:
-                with self._flow_lock:  # the graphed sampler returns its own buffer: copy it out inside
-                    mel = self.flow.inference(*args, streaming=streaming, finalize=finalize,
-                                              sampler=self._flow_sampler).clone()
+                # The graphed sampler returns its own buffer: copy it out inside the lock.
+                mel = self.flow.inference(*args, streaming=streaming, finalize=finalize,
+                                          sampler=self._flow_sampler).clone()
             else:
                 mel = self.flow.inference(*args, streaming=streaming, finalize=finalize)
-        mel = mel[0] if isinstance(mel, tuple) else mel
-        return mel.float()
+            mel = mel[0] if isinstance(mel, tuple) else mel
+            return mel.float()
 
     def mel_to_wav(self, mel: Tensor, *, speed: float = 1.0) -> Tensor:
         """Vocode a whole utterance (``finalize=True``), time-stretching the mel first when ``speed ≠ 1``.
@@ -738,13 +949,31 @@ class Synthesizer:
         Returns:
             (samples,) float32 on the CPU.
         """
-        mel = mel.float()
-        if speed != 1.0:
-            frames = int(mel.shape[2] / speed)
-            if frames < 1:
-                raise DataError(f"speed {speed} leaves no mel frames of {mel.shape[2]}; use a smaller --speed")
-            mel = F.interpolate(mel, size=frames, mode="linear")
-        return self.hift.inference(mel, finalize=True).wav[0].detach().cpu()
+        with self.gate.shared():
+            mel = mel.float()
+            if speed != 1.0:
+                frames = int(mel.shape[2] / speed)
+                if frames < 1:
+                    raise DataError(f"speed {speed} leaves no mel frames of {mel.shape[2]}; use a smaller --speed")
+                mel = F.interpolate(mel, size=frames, mode="linear")
+            return self.hift.inference(mel, finalize=True).wav[0].detach().cpu()
+
+    def vocode_stream(self, state: Any, mel_chunk: Tensor, finalize: bool) -> Tensor:
+        """``hift.stream_step`` (same samples), with non-final chunks replayed from the graphed vocoder
+        when ``fast_vocoder`` is on. Returns (1, n) new samples on the CPU."""
+        if self._vocoder is None or finalize:
+            with self.gate.shared():
+                return self.hift.stream_step(state, mel_chunk, finalize=finalize).detach().cpu()
+        if state.finished:
+            raise ValueError("this HiFT stream was already finalized; start a new HiFTStreamState")
+        with self._vocoder_lock, self.gate.shared():  # lock before gate: see tokens_to_mel
+            state.mel = mel_chunk if state.mel is None else torch.cat([state.mel, mel_chunk], dim=2)
+            if state.mel.shape[2] <= self.hift.config.chunk_trim_frames:
+                return torch.zeros(state.mel.shape[0], 0)
+            wav = self._vocoder(state.mel, finalize=False).wav
+            new = wav[:, state.emitted_samples:].detach().cpu()
+        state.emitted_samples += new.shape[1]
+        return new
 
     # ---------------------------------------------------------------------------------- requests
     @staticmethod
@@ -850,7 +1079,7 @@ class Synthesizer:
             mel = self.tokens_to_mel(state.tokens[: chunk.end], prompt_token, prompt_feat, embedding,
                                      streaming=not chunk.final, finalize=chunk.final)[:, :, chunk.offset * ratio:]
             tb = time.perf_counter()
-            new = self.hift.stream_step(vocoder, mel.float(), finalize=chunk.final)[0].detach().cpu().numpy()
+            new = self.vocode_stream(vocoder, mel.float(), finalize=chunk.final)[0].numpy()
             tc = time.perf_counter()
             times["flow_s"] += tb - ta
             times["hift_s"] += tc - tb
