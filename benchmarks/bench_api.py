@@ -38,6 +38,7 @@ from cosytune.infer.synthesizer import SynthesisOptions, Synthesizer
 TEXT = ("The quick brown fox jumps over the lazy dog while the morning sun rises slowly above the quiet hills, "
         "and somewhere in the valley a small bell begins to ring, calling the villagers to gather for the "
         "market, where fresh bread, ripe apples and warm tea are waiting for everyone who arrives early.")
+LONG_TEXT = " ".join([TEXT] * 3)
 PROMPT_CLIP = "agent-user.mp3"
 PROMPT_TEXT = "You are a helpful assistant.<|endofprompt|>Please enter the extension of the person you are calling."
 
@@ -54,18 +55,14 @@ def summary(xs: list[float]) -> dict[str, float | None]:
     return {"p50": pct(xs, 50), "p95": pct(xs, 95), "mean": statistics.fmean(xs) if xs else None, "n": len(xs)}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def one_request(synth: Synthesizer, seed: int, stream: bool, prompt_wav: Path) -> dict[str, Any]:
+def one_request(synth: Synthesizer, seed: int, stream: bool, prompt_wav: Path, text: str = TEXT) -> dict[str, Any]:
     """One public-API request; wall-clock figures measured around the call (and its first chunk)."""
     options = SynthesisOptions(seed=seed)
     t0 = time.perf_counter()
     if not stream:
-        res = synth.synthesize(TEXT, prompt_wav=prompt_wav, prompt_text=PROMPT_TEXT, options=options)
-        _sync(synth.device)
+        # The audio is on the host when synthesize returns: no device-wide sync (it would also collide
+        # with another thread's graph capture).
+        res = synth.synthesize(text, prompt_wav=prompt_wav, prompt_text=PROMPT_TEXT, options=options)
         total = time.perf_counter() - t0
         return {"total_s": total, "audio_s": res.duration_s, "rtf": total / res.duration_s,
                 "tokens": len(res.tokens), "llm_ms_per_token": 1000 * res.timings["llm_s"] / max(len(res.tokens), 1),
@@ -73,7 +70,7 @@ def one_request(synth: Synthesizer, seed: int, stream: bool, prompt_wav: Path) -
     first = None
     audio_s = 0.0
     result = None
-    for chunk in synth.stream(TEXT, prompt_wav=prompt_wav, prompt_text=PROMPT_TEXT, options=options):
+    for chunk in synth.stream(text, prompt_wav=prompt_wav, prompt_text=PROMPT_TEXT, options=options):
         if first is None and chunk.audio.shape[0]:
             first = time.perf_counter() - t0
         audio_s += chunk.audio.shape[0] / chunk.sample_rate
@@ -118,10 +115,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--model_dir", type=Path, default=None, help="an existing model dir (default: build --preset)")
     p.add_argument("--preset", choices=["tiny", "full"], default="tiny")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="Synthesizer dtype (default: what cosytune infer uses)")
-    p.add_argument("--compile_decode", action="store_true")
-    p.add_argument("--fast_flow", action="store_true")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
+                   help="Synthesizer dtype (default: what cosytune infer uses, i.e. auto)")
+    p.add_argument("--compile_decode", action="store_true", help="the opt-in compiled decoder step")
+    p.add_argument("--parity", action="store_true", help="the pre-issue-14 defaults: float32, no fast flow, "
+                   "no fast vocoder, no warm-up (graphed decoder only)")
+    p.add_argument("--no_warmup", action="store_true")
+    p.add_argument("--long_text", type=int, default=0, help="also time N warm requests of a ~30 s text, "
+                   "streaming and not (streaming RTF vs non-streaming RTF)")
     p.add_argument("--requests", type=int, default=20)
     p.add_argument("--concurrency", default="1,16", help="comma-separated client counts")
     p.add_argument("--out", type=Path, default=None)
@@ -138,14 +139,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         kw["dtype"] = getattr(torch, args.dtype)
     if args.compile_decode:
         kw["compile_decode"] = True
-    if args.fast_flow:
-        kw["fast_flow"] = True
+    if args.parity:
+        kw.update(dtype=torch.float32, fast_flow=False, fast_vocoder=False, warmup=False)
+    if args.no_warmup:
+        kw["warmup"] = False
     t0 = time.perf_counter()
     synth = Synthesizer.from_dir(model_dir, **kw)
     load_s = time.perf_counter() - t0
     out: dict[str, Any] = {"device": torch.cuda.get_device_name() if synth.device.type == "cuda" else "cpu",
                            "model_dir": str(model_dir), "settings": {k: str(v) for k, v in kw.items()},
-                           "load_s": load_s}
+                           "load_s": load_s, "warmup": dict(synth.warmup_info), "dtype": str(synth.dtype)}
     out["first_request"] = one_request(synth, 1, False, prompt_wav)
     out["first_stream"] = one_request(synth, 2, True, prompt_wav)
     warm = [one_request(synth, 10 + i, False, prompt_wav) for i in range(args.requests)]
@@ -156,6 +159,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           for k in ("first_chunk_s", "rtf", "audio_s")}
     out["concurrent"] = [concurrent(synth, c, max(1, args.requests // c), prompt_wav)
                          for c in (int(x) for x in args.concurrency.split(",") if x)]
+    if args.long_text:
+        long = [one_request(synth, 500 + i, False, prompt_wav, LONG_TEXT) for i in range(args.long_text)]
+        long_s = [one_request(synth, 500 + i, True, prompt_wav, LONG_TEXT) for i in range(args.long_text)]
+        out["long"] = {"rtf": summary([r["rtf"] for r in long]), "audio_s": summary([r["audio_s"] for r in long]),
+                       "stream_rtf": summary([r["rtf"] for r in long_s if r["rtf"] is not None]),
+                       "stream_first_chunk_s": summary([r["first_chunk_s"] for r in long_s
+                                                        if r["first_chunk_s"] is not None])}
     if args.out:
         write_json(args.out, out)
     print(f"public API on {out['device']} ({out['settings']}), load {load_s:.1f} s")
@@ -168,6 +178,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"audio {w['audio_s']['p50']:.1f} s")
     print(f"  warm stream     first chunk p50 {ws['first_chunk_s']['p50']:.3f} s p95 {ws['first_chunk_s']['p95']:.3f} s"
           f"  RTF p50 {ws['rtf']['p50']:.3f}")
+    if "long" in out:
+        lg = out["long"]
+        print(f"  long text       {lg['audio_s']['p50']:.1f} s audio  RTF p50 {lg['rtf']['p50']:.3f}  stream RTF p50 "
+              f"{lg['stream_rtf']['p50']:.3f}  first chunk p50 {lg['stream_first_chunk_s']['p50']:.3f} s")
     for c in out["concurrent"]:
         fc = c["first_chunk_s"]
         p50 = f"{fc['p50']:.3f}" if fc["p50"] is not None else "-"

@@ -199,5 +199,5 @@ def test_cli_no_fast_decode_reaches_synthesizer(model_dir, tmp_path, monkeypatch
                  "--no-fast-decode"]) == 0
     batch = json.loads((tmp_path / "b" / "run.json").read_text(encoding="utf-8"))
     assert batch["request"]["llm_decoder"] == ["reference"]
-    # fast decode: auto (None) unless --no_fast_decode; compile/fast flow: only when asked for
-    assert seen == [(False, False, False), (None, True, True), (False, False, False)]
+    # fast decode and fast flow: auto (None: on for CUDA) unless turned off; compile: only when asked for
+    assert seen == [(False, False, None), (None, True, True), (False, False, None)]

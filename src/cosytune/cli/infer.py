@@ -7,8 +7,10 @@ drift between pieces; use `cosytune infer-batch` for many segments). The mode is
 before the text; without --prompt_text the training instruct
 'You are a helpful assistant.<|endofprompt|>' is used. run.json (settings, model file hashes, seed,
 timings, which LLM decoder ran) is written beside the audio; with --text the text itself is not stored.
-On CUDA the LLM decodes with a preallocated KV cache and a CUDA-graph step (same tokens as the reference
-decoder); --no_fast_decode forces the reference decoder.
+On a GPU the defaults are the fast path: bfloat16 (--dtype float32 is the parity mode), the LLM decoded with a
+preallocated KV cache and a CUDA-graph step (same tokens as the reference decoder; --no_fast_decode forces
+the reference one), the flow solve and streamed vocoder chunks replayed from CUDA graphs, all captured once
+by a warm-up at load (--no_warmup skips it). On the CPU everything runs eagerly in float32.
 """
 
 from __future__ import annotations
@@ -60,8 +62,10 @@ def add_synthesis_flags(p: argparse.ArgumentParser, *, batch: bool = False) -> N
     add_config_flags(p, SynthesisOptions, skip=("sampling",), class_defaults=True)
     add_config_flags(p, SamplingConfig, default_note="the model yaml's; {default} in Fun-CosyVoice3-0.5B")
     flag(p, "device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
-    flag(p, "dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-         help="LLM and flow precision; the vocoder always runs in float32 (default: %(default)s)")
+    flag(p, "dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+         help="LLM and flow precision; the vocoder always runs in float32. auto: bfloat16 on a GPU that supports "
+         "it (about 2x faster than float32), float32 on the CPU. float32 is the parity mode: what upstream's "
+         "runs and the golden tests compare with (default: %(default)s)")
     flag(p, "upstream_noise", action="store_true", help="use the vocoder noise upstream CosyVoice draws "
          "(bit-exact parity with upstream; ~260 MB more memory, 300 s cap)")
     flag(p, "no_fast_decode", action="store_true", help="decode the LLM with the reference decoder (a KV cache "
@@ -69,11 +73,21 @@ def add_synthesis_flags(p: argparse.ArgumentParser, *, batch: bool = False) -> N
          "CUDA graph; on by default on CUDA only). Same tokens either way; run.json's request.llm_decoder says "
          "which ran")
     flag(p, "compile_decode", action="store_true", help="CUDA only: torch.compile the fast LLM decoder's step "
-         "before capturing it (about 1.9x faster per token on an H200); each decoder size compiles once, which "
-         "takes tens of seconds, so it pays off when one process synthesises many segments")
-    flag(p, "fast_flow", action="store_true", help="CUDA only: replay the flow's CFG solve as a CUDA graph per "
-         "1.28 s length bucket (same mel up to float rounding). Each new bucket costs a warm-up and a capture, "
-         "so it pays off when one process synthesises many segments")
+         "before capturing it (about 1.8x faster per token on an H100: ~1.7 vs ~3.1 ms). Compiling costs about "
+         "10-15 s per decoder size, paid at load by the warm-up (about a minute for its four sizes), so it pays "
+         "off when one process synthesises many segments (a server, infer-batch on a long list)")
+    flag(p, "no_fast_flow", action="store_true", help="CUDA only: run the flow's CFG solve eagerly instead of "
+         "replaying it from a CUDA graph per 1.28 s length bucket (the default; same mel up to float rounding)")
+    flag(p, "fast_flow", action="store_true", help=argparse.SUPPRESS)  # the default since issue 14; kept for old scripts
+    flag(p, "no_fast_vocoder", action="store_true", help="CUDA only: vocode streamed chunks eagerly instead of "
+         "replaying them from CUDA graphs per chunk shape (the default; the same samples)")
+    flag(p, "stream_cache", action="store_true", help="with --stream: each chunk's flow solve computes only its "
+         "own frames, keeping the earlier chunks' DiT keys/values (same audio up to float rounding) instead of "
+         "re-solving the whole prefix; holds ~90 MB of GPU memory per second of speech while a stream runs")
+    flag(p, "no_warmup", action="store_true", help="CUDA only: skip the warm-up at load, which captures the CUDA "
+         "graphs of the common request shapes once (LLM decoders of 512-4096 positions, flow solves up to 20 s): "
+         "about 5-10 s at load and a few hundred MB of GPU memory. Without it the first request of each shape "
+         "pays its capture instead")
 
 
 def build_parser(p: argparse.ArgumentParser) -> None:
@@ -127,18 +141,25 @@ def load_synthesizer(args: argparse.Namespace) -> tuple[Any, float]:
 
     ``--no_fast_decode`` forces the reference LLM decoder; otherwise the Synthesizer decides (fast on CUDA).
     """
-    import torch
-
     from cosytune.infer.synthesizer import Synthesizer
 
     t0 = time.perf_counter()
-    synth = Synthesizer.from_dir(args.model_dir, device=args.device, dtype=getattr(torch, args.dtype),
+    synth = Synthesizer.from_dir(args.model_dir, device=args.device, dtype=args.dtype,
                                  llm_ckpt=args.llm_ckpt, flow_ckpt=args.flow_ckpt,
                                  upstream_noise=args.upstream_noise,
                                  fast_decode=False if getattr(args, "no_fast_decode", False) else None,
-                                 fast_flow=bool(getattr(args, "fast_flow", False)),
-                                 compile_decode=bool(getattr(args, "compile_decode", False)))
+                                 fast_flow=(True if getattr(args, "fast_flow", False) else
+                                            False if getattr(args, "no_fast_flow", False) else None),
+                                 fast_vocoder=False if getattr(args, "no_fast_vocoder", False) else None,
+                                 compile_decode=bool(getattr(args, "compile_decode", False)),
+                                 warmup=False if getattr(args, "no_warmup", False) else None,
+                                 stream_cache=bool(getattr(args, "stream_cache", False)))
     return synth, time.perf_counter() - t0
+
+
+def dtype_name(synth: Any) -> str:
+    """The dtype the Synthesizer resolved (``--dtype auto`` becomes float32 or bfloat16), for run.json."""
+    return str(synth.dtype).replace("torch.", "")
 
 
 def read_text_arg(args: argparse.Namespace) -> str:
@@ -194,6 +215,6 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args, synth)
     req = SegmentRequest(text=text, out_wav=out_wav, mode=args.mode, spk_id=args.spk_id,
                          prompt_text=args.prompt_text, prompt_wav=args.prompt_wav, options=options, stream=args.stream)
-    synthesize_to_file(synth, req, settings=settings_from_args(args), load_s=load_s, dtype=args.dtype,
+    synthesize_to_file(synth, req, settings=settings_from_args(args), load_s=load_s, dtype=dtype_name(synth),
                        show_progress=not args.no_progress)
     return 0

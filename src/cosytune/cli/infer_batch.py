@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from cosytune.cli.common import flag, print_summary, progress
-from cosytune.cli.infer import add_synthesis_flags, load_synthesizer, options_from_args, settings_from_args
+from cosytune.cli.infer import (
+    add_synthesis_flags,
+    dtype_name,
+    load_synthesizer,
+    options_from_args,
+    settings_from_args,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
                    model_files=synth.model_files, outputs=[{k: r[k] for k in ("path", "seconds")} for r in done]
                    + ([{"path": str(joined), "joined": True}] if joined else []), timings=timings,
                    request={"segments": len(rows), "written": len(done) - skipped, "skipped": skipped,
-                            "failed": len(rejects), "llm_decoder": sorted(decoders)}, device=str(synth.device), dtype=args.dtype,
+                            "failed": len(rejects), "llm_decoder": sorted(decoders)}, device=str(synth.device), dtype=dtype_name(synth),
                    command="infer-batch")
     print_summary("infer-batch", [
         ("segments", len(rows)), ("written", len(done) - skipped), ("skipped (unchanged)", skipped),

@@ -90,10 +90,11 @@ def _decode_group(synth: Synthesizer, rows: list[_Row], fast: bool) -> None:
     decoder = None
     if fast and capacity is not None:
         decoder = GraphedDecoder(llm, len(rows), capacity,
-                                 compile_mode=synth.decode_compile_mode)
+                                 compile_mode=synth.decode_compile_mode, gate=synth.gate)
     options = rows[0].options
-    outputs = llm.generate_batch(prompts, sampling=options.sampling, generators=gens,
-                                 min_len_mode=options.min_len_mode, rows=decoder)
+    with synth.gate.shared():  # a capture inside upgrades to the exclusive hold (see DeviceGate)
+        outputs = llm.generate_batch(prompts, sampling=options.sampling, generators=gens,
+                                     min_len_mode=options.min_len_mode, rows=decoder)
     for row, tokens in zip(rows, outputs):
         row.tokens = tokens
         row.thinner = SilenceThinner(llm.config.silent_tokens, row.options.max_silent_run)
@@ -103,6 +104,11 @@ def _decode_group(synth: Synthesizer, rows: list[_Row], fast: bool) -> None:
 @torch.inference_mode()
 def _mels(synth: Synthesizer, rows: list[_Row]) -> list[torch.Tensor]:
     """Flow mels of ``rows`` (each with flow tokens) from one right-padded CFG batch."""
+    with synth.gate.shared():
+        return _mels_gated(synth, rows)
+
+
+def _mels_gated(synth: Synthesizer, rows: list[_Row]) -> list[torch.Tensor]:
     flow = synth.flow
     dev = synth.device
     dtype = next(flow.parameters()).dtype
@@ -192,7 +198,8 @@ def _run_batch(synth: Synthesizer, batch: list[_Row], fast: bool,
     t1 = time.perf_counter()
     if stage:
         stage(f"decoding {len(batch)} segment(s)")
-    _decode_group(synth, batch, fast)
+    with synth.gate.shared():
+        _decode_group(synth, batch, fast)
     t2 = time.perf_counter()
     if stage:
         stage(f"rendering {len(batch)} segment(s)")

@@ -225,13 +225,18 @@ class GraphedDecoder:
         sample_head: also compute, inside the step, the min-length masked log-probs, their softmax and
             its stable descending sort (batch 1): :meth:`decode` then samples RAS with one small
             device→host transfer per token (see :func:`sample_decode`).
+        lazy_prefill_graphs: capture the prefill graph of a new padded width at its first use; False runs
+            widths that :meth:`warm_up` did not capture eagerly (a decoder built during a burst of
+            concurrent requests then needs one capture, its step, instead of one per prompt width).
     """
 
     def __init__(self, model: CosyVoice3LM, batch_size: int, capacity: int, *, use_graph: bool = True,
                  autocast_dtype: torch.dtype | None = None, compile_mode: str | None = None,
                  force_compile: bool = False, pack: bool = True, prefill_bucket: int = 32,
-                 gate: DeviceGate | None = None, sample_head: bool = False) -> None:
+                 gate: DeviceGate | None = None, sample_head: bool = False,
+                 lazy_prefill_graphs: bool = True) -> None:
         self.model = model
+        self.lazy_prefill_graphs = bool(lazy_prefill_graphs)
         dev = model.speech_embedding.weight.device
         self.device = dev
         self.gate = gate
@@ -252,6 +257,7 @@ class GraphedDecoder:
             self.sorted_p = torch.zeros(batch_size, vocab, dtype=torch.float32, device=dev)
             self.sorted_ids = torch.zeros(batch_size, vocab, dtype=torch.long, device=dev)
         self._graph: Any = None
+        self._warming = False
         self.prefill_bucket = max(1, int(prefill_bucket))
         self._prefill_graphs: dict[int, dict[str, Any]] = {}
         if pack:
@@ -322,10 +328,14 @@ class GraphedDecoder:
         n = 0
         dim = self.model.config.hidden_size
         dtype = self.model.speech_embedding.weight.dtype
-        for w in sorted({self.prefill_width(int(w)) for w in widths if 0 < int(w) < self.cache.capacity}):
-            if w not in self._prefill_graphs:
-                self.prefill([torch.zeros(1, w, dim, device=self.device, dtype=dtype)])
-                n += 1
+        self._warming = True
+        try:
+            for w in sorted({self.prefill_width(int(w)) for w in widths if 0 < int(w) < self.cache.capacity}):
+                if w not in self._prefill_graphs:
+                    self.prefill([torch.zeros(1, w, dim, device=self.device, dtype=dtype)])
+                    n += 1
+        finally:
+            self._warming = False
         if self._graph is None:
             self.cache.reset()
             self._capture()
@@ -352,6 +362,9 @@ class GraphedDecoder:
             self._prefill_body(x, input_lens)
             return self.logp
         entry = self._prefill_graphs.get(width)
+        if entry is None and not (self.lazy_prefill_graphs or self._warming):
+            self._prefill_body(x, input_lens)
+            return self.logp
         if entry is None:
             entry = {"x": x.clone(), "lens": input_lens.clone()}
             entry["graph"] = capture_graph(self.device, lambda: self._prefill_body(entry["x"], entry["lens"]),

@@ -349,7 +349,8 @@ class DecoderPool:
         from cosytune.infer.fast import GraphedDecoder
 
         return GraphedDecoder(self.llm, 1, capacity, use_graph=self.use_graph, pack=False,
-                              compile_mode=self.compile_mode, gate=self.gate, sample_head=True)
+                              compile_mode=self.compile_mode, gate=self.gate, sample_head=True,
+                              lazy_prefill_graphs=False)
 
     def acquire(self, positions: int) -> Any | None:
         """Check out a decoder holding at least ``positions`` positions (None: too long, use the reference)."""
@@ -462,6 +463,12 @@ class Synthesizer:
             lengths rarely repeat).
         speaker_cache: prompt wavs whose features are kept (by content hash), so a voice used again skips
             the prompt front end (CAM++ and the speech tokenizer); 0 turns the cache off.
+        stream_cache: streamed non-final chunks compute only their own frames, keeping every earlier
+            chunk's DiT keys/values per Euler step (:meth:`CausalMaskedDiffWithDiT.inference_chunk`; the
+            same mel up to float rounding) instead of re-solving the whole prefix each chunk. Costs
+            memory: about 1.8 MB per mel frame (90 MB per second of speech) at full size in bfloat16, held
+            for the stream's life. Off by default (eager, not yet measured against the graphed prefix
+            solve); the final chunk always re-solves everything with full attention, as upstream.
     """
 
     def __init__(self, llm: Any, flow: Any, hift: Any, *, tokenizer: Any, normalizer: Any = None,
@@ -469,7 +476,7 @@ class Synthesizer:
                  prompt_frontend: PromptFrontend | None = None, sample_rate: int = SAMPLE_RATE,
                  schedule: StreamSchedule | None = None, model_files: dict[str, Any] | None = None,
                  fast_decode: bool | None = None, fast_flow: bool | None = None, compile_decode: bool = False,
-                 fast_vocoder: bool | None = None, speaker_cache: int = 32) -> None:
+                 fast_vocoder: bool | None = None, speaker_cache: int = 32, stream_cache: bool = False) -> None:
         from cosytune.infer.fast import DeviceGate
 
         self.llm = llm
@@ -507,11 +514,15 @@ class Synthesizer:
                                                     estimator=fast_estimator(flow.decoder.estimator))
         self.fast_vocoder = (cuda if fast_vocoder is None else bool(fast_vocoder)) and cuda
         self._vocoder: Any = None
+        # One vocoder call at a time: HiFT swaps module state per call (the functional float64 f0 predictor,
+        # cached weight-norm parametrizations) and the graphed vocoder shares its buffers. Cheap next to
+        # the LLM and the flow.
         self._vocoder_lock = threading.Lock()
         if self.fast_vocoder:
             from cosytune.infer.fast import GraphedVocoder
 
             self._vocoder = GraphedVocoder(hift, gate=self.gate, max_graphs=VOCODER_MAX_GRAPHS)
+        self.stream_cache = bool(stream_cache)
         self.speaker_cache_size = max(0, int(speaker_cache))
         self._speakers: dict[str, Speaker] = {}  # content hash -> speaker, insertion order = recency
         self._speaker_lock = threading.Lock()
@@ -572,7 +583,7 @@ class Synthesizer:
                  upstream_noise: bool = False, fast_decode: bool | None = None,
                  fast_flow: bool | None = None, compile_decode: bool = False,
                  fast_vocoder: bool | None = None, warmup: bool | None = None,
-                 speaker_cache: int = 32) -> Synthesizer:
+                 speaker_cache: int = 32, stream_cache: bool = False) -> Synthesizer:
         """Load a model dir (upstream layout) strictly.
 
         Args:
@@ -596,6 +607,7 @@ class Synthesizer:
             warmup: run :meth:`warmup` before returning (captures the common graphs once, at load: a few
                 seconds on an H100, about a minute more with ``compile_decode``); None = on for CUDA.
             speaker_cache: prompt wavs whose features are kept (see the class).
+            stream_cache: streamed chunks compute only their own flow frames (see the class).
 
         Raises:
             ModelDirError: missing or malformed files (all listed).
@@ -640,7 +652,7 @@ class Synthesizer:
         synth = cls(llm, flow, hift, tokenizer=tokenizer, spk2info=spk2info, prompt_frontend=frontend,
                     sample_rate=hp.sample_rate, schedule=schedule, model_files=files, fast_decode=fast_decode,
                     fast_flow=fast_flow, compile_decode=compile_decode, fast_vocoder=fast_vocoder,
-                    speaker_cache=speaker_cache)
+                    speaker_cache=speaker_cache, stream_cache=stream_cache)
         if warmup if warmup is not None else dev.type == "cuda":
             synth.warmup()
         return synth
@@ -943,13 +955,25 @@ class Synthesizer:
             mel = mel[0] if isinstance(mel, tuple) else mel
             return mel.float()
 
+    def tokens_to_mel_chunk(self, tokens: list[int], prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
+                            cache: Any) -> Tensor:
+        """A non-final streamed chunk through the flow's cache (``stream_cache``): the mel of the frames after
+        those ``cache`` holds; ``tokens`` are every token so far plus the look-ahead ones. (1, 80, frames)."""
+        dev = self.device
+        dtype = next(self.flow.parameters()).dtype
+        tok = torch.tensor([list(tokens)], dtype=torch.int64)
+        with torch.inference_mode(), self.gate.shared():
+            mel = self.flow.inference_chunk(tok.to(dev), prompt_token.to(dev, torch.int64), prompt_feat.to(dev, dtype),
+                                            embedding.to(dev, dtype), cache)
+            return mel.float()
+
     def mel_to_wav(self, mel: Tensor, *, speed: float = 1.0) -> Tensor:
         """Vocode a whole utterance (``finalize=True``), time-stretching the mel first when ``speed ≠ 1``.
 
         Returns:
             (samples,) float32 on the CPU.
         """
-        with self.gate.shared():
+        with self._vocoder_lock, self.gate.shared():  # lock before gate: see tokens_to_mel
             mel = mel.float()
             if speed != 1.0:
                 frames = int(mel.shape[2] / speed)
@@ -962,7 +986,7 @@ class Synthesizer:
         """``hift.stream_step`` (same samples), with non-final chunks replayed from the graphed vocoder
         when ``fast_vocoder`` is on. Returns (1, n) new samples on the CPU."""
         if self._vocoder is None or finalize:
-            with self.gate.shared():
+            with self._vocoder_lock, self.gate.shared():
                 return self.hift.stream_step(state, mel_chunk, finalize=finalize).detach().cpu()
         if state.finished:
             raise ValueError("this HiFT stream was already finalized; start a new HiFTStreamState")
@@ -1073,11 +1097,21 @@ class Synthesizer:
         times = {"llm_s": 0.0, "flow_s": 0.0, "hift_s": 0.0}
         first_chunk_s: float | None = None
 
+        flow_cache = None
+        if self.stream_cache:
+            from cosytune.models.flow import FlowStreamCache
+
+            flow_cache = FlowStreamCache(self.flow.config.n_timesteps)
+
         def render(chunk) -> AudioChunk:
             nonlocal first_chunk_s
             ta = time.perf_counter()
-            mel = self.tokens_to_mel(state.tokens[: chunk.end], prompt_token, prompt_feat, embedding,
-                                     streaming=not chunk.final, finalize=chunk.final)[:, :, chunk.offset * ratio:]
+            if flow_cache is not None and not chunk.final:
+                mel = self.tokens_to_mel_chunk(state.tokens[: chunk.end], prompt_token, prompt_feat, embedding,
+                                               flow_cache)
+            else:
+                mel = self.tokens_to_mel(state.tokens[: chunk.end], prompt_token, prompt_feat, embedding,
+                                         streaming=not chunk.final, finalize=chunk.final)[:, :, chunk.offset * ratio:]
             tb = time.perf_counter()
             new = self.vocode_stream(vocoder, mel.float(), finalize=chunk.final)[0].numpy()
             tc = time.perf_counter()

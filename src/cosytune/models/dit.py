@@ -316,3 +316,114 @@ class DiT(nn.Module):
             h = block(h, t_emb, attn_mask, freqs)
         h = self.norm_out(h, t_emb)
         return self.proj_out(h).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming with a cache: the frames of a new chunk only (inference; see DiT.forward_chunk)
+# --------------------------------------------------------------------------------------------------
+
+
+class DiTChunkCache:
+    """What earlier streaming chunks left for later ones, for one DiT call site (one Euler step).
+
+    With the streaming (block-causal) mask and causal position convolutions, frames of earlier chunks never
+    see later frames, so a later chunk needs from them only: every block's rotated keys and values, and the
+    last ``kernel - 1`` frames at the input of each position convolution. Rows are whatever batch the
+    caller runs (the CFG solve: conditional and unconditional).
+
+    Attributes:
+        frames: frames cached so far (the absolute index of the next chunk's first frame).
+        keys, values: per block, (B, H, frames, Dh).
+        conv_tails: per position convolution, (B, D, <= kernel - 1) the last frames of its input.
+    """
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+        self.conv_tails: list[Tensor | None] = [None, None]
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the cached keys and values."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+def _conv_pos_chunk(module: CausalConvPositionEmbedding, x: Tensor, cache: DiTChunkCache) -> Tensor:
+    """``module(x)`` for the new frames ``x`` (B, T, D), continuing the cached earlier frames."""
+    h = x.transpose(1, 2)
+    gemm = module.impl == "gemm" or (module.impl == "auto" and x.shape[0] * x.shape[1] <= GEMM_CONV_MAX_ROW_FRAMES)
+    k = module.kernel - 1
+    for i, seq in enumerate((module.conv1, module.conv2)):
+        tail = cache.conv_tails[i]
+        ctx = h if tail is None else torch.cat((tail.to(h.dtype), h), dim=2)
+        padded = F.pad(ctx, (max(0, module.kernel - 1 - (ctx.shape[2] - h.shape[2])), 0))
+        cache.conv_tails[i] = ctx[:, :, -k:] if k else ctx[:, :, :0]
+        h = seq[1](grouped_conv1d_gemm(padded, seq[0]) if gemm else seq[0](padded))
+    return h.transpose(1, 2)
+
+
+def _attention_chunk(attn: Attention, x: Tensor, freqs: Tensor, mask: Tensor, layer: int,
+                     cache: DiTChunkCache) -> Tensor:
+    b, t, _ = x.shape
+    q = apply_rotary(attn.to_q(x), freqs)
+    k = apply_rotary(attn.to_k(x), freqs)
+    v = attn.to_v(x)
+    q, k, v = (z.view(b, t, attn.heads, attn.dim_head).transpose(1, 2) for z in (q, k, v))  # (B, H, T, Dh)
+    if layer < len(cache.keys):
+        k = torch.cat((cache.keys[layer], k), dim=2)
+        v = torch.cat((cache.values[layer], v), dim=2)
+        cache.keys[layer], cache.values[layer] = k, v
+    else:
+        cache.keys.append(k)
+        cache.values.append(v)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
+    o = o.transpose(1, 2).reshape(b, t, attn.heads * attn.dim_head).to(q.dtype)
+    return attn.to_out(o)
+
+
+def chunk_attention_mask(start: int, frames: int, chunk: int, device: torch.device | str) -> Tensor:
+    """(1, 1, frames, start + frames) bool: queries ``start … start+frames-1`` see every cached key and the new
+    keys up to the end of their own ``chunk``-frame block (the streaming mask of :func:`attention_mask`,
+    restricted to the new rows)."""
+    q = torch.arange(start, start + frames, device=device)
+    key = torch.arange(start + frames, device=device)
+    return (key[None, :] < ((q // chunk + 1) * chunk)[:, None])[None, None]
+
+
+@torch.no_grad()
+def dit_forward_chunk(dit: DiT, x: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor,
+                      cache: DiTChunkCache) -> Tensor:
+    """The streaming-mode velocity of the next frames only: :meth:`DiT.forward` with ``streaming=True`` on
+    the whole sequence so far, restricted to its last frames, up to float rounding.
+
+    Args:
+        dit: the estimator.
+        x, mu, cond: (B, 80, T_new) the new frames (starting at ``cache.frames``, a multiple of the DiT's
+            ``static_chunk_size`` for the equality to hold); spks (B, 80); t (B,) or 0-d.
+        cache: the earlier frames' keys, values and convolution tails (updated: the new frames are appended).
+
+    Returns:
+        (B, 80, T_new) velocity of the new frames.
+    """
+    b, _, frames = x.shape
+    start = cache.frames
+    x, mu, cond = (z.transpose(1, 2) for z in (x, mu, cond))
+    if t.ndim == 0:
+        t = t.repeat(b)
+    t_emb = dit.time_embed(t)
+    emb = dit.input_embed
+    spk = spks[:, None, :].expand(-1, frames, -1)
+    h = emb.proj(torch.cat((x, cond, mu, spk), dim=-1))
+    h = h + _conv_pos_chunk(emb.conv_pos_embed, h, cache)
+    freqs = dit.rotary_embed(start + frames)[:, start:]
+    mask = chunk_attention_mask(start, frames, dit.config.static_chunk_size, x.device)
+    for layer, block in enumerate(dit.transformer_blocks):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.attn_norm(t_emb)
+        d = h.shape[-1:]
+        n = F.layer_norm(h, d, eps=1e-6) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+        h = h + gate_msa[:, None] * _attention_chunk(block.attn, n, freqs, mask, layer, cache)
+        m = F.layer_norm(h, d, eps=1e-6) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        h = h + gate_mlp[:, None] * block.ff(m)
+    h = dit.norm_out(h, t_emb)
+    cache.frames = start + frames
+    return dit.proj_out(h).transpose(1, 2)

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cosytune.errors import DataError
-from cosytune.models.dit import DiT, DiTConfig
+from cosytune.models.dit import DiT, DiTChunkCache, DiTConfig, dit_forward_chunk
 
 NOISE_FRAMES = 15000
 """Length of the fixed inference noise (300 s of mel at 50 Hz)."""
@@ -208,6 +208,44 @@ class CausalConditionalCFM(nn.Module):
                 dt = t_span[step + 1] - t
         return x.float()
 
+    @torch.inference_mode()
+    def sample_chunk(self, mu: Tensor, spks: Tensor, cond: Tensor, caches: list[DiTChunkCache], *,
+                     n_timesteps: int | None = None, cfg_rate: float | None = None,
+                     temperature: float = 1.0) -> Tensor:
+        """:meth:`sample` with ``streaming=True`` for the next frames of a stream only, continuing ``caches``.
+
+        ``mu``/``cond`` (1, 80, T_new) are the new frames (from ``caches[0].frames`` on), ``caches`` one
+        :class:`~cosytune.models.dit.DiTChunkCache` per Euler step (empty ones for a stream's first chunk;
+        appended to). The same arithmetic as :meth:`sample` on the whole sequence, so the result equals the
+        new frames of that solve up to float rounding. Returns (1, 80, T_new) float32.
+        """
+        n = n_timesteps or self.config.n_timesteps
+        w = self.config.inference_cfg_rate if cfg_rate is None else cfg_rate
+        if mu.shape[0] != 1:
+            raise DataError(f"flow sampling takes one utterance at a time (batch 1), got {mu.shape[0]}")
+        if len(caches) != n:
+            raise ValueError(f"need one cache per Euler step ({n}), got {len(caches)}")
+        start, frames = caches[0].frames, mu.shape[2]
+        x = self.fixed_noise(start + frames, mu.device, mu.dtype)[:, :, start:] * temperature
+        t_span = self.time_grid(n, mu.dtype, mu.device)
+        t, dt = t_span[0], t_span[1] - t_span[0]
+        t = t.unsqueeze(0)
+        dtype = spks.dtype
+        zeros = torch.zeros
+        mu_in = torch.cat((mu, zeros(mu.shape, device=mu.device, dtype=mu.dtype))).to(dtype)
+        spks_in = torch.cat((spks, zeros(spks.shape, device=spks.device, dtype=dtype))).to(dtype)
+        cond_in = torch.cat((cond, zeros(cond.shape, device=cond.device, dtype=cond.dtype))).to(dtype)
+        for step in range(1, len(t_span)):
+            x_in = torch.cat((x, x)).to(dtype)
+            t_in = t.expand(2).to(dtype)
+            v = dit_forward_chunk(self.estimator, x_in, mu_in, t_in, spks_in, cond_in, caches[step - 1])
+            v_c, v_u = v[:1], v[1:]
+            x = x + dt * ((1.0 + w) * v_c - w * v_u)
+            t = t + dt
+            if step < len(t_span) - 1:
+                dt = t_span[step + 1] - t
+        return x.float()
+
     def compute_loss(self, x1: Tensor, mask: Tensor, mu: Tensor, spks: Tensor, cond: Tensor,
                      streaming: bool = False, record: dict | None = None) -> Tensor:
         """CFM loss for target mel ``x1`` (B, 80, T); ``mask`` (B, 1, T)."""
@@ -343,6 +381,45 @@ class CausalMaskedDiffWithDiT(nn.Module):
                                   temperature=temperature, streaming=streaming,
                                   trace=record.setdefault("estimator_out", []) if record is not None else None)
         return mel[:, :, n_prompt:]
+
+    @torch.inference_mode()
+    def inference_chunk(self, token: Tensor, prompt_token: Tensor, prompt_feat: Tensor,
+                         embedding: Tensor, cache: FlowStreamCache, *, n_timesteps: int | None = None,
+                         cfg_rate: float | None = None, temperature: float = 1.0) -> Tensor:
+        """A non-final streaming chunk that computes only its new frames (the earlier ones are in ``cache``).
+
+        Arguments as :meth:`inference` with ``streaming=True, finalize=False`` (``token`` = every token so far
+        plus the look-ahead ones). Returns the mel of the frames after ``cache.frames`` (prompt frames removed):
+        equal, up to float rounding, to ``inference(...)[:, :, cache.frames - 2P:]`` of the recomputing path,
+        because the streaming mask and the causal convolutions keep earlier frames independent of later ones.
+        Each chunk must end on a DiT chunk boundary (the stream schedule's hops do).
+        """
+        mu, _mask, spks, cond, n_prompt = self.sampler_inputs(token, prompt_token, prompt_feat, embedding,
+                                                              finalize=False)
+        start = cache.frames
+        if start >= mu.shape[2]:
+            raise DataError(f"this chunk ends at frame {mu.shape[2]}, but the stream has already reached {start}")
+        dtype = self.spk_embed_affine_layer.weight.dtype
+        mel = self.decoder.sample_chunk(mu[:, :, start:], spks.to(dtype), cond[:, :, start:], cache.steps,
+                                        n_timesteps=n_timesteps, cfg_rate=cfg_rate, temperature=temperature)
+        return mel[:, :, max(0, n_prompt - start):]
+
+
+class FlowStreamCache:
+    """Per-request state of a cached streaming flow: one :class:`~cosytune.models.dit.DiTChunkCache` per Euler
+    step (see :meth:`CausalMaskedDiffWithDiT.inference_chunk`)."""
+
+    def __init__(self, n_timesteps: int) -> None:
+        self.steps = [DiTChunkCache() for _ in range(n_timesteps)]
+
+    @property
+    def frames(self) -> int:
+        """Frames (prompt included) whose mel has been computed."""
+        return self.steps[0].frames
+
+    def memory_bytes(self) -> int:
+        """Bytes held (keys and values of every block at every Euler step)."""
+        return sum(c.memory_bytes() for c in self.steps)
 
 
 def build_flow(config: FlowConfig) -> CausalMaskedDiffWithDiT:
