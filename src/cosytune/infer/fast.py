@@ -10,7 +10,9 @@ Role
 Public API (for ``cosytune.infer`` and ``benchmarks/bench_infer.py``)
     * :class:`GraphedDecoder`: owns a preallocated :class:`~cosytune.models.qwen2.KVCache` for
       (batch B, capacity S) and a static-shape single-token step; on CUDA the step is captured once
-      and replayed. ``prefill`` -> ``step`` / ``step_argmax`` / ``decode`` (RAS sampling on the host).
+      (or ahead of time by ``warm_up``) and replayed. ``prefill`` -> ``step`` / ``step_argmax`` /
+      ``decode`` (RAS from the in-graph softmax/sort with ``sample_head``: :func:`sample_decode`).
+    * :class:`DeviceGate`: launches shared, captures exclusive (see "Threads").
     * :func:`batched_cfg_sample`: Euler + classifier-free guidance for B utterances at once; the
       estimator sees one (2B, ...) batch per step (rows 0..B-1 conditional, B..2B-1 unconditional).
     * :func:`compile_flow_estimator`, :func:`compile_hift`: wrap in ``torch.compile`` (no-ops on CPU
@@ -20,11 +22,16 @@ Layouts / shape legend
     B rows (utterances), S cache positions, V_sp speech vocab (+ specials), T mel frames, 80 mel bins.
     token ids (B,) int64; log-probs (B, V_sp) float32; mel (B, 80, T).
 
-Sampling is outside the graph. Repetition-aware sampling needs the token history and a data-dependent
-redraw, and the sampled id has to reach the host anyway (stop detection, streaming hand-off to the
-flow), so a device-side sampler would still sync every step. The graph covers embedding -> 24 layers ->
-``llm_decoder`` -> log_softmax, which is where the launch overhead is. :meth:`GraphedDecoder.step_argmax`
-keeps the whole loop on the device (no sync) for benchmarks with a fixed token count.
+Sampling. A decoder built with ``sample_head`` also runs, inside its graph, the min-length masking,
+the softmax and its stable sort; :func:`sample_decode` then reads the top-k head and the Exp(1) draws
+in one transfer per token and picks exactly as ``ras_sample`` does (the id has to reach the host
+anyway: stop detection and the streaming hand-off to the flow). Only a repetition redraw, which needs
+the pick first as upstream, costs a second transfer. :meth:`GraphedDecoder.step_argmax` keeps a greedy
+loop entirely on the device (no sync) for benchmarks with a fixed token count.
+
+Threads. :class:`DeviceGate` is a readers-writer lock per device: request work that launches kernels
+holds it shared, every capture (:func:`capture_graph`) exclusively, so concurrent requests can neither
+break a capture nor see half-built graphs. The graph holders here take the gate they are given.
 
 Upstream reference: ``cosyvoice/llm/llm.py`` (``inference``/``forward_one_step``),
 ``cosyvoice/flow/flow_matching.py`` (``solve_euler``), ``cosyvoice/hifigan/generator.py``.

@@ -14,8 +14,10 @@ Chunk schedule (spec §6.3; constants from upstream's ``CosyVoice2Model``/``Cosy
       prompt + first hop ends on a DiT chunk boundary (25 tokens = 50 mel frames).
     * A chunk is due when ``len(tokens) − offset ≥ hop + pre_lookahead_len`` (3 look-ahead tokens that
       are given to the flow as context only). It covers ``tokens[: offset + hop + 3]`` in the flow
-      (the whole prefix is recomputed, as upstream does: CosyVoice 3's flow has no cache), of which the
-      mel of tokens ``offset … offset + hop − 1`` is new.
+      (the whole prefix is recomputed, as upstream does), of which the mel of tokens
+      ``offset … offset + hop − 1`` is new. With ``Synthesizer(stream_cache=True)`` the flow instead keeps
+      each chunk's DiT keys/values per Euler step and solves only the new frames (the streaming mask makes
+      earlier frames independent of later ones: ``CausalMaskedDiffWithDiT.inference_chunk``).
     * After the LLM ends, one final chunk covers every token with ``finalize=True`` and *full* attention
       (``streaming=False``), exactly as upstream's final ``token2wav`` call.
 

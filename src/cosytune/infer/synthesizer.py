@@ -1,7 +1,8 @@
 """``Synthesizer``: text → 24 kHz speech with a CosyVoice 3 model dir, in every upstream mode, one segment.
 
 Public API
-    * ``Synthesizer.from_dir(model_dir, *, device, dtype, llm_ckpt=None, flow_ckpt=None, fast_decode=None)`` loads the
+    * ``Synthesizer.from_dir(model_dir, *, device, dtype="auto", llm_ckpt=None, flow_ckpt=None, fast_decode=None,
+      fast_flow=None, fast_vocoder=None, compile_decode=False, warmup=None, stream_cache=False)`` loads the
       three networks strictly (optionally swapping ``llm.pt``/``flow.pt`` for other weight files, e.g. an
       epoch or averaged checkpoint, or the base ``flow.pt`` for "tuned LLM + base flow"), the tokenizer,
       the text normaliser and ``spk2info.pt``. ``Synthesizer(llm, flow, hift, tokenizer=...)`` assembles
@@ -10,8 +11,16 @@ Public API
     * ``stream(...)`` (same arguments) yields :class:`AudioChunk` s as the LLM produces tokens, following
       upstream's chunk schedule (:mod:`cosytune.infer.streaming`). All state of a request lives in local
       variables of the generator: nothing is stored on the Synthesizer, no threads. (The only caches are
-      the vocoder's fixed noise, grown lazily with a stable prefix, the lazily built text normaliser, and
-      the pool of idle LLM decoders below; none carries anything from one request to the next.)
+      the vocoder's fixed noise, grown lazily with a stable prefix, the lazily built text normaliser, the
+      pool of idle LLM decoders and captured graphs below, and the prompt-wav features by content hash;
+      none carries anything from one request to the next.)
+    * Fast by default on a GPU (issue 14): ``from_dir(device="cuda")`` resolves ``dtype="auto"`` to bfloat16
+      where the GPU supports it (float32 stays available: the parity mode), decodes the LLM with pooled
+      CUDA-graph decoders that sample RAS from an in-graph softmax/sort (one transfer per token, same
+      tokens), replays the flow solve per 64-frame bucket and the streamed vocoder chunks from CUDA graphs,
+      and captures the common shapes once at load (:meth:`Synthesizer.warmup`). On the CPU all of it
+      resolves to float32 and eager code. ``compile_decode`` (torch.compile of the decoder step) and
+      ``stream_cache`` (streamed chunks solve only their own flow frames) are opt-in.
     * Fast LLM decoding (``fast_decode``; default on for CUDA, off on CPU): each request checks a batch-1
       :class:`~cosytune.infer.fast.GraphedDecoder` (preallocated KV cache, decode step replayed as a CUDA
       graph) out of :attr:`Synthesizer.decoder_pool`, a thread-safe :class:`DecoderPool`, and gives it back
@@ -19,6 +28,11 @@ Public API
       streams in one thread) never share a decoder. Same seed → same tokens as the reference
       ``CosyVoice3LM.decode``. ``result.info["llm_decoder"]`` says which ran: ``graph`` (CUDA graph),
       ``static`` (the same static step run eagerly, CPU) or ``reference``.
+    * Threads: any number may call :meth:`synthesize`/:meth:`stream` on one Synthesizer. Work that
+      launches kernels holds :attr:`gate` shared and every CUDA graph capture holds it exclusively
+      (:class:`~cosytune.infer.fast.DeviceGate`), so a capture made while other requests run cannot fail;
+      the graphed flow sampler and the vocoder are used by one thread at a time (their own locks, always
+      taken before the gate).
     * ``prepare(...) -> PreparedRequest`` (text front end, mode resolution, prompt features),
       ``generate_tokens``, ``tokens_to_mel``, ``mel_to_wav``: the stages, public so tests and tools can
       drive them one by one.
