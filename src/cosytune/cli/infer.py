@@ -73,9 +73,9 @@ def add_synthesis_flags(p: argparse.ArgumentParser, *, batch: bool = False) -> N
          "CUDA graph; on by default on CUDA only). Same tokens either way; run.json's request.llm_decoder says "
          "which ran")
     flag(p, "compile_decode", action="store_true", help="CUDA only: torch.compile the fast LLM decoder's step "
-         "before capturing it (about 1.8x faster per token on an H100: ~1.7 vs ~3.1 ms). Compiling costs about "
-         "10-15 s per decoder size, paid at load by the warm-up (about a minute for its four sizes), so it pays "
-         "off when one process synthesises many segments (a server, infer-batch on a long list)")
+         "before capturing it (about 1.9x faster per token on an H100: ~1.7 vs ~3.3 ms). Compiling costs tens of "
+         "seconds per decoder size, paid at load by the warm-up (over two minutes for its four sizes on an H100), "
+         "so it pays off only when one process synthesises many segments (a server, infer-batch on a long list)")
     flag(p, "no_fast_flow", action="store_true", help="CUDA only: run the flow's CFG solve eagerly instead of "
          "replaying it from a CUDA graph per 1.28 s length bucket (the default; same mel up to float rounding)")
     flag(p, "fast_flow", action="store_true", help=argparse.SUPPRESS)  # the default since issue 14; kept for old scripts
@@ -86,8 +86,8 @@ def add_synthesis_flags(p: argparse.ArgumentParser, *, batch: bool = False) -> N
          "re-solving the whole prefix; holds ~90 MB of GPU memory per second of speech while a stream runs")
     flag(p, "no_warmup", action="store_true", help="CUDA only: skip the warm-up at load, which captures the CUDA "
          "graphs of the common request shapes once (LLM decoders of 512-4096 positions, flow solves up to 20 s): "
-         "about 5-10 s at load and a few hundred MB of GPU memory. Without it the first request of each shape "
-         "pays its capture instead")
+         "about 25 s at load on an H100 (55 graphs) and a few GB of GPU memory. Without it the first request of "
+         "each shape pays its capture instead (0.1-1 s each)")
 
 
 def build_parser(p: argparse.ArgumentParser) -> None:
