@@ -23,7 +23,7 @@ import torch
 from cosytune.cli.main import main
 
 INSTRUCT = "You are a helpful assistant.<|endofprompt|>"
-WORDS = "the quick brown fox jumps over a lazy dog while seven tired owls sing softly".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "owls", "sing"]
 
 
 def _write_shard(path: Path, n: int, seed: int) -> Path:
