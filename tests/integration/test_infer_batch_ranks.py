@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from proc_tree import kill_tree
 from speaker_models import speaker_model_dir
 
 from cosytune.cli.main import main
@@ -46,12 +47,11 @@ def test_two_ranks_interrupted_and_resumed_equal_one_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cosytune",
            *common, "--out_dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline and not list(out.glob("batch.rank*.jsonl")):
         time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_tree(proc)  # the launcher and its workers, at once
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed; give it more segments"
     written = len(list(out.glob("seg_*.wav")))
     assert 0 < written < len(TEXTS) and not (out / "run.json").exists()

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from proc_tree import kill_tree
 
 from cosytune.cli.main import main
 
@@ -140,13 +141,12 @@ def test_two_ranks_resume_exactly_multinode_and_on_another_rank_count(tiny_base,
     # 2. The same job on one node, killed after its first checkpoint, then resumed: bit-identical weights.
     run = tmp_path / "killed"
     cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "cosytune", *_argv(data, tiny_base, run)]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = run / "epoch_0_step_1.yaml"  # written last: the checkpoint is complete
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_tree(proc)  # the launcher and its workers, at once
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed; make it longer"
     assert not (run / "epoch_1_whole.pt").exists()
     other = tmp_path / "other_count"
