@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
                 row = {"ranks": n, "segments": args.segments, "batch_size": args.batch_size,
                        "synthesis_s": round(t["total_s"], 2), "wall_s": round(wall, 2), "audio_s": round(t["audio_s"], 1),
                        "segments_per_s": round(args.segments / t["total_s"], 3),
-                       "segments_per_s_wall": round(args.segments / wall, 3), "device": info.get("device")}
+                       "segments_per_s_wall": round(args.segments / wall, 3),
+                       "device": info.get("environment", {}).get("device")}
                 base = out["infer"][0] if out["infer"] else row
                 row["speedup"] = round(row["segments_per_s"] / base["segments_per_s"] * ranks[0], 3)
                 row["speedup_wall"] = round(row["segments_per_s_wall"] / base["segments_per_s_wall"] * ranks[0], 3)

@@ -21,8 +21,7 @@ from cosytune.cli.main import main
 
 pytestmark = pytest.mark.slow
 
-TEXTS = ["Hello there.", "One more line.", "Short.", "The fox jumps over the dog.", "Owls sing.", "Seven tired owls.",
-         "Good night."]
+TEXTS = ["Hello there.", "One more line.", "Short.", "The fox jumps over the dog.", "Owls sing.", "Good night."]
 
 
 def _files(out) -> dict[str, object]:
