@@ -44,6 +44,8 @@ EPILOG = """examples:
   cosytune infer-batch --model_dir base --input requests.jsonl --out_dir out/mix --join all.wav --gap_s 0.4
       (requests.jsonl lines: {"text": "...", "name": "intro", "prompt_wav": "ref.wav",
                               "prompt_text": "You are a helpful assistant.<|endofprompt|>...", "speed": 1.1})
+  torchrun --nproc_per_node=4 -m cosytune infer-batch ... (same flags: each GPU takes its share of the segments,
+      rank 0 writes batch.jsonl, run.json and the summary; see cosytune.infer.distributed)
 """
 
 #: Per-line keys of a JSONL input (besides "text" and "name").
@@ -178,8 +180,9 @@ def run(args: argparse.Namespace) -> int:
     from cosytune.audio.io import write_wav_pcm16
     from cosytune.data.rejects import RejectLog
     from cosytune.errors import CosytuneError, UsageError
-    from cosytune.fileio import read_jsonl, write_jsonl
+    from cosytune.fileio import write_jsonl
     from cosytune.infer.batch import BatchRequest, synthesize_batch
+    from cosytune.infer.distributed import BatchRanks, output_is_valid
     from cosytune.infer.runinfo import redact_text, write_run_json
 
     if args.gap_s < 0:
@@ -187,11 +190,13 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
     rows = read_segments(args.input)
+    ranks = BatchRanks.from_env()  # under torchrun: this rank's share, its own GPU, rank 0 merges
+    args.device = ranks.device(args.device)
     synth, load_s = load_synthesizer(args)
     out_dir: Path = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / MANIFEST
-    previous = {r["name"]: r for r in read_jsonl(manifest_path)} if manifest_path.exists() else {}
+    previous = ranks.read_previous(manifest_path)
     rejects = RejectLog(out_dir / "rejects.jsonl", "infer-batch")
     done: list[dict[str, Any]] = []
     timings = {"load_s": load_s, "llm_s": 0.0, "flow_s": 0.0, "hift_s": 0.0, "audio_s": 0.0}
@@ -199,14 +204,17 @@ def run(args: argparse.Namespace) -> int:
     decoders: set[str] = set()
     t0 = time.perf_counter()
     pending: list[tuple[dict[str, Any], Any, str]] = []  # (row, BatchRequest, settings digest)
+    todo: list[tuple[dict[str, Any], str]] = []
     for row in rows:
         wav = out_dir / f"{row['name']}.wav"
         digest = _settings_hash(row, args, synth.model_files)
         old = previous.get(row["name"])
-        if not args.force and old and old.get("settings_sha256") == digest and wav.is_file():
+        if not args.force and old and old.get("settings_sha256") == digest and output_is_valid(wav, old):
             done.append(old)
             skipped += 1
             continue
+        todo.append((row, digest))
+    for row, digest in ranks.share(todo, weight=lambda item: len(item[0]["text"])):
         try:
             overrides = {k: row[k] for k in LINE_OPTIONS if k in row}
             options = options_from_args(args, synth, **overrides)
@@ -215,7 +223,8 @@ def run(args: argparse.Namespace) -> int:
             logger.error("segment %s (line %d) failed: %s", row["name"], row["line"], e)
             continue
         pending.append((row, BatchRequest(row["text"], **line_voice(row, args), options=options), digest))
-    bar = progress(None, total=len(pending), desc="segments", enabled=not args.no_progress)
+    bar = progress(None, total=len(pending), desc="segments" + (f" (rank 0 of {ranks.world_size})" if ranks.distributed
+                   else ""), enabled=not args.no_progress and ranks.is_main)
 
     def finished(row: dict[str, Any], digest: str, result: Any) -> None:
         bar.update(1)
@@ -233,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
                      "seed": result.seed, "mode": result.info["mode"], "speech_tokens": len(result.tokens),
                      "text": redact_text(row["text"]), "settings_sha256": digest})
         # The manifest is rewritten after every segment, so an interrupted run resumes where it stopped.
-        write_jsonl(manifest_path, done + [r for n, r in previous.items() if n not in {d["name"] for d in done}])
+        ranks.write_manifest(manifest_path, done, previous)
 
     # Work in slices of a few batches: each slice's segments are written (and resumable) before the next.
     step = max(1, args.batch_size) * 4
@@ -244,10 +253,22 @@ def run(args: argparse.Namespace) -> int:
                          on_stage=lambda what, start=start: bar.set_postfix_str(
                              f"segments {start + 1}-{min(start + step, len(pending))}, {what}"))
     bar.close()
+    gathered = ranks.gather((done, rejects.rows, timings, sorted(decoders)))
+    if gathered is None:  # another rank: rank 0 writes the manifest, rejects, run.json and the summary
+        ranks.finish(manifest_path)
+        logger.info("rank %d: %d segment(s) written", ranks.rank, len(done) - skipped)
+        return 0
+    if ranks.distributed:
+        done = list({d["name"]: d for part in gathered for d in part[0]}.values())
+        rejects.rows = [r for part in gathered for r in part[1]]
+        for k in ("llm_s", "flow_s", "hift_s", "audio_s"):
+            timings[k] = sum(part[2][k] for part in gathered)
+        decoders = {d for part in gathered for d in part[3]}
     rejects.save()
     order = {r["name"]: i for i, r in enumerate(rows)}
     done.sort(key=lambda r: order.get(r["name"], len(order)))
     write_jsonl(manifest_path, done)
+    ranks.finish(manifest_path)
     total = time.perf_counter() - t0
     timings["total_s"] = total
     timings["rtf"] = total / timings["audio_s"] if timings["audio_s"] else None

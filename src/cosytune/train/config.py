@@ -15,6 +15,9 @@ from typing import Literal
 
 from cosytune.config.loading import load_config, read_yaml
 
+REFERENCE_FRAMES = 4000
+"""The recipe's global batch in mel frames (1 GPU × accum_grad 2 × 2000), the base of ``optim.lr_scaling``."""
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -27,6 +30,12 @@ class OptimConfig:
     eps: float = 1e-8
     fused: bool | None = None
     """Use the fused CUDA kernel (None: on whenever training runs on CUDA)."""
+    lr_scaling: Literal["none", "sqrt", "linear"] = "none"
+    """How ``lr`` follows the global batch, i.e. world size × accum_grad × data.max_frames_in_batch frames,
+    against the recipe's 1 GPU × 2 × 2000 = :data:`REFERENCE_FRAMES`: ``none`` keeps ``lr`` whatever the batch
+    (upstream's choice; fine for lr 1e-5 speaker SFT), ``sqrt`` multiplies it by sqrt(global / 4000) (the rule
+    for Adam when the batch grows), ``linear`` by global / 4000. Set once when a run starts (logged); a resumed
+    run keeps the learning rate it was started with, even on another number of GPUs."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -52,7 +61,11 @@ class DataConfig:
     """Data pipeline: filters, dynamic batching and loading."""
 
     max_frames_in_batch: int = 2000
-    """Frame budget of a dynamic batch: longest 50 Hz mel length × batch size ≤ this."""
+    """Frame budget of a dynamic batch: longest 50 Hz mel length × batch size ≤ this. It is per GPU
+    (per rank): each rank packs its own batches, so one optimiser step sees world size × accum_grad ×
+    this budget. Raise it with the GPU's memory (an 80 GB card holds several times the recipe's 2000)
+    rather than lowering accum_grad on small data: bigger batches keep a GPU busy, more ranks of small
+    batches leave it launch-bound."""
     min_duration_s: float = 1.0
     max_duration_s: float = 60.0
     min_text_tokens: int = 1
@@ -75,6 +88,31 @@ class DataConfig:
             raise ValueError("data.min_duration_s must be smaller than data.max_duration_s")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, found {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class DdpConfig:
+    """Multi-GPU (torchrun, DistributedDataParallel) settings. None of them changes the result, except
+    ``grad_compression``; they only apply when more than one process trains."""
+
+    find_unused_parameters: bool | None = None
+    """Search each backward for parameters that got no gradient. None: off for the models whose every
+    parameter gets a gradient on every step (the LLM and the flow, checked by the tests), which lets the
+    all-reduce of gradients overlap the backward pass."""
+    static_graph: bool | None = None
+    """Tell DDP the graph is the same on every step. None: on when it is valid (accum_grad 1 and no
+    torch.compile; DDP refuses a static graph whose first backward runs under no_sync)."""
+    bucket_cap_mb: float = 25.0
+    """Size of the gradient buckets all-reduced while the backward pass goes on (torch's default 25)."""
+    gradient_as_bucket_view: bool = True
+    """Gradients live in the all-reduce buckets (one copy less per step, less memory)."""
+    grad_compression: Literal["none", "bf16"] = "none"
+    """bf16: gradients are rounded to bf16 for the all-reduce (half the traffic; NCCL only, ignored on
+    gloo/CPU). Results then differ from one-GPU runs by that rounding."""
+
+    def __post_init__(self) -> None:
+        if self.bucket_cap_mb <= 0:
+            raise ValueError(f"ddp.bucket_cap_mb must be > 0, found {self.bucket_cap_mb}")
 
 
 @dataclass(frozen=True)
@@ -106,6 +144,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    ddp: DdpConfig = field(default_factory=DdpConfig)
 
     def __post_init__(self) -> None:
         problems = []
@@ -121,6 +160,13 @@ class TrainConfig:
             problems.append("keep_best, early_stop_patience and max_steps must be >= 0")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def scaled_lr(cfg: TrainConfig, world_size: int) -> float:
+    """The learning rate a fresh run uses on ``world_size`` ranks (``optim.lr_scaling``)."""
+    ratio = world_size * cfg.accum_grad * cfg.data.max_frames_in_batch / REFERENCE_FRAMES
+    power = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[cfg.optim.lr_scaling]
+    return cfg.optim.lr * ratio**power
 
 
 def preset_path(model: str) -> Path:

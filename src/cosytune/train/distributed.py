@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cosytune.train.config import DdpConfig
+
 logger = logging.getLogger(__name__)
 
 
@@ -79,3 +81,48 @@ def all_reduce_mean(values: dict[str, float], dist: DistInfo, device: torch.devi
 def barrier(dist: DistInfo) -> None:
     if dist.distributed:
         torch.distributed.barrier()
+
+
+#: Models whose every trainable parameter gets a gradient on every step, in every mode of their step function
+#: (the LLM's bistream and unistream draws, the flow's condition dropout): DDP needs no search for unused
+#: parameters. ``tests/integration/test_scale.py`` checks it on the tiny networks.
+EVERY_PARAM_USED = frozenset({"llm", "flow"})
+
+
+def wrap_ddp(model: torch.nn.Module, cfg: DdpConfig, kind: str, device: torch.device, *, accum_grad: int = 1,
+             compiled: bool = False) -> torch.nn.parallel.DistributedDataParallel:
+    """``model`` in DistributedDataParallel with the settings of ``cfg`` (``None`` fields decided for ``kind``).
+
+    Gradients are all-reduced bucket by bucket while the backward pass goes on; that overlap needs no search
+    for unused parameters (``find_unused_parameters``), which is only done for models not known to use every
+    parameter. A static graph is declared only where DDP accepts it: with ``accum_grad`` 1 (its first backward
+    must not run under ``no_sync``) and without ``torch.compile``.
+
+    Raises:
+        ConfigError: ``ddp.static_graph=true`` with gradient accumulation.
+    """
+    from cosytune.errors import ConfigError
+
+    find_unused = cfg.find_unused_parameters if cfg.find_unused_parameters is not None else kind not in EVERY_PARAM_USED
+    static = cfg.static_graph if cfg.static_graph is not None else (accum_grad == 1 and not compiled)
+    if static and accum_grad > 1:
+        raise ConfigError(f"ddp.static_graph=true needs accum_grad=1 (found {accum_grad}): DDP cannot declare a "
+                          "static graph whose first backward runs under no_sync; leave ddp.static_graph unset")
+    kw: dict = {"device_ids": [device.index]} if device.type == "cuda" else {}
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, find_unused_parameters=find_unused, static_graph=static, bucket_cap_mb=cfg.bucket_cap_mb,
+        gradient_as_bucket_view=cfg.gradient_as_bucket_view, **kw)
+    compression = "none"
+    if cfg.grad_compression == "bf16":
+        if torch.distributed.get_backend() == "nccl":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+            compression = "bf16"
+        else:
+            logger.info("ddp.grad_compression=bf16 is for NCCL; the %s backend all-reduces fp32 gradients",
+                        torch.distributed.get_backend())
+    logger.info("DDP: find_unused_parameters=%s static_graph=%s bucket_cap_mb=%g gradient_as_bucket_view=%s "
+                "grad_compression=%s", find_unused, static, cfg.bucket_cap_mb, cfg.gradient_as_bucket_view,
+                compression)
+    return ddp

@@ -10,7 +10,17 @@ stopping.
 
 Exact resume: checkpoints hold the optimiser, scheduler, scaler and all RNG states and the
 position in the epoch; an epoch's batch order depends only on (seed, epoch), so ``resume="auto"``
-continues mid-epoch and ends where an uninterrupted run ends.
+continues mid-epoch and ends where an uninterrupted run ends — with any number of ranks, as long as it
+is the number the run was started with. Resumed on another number of ranks, the weights, optimiser,
+scheduler (so the learning rate), step and epoch are kept; mid-epoch, the rest of the epoch is dealt
+anew: an epoch's global batch order is the same for any rank count and the first ``batch_in_epoch ×
+old world size`` batches of it count as done (rounded down to whole optimiser steps of the new layout,
+so none is skipped); rank r takes the RNG state of old rank ``r mod old world size``. The log says so,
+and the result is then not bit-identical to an uninterrupted run on either number of ranks.
+
+The time each step waits for the data loader is measured: the log line shows its share of the step
+time, and each epoch's history entry records it (``data_wait``) with the utterances trained on
+(``utts``, all ranks) and the seconds of the training pass (``train_seconds``).
 """
 
 from __future__ import annotations
@@ -39,8 +49,8 @@ from cosytune.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from cosytune.train.config import TrainConfig
-from cosytune.train.distributed import DistInfo, all_reduce_mean, barrier
+from cosytune.train.config import TrainConfig, scaled_lr
+from cosytune.train.distributed import DistInfo, all_reduce_mean, barrier, wrap_ddp
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +79,23 @@ class _BatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.source.collate(self.batches[i])
+
+
+class _TimedIter:
+    """Iterates ``it`` and adds the seconds spent waiting for each item to ``wait_s``."""
+
+    def __init__(self, it) -> None:
+        self.it, self.wait_s = iter(it), 0.0
+
+    def __iter__(self) -> _TimedIter:
+        return self
+
+    def __next__(self):
+        t = time.perf_counter()
+        try:
+            return next(self.it)
+        finally:
+            self.wait_s += time.perf_counter() - t
 
 
 @dataclass
@@ -107,10 +134,11 @@ def resolve_amp(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | N
     return torch.float16, device.type == "cuda"
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device,
+                    lr: float | None = None) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     fused = cfg.optim.fused if cfg.optim.fused is not None else device.type == "cuda"
-    kw: dict[str, Any] = {"lr": cfg.optim.lr, "betas": tuple(cfg.optim.betas), "eps": cfg.optim.eps,
+    kw: dict[str, Any] = {"lr": cfg.optim.lr if lr is None else lr, "betas": tuple(cfg.optim.betas), "eps": cfg.optim.eps,
                           "weight_decay": cfg.optim.weight_decay}
     if fused:
         kw["fused"] = True
@@ -159,6 +187,18 @@ def _loader(source: BatchSource, batches: list[list[int]], cfg: TrainConfig, see
         persistent_workers=False,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def _remap_position(state: TrainState, old_world: int, dist: DistInfo, accum_grad: int, name: str) -> None:
+    """Move a resumed position made on ``old_world`` ranks onto this layout (see the module docstring)."""
+    done = state.batch_in_epoch * old_world  # batches of the epoch's global order already trained on
+    state.batch_in_epoch = done // dist.world_size // accum_grad * accum_grad
+    if dist.is_main:
+        logger.warning(
+            "%s was saved by a run on %d process(es) and is resumed on %d: the weights, optimiser, learning rate, "
+            "step %d and epoch %d are kept; the epoch goes on from batch %d of its %d-rank order (%d of its batches "
+            "counted done); the result will not be bit-identical to an uninterrupted run", name, old_world,
+            dist.world_size, state.step, state.epoch, state.batch_in_epoch, dist.world_size, done)
 
 
 @torch.inference_mode()
@@ -217,7 +257,7 @@ def train(
         model.to(device)
         model.train()
         raw_model = model
-        opt = build_optimizer(cfg, raw_model, device)
+        opt = build_optimizer(cfg, raw_model, device, scaled_lr(cfg, dist.world_size))
         sched = build_scheduler(cfg, opt)
         amp_dtype, use_scaler = resolve_amp(cfg, device)
         scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -253,13 +293,19 @@ def train(
             if st.get("scaler"):
                 scaler.load_state_dict(st["scaler"])
             state = TrainState(**st["train_state"])
-            set_rng_state(st["rng"][dist.rank] if isinstance(st["rng"], list) else st["rng"])
+            rngs = st["rng"] if isinstance(st["rng"], list) else [st["rng"]]
+            set_rng_state(rngs[dist.rank % len(rngs)])
+            if len(rngs) != dist.world_size:
+                _remap_position(state, len(rngs), dist, cfg.accum_grad, ref.name)
             logger.info("resumed from %s (epoch %d, step %d, batch %d of the epoch)", ref.name, state.epoch,
                         state.step, state.batch_in_epoch)
+        elif dist.is_main and cfg.optim.lr_scaling != "none":
+            logger.info("learning rate %.3g: optim.lr %.3g scaled (%s) to a global batch of %d ranks x %d x %d frames",
+                        opt.param_groups[0]["lr"], cfg.optim.lr, cfg.optim.lr_scaling, dist.world_size,
+                        cfg.accum_grad, cfg.data.max_frames_in_batch)
 
         if dist.distributed:
-            ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
-            model = torch.nn.parallel.DistributedDataParallel(raw_model, find_unused_parameters=True, **ddp_kw)
+            model = wrap_ddp(raw_model, cfg.ddp, cfg.model, device, accum_grad=cfg.accum_grad, compiled=cfg.compile)
 
         if cfg.compile:
             model = torch.compile(model)
@@ -323,9 +369,11 @@ def train(
             t_epoch = time.time()
             t_log, steps_at_log = time.time(), state.step
             metrics_acc: dict[str, float] = {}
-            n_acc = 0
+            n_acc = n_utts = 0
             opt.zero_grad(set_to_none=True)
-            for i, batch in enumerate(_loader(train_set, todo, cfg, cfg.seed * 1000 + state.epoch), start=skip):
+            loader = _TimedIter(_loader(train_set, todo, cfg, cfg.seed * 1000 + state.epoch))
+            wait_at_log = 0.0
+            for i, batch in enumerate(loader, start=skip):
                 boundary = (i + 1) % cfg.accum_grad == 0 or i + 1 == len(batches)
                 sync_ctx = model.no_sync() if (dist.distributed and not boundary) else contextlib.nullcontext()
                 batch = _to_device(batch, device)
@@ -338,6 +386,7 @@ def train(
                     if isinstance(v, torch.Tensor) and v.numel() == 1:
                         metrics_acc[k] = metrics_acc.get(k, 0.0) + float(v.detach())
                 n_acc += 1
+                n_utts += train_set.num_utts(batches[i])
                 state.batch_in_epoch = i + 1
                 if not boundary:
                     continue
@@ -364,12 +413,13 @@ def train(
                     left = (total_steps_est - state.step) / its if math.isfinite(its) and its > 0 else float("nan")
                     eta = time.strftime("%H:%M:%S", time.gmtime(left)) if math.isfinite(left) else "?"
                     logger.info(
-                        "epoch %d step %d | %s | lr %.2e | grad %.2f | %.2f it/s | ETA %s | mem %.1f GB",
+                        "epoch %d step %d | %s | lr %.2e | grad %.2f | %.2f it/s | data %.0f%% | ETA %s | mem %.1f GB",
                         state.epoch, state.step,
                         " | ".join(f"{k} {v / max(n_acc, 1):.4f}" for k, v in metrics_acc.items()),
-                        opt.param_groups[0]["lr"], grad_norm, its, eta, _mem_gb(device),
+                        opt.param_groups[0]["lr"], grad_norm, its, 100 * (loader.wait_s - wait_at_log) / el if el > 0
+                        else 0.0, eta, _mem_gb(device),
                     )
-                    t_log, steps_at_log = time.time(), state.step
+                    t_log, steps_at_log, wait_at_log = time.time(), state.step, loader.wait_s
                 metrics_acc, n_acc = {}, 0
                 if cfg.save_per_step > 0 and state.step % cfg.save_per_step == 0 and state.batch_in_epoch < len(batches):
                     cvm = run_cv()
@@ -378,11 +428,16 @@ def train(
                     done = True
                     break
             # End of the epoch (or of max_steps): CV, checkpoint, early stopping.
+            train_s = time.time() - t_epoch
+            pace = all_reduce_mean({"utts": float(n_utts), "data_wait": loader.wait_s / train_s if train_s > 0 else 0.0},
+                                   dist, device)
             cvm = run_cv()
             cvm = all_reduce_mean(cvm, dist, device) if cvm else cvm
             finished_epoch = state.epoch
             state.history.append({"epoch": finished_epoch, "step": state.step, **cvm,
-                                  "seconds": round(time.time() - t_epoch, 2)})
+                                  "seconds": round(time.time() - t_epoch, 2), "train_seconds": round(train_s, 3),
+                                  "utts": round(pace["utts"] * dist.world_size),
+                                  "data_wait": round(pace["data_wait"], 4)})
             improved = False
             if "loss" in cvm:
                 improved = cvm["loss"] < state.best_cv_loss - cfg.early_stop_min_delta
@@ -401,7 +456,9 @@ def train(
                 logger.info("early stop: CV loss has not improved for %d epochs (best %.4f at %s)",
                             state.epochs_without_improvement, state.best_cv_loss, state.best_name)
             if dist.is_main:
-                logger.info("epoch %d done in %.1fs: %s", finished_epoch, time.time() - t_epoch,
+                logger.info("epoch %d done in %.1fs (%.1f utts/s over %d rank(s), data loader %.0f%% of step time): %s",
+                            finished_epoch, time.time() - t_epoch, state.history[-1]["utts"] / train_s if train_s > 0
+                            else 0.0, dist.world_size, 100 * pace["data_wait"],
                             ", ".join(f"cv_{k}={v:.4f}" for k, v in cvm.items()) or "no CV set")
             if state.batch_in_epoch >= len(batches):
                 state.epoch += 1
