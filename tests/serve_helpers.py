@@ -104,7 +104,8 @@ class ServerProcess:
         raise RuntimeError(f"cosytune serve did not answer /health within {timeout_s} s:\n{self.output()}")
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log.read_text(errors="replace")[-5000:]
 
     def stop(self) -> int | None:
@@ -119,3 +120,34 @@ class ServerProcess:
                 self.proc.wait(10)
         self._log.close()
         return self.proc.returncode
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--autoplay-policy=no-user-gesture-required", "--mute-audio",
+                  "--window-size=1280,900")
+
+
+def browser_missing() -> str | None:
+    """Why the system browser cannot run here (None when it can)."""
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).is_file()]
+    if missing:
+        return (f"{' and '.join(missing)} not found: the browser tests drive Debian's chromium with chromium-driver. "
+                "Install them with 'apt-get install chromium chromium-driver' (scripts/setup.sh does this when run "
+                "as root), or set COSYTUNE_SKIP_BROWSER=1 to skip these tests")
+    return None
+
+
+def start_browser(profile: Path):
+    """Headless Chromium through Selenium with the system browser and driver (nothing is downloaded)."""
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never fetch a browser or driver
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for f in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
+        opts.add_argument(f)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)

@@ -104,6 +104,8 @@ def run_server(s: ServeSettings) -> list[tuple[str, object]]:
                             timeout_graceful_shutdown=5)
     try:
         uvicorn.Server(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: stopping is the normal way out
+        pass
     finally:
         engine.shutdown()
     m = engine.metrics
