@@ -82,7 +82,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        self._log = open(log, "wb")
+        self._log = open(log, "wb")  # noqa: SIM115 - the server writes into it until stop()
         self.proc = subprocess.Popen([sys.executable, "-m", "cosytune", "serve", "--port", str(self.port), *args],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self._wait(timeout_s)

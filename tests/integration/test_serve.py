@@ -22,7 +22,7 @@ import soundfile as sf
 httpx = pytest.importorskip("httpx")
 pytestmark = pytest.mark.slow  # one server for the module: ~1 min to start on 2 cores, ~1 min of tests
 
-from serve_helpers import (  # noqa: E402
+from serve_helpers import (
     ServerProcess,
     browser_missing,
     start_browser,
