@@ -151,6 +151,8 @@ def test_openai_endpoint_errors_and_not_json(served):
     r = httpx.post(url + "/v1/tts", content=b"{not json", headers={"Content-Type": "application/json"}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["message"]
     assert httpx.get(url + "/lab/static/..%2F..%2Fapp.py", timeout=10).status_code == 404
+    pre = httpx.options(url + "/v1/tts", headers={"Origin": "http://example.com", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in pre.headers  # CORS is off unless --cors_origin is given
     assert httpx.get(url + "/lab/api/dataset/audio/..%2F..%2Fetc%2Fpasswd", timeout=10).status_code in (400, 404)
 
 
