@@ -150,3 +150,17 @@ def test_api_key_and_body_limit_middleware():
     assert c.post("/v1/echo", content=b"x" * 100, headers=ok).json() == {"n": 100}
     big = c.post("/v1/echo", content=b"x" * 101, headers=ok)
     assert big.status_code == 413 and "at most 100 bytes" in big.json()["error"]["message"]
+
+
+def test_a_job_stops_when_cancelled_or_past_its_deadline():
+    import time
+
+    from cosytune.serve.engine import CancelledError_, Job, RequestTimeoutError
+
+    job = Job("a", stream=True, deadline=time.monotonic() + 60)
+    job.check()  # nothing to stop yet
+    job.cancel.set()
+    with pytest.raises(CancelledError_):
+        job.check()
+    with pytest.raises(RequestTimeoutError, match="request_timeout"):
+        Job("b", stream=False, deadline=time.monotonic() - 1).check()

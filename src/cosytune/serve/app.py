@@ -218,7 +218,7 @@ def create_app(engine: Engine, cfg: AppConfig | None = None) -> FastAPI:
         headers["X-Cosytune-Audio-Seconds"] = f"{result.duration_s:.3f}"
         headers["X-Cosytune-Speech-Tokens"] = str(len(result.tokens))
         body = encode.encode(result.audio, result.sample_rate, plan.fmt)
-        return Response(body, media_type=encode.MEDIA_TYPES[plan.fmt], headers=headers)
+        return Response(body, media_type=encode.media_type(plan.fmt, engine.sample_rate), headers=headers)
 
     async def _run_stream(request: Request, plan: Plan, job: Any, endpoint: str) -> Response:
         loop = asyncio.get_running_loop()
@@ -297,7 +297,7 @@ def create_app(engine: Engine, cfg: AppConfig | None = None) -> FastAPI:
                     job.cancel.set()
                     engine.metrics.count(endpoint, "disconnected")
 
-        return StreamingResponse(body(), media_type=encode.MEDIA_TYPES[plan.fmt], headers=headers)
+        return StreamingResponse(body(), media_type=encode.media_type(plan.fmt, engine.sample_rate), headers=headers)
 
     def _base_sampling() -> Any:
         return engine.base.llm.config.sampling

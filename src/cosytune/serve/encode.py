@@ -14,7 +14,7 @@ import numpy as np
 from cosytune.errors import UsageError
 
 #: response_format -> media type.
-MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/L16; rate=24000; channels=1", "flac": "audio/flac", "mp3": "audio/mpeg",
+MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/L16", "flac": "audio/flac", "mp3": "audio/mpeg",
                "opus": "audio/ogg"}
 STREAM_FORMATS = ("wav", "pcm")
 #: soundfile (format, subtype) of the compressed formats.
@@ -31,6 +31,11 @@ def available_formats() -> list[str]:
         if fmt in formats and subtype in sf.available_subtypes(fmt):
             out.append(name)
     return out
+
+
+def media_type(fmt: str, sample_rate: int) -> str:
+    """The Content-Type of ``fmt`` (raw PCM names its rate, RFC 2586)."""
+    return f"audio/L16; rate={sample_rate}; channels=1" if fmt == "pcm" else MEDIA_TYPES[fmt]
 
 
 def check_format(fmt: str, *, stream: bool) -> None:

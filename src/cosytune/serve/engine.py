@@ -286,7 +286,8 @@ class Engine:
             return running, len(self.jobs) - running
 
     def decoders_in_use(self) -> int:
-        synths = [self.base, *list(self._cache.values())]
+        with self._cache_lock:
+            synths = [self.base, *self._cache.values()]
         return sum(s.decoder_pool.stats()["in_use"] for s in synths if getattr(s, "decoder_pool", None) is not None)
 
     def retry_after_s(self) -> int:
