@@ -151,6 +151,12 @@ def test_api_key_and_body_limit_middleware():
     big = c.post("/v1/echo", content=b"x" * 101, headers=ok)
     assert big.status_code == 413 and "at most 100 bytes" in big.json()["error"]["message"]
 
+    def chunks(n):  # no Content-Length: a chunked upload
+        yield from (b"x" * 10 for _ in range(n))
+
+    assert c.post("/v1/echo", content=chunks(10), headers=ok).json() == {"n": 100}
+    assert c.post("/v1/echo", content=chunks(11), headers=ok).status_code == 413
+
 
 def test_a_job_stops_when_cancelled_or_past_its_deadline():
     import time

@@ -81,27 +81,32 @@ class BodyLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         msg = (f"request body too large; this server takes at most {self.limit} bytes "
                "(--max_body_bytes)")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await error(413, msg, "body_too_large")(scope, receive, send)
-        seen = 0
-
-        async def limited() -> dict:
-            nonlocal seen
+        if length is not None and length.isdigit():
+            if int(length) > self.limit:
+                return await error(413, msg, "body_too_large")(scope, receive, send)
+            return await self.app(scope, receive, send)
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        # No Content-Length (a chunked upload): read the body up to the limit first, then hand it on.
+        body, more = b"", True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return message
+            if message["type"] != "http.request":
+                return  # the client left
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await error(413, msg, "body_too_large")(scope, receive, send)
+        sent = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await error(413, msg, "body_too_large")(scope, receive, send)
+        async def replay() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 class ApiKey:
