@@ -36,7 +36,8 @@ from typing import Any
 TEXT = ("The quick brown fox jumps over the lazy dog while the morning sun rises slowly above the quiet hills, "
         "and somewhere in the valley a small bell begins to ring.")
 PROMPT_CLIP = "agent-user.mp3"
-PROMPT_TEXT = "You are a helpful assistant.<|endofprompt|>Please enter the extension of the person you are calling."
+PROMPT_TEXT = ("You are a helpful assistant.<|endofprompt|>"
+               "Agent login. Please enter your agent number followed by the pound key.")
 SAMPLE_RATE = 24000
 
 

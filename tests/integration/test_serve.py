@@ -31,6 +31,7 @@ from serve_helpers import (
 )
 
 MAX_TEXT = 400
+PROMPT_TRANSCRIPT = "Agent login. Please enter your agent number followed by the pound key."
 TEXT = "Hello there, this is a short test of the speech server."
 LONG = ("This is a much longer passage that goes on for a while, with many words in it, so that the tiny model "
         "keeps streaming for several chunks before it stops. ") * 2
@@ -43,7 +44,7 @@ def served(tmp_path_factory):
     data = transcribed_dataset(root / "dataset")
     server = ServerProcess(["--model_dir", str(dirs["model"]), "--run_dir", str(dirs["run"]), "--data_dir", str(data),
                             "--device", "cpu", "--fast_decode", "--workers", "1", "--max_queue", "2",
-                            "--max_text_chars", str(MAX_TEXT), "--max_body_bytes", "8192"], root / "server.log")
+                            "--max_text_chars", str(MAX_TEXT), "--max_body_bytes", "400000"], root / "server.log")
     yield {"url": server.url, "data": data, "run": dirs["run"], "server": server}
     rc = server.stop()
     out = server.output()
@@ -122,7 +123,7 @@ def test_wav_stream_has_an_open_ended_header(served):
     ({"text": TEXT, "spk_id": "nobody"}, 400, "unknown voice 'nobody'"),
     ({"text": "   ", "spk_id": "alice"}, 400, "empty"),
     ({"text": "x" * (MAX_TEXT + 1), "spk_id": "alice"}, 400, f"at most {MAX_TEXT}"),
-    ({"text": "y" * 9000, "spk_id": "alice"}, 413, "too large"),
+    ({"text": "y" * 500_000, "spk_id": "alice"}, 413, "too large"),
     ({"text": TEXT, "spk_id": "alice", "sampling": {"top_p": 2.0}}, 400, "top_p"),
     ({"text": TEXT, "spk_id": "alice", "sampling": {"temperature": -1}}, 400, "temperature"),
     ({"text": TEXT, "spk_id": "alice", "llm_ckpt": "../../x"}, 400, "unknown llm variant"),
@@ -133,6 +134,9 @@ def test_wav_stream_has_an_open_ended_header(served):
     ({"text": TEXT, "spk_id": "alice", "seed": -3}, 400, "seed"),
     ({"text": TEXT, "spk_id": "alice", "colour": "blue"}, 400, "colour"),
     ({"text": "<|endofprompt|>", "spk_id": "alice"}, 400, "nothing to speak"),
+    ({"text": TEXT, "prompt_audio": "not base64!"}, 400, "base64"),
+    ({"text": TEXT, "prompt_audio": "aGVsbG8gd29ybGQ="}, 400, "not a wav"),
+    ({"text": TEXT, "spk_id": "alice", "prompt_audio": "UklGRg=="}, 400, "not both"),
 ])
 def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(served, body, status, words):
     r = post(served["url"], "/v1/tts", body)
@@ -154,6 +158,20 @@ def test_openai_endpoint_errors_and_not_json(served):
     pre = httpx.options(url + "/v1/tts", headers={"Origin": "http://example.com", "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in pre.headers  # CORS is off unless --cors_origin is given
     assert httpx.get(url + "/lab/api/dataset/audio/..%2F..%2Fetc%2Fpasswd", timeout=10).status_code in (400, 404)
+
+
+def test_zero_shot_with_a_prompt_clip_in_the_request(served, sample_speaker_dir):
+    import base64
+
+    clip = sample_speaker_dir / "audio" / "agent-user.mp3"
+    body = {"text": TEXT, "prompt_audio": base64.b64encode(clip.read_bytes()).decode(), "seed": 8,
+            "prompt_text": "You are a helpful assistant.<|endofprompt|>" + PROMPT_TRANSCRIPT}
+    r = post(served["url"], "/v1/tts", body)
+    assert r.status_code == 200, r.text
+    facts = httpx.get(f"{served['url']}/v1/runs/{r.headers['X-Request-Id']}", timeout=10).json()
+    assert facts["info"]["mode"] == "zero_shot" and facts["seed"] == 8
+    with httpx.stream("POST", served["url"] + "/v1/tts", json={**body, "stream": True}, timeout=120) as s:
+        assert s.status_code == 200 and len(s.read()) > 44
 
 
 def test_variants_are_listed_by_name_and_loaded_lazily(served):

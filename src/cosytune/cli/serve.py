@@ -42,7 +42,8 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     flag(p, "max_queue", type=int, default=8, help="requests waiting for a worker before 429 (default %(default)s)")
     flag(p, "request_timeout", type=float, default=300.0, metavar="S", help="stop a request after S seconds")
     flag(p, "max_text_chars", type=int, default=2000, help="longest text per request (default %(default)s)")
-    flag(p, "max_body_bytes", type=int, default=64 * 1024, help="largest request body (default %(default)s)")
+    flag(p, "max_body_bytes", type=int, default=4 << 20,
+         help="largest request body, prompt clips included (default %(default)s)")
     flag(p, "variant_cache", type=int, default=2, help="checkpoint variants kept loaded (default %(default)s)")
     flag(p, "cache_mb", type=int, default=None,
          help="weight memory for cached variants in MiB (default: half the free memory at start)")

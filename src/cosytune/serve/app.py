@@ -19,10 +19,12 @@ The text of a request is never logged or stored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -40,7 +42,16 @@ from cosytune.serve.engine import (
     QueueFullError,
     RequestTimeoutError,
 )
-from cosytune.serve.schemas import OPENAI_MODELS, Plan, SpeechBody, TTSBody, build_options, check_text
+from cosytune.serve.schemas import (
+    OPENAI_MODELS,
+    Plan,
+    SpeechBody,
+    TTSBody,
+    build_options,
+    check_text,
+    decode_prompt_audio,
+    prompt_suffix,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +69,7 @@ STATIC = {"lab.js": "text/javascript", "lab.css": "text/css", "index.html": "tex
 class AppConfig:
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
-    max_body_bytes: int = 64 * 1024
+    max_body_bytes: int = 4 << 20
     lab_dir: Path | None = None
     data_dir: Path | None = None
 
@@ -167,7 +178,8 @@ def create_app(engine: Engine, cfg: AppConfig | None = None) -> FastAPI:
 
     # ------------------------------------------------------------------ synthesis
     def _plan(text: str, *, mode: str | None, spk_id: str | None, prompt_text: str | None, options: Any,
-              llm: str | None, flow: str | None, stream: bool, fmt: str, what: str = "text") -> Plan:
+              llm: str | None, flow: str | None, stream: bool, fmt: str, what: str = "text",
+              prompt_audio: str | None = None) -> Plan:
         check_text(text, engine.cfg.max_text_chars, what)
         encode.check_format(fmt, stream=stream)
         if spk_id is not None and spk_id not in engine.speakers():
@@ -176,8 +188,11 @@ def create_app(engine: Engine, cfg: AppConfig | None = None) -> FastAPI:
         if stream and options.speed != 1.0:
             raise UsageError(f"speed {options.speed} cannot be streamed (the time-stretch needs the whole take); "
                              "set stream=false or speed=1")
+        clip = decode_prompt_audio(prompt_audio) if prompt_audio is not None else None
+        if clip is not None and spk_id is not None:
+            raise UsageError("give either spk_id or prompt_audio, not both")
         llm_name, flow_name = engine.resolve_variants(llm, flow)
-        return Plan(text, mode, spk_id, prompt_text, options, llm_name, flow_name, stream, fmt)
+        return Plan(text, mode, spk_id, prompt_text, options, llm_name, flow_name, stream, fmt, clip)
 
     def _headers(job_id: str, plan: Plan) -> dict[str, str]:
         return {"X-Request-Id": job_id, "X-Cosytune-Seed": str(plan.options.seed), "X-Cosytune-Llm": plan.llm,
@@ -199,7 +214,8 @@ def create_app(engine: Engine, cfg: AppConfig | None = None) -> FastAPI:
 
         def work(j: Any) -> Any:
             synth = engine.synthesizer(plan.llm, plan.flow)
-            return synth.synthesize(plan.text, on_token=lambda n: j.check(), **plan.kwargs())
+            with prompt_file(plan) as wav:
+                return synth.synthesize(plan.text, on_token=lambda n: j.check(), **plan.kwargs(wav))
 
         fut = asyncio.wrap_future(engine.submit(job, work))
         try:
@@ -234,15 +250,16 @@ def create_app(engine: Engine, cfg: AppConfig | None = None) -> FastAPI:
 
         def work(j: Any) -> None:
             synth = engine.synthesizer(plan.llm, plan.flow)
-            gen = synth.stream(plan.text, **plan.kwargs())
-            try:
-                for chunk in gen:
-                    j.check()
-                    if j.first_chunk_s is None:
-                        j.first_chunk_s = time.monotonic() - j.created
-                    push(("chunk", chunk))
-            finally:
-                gen.close()  # hands the LLM decoder back at once when stopped early
+            with prompt_file(plan) as wav:
+                gen = synth.stream(plan.text, **plan.kwargs(wav))
+                try:
+                    for chunk in gen:
+                        j.check()
+                        if j.first_chunk_s is None:
+                            j.first_chunk_s = time.monotonic() - j.created
+                        push(("chunk", chunk))
+                finally:
+                    gen.close()  # hands the LLM decoder back at once when stopped early
 
         fut = engine.submit(job, work)
         fut.add_done_callback(lambda f: push(("end", f)))
@@ -313,7 +330,8 @@ def create_app(engine: Engine, cfg: AppConfig | None = None) -> FastAPI:
                                 text_frontend=body.text_frontend, prompt_strategy=body.prompt_strategy,
                                 guide_sep=body.guide_sep, instruct=body.instruct)
         plan = _plan(body.text, mode=body.mode, spk_id=body.spk_id, prompt_text=body.prompt_text, options=options,
-                     llm=body.llm_ckpt, flow=body.flow_ckpt, stream=body.stream, fmt=body.response_format)
+                     llm=body.llm_ckpt, flow=body.flow_ckpt, stream=body.stream, fmt=body.response_format,
+                     prompt_audio=body.prompt_audio)
         return await _run(request, plan, "tts")
 
     @app.post("/v1/audio/speech")
@@ -453,6 +471,20 @@ def create_app(engine: Engine, cfg: AppConfig | None = None) -> FastAPI:
         app.add_middleware(ApiKey, key=cfg.api_key)
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
     return app
+
+
+@contextlib.contextmanager
+def prompt_file(plan: Plan) -> Iterator[Path | None]:
+    """The request's prompt clip as a private temporary file (deleted afterwards); None without one."""
+    if plan.prompt_audio is None:
+        yield None
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="cosytune-serve-") as d:
+        path = Path(d) / f"prompt{prompt_suffix(plan.prompt_audio)}"
+        path.write_bytes(plan.prompt_audio)
+        yield path
 
 
 def jsonable(value: Any) -> Any:

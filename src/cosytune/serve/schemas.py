@@ -24,13 +24,15 @@ class SamplingBody(BaseModel):
 
 
 class TTSBody(BaseModel):
-    """``POST /v1/tts``: every control ``cosytune infer`` has (prompt wavs aside: no request names a file)."""
+    """``POST /v1/tts``: every control ``cosytune infer`` has. A prompt clip comes *in* the request
+    (``prompt_audio``: base64 of a wav/flac/mp3/ogg file), never as a file name."""
 
     model_config = ConfigDict(extra="forbid")
     text: str
     mode: Literal["sft", "zero_shot", "instruct2", "cross_lingual"] | None = None
     spk_id: str | None = None
     prompt_text: str | None = None
+    prompt_audio: str | None = None
     prompt_strategy: Literal["default", "guide_prefix"] = "default"
     guide_sep: str = " "
     instruct: str | None = None
@@ -71,9 +73,34 @@ class Plan:
     flow: str
     stream: bool
     fmt: str
+    prompt_audio: bytes | None = None
 
-    def kwargs(self) -> dict[str, Any]:
-        return {"mode": self.mode, "spk_id": self.spk_id, "prompt_text": self.prompt_text, "options": self.options}
+    def kwargs(self, prompt_wav: Any = None) -> dict[str, Any]:
+        return {"mode": self.mode, "spk_id": self.spk_id, "prompt_text": self.prompt_text, "options": self.options,
+                "prompt_wav": prompt_wav}
+
+
+#: Leading bytes of the audio containers a prompt clip may come in -> the suffix its temporary file gets.
+_MAGIC = ((b"RIFF", ".wav"), (b"fLaC", ".flac"), (b"OggS", ".ogg"), (b"ID3", ".mp3"), (b"\xff\xfb", ".mp3"),
+          (b"\xff\xf3", ".mp3"), (b"\xff\xf2", ".mp3"))
+
+
+def decode_prompt_audio(data: str) -> bytes:
+    """The clip of ``prompt_audio`` (base64), checked to be a known audio container."""
+    import base64
+    import binascii
+
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise UsageError(f"prompt_audio must be base64 of an audio file (wav, flac, mp3, ogg): {e}") from e
+    if not any(raw.startswith(m) for m, _ in _MAGIC):
+        raise UsageError("prompt_audio is not a wav, flac, mp3 or ogg file (its first bytes say otherwise)")
+    return raw
+
+
+def prompt_suffix(raw: bytes) -> str:
+    return next(s for m, s in _MAGIC if raw.startswith(m))
 
 
 def check_text(text: str, max_chars: int, what: str = "text") -> str:

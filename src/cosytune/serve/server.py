@@ -31,7 +31,7 @@ class ServeSettings:
     max_queue: int = 8
     request_timeout_s: float = 300.0
     max_text_chars: int = 2000
-    max_body_bytes: int = 64 * 1024
+    max_body_bytes: int = 4 << 20
     variant_cache: int = 2
     cache_mb: int | None = None
     fast_decode: bool | None = None
