@@ -176,6 +176,12 @@ def create_app(engine: Engine, cfg: AppConfig | None = None) -> FastAPI:
         headers = {"Retry-After": str(engine.retry_after_s())} if status == 429 else None
         return error(status, str(exc), code, headers=headers)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        return error(500, f"internal error ({type(exc).__name__}: {exc}); the server log has the details",
+                     "internal_error", "server_error")
+
     # ------------------------------------------------------------------ synthesis
     def _plan(text: str, *, mode: str | None, spk_id: str | None, prompt_text: str | None, options: Any,
               llm: str | None, flow: str | None, stream: bool, fmt: str, what: str = "text",
@@ -311,8 +317,11 @@ def create_app(engine: Engine, cfg: AppConfig | None = None) -> FastAPI:
                         return
                     kind, item = got
                     if kind == "end":
+                        finished = True  # the worker stopped by itself (an error or the deadline)
                         exc = item.exception()
                         engine.metrics.count(endpoint, _status_of(exc)[1] if exc else "truncated")
+                        if exc is not None and not isinstance(exc, CosytuneError):
+                            logger.error("request %s failed mid-stream: %s: %s", job.id, type(exc).__name__, exc)
                         return  # the status line is sent: a stopped stream just ends early
             finally:
                 if not finished:
