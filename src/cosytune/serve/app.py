@@ -152,7 +152,8 @@ def _status_of(e: Exception) -> tuple[int, str]:
 def create_app(engine: Engine, cfg: AppConfig | None = None) -> FastAPI:
     """The application around a loaded :class:`Engine`."""
     cfg = cfg or AppConfig()
-    app = FastAPI(title="cosytune serve", docs_url="/docs", redoc_url=None)
+    # No /docs: Swagger UI loads its scripts from a CDN, and this server works offline (/openapi.json stays).
+    app = FastAPI(title="cosytune serve", docs_url=None, redoc_url=None)
     app.state.engine = engine
     lab_dir = cfg.lab_dir
     dataset = None
