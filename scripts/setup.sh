@@ -36,4 +36,17 @@ if [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
   $UV pip install -q --python .venv/bin/python --no-deps -e . >&2
   echo "$want" > $stamp
 fi
+# The lab's browser tests (tests/integration/test_serve.py) drive Debian's chromium through chromium-driver,
+# never a downloaded browser. Installed here when missing and we are root; otherwise we say what to run.
+if [ "${COSYTUNE_SKIP_BROWSER:-0}" != 1 ] && { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; }; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing chromium + chromium-driver (Debian packages) for the browser tests" >&2
+    apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver >&2; }
+    apt_install || { apt-get update -q >&2 && apt_install; } \
+      || echo "[setup] warning: could not install chromium/chromium-driver; the browser tests will fail (set COSYTUNE_SKIP_BROWSER=1 to skip them)" >&2
+  else
+    echo "[setup] note: the browser tests need Debian's chromium and chromium-driver:" \
+         "sudo apt-get install chromium chromium-driver (or set COSYTUNE_SKIP_BROWSER=1 to skip them)" >&2
+  fi
+fi
 .venv/bin/python -c "import torch, cosytune; print(f'[setup] ok: cosytune {cosytune.__version__}, torch {torch.__version__}')" >&2

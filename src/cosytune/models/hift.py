@@ -66,6 +66,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -77,6 +78,9 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 logger = logging.getLogger(__name__)
+#: Serialises the f0 predictor's cast-parameter calls (see ``HiFTGenerator._predict_f0``); module-level so the
+#: networks stay deep-copyable and picklable.
+_F0_CAST_LOCK = threading.Lock()
 
 __all__ = [
     "CausalConv1d",
@@ -686,13 +690,17 @@ class HiFTGenerator(nn.Module):
     def _predict_f0(self, mel: Tensor, finalize: bool) -> Tensor:
         """f0 predictor in ``self.f0_dtype`` without changing the module's own parameters."""
         dtype = self.f0_dtype
-        params = dict(self.f0_predictor.named_parameters())
-        if all(p.dtype == dtype for p in params.values()):
-            return self.f0_predictor(mel.to(dtype), finalize=finalize)
-        # Upstream casts the whole f0 predictor to float64 in place (which then breaks its training
-        # forward); we cast a functional copy of g, v and bias per call instead.
-        cast = {k: p.to(dtype) for k, p in params.items()}
-        return torch.func.functional_call(self.f0_predictor, cast, (mel.to(dtype),), {"finalize": finalize})
+        # functional_call swaps the module's parameters in place for the call, so concurrent callers (threads
+        # sharing this vocoder) must not overlap here, the dtype check included: one would run with (or
+        # judge by) the other's swapped-in tensors.
+        with _F0_CAST_LOCK:
+            params = dict(self.f0_predictor.named_parameters())
+            if all(p.dtype == dtype for p in params.values()):
+                return self.f0_predictor(mel.to(dtype), finalize=finalize)
+            # Upstream casts the whole f0 predictor to float64 in place (which then breaks its training
+            # forward); we cast a functional copy of g, v and bias per call instead.
+            cast = {k: p.to(dtype) for k, p in params.items()}
+            return torch.func.functional_call(self.f0_predictor, cast, (mel.to(dtype),), {"finalize": finalize})
 
     def decode(self, mel: Tensor, source: Tensor, finalize: bool = True) -> Tensor:
         """Mel + source → waveform.
