@@ -38,12 +38,14 @@ import logging
 import operator
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from cosytune.config.loading import INVALID, convert_value
 from cosytune.errors import ConfigError
 from cosytune.models.dit import DiTConfig
 from cosytune.models.flow import FlowConfig
@@ -430,14 +432,14 @@ class _Collector:
 
         Unknown arguments, wrong types and missing ``required`` arguments are problems.
         """
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
         out: dict[str, Any] = {}
         for key, value in kwargs.items():
             if key not in names:
                 self.problems.append(f"{where}.{key}: unknown argument (cosytune does not know what it changes)")
                 continue
-            converted = _coerce(value, defaults[names[key]], f"{where}.{key}", self.problems)
-            if converted is not _BAD:
+            converted = convert_value(value, hints[names[key]], f"{where}.{key}", self.problems, strict=True)
+            if converted is not INVALID:
                 out[names[key]] = converted
         for key in required:
             if key not in kwargs:
@@ -456,45 +458,10 @@ class _Collector:
             return None
 
 
-_BAD = object()
-
-
 def _describe(value: Any) -> str:
     if isinstance(value, TaggedNode):
         return f"'!{value.kind}:{value.target}' (line {value.line})"
     return f"{type(value).__name__} {value!r}"[:120]
-
-
-def _coerce(value: Any, default: Any, where: str, problems: list[str]) -> Any:
-    """Convert a YAML value to the type of ``default`` (int/float/bool/str/None/tuples)."""
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif isinstance(default, float) or default is None and where.endswith("fmax"):
-        if value is None and default is None:
-            return None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif isinstance(default, str):
-        if isinstance(value, str):
-            return value
-    elif isinstance(default, tuple) and isinstance(value, (list, tuple)) and len(value) > 0:
-        inner = default[0] if default else 0
-        out = [_coerce(v, inner, f"{where}[{i}]", problems) for i, v in enumerate(value)]
-        return _BAD if any(o is _BAD for o in out) else tuple(out)
-    problems.append(f"{where}: expected {type(default).__name__ if default is not None else 'number or null'}, "
-                    f"found {_describe(value)}")
-    return _BAD
 
 
 def _finish(c: _Collector, result: Any, source: str) -> Any:
@@ -577,8 +544,8 @@ def parse_cosyvoice3_yaml(
     top: dict[str, Any] = {}
     for key in _SCALARS:
         if key in doc:
-            v = _coerce(doc[key], getattr(CosyVoice3Hparams, key), key, c.problems)
-            if v is not _BAD:
+            v = convert_value(doc[key], int, key, c.problems, strict=True)
+            if v is not INVALID:
                 top[key] = v
     for key in ("llm", "flow", "hift"):
         if key not in doc:
@@ -630,7 +597,7 @@ def _llm(kw: dict[str, Any], c: _Collector, qwen2: Qwen2Config | dict[str, Any] 
     for k in ("llm_input_size", "llm_output_size"):  # the backbone width, stated twice by upstream
         if k not in kw:
             c.problems.append(f"llm.{k}: missing (required)")
-        elif (w := _coerce(kw.pop(k), 0, f"llm.{k}", c.problems)) is not _BAD:
+        elif (w := convert_value(kw.pop(k), int, f"llm.{k}", c.problems, strict=True)) is not INVALID:
             widths[k] = w
     values.update(c.fields(kw, "llm", LLMConfig, _LLM_ARGS, required=("speech_token_size",)))
     w_in, w_out = widths.get("llm_input_size"), widths.get("llm_output_size")
