@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from cosytune.data.kaldi import MAX_LISTED, KaldiDir, read_kaldi_dir
+from cosytune.data.kaldi import KaldiDir, read_kaldi_dir
 from cosytune.data.rejects import RejectLog
-from cosytune.errors import CosytuneError, DataError
+from cosytune.errors import CosytuneError, DataError, listing
 from cosytune.fileio import atomic_path, write_json
 
 logger = logging.getLogger(__name__)
@@ -41,12 +41,6 @@ __all__ = [
     "safe_call",
     "save_pt_map",
 ]
-
-
-def _listing(ids, limit: int = MAX_LISTED) -> str:
-    ids = list(ids)
-    shown = ", ".join(ids[:limit])
-    return shown + (f" … and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
 def resolve_wav_path(kd: KaldiDir, wav: str) -> Path:
@@ -90,9 +84,9 @@ def check_same_ids(named_sets: dict[str, set[str]], reference: str) -> list[str]
             continue
         extra, missing = ids - ref, ref - ids
         if missing:
-            problems.append(f"{name} lacks {len(missing)} id(s) of {reference}: {_listing(sorted(missing))}")
+            problems.append(f"{name} lacks {len(missing)} id(s) of {reference}: {listing(sorted(missing))}")
         if extra:
-            problems.append(f"{name} has {len(extra)} id(s) not in {reference}: {_listing(sorted(extra))}")
+            problems.append(f"{name} has {len(extra)} id(s) not in {reference}: {listing(sorted(extra))}")
     return problems
 
 

@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cosytune.errors import DataError
+from cosytune.errors import DataError, listing
 from cosytune.fileio import write_text
 from cosytune.text.special import ENDOFPROMPT
 
@@ -44,8 +44,6 @@ logger = logging.getLogger(__name__)
 KALDI_FILES = ("wav.scp", "text", "utt2spk", "spk2utt", "instruct")
 #: Files whose value is words (re-joined with single spaces, may be empty) rather than one field.
 WORD_FILES = ("text", "instruct")
-#: Offending lines shown in an error message.
-MAX_LISTED = 20
 
 
 @dataclass(frozen=True)
@@ -165,11 +163,9 @@ def read_kaldi_map(path: str | os.PathLike, *, words: bool | None = None) -> dic
                 continue
             out[key] = value
     if problems:
-        more = f"\n  … and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise DataError(
-            f"{path}: {len(problems)} malformed line(s) (expected '<id> <value>' with unique ids):\n  "
-            + "\n  ".join(problems[:MAX_LISTED]) + more + "\nFix these lines and re-run."
-        )
+        lines = listing(problems, sep="\n  ")
+        raise DataError(f"{path}: {len(problems)} malformed line(s) (expected '<id> <value>' with unique ids):\n  "
+                        f"{lines}\nFix these lines and re-run.")
     return out
 
 

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cosytune.data.rejects import RejectLog
-from cosytune.errors import DataError, UsageError
+from cosytune.errors import DataError, UsageError, listing
 from cosytune.fileio import atomic_path, read_jsonl, sha256_json, write_json, write_text
 
 if TYPE_CHECKING:
@@ -179,16 +179,10 @@ def _consistency(kd: KaldiDir, maps: dict[str, dict], dropped: set[str]) -> list
         needed = {kd.utt2spk[u] for u in kept if u in kd.utt2spk}
         known = set(kd.utt2spk.values())
         if needed - have:
-            problems.append(f"spk2embedding.pt lacks speaker(s) {_ids(needed - have)}")
+            problems.append(f"spk2embedding.pt lacks speaker(s) {listing(sorted(needed - have))}")
         if have - known:
-            problems.append(f"spk2embedding.pt has speaker(s) not in utt2spk: {_ids(have - known)}")
+            problems.append(f"spk2embedding.pt has speaker(s) not in utt2spk: {listing(sorted(have - known))}")
     return problems
-
-
-def _ids(ids: set[str], limit: int = 20) -> str:
-    ids_sorted = sorted(ids)
-    more = f" … and {len(ids_sorted) - limit} more" if len(ids_sorted) > limit else ""
-    return ", ".join(ids_sorted[:limit]) + more
 
 
 def make_parquet(

@@ -42,7 +42,6 @@ YAML_NAME = "cosyvoice3.yaml"
 WEIGHT_FILES: dict[str, str] = {"llm": "llm.pt", "flow": "flow.pt", "hift": "hift.pt"}
 CAMPPLUS_NAME = "campplus.onnx"
 SPEECH_TOKENIZER_NAME = "speech_tokenizer_v3.onnx"
-SPEECH_TOKENIZER_BATCH_NAME = "speech_tokenizer_v3.batch.onnx"
 BLANKEN_NAME = "CosyVoice-BlankEN"
 SPK2INFO_NAME = "spk2info.pt"
 
@@ -115,11 +114,6 @@ class ModelDir:
     def speech_tokenizer_path(self) -> Path:
         """``speech_tokenizer_v3.onnx``."""
         return self.path / SPEECH_TOKENIZER_NAME
-
-    @property
-    def speech_tokenizer_batch_path(self) -> Path:
-        """``speech_tokenizer_v3.batch.onnx`` (training-time batched variant; optional)."""
-        return self.path / SPEECH_TOKENIZER_BATCH_NAME
 
     @property
     def blanken_path(self) -> Path:

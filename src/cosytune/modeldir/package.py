@@ -103,10 +103,8 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
 def check_same_layout(tuned: dict[str, torch.Tensor], base: dict[str, torch.Tensor], what: str) -> None:
     """Raise CheckpointError unless ``tuned`` has exactly ``base``'s keys and shapes (compared by
     :func:`cosytune.weights.io.compare_state_dict`, like every weight check)."""
-    missing, extra, shaped = compare_state_dict({k: tuple(v.shape) for k, v in base.items()}, tuned)
-    if missing or extra or shaped:
-        missing, extra = sorted(missing), sorted(extra)
-        shapes = sorted(k for k in base if k in tuned and tuple(base[k].shape) != tuple(tuned[k].shape))
+    missing, extra, shapes = map(sorted, compare_state_dict({k: tuple(v.shape) for k, v in base.items()}, tuned))
+    if missing or extra or shapes:
         parts = []
         if missing:
             parts.append(f"missing keys ({len(missing)}): {missing[:8]}")

@@ -117,12 +117,9 @@ def save_checkpoint(
 ) -> CheckpointRef:
     """Write ``NAME.pt``, ``NAME.state.pt`` and ``NAME.yaml`` atomically (the yaml last: it marks completion)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    pt = run_dir / f"{name}.pt"
-    sd = {k: v.detach().cpu() for k, v in model_state.items()}
-    sd["epoch"] = int(info["epoch"])
-    sd["step"] = int(info["step"])
-    with atomic_path(pt) as tmp:
-        torch.save(sd, tmp)
+    from cosytune.weights.io import save_state_dict
+
+    pt = save_state_dict(run_dir / f"{name}.pt", model_state, {"epoch": int(info["epoch"]), "step": int(info["step"])})
     with atomic_path(pt.with_suffix(".state.pt")) as tmp:
         torch.save(train_state, tmp)
     info = {**info, "tag": info.get("tag", "CV"), "save_time": time.strftime("%d/%m/%Y %H:%M:%S")}

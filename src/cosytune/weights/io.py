@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 
 from cosytune.errors import CheckpointError
+from cosytune.errors import listing as _list
 from cosytune.fileio import atomic_path
 from cosytune.models.llm import TIED_KEYS
 
@@ -46,15 +47,6 @@ TRAINING_META_KEYS: tuple[str, ...] = ("epoch", "step")
 #: Keys that are the same tensor as another key, per model. Upstream's ``llm.pt`` carries both names of
 #: the tied Qwen2 embedding; a file may omit the alias (the golden fixtures do), never the source.
 TIED_ALIASES: dict[str, dict[str, str]] = {"llm": dict(TIED_KEYS), "flow": {}, "hift": {}}
-
-_MAX_LISTED = 25
-
-
-def _list(keys: Iterable[str]) -> str:
-    keys = list(keys)
-    shown = ", ".join(keys[:_MAX_LISTED])
-    return shown + (f", … ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
-
 
 def _unsafe_global(err: BaseException) -> str:
     """The offending global named in torch's weights-only error, without its advice to unpickle anyway."""
@@ -208,20 +200,18 @@ def compare_state_dict(
         allow_unexpected: keys that may appear in ``actual`` without being expected.
 
     Returns:
-        ``(missing, unexpected, mis_shaped)`` lists; mis-shaped entries read ``key: file [..] vs model [..]``.
+        ``(missing, unexpected, mis_shaped)`` key lists.
     """
     allow_missing = set(allow_missing)
     allow_unexpected = set(allow_unexpected)
     missing = [k for k in expected if k not in actual and k not in allow_missing]
     unexpected = [k for k in actual if k not in expected and k not in allow_unexpected]
-    mis_shaped = []
-    for k, shape in expected.items():
-        if k in actual:
-            got = actual[k]
-            got_shape = tuple(got.shape) if isinstance(got, torch.Tensor) else tuple(got)
-            if got_shape != tuple(shape):
-                mis_shaped.append(f"{k}: file {list(got_shape)} vs model {list(shape)}")
+    mis_shaped = [k for k, shape in expected.items() if k in actual and _shape(actual[k]) != tuple(shape)]
     return missing, unexpected, mis_shaped
+
+
+def _shape(value: torch.Tensor | tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
 
 
 def check_state_dict(
@@ -255,7 +245,8 @@ def check_state_dict(
     if unexpected:
         parts.append(f"  unexpected keys ({len(unexpected)}): {_list(unexpected)}")
     if mis_shaped:
-        parts.append(f"  mis-shaped keys ({len(mis_shaped)}): {_list(mis_shaped)}")
+        shapes = [f"{k}: file {list(_shape(actual[k]))} vs model {list(expected[k])}" for k in mis_shaped]
+        parts.append(f"  mis-shaped keys ({len(mis_shaped)}): {_list(shapes)}")
     hint = ""
     if mis_shaped and not missing and not unexpected:
         hint = " The file is for a model of another size: check that cosyvoice3.yaml matches the weights."
