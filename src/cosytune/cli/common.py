@@ -7,7 +7,7 @@ from typing import Any
 
 from cosytune.console import print_summary, progress
 
-__all__ = ["flag", "print_summary", "progress"]
+__all__ = ["add_settings_args", "flag", "print_summary", "progress"]
 
 
 def flag(parser: argparse.ArgumentParser | Any, name: str, *aliases: str, **kwargs: Any) -> argparse.Action:
@@ -22,3 +22,12 @@ def flag(parser: argparse.ArgumentParser | Any, name: str, *aliases: str, **kwar
             opts.append(a)
     kwargs.setdefault("dest", name)
     return parser.add_argument(*opts, **kwargs)
+
+
+def add_settings_args(parser: argparse.ArgumentParser | Any, example: str, *, config_of: str | None = None,
+                      what: str = "config overrides") -> None:
+    """A config-backed command's ``--config YAML`` (when ``config_of`` names its settings class) and
+    positional ``key=value`` overrides."""
+    if config_of:
+        flag(parser, "config", metavar="YAML", default=None, help=f"settings file (keys of {config_of})")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"{what}, e.g. {example}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cosytune.cli.common import flag
+from cosytune.cli.common import add_settings_args, flag
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +52,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="where to write the wavs, prepared.jsonl and rejects.jsonl (the seed's --wav_dir)",
     )
-    flag(io, "config", metavar="YAML", default=None, help="settings file (keys of PrepareAudioConfig)")
-    io.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="config overrides, e.g. trim=false slice_target_s=10",
-    )
+    add_settings_args(io, "trim=false slice_target_s=10", config_of="PrepareAudioConfig")
     from cosytune.cli.config_flags import add_config_flags
     from cosytune.data.prepare_audio import PrepareAudioConfig
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from cosytune.cli.common import flag
+from cosytune.cli.common import add_settings_args, flag
 
 EPILOG = """examples:
   # your own transcripts (lines 'file.mp3|text'), after prepare-audio
@@ -46,8 +46,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="where to write the dataset (default: the input folder)",
     )
-    flag(io, "config", metavar="YAML", default=None, help="settings file (keys of TranscribeConfig)")
-    io.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. dev_size=3")
+    add_settings_args(io, "dev_size=3", config_of="TranscribeConfig")
 
     from cosytune.cli.config_flags import add_config_flags
     from cosytune.data.transcribe import TranscribeConfig

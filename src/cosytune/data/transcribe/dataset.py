@@ -91,24 +91,21 @@ def finalize_dataset(
             u = replace(u, status="rejected", reject_reason=problem[0])
         checked.append(replace(u, flags=review_flags(u, cfg.max_disagreement)))
     kept = [u for u in checked if u.status != "rejected"]
-    if not kept:
-        rejects.save()
-        _write_review_and_utts(out_dir, checked)
-        _clear_stale_outputs(out_dir)
-        raise DataError(
-            f"no usable utterances remain ({len(checked)} candidate(s), reasons: "
-            f"{dict(rejects.counts())}); see {rejects.path} and {out_dir / 'review.tsv'}. Type transcripts "
-            "into review.tsv and run 'cosytune apply-review'"
-            + (
-                ", pass --transcripts FILE or --asr_fallback faster-whisper"
-                if cfg.backend == "transcripts"
-                else ""
-            )
-            + ", or adjust the filter bounds (min_sec, max_sec, min_cps, max_cps)"
-        )
     try:
+        if not kept:
+            raise DataError(
+                f"no usable utterances remain ({len(checked)} candidate(s), reasons: "
+                f"{dict(rejects.counts())}); see {rejects.path} and {out_dir / 'review.tsv'}. Type transcripts "
+                "into review.tsv and run 'cosytune apply-review'"
+                + (
+                    ", pass --transcripts FILE or --asr_fallback faster-whisper"
+                    if cfg.backend == "transcripts"
+                    else ""
+                )
+                + ", or adjust the filter bounds (min_sec, max_sec, min_cps, max_cps)"
+            )
         train, dev = split_train_dev(kept, cfg.dev_size, cfg.seed)
-    except DataError:
+    except DataError:  # the review file and rejects still tell the user what happened to every clip
         rejects.save()
         _write_review_and_utts(out_dir, checked)
         _clear_stale_outputs(out_dir)
