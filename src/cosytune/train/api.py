@@ -56,10 +56,7 @@ class TrainRequest:
     tensorboard_dir: Path | None = None
     max_epoch: int | None = None
     num_workers: int | None = None
-    prefetch: int | None = None
-    pin_memory: bool = False
     no_amp: bool = False
-    seed: int | None = None
     device: str = "auto"
     onnx_device: str = "auto"
     dist_backend: str | None = None
@@ -84,12 +81,9 @@ def _typed_overrides(req: TrainRequest) -> dict:
 
     out = copy.deepcopy(dict(req.overrides)) if isinstance(req.overrides, Mapping) else parse_overrides(
         list(req.overrides))
-    for key, value in (("max_epoch", req.max_epoch), ("data.num_workers", req.num_workers),
-                       ("data.prefetch", req.prefetch), ("seed", req.seed)):
+    for key, value in (("max_epoch", req.max_epoch), ("data.num_workers", req.num_workers)):
         if value is not None:
             set_dotted(out, key, int(value))
-    if req.pin_memory:
-        set_dotted(out, "data.pin_memory", True)
     if req.no_amp:
         set_dotted(out, "amp", "none")
     return out
@@ -147,11 +141,16 @@ def _warn_if_settings_differ(req: TrainRequest, cfg: object) -> None:
                        "train from the base weights with these settings", req.run_dir, ", ".join(differ))
 
 
+def _resume(req: TrainRequest) -> str | Path | None:
+    """``req.resume`` with its spellings of "start fresh" ("none", "no", "false") as None."""
+    return None if req.resume is None or str(req.resume).lower() in ("none", "no", "false") else req.resume
+
+
 def _will_resume(req: TrainRequest) -> bool:
     """Training will continue a checkpoint of the run dir (after any clearing), not start from weights."""
     from cosytune.train.checkpoint import latest_checkpoint
 
-    if req.resume is None or str(req.resume).lower() in ("none", "no", "false"):
+    if _resume(req) is None:
         return False
     if str(req.resume) != "auto":
         return True
@@ -222,9 +221,8 @@ def run_training(req: TrainRequest, *, summary: bool = True) -> TrainingOutcome:
             tdist.barrier()  # no rank looks for checkpoints to resume while rank 0 clears them
         logger.info("training %s on %s: %d train / %d cv utterances, world size %d, amp %s",
                     req.model, device, len(train_set), len(cv_set) if cv_set else 0, dist.world_size, cfg.amp)
-        resume = None if req.resume is None or str(req.resume).lower() in ("none", "no", "false") else req.resume
         res = train(cfg, model, build.STEP_FUNCTIONS[req.model], train_set, cv_set, req.run_dir, device, dist,
-                    resume=resume, extra_info={"base_model_dir": str(base)},
+                    resume=_resume(req), extra_info={"base_model_dir": str(base)},
                     tensorboard_dir=req.tensorboard_dir, lock=False)
     finally:
         held.close()
