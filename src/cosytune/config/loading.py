@@ -179,13 +179,11 @@ def parse_overrides(overrides: list[str]) -> dict:
     return out
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_dicts(base: dict, extra: dict) -> dict:
+    """``base`` updated with ``extra``, nested sections merged key by key (neither is changed)."""
     out = dict(base)
     for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -221,11 +219,11 @@ def load_config(
     data: dict = dict(base or {})
     source = "config"
     if path is not None:
-        data = _merge(data, read_yaml(path))
+        data = merge_dicts(data, read_yaml(path))
         source = str(path)
     if overrides:
         ov = parse_overrides(overrides) if isinstance(overrides, list) else overrides
-        data = _merge(data, ov)
+        data = merge_dicts(data, ov)
     problems: list[str] = []
     out = _build(cls, data, problems)
     if problems or out is INVALID:
