@@ -70,17 +70,10 @@ def extract_speech_tokens(
 ) -> ExtractionSummary:
     """Compute ``utt2speech_token.pt`` in ``data_dir``.
 
-    Args:
-        data_dir: Kaldi-style dir with ``wav.scp``.
-        onnx_path: ``speech_tokenizer_v3.onnx`` (or ``.batch.onnx``) or a model dir containing the former.
-        device: onnxruntime device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        num_threads: worker threads for decoding/features and concurrent model calls.
+    Args: as :func:`cosytune.data.embedding.extract_embeddings` (``data_dir`` needs only ``wav.scp``;
+    ``onnx_path`` is ``speech_tokenizer_v3.onnx``, ``.batch.onnx``, or a model dir holding the former), and
         max_batch: most utterances per ONNX call when the model takes a dynamic batch
             (``None``: 32 on CUDA, 1 on CPU).
-        chunk_size: utterances decoded and tokenised per step (bounds memory).
-        force: recompute every utterance even if a previous run's results exist.
-        rejects_path: ``rejects.jsonl`` to record rejects in (default ``<data_dir>/rejects.jsonl``).
-        progress: called with the number of utterances finished after each step.
 
     Returns:
         An :class:`~cosytune.data.frontend_common.ExtractionSummary`.
