@@ -92,6 +92,16 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     return n
 
 
+def read_json_or(path: str | os.PathLike, default: Any = None) -> Any:
+    """The JSON object in a file we wrote (a state, a cache, a record), or ``default`` when the file is
+    missing, unreadable or not a JSON object: such files are rebuilt, never trusted half-read."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return default
+    return obj if isinstance(obj, dict) else default
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSONL file; a malformed line raises ``ValueError`` naming the file and line."""
     rows = []

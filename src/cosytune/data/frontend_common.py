@@ -10,7 +10,6 @@ The ``.pt`` maps (``utt2embedding.pt``, ``spk2embedding.pt``, ``utt2speech_token
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -25,7 +24,7 @@ import torch
 from cosytune.data.kaldi import KaldiDir, read_kaldi_dir
 from cosytune.data.rejects import RejectLog
 from cosytune.errors import CosytuneError, DataError, listing
-from cosytune.fileio import atomic_path, write_json
+from cosytune.fileio import atomic_path, read_json_or, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -185,11 +184,7 @@ class ResumableExtraction:
                                  self.stage)
         if self.force or not (self.out_path.is_file() and self.state_path.is_file()):
             return
-        try:
-            state = json.loads(self.state_path.read_text())
-        except ValueError:
-            state = {}
-        if state.get("fingerprint") == self.fingerprint:
+        if read_json_or(self.state_path, {}).get("fingerprint") == self.fingerprint:
             self.cache = {u: v for u, v in load_pt_map(self.out_path).items()
                           if u in self.kd.utt2wav and len(v) > 0}
         else:

@@ -37,7 +37,6 @@ offending ids per file. Shards are rebuilt only when their rows changed, so re-r
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -50,7 +49,7 @@ from typing import TYPE_CHECKING
 
 from cosytune.data.rejects import RejectLog
 from cosytune.errors import DataError, UsageError, listing
-from cosytune.fileio import atomic_path, read_jsonl, sha256_json, write_json, write_text
+from cosytune.fileio import atomic_path, read_json_or, read_jsonl, sha256_json, write_json, write_text
 
 if TYPE_CHECKING:
     from cosytune.data.frontend_common import KaldiDir
@@ -298,12 +297,7 @@ def make_parquet(
         raise DataError(f"{kd.path}: no utterance left to write ({sum(excluded.values())} excluded: {excluded})")
 
     state_path = des / STATE_FILE
-    state = {}
-    if state_path.is_file() and not force:
-        try:
-            state = json.loads(state_path.read_text())
-        except ValueError:
-            state = {}
+    state = {} if force else read_json_or(state_path, {})
     jobs, new_state = [], {}
     for i, start in enumerate(range(0, len(rows), num_utts_per_parquet)):
         shard_rows = rows[start : start + num_utts_per_parquet]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from cosytune.errors import CheckpointError, DataError, ModelDirError
-from cosytune.fileio import atomic_path, read_jsonl, sha256_file, write_json
+from cosytune.fileio import atomic_path, read_json_or, read_jsonl, sha256_file, write_json
 from cosytune.weights.io import compare_state_dict, read_state_dict, torch_load_safely
 
 logger = logging.getLogger(__name__)
@@ -219,12 +219,8 @@ def assemble(
         save_spk2info(spk_path, spk_entries)
         res.written.append("spk2info.pt")
         res.speakers = list(spk_entries)
-    provenance = {}
-    for p in (Path(llm_pt), flow_pt):
-        if p is not None and Path(p).with_suffix(".json").is_file():
-            import json
-
-            provenance[str(p)] = json.loads(Path(p).with_suffix(".json").read_text(encoding="utf-8"))
+    provenance = {str(p): read_json_or(Path(p).with_suffix(".json")) for p in (llm_pt, flow_pt)
+                  if p is not None and Path(p).with_suffix(".json").is_file()}
     write_json(out / "cosytune_manifest.json", {
         "base_model_dir": str(base.resolve()),
         "llm_pt": str(Path(llm_pt).resolve()),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import shutil
 from collections.abc import Mapping
@@ -25,7 +24,7 @@ from typing import Any
 
 from cosytune.console import print_summary
 from cosytune.errors import CosytuneError, UsageError
-from cosytune.fileio import exclusive_lock, write_json
+from cosytune.fileio import exclusive_lock, read_json_or, write_json
 from cosytune.train.checkpoint import check_free_space, estimate_run_bytes
 from cosytune.train.loop import TrainResult
 
@@ -100,10 +99,7 @@ def _clear_reason(req: TrainRequest) -> str:
         return "restart requested"
     if req.inputs_key is None:
         return ""
-    try:
-        recorded = json.loads((run_dir / INPUTS_KEY_NAME).read_text(encoding="utf-8")).get("key")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
+    recorded = read_json_or(run_dir / INPUTS_KEY_NAME, {}).get("key")
     if recorded == req.inputs_key:
         return ""
     return "made with other inputs or settings" if recorded else "made by an unknown earlier run"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -14,7 +13,7 @@ from cosytune.data.transcribe.config import ASR_BACKENDS, TranscribeConfig
 from cosytune.data.transcribe.metrics import normalize_transcript
 from cosytune.data.transcribe.records import Utterance
 from cosytune.errors import CosytuneError, DataError, UsageError, require
-from cosytune.fileio import sha256_file, sha256_json, write_json
+from cosytune.fileio import read_json_or, sha256_file, sha256_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -202,13 +201,11 @@ class AsrCache:
         self.path = path
         self.settings_hash = settings_hash
         self.save_every = save_every
-        self.entries: dict[str, dict] = {}
         self._dirty = 0
-        if path.is_file():
-            try:
-                self.entries = json.loads(path.read_text(encoding="utf-8")).get("entries", {})
-            except (json.JSONDecodeError, AttributeError):
-                logger.warning("ASR cache %s is unreadable; starting a new one", path)
+        cache = read_json_or(path) if path.is_file() else {}
+        if cache is None:
+            logger.warning("ASR cache %s is unreadable; starting a new one", path)
+        self.entries: dict[str, dict] = (cache or {}).get("entries", {})
 
     def get(self, utt: str, wav_sha: str) -> AsrResult | None:
         e = self.entries.get(utt)
