@@ -27,7 +27,7 @@ T = TypeVar("T")
 INVALID = object()
 """What :func:`convert_value` returns for a value it could not convert (the problem is recorded)."""
 
-_BOOL_WORDS = {"true": True, "yes": True, "1": True, "on": True, "false": False, "no": False, "0": False, "off": False}
+BOOL_WORDS = {"true": True, "yes": True, "1": True, "on": True, "false": False, "no": False, "0": False, "off": False}
 _EXPECTED = {bool: "bool (true or false)", int: "int (a whole number)", float: "float (a number)",
              str: "str (text)", Path: "a path"}
 
@@ -91,8 +91,8 @@ def convert_value(value: Any, tp: Any, key: str, problems: list[str], *, strict:
     elif tp is bool:
         if isinstance(value, bool):
             return value
-        if not strict and isinstance(value, str) and value.lower() in _BOOL_WORDS:
-            return _BOOL_WORDS[value.lower()]
+        if not strict and isinstance(value, str) and value.lower() in BOOL_WORDS:
+            return BOOL_WORDS[value.lower()]
         if not strict and isinstance(value, int) and value in (0, 1):
             return bool(value)
     elif tp is int:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cosytune.console import progress as progress_bar
 from cosytune.data.transcribe.config import ASR_BACKENDS, TranscribeConfig
 from cosytune.data.transcribe.metrics import normalize_transcript
 from cosytune.data.transcribe.records import Utterance
@@ -43,16 +44,10 @@ class AsrResult:
 
 
 def load_audio_16k(path: str | os.PathLike) -> Any:
-    """Decode an audio file to mono float32 at 16 kHz (Whisper's input rate)."""
-    import numpy as np
-    import soundfile as sf
-    import soxr
+    """Decode an audio file to mono float32 at 16 kHz (Whisper's input rate), resampled with soxr HQ."""
+    from cosytune.audio.io import load_mono
 
-    audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    mono = audio.mean(axis=1)
-    if sr != 16000:
-        mono = soxr.resample(mono, sr, 16000, quality="HQ")
-    return np.ascontiguousarray(mono, dtype=np.float32)
+    return load_mono(path, target_rate=16000, quality="HQ").samples
 
 
 def _prompt(cfg: TranscribeConfig) -> str | None:
@@ -240,15 +235,13 @@ def run_asr(
     out of the result (the caller records it as ``asr_failed``). ``counts`` gets
     ``[decoded, from_cache]`` added.
     """
-    from tqdm.auto import tqdm
-
     out: dict[str, AsrResult] = {}
     if not utts:
         return out
     cache = AsrCache(out_dir / f"asr_cache_{name}.json", sha256_json(asr_settings(cfg, name)))
     backend = None
     try:
-        for u in tqdm(utts, desc=name, disable=not progress, leave=False, unit="clip"):
+        for u in progress_bar(utts, desc=name, enabled=progress, unit="clip"):
             sha = sha256_file(u.wav)
             res = cache.get(u.utt, sha)
             if res is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -427,17 +427,12 @@ def _previous_input_rejects(directory: Path) -> list[dict]:
 
 def _summary_json(s: TranscribeSummary, in_dir: Path | None, cfg: TranscribeConfig) -> dict:
     """Counts plus hashes of the settings and the resulting manifest (lets a pipeline skip a done stage)."""
+    counts = {k: v for k, v in asdict(s).items() if k != "out_dir"}
     return {
         "in_dir": str(in_dir) if in_dir else None,
         "config_sha256": sha256_json(config_to_dict(cfg)),
         "metadata_sha256": sha256_file(s.out_dir / "metadata.jsonl"),
-        "candidates": s.candidates,
-        "kept": s.kept,
-        "train": s.train,
-        "dev": s.dev,
-        "asr_decoded": s.asr_decoded,
-        "asr_cached": s.asr_cached,
-        "review_edits": s.review_edits,
+        **counts,
         "minutes_total": round(s.minutes_total, 3),
         "minutes_usable": round(s.minutes_usable, 3),
         "rejects": dict(s.rejects),
