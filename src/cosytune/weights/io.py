@@ -116,11 +116,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             f"{path}: expected a weight file, found a directory (a DeepSpeed checkpoint?). DeepSpeed checkpoints "
             "must first be converted to one state-dict file (e.g. with DeepSpeed's zero_to_fp32.py)."
         )
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weight file not found")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: the file is empty (an interrupted copy or save?); copy it again")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" and path.is_file() and path.stat().st_size:  # else torch_load_safely says why
         from safetensors.torch import load_file
 
         try:
@@ -128,7 +124,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         except Exception as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
     # mmap keeps large files (llm.pt ~2 GB) out of RAM until a tensor is touched; it needs the zip format.
-    obj = torch_load_safely(path, mmap=zipfile.is_zipfile(path))
+    obj = torch_load_safely(path, mmap=zipfile.is_zipfile(path), what="weight file")
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found a {type(obj).__name__}")
     tensors: dict[str, torch.Tensor] = {}
