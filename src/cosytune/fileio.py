@@ -157,6 +157,15 @@ def read_user_text(path: str | os.PathLike, what: str = "text file") -> str:
         ) from None
 
 
+def file_identity(path: str | os.PathLike) -> list[int] | None:
+    """``[size, mtime_ns]`` of a file, None if it is absent: cheap, and changed by any rewrite or truncation."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's content."""
     h = hashlib.sha256()

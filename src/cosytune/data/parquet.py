@@ -49,7 +49,15 @@ from typing import TYPE_CHECKING
 
 from cosytune.data.rejects import RejectLog
 from cosytune.errors import DataError, UsageError, listing
-from cosytune.fileio import atomic_path, read_json_or, read_jsonl, sha256_json, write_json, write_text
+from cosytune.fileio import (
+    atomic_path,
+    file_identity,
+    read_json_or,
+    read_jsonl,
+    sha256_json,
+    write_json,
+    write_text,
+)
 
 if TYPE_CHECKING:
     from cosytune.data.frontend_common import KaldiDir
@@ -132,20 +140,11 @@ def _write_shard(job: dict) -> str:
 _SHARD_FILES = ("parquet", "utt_json", "spk_json")
 
 
-def _file_identity(path: str | os.PathLike) -> list[int] | None:
-    """(size, mtime_ns) of a file, None if absent: cheap, and changed by any rewrite or truncation."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
-
-
 def _shard_intact(recorded: object, key: str, job: dict) -> bool:
     """The shard was written from these inputs and its three files are still the ones written then."""
     if not isinstance(recorded, dict) or recorded.get("key") != key:
         return False
-    return all(_file_identity(job[k]) is not None and _file_identity(job[k]) == recorded.get("files", {}).get(k)
+    return all(file_identity(job[k]) is not None and file_identity(job[k]) == recorded.get("files", {}).get(k)
                for k in _SHARD_FILES)
 
 
@@ -310,7 +309,7 @@ def make_parquet(
         }
         # The audio bytes go into the shard, so the wavs' identity (size, mtime) is part of its key: a
         # re-recorded clip with the same name rewrites its shard.
-        audio = [_file_identity(r["wav"]) for r in shard_rows] if "audio_data" in columns else None
+        audio = [file_identity(r["wav"]) for r in shard_rows] if "audio_data" in columns else None
         key = sha256_json({"columns": columns, "rows": shard_rows, "audio": audio})
         new_state[job["parquet"]] = key
         done = _shard_intact(state.get(job["parquet"]), key, job)
@@ -326,7 +325,7 @@ def make_parquet(
         # Record each finished shard at once (with its files' size and mtime), so an interrupted run resumes
         # after it and a shard damaged later is written again.
         state[job["parquet"]] = {"key": new_state[job["parquet"]],
-                                 "files": {k: _file_identity(job[k]) for k in _SHARD_FILES}}
+                                 "files": {k: file_identity(job[k]) for k in _SHARD_FILES}}
         write_json(state_path, state)
         summary.written += 1
         if progress:

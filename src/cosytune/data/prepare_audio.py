@@ -76,7 +76,7 @@ from cosytune.audio.io import MonoAudio
 from cosytune.config.loading import config_to_dict, dump_config
 from cosytune.console import progress as progress_bar
 from cosytune.errors import DataError
-from cosytune.fileio import sha256_json, write_jsonl
+from cosytune.fileio import file_identity, sha256_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -513,8 +513,7 @@ def _read_state(path: Path) -> dict[str, dict]:
 
 
 def _fingerprint(path: Path) -> dict:
-    st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return dict(zip(("size", "mtime_ns"), file_identity(path) or ()))
 
 
 def _outputs_intact(out_dir: Path, entry: dict) -> bool:
@@ -525,7 +524,7 @@ def _outputs_intact(out_dir: Path, entry: dict) -> bool:
         return False
     for r in entry.get("rows", []):
         p = out_dir / r["wav"]
-        if not p.is_file() or list(_fingerprint(p).values()) != written.get(r["wav"]):
+        if not p.is_file() or file_identity(p) != written.get(r["wav"]):
             return False
     return True
 
@@ -663,7 +662,7 @@ def prepare_audio(
             "source_duration_s": result.source_duration_s,
             "rows": result.rows,
             "rejects": result.rejects,
-            "outputs": {r["wav"]: list(_fingerprint(out_abs / r["wav"]).values()) for r in result.rows},
+            "outputs": {r["wav"]: file_identity(out_abs / r["wav"]) for r in result.rows},
         }
         entries[result.source_rel] = entry
         journal.write(json.dumps(entry, ensure_ascii=False) + "\n")
