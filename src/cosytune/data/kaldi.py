@@ -112,9 +112,8 @@ def write_kaldi_dir(directory: str | os.PathLike, entries: Iterable[KaldiEntry])
     if any(has_instruct) and not all(has_instruct):
         raise DataError("some utterances have an instruct and some do not; give every utterance one or none")
     directory.mkdir(parents=True, exist_ok=True)
-    write_text(directory / "wav.scp", "".join(f"{e.utt} {e.wav}\n" for e in rows))
-    write_text(directory / "text", "".join(f"{e.utt} {e.text}\n" for e in rows))
-    write_text(directory / "utt2spk", "".join(f"{e.utt} {e.speaker}\n" for e in rows))
+    for name, field_name in (("wav.scp", "wav"), ("text", "text"), ("utt2spk", "speaker")):
+        write_text(directory / name, "".join(f"{e.utt} {getattr(e, field_name)}\n" for e in rows))
     spk_lines = [
         f"{spk} {' '.join(utts)}\n"
         for spk, utts in sorted(spk2utt.items(), key=lambda kv: kaldi_sort_key(kv[0]))
@@ -221,14 +220,10 @@ def read_kaldi_dir(path: str | os.PathLike, *, need: tuple[str, ...] = ("wav.scp
     if missing:
         raise DataError(f"data dir {d} lacks {', '.join(missing)}; expected the files `cosytune transcribe` "
                         "writes (wav.scp, text, utt2spk, spk2utt, instruct)")
-    kd = KaldiDir(d, read_kaldi_map(d / "wav.scp"))
-    if (d / "text").is_file():
-        kd.utt2text = read_kaldi_map(d / "text")
-    if (d / "utt2spk").is_file():
-        kd.utt2spk = read_kaldi_map(d / "utt2spk")
-    if (d / "instruct").is_file():
-        kd.utt2instruct = read_kaldi_map(d / "instruct")
-    return kd
+    utt2wav = read_kaldi_map(d / "wav.scp")  # first: its problems are the ones to report first
+    optional = {attr: read_kaldi_map(d / name) for name, attr in
+                (("text", "utt2text"), ("utt2spk", "utt2spk"), ("instruct", "utt2instruct")) if (d / name).is_file()}
+    return KaldiDir(d, utt2wav, **optional)
 
 
 def read_kaldi_entries(directory: str | os.PathLike) -> list[KaldiEntry]:

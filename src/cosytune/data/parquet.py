@@ -74,6 +74,9 @@ STATE_FILE = ".make-parquet.state.json"
 COLUMNS = ("utt", "audio_data", "wav", "text", "spk", "utt_embedding", "spk_embedding", "speech_token",
            "instruct", "reject_speech_token")
 UPSTREAM_STAGES_THAT_DROP = ("extract-embedding", "extract-speech-token")
+# The columns that come from the stages' .pt maps: column -> (map file, item type, keyed by speaker).
+_MAP_COLUMNS = {"utt_embedding": ("utt2embedding.pt", float, False), "spk_embedding": ("spk2embedding.pt", float, True),
+                "speech_token": ("utt2speech_token.pt", int, False)}
 _SHARD_RE = re.compile(r"^(parquet|utt2parquet|spk2parquet)_(\d{9})\.(tar|json)$")
 
 
@@ -229,7 +232,7 @@ def make_parquet(
     earlier = _earlier_rejects(rejects.path)
 
     maps: dict[str, dict] = {}
-    for name in ("utt2embedding.pt", "spk2embedding.pt", "utt2speech_token.pt"):
+    for name, _, _ in _MAP_COLUMNS.values():
         if (kd.path / name).is_file():
             maps[name] = load_pt_map(kd.path / name)
     dropped = {u for u in earlier if u in kd.utt2wav}
@@ -246,13 +249,7 @@ def make_parquet(
     for u in dropped:
         key = earlier[u]
         excluded[key] = excluded.get(key, 0) + 1
-    columns = ["utt", "audio_data", "wav", "text", "spk"]
-    if "utt2embedding.pt" in maps:
-        columns.append("utt_embedding")
-    if "spk2embedding.pt" in maps:
-        columns.append("spk_embedding")
-    if "utt2speech_token.pt" in maps:
-        columns.append("speech_token")
+    columns = ["utt", "audio_data", "wav", "text", "spk"] + [c for c, (f, _, _) in _MAP_COLUMNS.items() if f in maps]
     if kd.utt2instruct is not None:
         columns.append("instruct")
     else:
@@ -277,12 +274,9 @@ def make_parquet(
         st = wav.stat()
         row = {"utt": u, "wav": str(wav), "text": kd.utt2text[u], "spk": kd.utt2spk[u],
                "_file": [st.st_size, st.st_mtime_ns]}
-        if "utt_embedding" in columns:
-            row["utt_embedding"] = [float(x) for x in maps["utt2embedding.pt"][u]]
-        if "spk_embedding" in columns:
-            row["spk_embedding"] = [float(x) for x in maps["spk2embedding.pt"][kd.utt2spk[u]]]
-        if "speech_token" in columns:
-            row["speech_token"] = [int(x) for x in maps["utt2speech_token.pt"][u]]
+        for c, (f, cast, by_speaker) in _MAP_COLUMNS.items():
+            if f in maps:
+                row[c] = [cast(x) for x in maps[f][kd.utt2spk[u] if by_speaker else u]]
         if "instruct" in columns:
             row["instruct"] = kd.utt2instruct[u]  # type: ignore[index]
         if dpo:
