@@ -8,6 +8,7 @@ pipeline behaves and looks exactly like the standalone command.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -128,9 +129,7 @@ def run_assemble(base_model_dir: Path, out_model_dir: Path, llm_pt: Path, *, flo
 
     res = assemble(base_model_dir, out_model_dir, llm_pt, flow_pt, spk2embedding_pt, spk_ids, overwrite)
     if summary:
-        methods: dict[str, int] = {}
-        for m in res.linked.values():
-            methods[m] = methods.get(m, 0) + 1
+        methods = Counter(res.linked.values())
         shared = methods.get("hardlink", 0) + methods.get("symlink", 0)
         note = (f"{shared} file(s) are the base dir's own files (links): replace them only by writing a new file "
                 "and renaming it, or with cosytune assemble; `cp other.pt` onto one would change the base model too")

@@ -41,6 +41,7 @@ import logging
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -245,10 +246,7 @@ def make_parquet(
         raise DataError(f"{kd.path}: the lists and maps disagree on utterance ids:\n  " + "\n  ".join(problems)
                         + "\nRe-run the stage that wrote the offending file (or fix the lists) and try again.")
 
-    excluded: dict[str, int] = {}
-    for u in dropped:
-        key = earlier[u]
-        excluded[key] = excluded.get(key, 0) + 1
+    excluded = Counter(earlier[u] for u in dropped)
     columns = ["utt", "audio_data", "wav", "text", "spk"] + [c for c, (f, _, _) in _MAP_COLUMNS.items() if f in maps]
     if kd.utt2instruct is not None:
         columns.append("instruct")
@@ -283,11 +281,10 @@ def make_parquet(
             rt = reject_tokens.get(u)  # type: ignore[union-attr]
             row["reject_speech_token"] = None if rt is None else [int(x) for x in rt]
         rows.append(row)
-    for reason, n in rejects.counts().items():
-        excluded[reason] = excluded.get(reason, 0) + n
+    excluded.update(rejects.counts())
     if not rows:
         rejects.save()
-        raise DataError(f"{kd.path}: no utterance left to write ({sum(excluded.values())} excluded: {excluded})")
+        raise DataError(f"{kd.path}: no utterance left to write ({sum(excluded.values())} excluded: {dict(excluded)})")
 
     state_path = des / STATE_FILE
     state = {} if force else read_json_or(state_path, {})
@@ -311,7 +308,7 @@ def make_parquet(
             jobs.append(job)
     n_shards = len(new_state)
     summary = ParquetSummary(utterances=len(rows), shards=n_shards, reused=n_shards - len(jobs),
-                             excluded=excluded, columns=columns)
+                             excluded=dict(excluded), columns=columns)
     if progress and summary.reused:
         progress(len(rows) - sum(len(j["rows"]) for j in jobs))
 
