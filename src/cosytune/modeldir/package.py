@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from cosytune.errors import CheckpointError, DataError, ModelDirError
-from cosytune.fileio import atomic_path, read_json_or, read_jsonl, sha256_file, write_json
+from cosytune.fileio import atomic_path, read_json_or, sha256_file, write_json
 from cosytune.weights.io import compare_state_dict, read_state_dict, torch_load_safely
 
 logger = logging.getLogger(__name__)
@@ -233,14 +233,3 @@ def assemble(
     })
     return res
 
-
-__all__ = [
-    "assemble",
-    "check_same_layout",
-    "link_or_copy",
-    "load_spk2embedding",
-    "read_jsonl",
-    "save_spk2info",
-    "shared_files",
-    "spk2info_from_embeddings",
-]
