@@ -34,10 +34,8 @@ __all__ = [
     "ResumableExtraction",
     "check_same_ids",
     "load_pt_map",
-    "model_fingerprint",
     "read_kaldi_dir",
     "resolve_wav_path",
-    "safe_call",
     "save_pt_map",
 ]
 
@@ -67,13 +65,6 @@ def save_pt_map(path: str | os.PathLike, obj: dict) -> None:
         torch.save(obj, str(tmp))
 
 
-def model_fingerprint(path: str | os.PathLike) -> dict:
-    """Cheap identity of a model file (name, size, mtime) to decide whether cached results are stale."""
-    p = Path(path).resolve()
-    st = p.stat()
-    return {"model": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
 def check_same_ids(named_sets: dict[str, set[str]], reference: str) -> list[str]:
     """Compare id sets against ``reference``; return human-readable problems (empty if all agree)."""
     ref = named_sets[reference]
@@ -87,21 +78,6 @@ def check_same_ids(named_sets: dict[str, set[str]], reference: str) -> list[str]
         if extra:
             problems.append(f"{name} has {len(extra)} id(s) not in {reference}: {listing(sorted(extra))}")
     return problems
-
-
-def safe_call(fn):
-    """Wrap ``fn`` so per-item failures (bad audio, decode errors) come back as the exception object.
-
-    Used with thread pools so one bad file becomes a recorded reject instead of aborting the stage.
-    """
-
-    def run(arg):
-        try:
-            return fn(arg)
-        except (CosytuneError, OSError, ValueError, RuntimeError) as e:
-            return e
-
-    return run
 
 
 #: Seconds between intermediate saves of a long extraction run.
@@ -179,7 +155,9 @@ class ResumableExtraction:
     def __post_init__(self) -> None:
         self.out_path = self.kd.path / self.out_name
         self.state_path = self.kd.path / f".{self.stage}.state.json"
-        self.fingerprint = model_fingerprint(self.model.path)
+        model = Path(self.model.path).resolve()  # a cheap identity: cached results of another model are stale
+        st = model.stat()
+        self.fingerprint = {"model": str(model), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         self.rejects = RejectLog(Path(self.rejects_path) if self.rejects_path else self.kd.path / "rejects.jsonl",
                                  self.stage)
         if self.force or not (self.out_path.is_file() and self.state_path.is_file()):
@@ -223,6 +201,12 @@ class ResumableExtraction:
         Raises:
             DataError: no utterance has a result.
         """
+        def prepare_or_error(path: Path) -> Any:  # one bad file is a recorded reject, not an aborted stage
+            try:
+                return prepare(path)
+            except (CosytuneError, OSError, ValueError, RuntimeError) as e:
+                return e
+
         todo, rejects = self.todo, self.rejects
         summary = ExtractionSummary(self.stage, utterances=len(self.kd.utts), reused=len(self.cache),
                                     device=self.model.device, wrote=[self.out_path])
@@ -237,7 +221,7 @@ class ResumableExtraction:
                 chunk = todo[start : start + chunk_size]
                 paths = [resolve_wav_path(self.kd, self.kd.utt2wav[u]) for u in chunk]
                 ok_utts, feats = [], []
-                for u, p, res in zip(chunk, paths, pool.map(safe_call(prepare), paths)):
+                for u, p, res in zip(chunk, paths, pool.map(prepare_or_error, paths)):
                     if isinstance(res, Exception):
                         rejects.add(u, "unreadable_audio", f"{p}: {res}")
                         continue
