@@ -232,7 +232,10 @@ def load_config(
 
 
 def config_to_dict(cfg: Any) -> Any:
-    """Plain-data view of a config (Paths as strings, tuples as lists), for YAML/JSON."""
+    """Plain-data view of a config or record (Paths as strings, tuples as lists, numpy/torch values as
+    Python numbers or lists), for YAML/JSON."""
+    if hasattr(cfg, "tolist"):
+        return cfg.tolist()
     if dataclasses.is_dataclass(cfg):
         return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     if isinstance(cfg, (list, tuple)):
