@@ -24,7 +24,7 @@ from typing import Any
 
 from cosytune.console import print_summary
 from cosytune.errors import CosytuneError, UsageError
-from cosytune.fileio import exclusive_lock, read_json_or, write_json
+from cosytune.fileio import LOCK_NAME, exclusive_lock, read_json_or, write_json
 from cosytune.train.checkpoint import check_free_space, estimate_run_bytes
 from cosytune.train.loop import TrainResult
 
@@ -90,8 +90,6 @@ def _typed_overrides(req: TrainRequest) -> dict:
 
 def _clear_reason(req: TrainRequest) -> str:
     """Why the run dir's earlier checkpoints must go ("" to keep and resume them)."""
-    from cosytune.fileio import LOCK_NAME
-
     run_dir = req.run_dir
     if not run_dir.is_dir() or not any(p.name != LOCK_NAME for p in run_dir.iterdir()):
         return ""  # nothing there but (maybe) the lock this process holds
@@ -107,8 +105,6 @@ def _clear_reason(req: TrainRequest) -> str:
 
 def _clear_run_dir(run_dir: Path) -> None:
     """Remove everything a training run wrote into ``run_dir`` (the dir itself and its lock file stay)."""
-    from cosytune.fileio import LOCK_NAME
-
     for p in run_dir.iterdir():
         if p.name == LOCK_NAME:  # held by this process: a new file would let a second run lock it too
             continue
