@@ -6,6 +6,18 @@ The CLI catches :class:`CosytuneError` and prints its message without a tracebac
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+#: Items an error message lists before it says how many more there are.
+MAX_LISTED = 20
+
+
+def listing(items: Iterable[object], limit: int = MAX_LISTED, sep: str = ", ") -> str:
+    """The first ``limit`` items joined by ``sep``, then how many more there are (for error messages)."""
+    items = [str(i) for i in items]
+    more = f"{sep if sep.isspace() else ' '}… and {len(items) - limit} more" if len(items) > limit else ""
+    return sep.join(items[:limit]) + more
+
 
 class CosytuneError(Exception):
     """Base class for errors that are shown to the user as a plain message."""

@@ -92,6 +92,16 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     return n
 
 
+def read_json_or(path: str | os.PathLike, default: Any = None) -> Any:
+    """The JSON object in a file we wrote (a state, a cache, a record), or ``default`` when the file is
+    missing, unreadable or not a JSON object: such files are rebuilt, never trusted half-read."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return default
+    return obj if isinstance(obj, dict) else default
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSONL file; a malformed line raises ``ValueError`` naming the file and line."""
     rows = []
@@ -145,6 +155,15 @@ def read_user_text(path: str | os.PathLike, what: str = "text file") -> str:
             "and not GBK or UTF-16 either. Save it as UTF-8 (e.g. `iconv -f <its encoding> -t UTF-8 in > out`, "
             "or \"Save as… UTF-8\" in your editor)"
         ) from None
+
+
+def file_identity(path: str | os.PathLike) -> list[int] | None:
+    """``[size, mtime_ns]`` of a file, None if it is absent: cheap, and changed by any rewrite or truncation."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -8,6 +8,7 @@ pipeline behaves and looks exactly like the standalone command.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,10 +16,9 @@ from cosytune.console import print_summary, progress
 from cosytune.errors import DataError
 
 if TYPE_CHECKING:
-    from cosytune.data.embedding import EmbeddingSummary
+    from cosytune.data.frontend_common import ExtractionSummary
     from cosytune.data.parquet import ParquetSummary
     from cosytune.data.prepare_audio import PrepareAudioConfig, PrepareSummary
-    from cosytune.data.speech_token import SpeechTokenSummary
     from cosytune.data.transcribe import TranscribeConfig, TranscribeSummary
     from cosytune.modeldir.package import AssembleResult
     from cosytune.train.average import AverageResult
@@ -60,7 +60,7 @@ def _num_utts(data_dir: Path) -> int:
 
 def run_extract_embedding(data_dir: Path, onnx_path: Path, *, device: str = "auto", num_threads: int = 2,
                           force: bool = False, rejects_path: Path | None = None, show_progress: bool = True,
-                          summary: bool = True) -> EmbeddingSummary:
+                          summary: bool = True) -> ExtractionSummary:
     """``cosytune extract-embedding``: utt2embedding.pt and spk2embedding.pt of a Kaldi dir."""
     from cosytune.data.embedding import extract_embeddings
 
@@ -68,23 +68,13 @@ def run_extract_embedding(data_dir: Path, onnx_path: Path, *, device: str = "aut
         s = extract_embeddings(data_dir, onnx_path, device=device, num_threads=num_threads, force=force,
                                rejects_path=rejects_path, progress=bar.update)
     if summary:
-        rate = s.computed / s.seconds if s.seconds > 0 else 0.0
-        print_summary("extract-embedding", [
-            ("utterances", s.utterances),
-            ("computed", s.computed),
-            ("reused from earlier run", s.reused),
-            ("speakers", s.speakers),
-            ("rejected", ", ".join(f"{k}: {v}" for k, v in sorted(s.rejected.items())) or "none"),
-            ("device", s.device),
-            ("speed", f"{rate:.1f} utt/s, {s.audio_seconds / s.seconds if s.seconds else 0:.0f}x real time"),
-            ("wrote", f"{s.utt_path}, {s.spk_path}"),
-        ])
+        print_summary("extract-embedding", s.items())
     return s
 
 
 def run_extract_speech_token(data_dir: Path, onnx_path: Path, *, device: str = "auto", num_threads: int = 2,
                              max_batch: int | None = None, force: bool = False, rejects_path: Path | None = None,
-                             show_progress: bool = True, summary: bool = True) -> SpeechTokenSummary:
+                             show_progress: bool = True, summary: bool = True) -> ExtractionSummary:
     """``cosytune extract-speech-token``: utt2speech_token.pt of a Kaldi dir."""
     from cosytune.data.speech_token import extract_speech_tokens
 
@@ -92,17 +82,7 @@ def run_extract_speech_token(data_dir: Path, onnx_path: Path, *, device: str = "
         s = extract_speech_tokens(data_dir, onnx_path, device=device, num_threads=num_threads, max_batch=max_batch,
                                   force=force, rejects_path=rejects_path, progress=bar.update)
     if summary:
-        rate = s.computed / s.seconds if s.seconds > 0 else 0.0
-        print_summary("extract-speech-token", [
-            ("utterances", s.utterances),
-            ("computed", s.computed),
-            ("reused from earlier run", s.reused),
-            ("tokens", s.tokens),
-            ("rejected", ", ".join(f"{k}: {v}" for k, v in sorted(s.rejected.items())) or "none"),
-            ("device", f"{s.device}{' (batched)' if s.batched else ''}"),
-            ("speed", f"{rate:.1f} utt/s, {s.audio_seconds / s.seconds if s.seconds else 0:.0f}x real time"),
-            ("wrote", s.path),
-        ])
+        print_summary("extract-speech-token", s.items())
     return s
 
 
@@ -149,9 +129,7 @@ def run_assemble(base_model_dir: Path, out_model_dir: Path, llm_pt: Path, *, flo
 
     res = assemble(base_model_dir, out_model_dir, llm_pt, flow_pt, spk2embedding_pt, spk_ids, overwrite)
     if summary:
-        methods: dict[str, int] = {}
-        for m in res.linked.values():
-            methods[m] = methods.get(m, 0) + 1
+        methods = Counter(res.linked.values())
         shared = methods.get("hardlink", 0) + methods.get("symlink", 0)
         note = (f"{shared} file(s) are the base dir's own files (links): replace them only by writing a new file "
                 "and renaming it, or with cosytune assemble; `cp other.pt` onto one would change the base model too")

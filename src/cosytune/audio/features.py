@@ -75,26 +75,22 @@ def _check_wave(waveform: torch.Tensor, name: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+# Slaney's auditory-toolbox mel scale: linear below 1 kHz, logarithmic above (librosa htk=False).
+_F_SP = 200.0 / 3
+_MIN_LOG_HZ = 1000.0
+_MIN_LOG_MEL = _MIN_LOG_HZ / _F_SP
+_LOGSTEP = math.log(6.4) / 27.0
+
+
 def _hz_to_mel_slaney(f: np.ndarray) -> np.ndarray:
-    """Slaney's auditory-toolbox mel scale: linear below 1 kHz, logarithmic above (librosa htk=False)."""
     f = np.asarray(f, dtype=np.float64)
-    f_sp = 200.0 / 3
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    logstep = math.log(6.4) / 27.0
-    mel = f / f_sp
-    high = f >= min_log_hz
-    mel = np.where(high, min_log_mel + np.log(np.maximum(f, 1e-12) / min_log_hz) / logstep, mel)
-    return mel
+    log_part = _MIN_LOG_MEL + np.log(np.maximum(f, 1e-12) / _MIN_LOG_HZ) / _LOGSTEP
+    return np.where(f >= _MIN_LOG_HZ, log_part, f / _F_SP)
 
 
 def _mel_to_hz_slaney(m: np.ndarray) -> np.ndarray:
     m = np.asarray(m, dtype=np.float64)
-    f_sp = 200.0 / 3
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    logstep = math.log(6.4) / 27.0
-    return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
+    return np.where(m >= _MIN_LOG_MEL, _MIN_LOG_HZ * np.exp(_LOGSTEP * (m - _MIN_LOG_MEL)), _F_SP * m)
 
 
 @functools.lru_cache(maxsize=16)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -73,17 +73,10 @@ class GainInfo:
     def to_dict(self) -> dict:
         """JSON-friendly dict (``-inf`` peaks become None)."""
 
-        def r(v: float | None) -> float | None:
-            return None if v is None or not math.isfinite(v) else round(v, 2)
+        def r(v: object) -> object:  # dB values to 0.01; None and the flag as they are
+            return (round(v, 2) if math.isfinite(v) else None) if isinstance(v, float) else v
 
-        return {
-            "lufs_in": r(self.lufs_in),
-            "lufs_out": r(self.lufs_out),
-            "gain_db": round(self.gain_db, 2),
-            "peak_db_in": r(self.peak_db_in),
-            "peak_db_out": r(self.peak_db_out),
-            "ceiling_applied": self.ceiling_applied,
-        }
+        return {k: r(v) for k, v in asdict(self).items()}
 
 
 def apply_gain_and_ceiling(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from cosytune.cli.common import flag, print_summary
+from cosytune.cli.common import add_settings_args, flag, print_summary
 
 EPILOG = """examples:
   cosytune apply-review --dir dataset
@@ -32,12 +32,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     flag(
         parser, "review_file", metavar="TSV", default=None, help="edited review file (default DIR/review.tsv)"
     )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="changes to the saved settings, e.g. dev_size=3 max_cps=35",
-    )
+    add_settings_args(parser, "dev_size=3 max_cps=35", what="changes to the saved settings")
 
 
 def run(args: argparse.Namespace) -> int:

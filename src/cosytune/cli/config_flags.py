@@ -25,7 +25,6 @@ from typing import Any, Literal
 from cosytune.cli.common import flag
 
 _FLAG_MAP = "_config_flags"  # namespace key: {config class name: {dest: dotted config key}}
-_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 _METAVARS = {int: "INT", float: "NUM", str: "TEXT", Path: "PATH"}
 
 
@@ -56,8 +55,10 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def parse_bool(text: str) -> bool:
     """argparse ``type`` for true/false values (true, yes, on, 1 / false, no, off, 0)."""
+    from cosytune.config.loading import BOOL_WORDS
+
     try:
-        return _BOOL_WORDS[text.strip().lower()]
+        return BOOL_WORDS[text.strip().lower()]
     except KeyError:
         raise argparse.ArgumentTypeError(f"expected true or false, found {text!r}") from None
 

@@ -83,19 +83,6 @@ def check_python_torch() -> Section:
     return s
 
 
-def _cuda_libs_missing() -> list[str]:
-    """Shared libraries onnxruntime-gpu's CUDA provider needs that the loader cannot find."""
-    import ctypes
-
-    missing = []
-    for lib in ("libcudart.so.12", "libcublas.so.12", "libcublasLt.so.12", "libcufft.so.11", "libcudnn.so.9"):
-        try:
-            ctypes.CDLL(lib)
-        except OSError:
-            missing.append(lib)
-    return missing
-
-
 def check_onnxruntime() -> Section:
     """onnxruntime version, providers, and whether a CUDA session really starts."""
     s = Section("onnxruntime")
@@ -133,10 +120,12 @@ def check_onnxruntime() -> Section:
     if "CUDAExecutionProvider" in active:
         s.add("cuda provider", "ok", "a CUDA session starts")
     else:
-        missing = _cuda_libs_missing()
-        why = (f"libraries not found: {', '.join(missing)} (install CUDA 12 / cuDNN 9 runtime libraries, e.g. "
-               "pip install nvidia-cublas-cu12 nvidia-cudnn-cu12, or add them to LD_LIBRARY_PATH)"
-               if missing else err or "it fell back to CPU without an error (driver/GPU not usable?)")
+        from cosytune.modeldir.onnx_models import _cuda_provider_problem
+
+        problem = _cuda_provider_problem()  # the dynamic loader names the library it cannot find
+        why = (f"{problem} (install the CUDA 12 / cuDNN 9 runtime libraries, e.g. pip install nvidia-cublas-cu12 "
+               "nvidia-cudnn-cu12, or add them to LD_LIBRARY_PATH)"
+               if problem else err or "it fell back to CPU without an error (driver/GPU not usable?)")
         s.add("cuda provider", "warn", f"listed but a CUDA session does not start: {why}. ONNX models will "
                                        "run on CPU.")
     return s

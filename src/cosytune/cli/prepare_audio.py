@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cosytune.cli.common import flag
+from cosytune.cli.common import add_in_out_dirs, add_settings_args
 
 logger = logging.getLogger(__name__)
 
@@ -34,31 +34,10 @@ EPILOG = """examples:
 def build_parser(parser: argparse.ArgumentParser) -> None:
     """Add prepare-audio's arguments."""
     io = parser.add_argument_group("input and output")
-    flag(
-        io,
-        "in_dir",
-        "--src_dir",
-        "--input",
-        required=True,
-        metavar="DIR",
-        help="folder of recordings (searched recursively)",
-    )
-    flag(
-        io,
-        "out_dir",
-        "--wav_dir",
-        "--output",
-        required=True,
-        metavar="DIR",
-        help="where to write the wavs, prepared.jsonl and rejects.jsonl (the seed's --wav_dir)",
-    )
-    flag(io, "config", metavar="YAML", default=None, help="settings file (keys of PrepareAudioConfig)")
-    io.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="config overrides, e.g. trim=false slice_target_s=10",
-    )
+    add_in_out_dirs(io, ("--src_dir", "--input"), "folder of recordings (searched recursively)",
+                    ("--wav_dir", "--output"),
+                    "where to write the wavs, prepared.jsonl and rejects.jsonl (the seed's --wav_dir)")
+    add_settings_args(io, "trim=false slice_target_s=10", config_of="PrepareAudioConfig")
     from cosytune.cli.config_flags import add_config_flags
     from cosytune.data.prepare_audio import PrepareAudioConfig
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cosytune.cli.common import flag
+from cosytune.cli.common import add_settings_args, flag
 
 EPILOG = """examples:
   cosytune train --model llm --train_data data/train/parquet/data.list --cv_data data/dev/parquet/data.list \\
@@ -50,7 +50,7 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     flag(p, "device", choices=["auto", "cuda", "cpu"], default="auto", help="where training runs (default: %(default)s)")
     flag(p, "onnx_device", choices=["auto", "cuda", "cpu"], default="auto",
          help="onnxruntime device of the online feature extractors (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", help="config overrides, e.g. max_epoch=20 optim.lr=2e-5")
+    add_settings_args(p, "max_epoch=20 optim.lr=2e-5")
 
 
 def run(args: argparse.Namespace) -> int:

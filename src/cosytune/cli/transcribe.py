@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from cosytune.cli.common import flag
+from cosytune.cli.common import add_in_out_dirs, add_settings_args
 
 EPILOG = """examples:
   # your own transcripts (lines 'file.mp3|text'), after prepare-audio
@@ -28,26 +28,10 @@ EPILOG = """examples:
 def build_parser(parser: argparse.ArgumentParser) -> None:
     """Add transcribe's arguments."""
     io = parser.add_argument_group("input and output")
-    flag(
-        io,
-        "in_dir",
-        "--wav_dir",
-        "--input",
-        required=True,
-        metavar="DIR",
-        help="prepare-audio's out_dir (with prepared.jsonl) or a folder of audio files",
-    )
-    flag(
-        io,
-        "out_dir",
-        "--out_root",
-        "--output",
-        metavar="DIR",
-        default=None,
-        help="where to write the dataset (default: the input folder)",
-    )
-    flag(io, "config", metavar="YAML", default=None, help="settings file (keys of TranscribeConfig)")
-    io.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. dev_size=3")
+    add_in_out_dirs(io, ("--wav_dir", "--input"), "prepare-audio's out_dir (with prepared.jsonl) or a folder of audio files",
+                    ("--out_root", "--output"), "where to write the dataset (default: the input folder)",
+                    out_required=False)
+    add_settings_args(io, "dev_size=3", config_of="TranscribeConfig")
 
     from cosytune.cli.config_flags import add_config_flags
     from cosytune.data.transcribe import TranscribeConfig

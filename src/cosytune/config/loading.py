@@ -24,7 +24,12 @@ from cosytune.fileio import write_text
 
 T = TypeVar("T")
 
-_MISSING = object()
+INVALID = object()
+"""What :func:`convert_value` returns for a value it could not convert (the problem is recorded)."""
+
+BOOL_WORDS = {"true": True, "yes": True, "1": True, "on": True, "false": False, "no": False, "0": False, "off": False}
+_EXPECTED = {bool: "bool (true or false)", int: "int (a whole number)", float: "float (a number)",
+             str: "str (text)", Path: "a path"}
 
 
 def _type_name(tp: Any) -> str:
@@ -33,77 +38,74 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
-    """Convert ``value`` to type ``tp``; append a problem and return _MISSING on failure."""
-    origin = get_origin(tp)
-    args = get_args(tp)
+def _expected(tp: Any) -> str:
+    if get_origin(tp) in (list, tuple):
+        return "a list"
+    if get_origin(tp) is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} fields"
+    return _EXPECTED.get(tp) or _type_name(tp)
+
+
+def convert_value(value: Any, tp: Any, key: str, problems: list[str], *, strict: bool = False) -> Any:
+    """Convert ``value`` to type ``tp``, or append a problem naming ``key`` and return :data:`INVALID`.
+
+    The one value check of every config reader. Lenient (cosytune's YAML configs, ``key=value``
+    overrides): text spellings are read (``yes`` as a bool, ``"3"`` as an int, ``a,b`` as a list) and
+    numbers stand in for text. ``strict`` (upstream's ``cosyvoice3.yaml``, read as data): a value must
+    already have its type, except an integral float for an int and an int or numeric text for a float
+    (YAML 1.1 reads ``1e-5`` as text); a sequence may not be empty.
+    """
+    origin, args = get_origin(tp), get_args(tp)
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        sub_problems: list[str] = []
         for a in args:
-            if a is type(None):
-                continue
-            out = _convert(value, a, key, sub_problems)
-            if out is not _MISSING:
+            if a is not type(None) and (out := convert_value(value, a, key, [], strict=strict)) is not INVALID:
                 return out
-        problems.append(f"{key}: expected {_type_name(tp)}, found {value!r}")
-        return _MISSING
-    if origin is Literal:
+    elif origin is Literal:
         if value in args:
             return value
         problems.append(f"{key}: expected one of {', '.join(repr(a) for a in args)}; found {value!r}")
-        return _MISSING
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
-        if not isinstance(value, (list, tuple)):
-            problems.append(f"{key}: expected a list, found {value!r}")
-            return _MISSING
-        item_tp = args[0] if args else Any
-        out = [_convert(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
-        if any(o is _MISSING for o in out):
-            return _MISSING
-        return tuple(out) if origin is tuple else out
-    if origin is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{key}: expected a mapping, found {value!r}")
-            return _MISSING
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
+        return INVALID
+    elif origin in (list, tuple):
+        if isinstance(value, str) and not strict:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)) and (value or not strict):
+            item_tp = args[0] if args else Any
+            out = [convert_value(v, item_tp, f"{key}[{i}]", problems, strict=strict) for i, v in enumerate(value)]
+            if any(o is INVALID for o in out):
+                return INVALID
+            return tuple(out) if origin is tuple else out
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
-        if not isinstance(value, dict):
-            problems.append(f"{key}: expected a mapping of {tp.__name__} fields, found {value!r}")
-            return _MISSING
-        return _build(tp, value, problems, prefix=f"{key}.")
-    if tp is bool:
+        if isinstance(value, dict):
+            return _build(tp, value, problems, prefix=f"{key}.")
+    elif tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        if isinstance(value, int) and value in (0, 1):
+        if not strict and isinstance(value, str) and value.lower() in BOOL_WORDS:
+            return BOOL_WORDS[value.lower()]
+        if not strict and isinstance(value, int) and value in (0, 1):
             return bool(value)
-        problems.append(f"{key}: expected true or false, found {value!r}")
-        return _MISSING
-    if tp is int:
-        if isinstance(value, bool):
-            problems.append(f"{key}: expected an integer, found {value!r}")
-            return _MISSING
-        if isinstance(value, int):
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str):
+        if isinstance(value, str) and not strict:
             try:
                 return int(value)
             except ValueError:
                 pass
-        problems.append(f"{key}: expected an integer, found {value!r}")
-        return _MISSING
-    if tp is float:
+    elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):
@@ -111,19 +113,16 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        problems.append(f"{key}: expected a number, found {value!r}")
-        return _MISSING
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+    elif tp is str:
+        if isinstance(value, str) or (not strict and isinstance(value, (int, float)) and not isinstance(value, bool)):
             return str(value)
-        problems.append(f"{key}: expected a string, found {value!r}")
-        return _MISSING
-    if tp is Path:
+    elif tp is Path:
         if isinstance(value, (str, os.PathLike)):
             return Path(value).expanduser()
-        problems.append(f"{key}: expected a path, found {value!r}")
-        return _MISSING
-    return value
+    else:
+        return value
+    problems.append(f"{key}: expected {_expected(tp)}, found {value!r}")
+    return INVALID
 
 
 def _build(cls: type[T], data: dict, problems: list[str], prefix: str = "") -> Any:
@@ -138,16 +137,16 @@ def _build(cls: type[T], data: dict, problems: list[str], prefix: str = "") -> A
     n_before = len(problems)
     for name in fields:
         if name in data:
-            v = _convert(data[name], hints[name], prefix + name, problems)
-            if v is not _MISSING:
+            v = convert_value(data[name], hints[name], prefix + name, problems)
+            if v is not INVALID:
                 kwargs[name] = v
     if len(problems) != n_before:
-        return _MISSING
+        return INVALID
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
         problems.append(f"{prefix.rstrip('.') or cls.__name__}: {e}")
-        return _MISSING
+        return INVALID
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -180,13 +179,11 @@ def parse_overrides(overrides: list[str]) -> dict:
     return out
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_dicts(base: dict, extra: dict) -> dict:
+    """``base`` updated with ``extra``, nested sections merged key by key (neither is changed)."""
     out = dict(base)
     for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -222,20 +219,23 @@ def load_config(
     data: dict = dict(base or {})
     source = "config"
     if path is not None:
-        data = _merge(data, read_yaml(path))
+        data = merge_dicts(data, read_yaml(path))
         source = str(path)
     if overrides:
         ov = parse_overrides(overrides) if isinstance(overrides, list) else overrides
-        data = _merge(data, ov)
+        data = merge_dicts(data, ov)
     problems: list[str] = []
     out = _build(cls, data, problems)
-    if problems or out is _MISSING:
+    if problems or out is INVALID:
         raise ConfigError(problems or ["invalid config"], source)
     return out
 
 
 def config_to_dict(cfg: Any) -> Any:
-    """Plain-data view of a config (Paths as strings, tuples as lists), for YAML/JSON."""
+    """Plain-data view of a config or record (Paths as strings, tuples as lists, numpy/torch values as
+    Python numbers or lists), for YAML/JSON."""
+    if hasattr(cfg, "tolist"):
+        return cfg.tolist()
     if dataclasses.is_dataclass(cfg):
         return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     if isinstance(cfg, (list, tuple)):

@@ -21,7 +21,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,41 +29,23 @@ import torch
 from cosytune.audio.features import cmn, kaldi_fbank
 from cosytune.audio.io import load_wav
 from cosytune.data.frontend_common import (
+    ExtractionSummary,
     ResumableExtraction,
     check_same_ids,
-    model_fingerprint,
     read_kaldi_dir,
     save_pt_map,
 )
-from cosytune.data.rejects import RejectLog
 from cosytune.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STAGE", "EmbeddingSummary", "compute_campplus_feature", "extract_embeddings"]
+__all__ = ["STAGE", "compute_campplus_feature", "extract_embeddings"]
 
 STAGE = "extract-embedding"
 UTT_FILE = "utt2embedding.pt"
 SPK_FILE = "spk2embedding.pt"
-STATE_FILE = ".extract-embedding.state.json"
 SAMPLE_RATE = 16000
 MIN_FRAMES = 10  # 0.115 s; CAM++'s strided convolutions need a handful of frames
-
-
-@dataclass
-class EmbeddingSummary:
-    """What :func:`extract_embeddings` did."""
-
-    utterances: int = 0
-    computed: int = 0
-    reused: int = 0
-    speakers: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-    device: str = "cpu"
-    seconds: float = 0.0
-    audio_seconds: float = 0.0
-    utt_path: Path | None = None
-    spk_path: Path | None = None
 
 
 def compute_campplus_feature(wav16k: torch.Tensor) -> np.ndarray:
@@ -87,7 +68,7 @@ def extract_embeddings(
     force: bool = False,
     rejects_path: str | os.PathLike | None = None,
     progress: Callable[[int], None] | None = None,
-) -> EmbeddingSummary:
+) -> ExtractionSummary:
     """Compute ``utt2embedding.pt`` and ``spk2embedding.pt`` in ``data_dir``.
 
     Args:
@@ -101,7 +82,7 @@ def extract_embeddings(
         progress: called with the number of utterances finished after each step.
 
     Returns:
-        An :class:`EmbeddingSummary`.
+        An :class:`~cosytune.data.frontend_common.ExtractionSummary`.
 
     Raises:
         DataError: missing or inconsistent lists, or no utterance could be embedded.
@@ -115,15 +96,7 @@ def extract_embeddings(
     if problems:
         raise DataError(f"{kd.path}: wav.scp and utt2spk disagree:\n  " + "\n  ".join(problems))
     model = CampPlus(onnx_path, device=device, num_threads=num_threads)
-    rejects = RejectLog(Path(rejects_path) if rejects_path else kd.path / "rejects.jsonl", STAGE)
-    utt_path, spk_path, state_path = kd.path / UTT_FILE, kd.path / SPK_FILE, kd.path / STATE_FILE
-    job = ResumableExtraction(kd, utt_path, state_path, model_fingerprint(model.path), force)
-    cache = job.cache
-    summary = EmbeddingSummary(utterances=len(kd.utts), reused=len(cache), device=model.device)
-    if summary.reused:
-        logger.info("reusing %d embeddings from a previous run; computing %d", summary.reused, len(job.todo))
-    if progress and summary.reused:
-        progress(summary.reused)
+    job = ResumableExtraction(kd, STAGE, UTT_FILE, model, force, rejects_path, verb="embedded")
 
     def screen(p: Path, feat: np.ndarray, dur: float):
         if feat.shape[0] < MIN_FRAMES:
@@ -136,20 +109,12 @@ def extract_embeddings(
             return "non_finite_embedding", f"{kd.utt2wav[u]}: CAM++ returned NaN/inf"
         return [float(x) for x in e]
 
-    job.run(prepare=_prepare, screen=screen, infer=model.embed_many, convert=convert, rejects=rejects,
-            chunk_size=chunk_size, num_threads=num_threads, progress=progress)
-    summary.audio_seconds, summary.computed = job.audio_seconds, job.computed
-
-    if not cache:
-        rejects.save()
-        raise DataError(f"{kd.path}: no utterance could be embedded ({len(rejects)} rejects, see {rejects.path})")
-    job.save()
-    save_pt_map(spk_path, speaker_means(cache, kd.utt2spk, order=kd.utts))
-    rejects.save()
-    summary.speakers = len({kd.utt2spk[u] for u in cache})
-    summary.rejected = dict(rejects.counts())
+    summary = job.run(prepare=_prepare, screen=screen, infer=model.embed_many, convert=convert,
+                      chunk_size=chunk_size, num_threads=num_threads, progress=progress)
+    save_pt_map(kd.path / SPK_FILE, speaker_means(job.cache, kd.utt2spk, order=kd.utts))
+    summary.wrote.append(kd.path / SPK_FILE)
+    summary.speakers = len({kd.utt2spk[u] for u in job.cache})
     summary.seconds = time.perf_counter() - t0
-    summary.utt_path, summary.spk_path = utt_path, spk_path
     return summary
 
 

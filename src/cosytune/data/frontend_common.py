@@ -10,7 +10,6 @@ The ``.pt`` maps (``utt2embedding.pt``, ``spk2embedding.pt``, ``utt2speech_token
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -22,29 +21,23 @@ from typing import Any
 
 import torch
 
-from cosytune.data.kaldi import MAX_LISTED, KaldiDir, read_kaldi_dir
-from cosytune.errors import CosytuneError, DataError
-from cosytune.fileio import atomic_path, write_json
+from cosytune.data.kaldi import KaldiDir, read_kaldi_dir
+from cosytune.data.rejects import RejectLog
+from cosytune.errors import CosytuneError, DataError, listing
+from cosytune.fileio import atomic_path, read_json_or, write_json
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ExtractionSummary",
     "KaldiDir",
     "ResumableExtraction",
     "check_same_ids",
     "load_pt_map",
-    "model_fingerprint",
     "read_kaldi_dir",
     "resolve_wav_path",
-    "safe_call",
     "save_pt_map",
 ]
-
-
-def _listing(ids, limit: int = MAX_LISTED) -> str:
-    ids = list(ids)
-    shown = ", ".join(ids[:limit])
-    return shown + (f" … and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
 def resolve_wav_path(kd: KaldiDir, wav: str) -> Path:
@@ -72,13 +65,6 @@ def save_pt_map(path: str | os.PathLike, obj: dict) -> None:
         torch.save(obj, str(tmp))
 
 
-def model_fingerprint(path: str | os.PathLike) -> dict:
-    """Cheap identity of a model file (name, size, mtime) to decide whether cached results are stale."""
-    p = Path(path).resolve()
-    st = p.stat()
-    return {"model": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
 def check_same_ids(named_sets: dict[str, set[str]], reference: str) -> list[str]:
     """Compare id sets against ``reference``; return human-readable problems (empty if all agree)."""
     ref = named_sets[reference]
@@ -88,25 +74,10 @@ def check_same_ids(named_sets: dict[str, set[str]], reference: str) -> list[str]
             continue
         extra, missing = ids - ref, ref - ids
         if missing:
-            problems.append(f"{name} lacks {len(missing)} id(s) of {reference}: {_listing(sorted(missing))}")
+            problems.append(f"{name} lacks {len(missing)} id(s) of {reference}: {listing(sorted(missing))}")
         if extra:
-            problems.append(f"{name} has {len(extra)} id(s) not in {reference}: {_listing(sorted(extra))}")
+            problems.append(f"{name} has {len(extra)} id(s) not in {reference}: {listing(sorted(extra))}")
     return problems
-
-
-def safe_call(fn):
-    """Wrap ``fn`` so per-item failures (bad audio, decode errors) come back as the exception object.
-
-    Used with thread pools so one bad file becomes a recorded reject instead of aborting the stage.
-    """
-
-    def run(arg):
-        try:
-            return fn(arg)
-        except (CosytuneError, OSError, ValueError, RuntimeError) as e:
-            return e
-
-    return run
 
 
 #: Seconds between intermediate saves of a long extraction run.
@@ -117,40 +88,81 @@ Reject = tuple[str, str]
 
 
 @dataclass
+class ExtractionSummary:
+    """What extract-embedding or extract-speech-token did."""
+
+    stage: str
+    utterances: int = 0
+    computed: int = 0
+    reused: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    device: str = "cpu"
+    seconds: float = 0.0
+    audio_seconds: float = 0.0
+    wrote: list[Path] = field(default_factory=list)
+    speakers: int = 0
+    """Speakers with an embedding (extract-embedding)."""
+    tokens: int = 0
+    """Speech tokens written (extract-speech-token)."""
+    batched: bool = False
+    """Many utterances shared one model call (extract-speech-token)."""
+
+    def items(self) -> list[tuple[str, object]]:
+        """Key/value lines for the command's closing summary."""
+        rate = self.computed / self.seconds if self.seconds > 0 else 0.0
+        return [
+            ("utterances", self.utterances),
+            ("computed", self.computed),
+            ("reused from earlier run", self.reused),
+            *([("speakers", self.speakers)] if self.speakers else []),
+            *([("tokens", self.tokens)] if self.tokens else []),
+            ("rejected", ", ".join(f"{k}: {v}" for k, v in sorted(self.rejected.items())) or "none"),
+            ("device", f"{self.device}{' (batched)' if self.batched else ''}"),
+            ("speed", f"{rate:.1f} utt/s, {self.audio_seconds / self.seconds if self.seconds else 0:.0f}x real time"),
+            ("wrote", ", ".join(map(str, self.wrote))),
+        ]
+
+
+@dataclass
 class ResumableExtraction:
     """The per-utterance loop shared by extract-embedding and extract-speech-token.
 
-    Results already in ``out_path`` are reused when ``state_path`` records the same model
-    fingerprint (unless ``force``); the rest are computed chunk by chunk — audio decoded on a thread
-    pool, screened, run through the model in one call per chunk, converted — with rejects recorded,
-    progress reported and the map saved atomically every :data:`CHECKPOINT_EVERY_S` seconds, so an
-    interrupted run continues where it stopped.
+    Results already in ``<data dir>/<out_name>`` are reused when the state file beside it records the
+    same model fingerprint (unless ``force``); the rest are computed chunk by chunk — audio decoded on a
+    thread pool, screened, run through the model in one call per chunk, converted — with rejects
+    recorded in ``rejects.jsonl``, progress reported and the map saved atomically every
+    :data:`CHECKPOINT_EVERY_S` seconds, so an interrupted run continues where it stopped.
 
     Args:
         kd: the data dir.
-        out_path: the ``{utt: list}`` map to write (``utt2embedding.pt``, ``utt2speech_token.pt``).
-        state_path: where the model fingerprint of ``out_path`` is kept.
-        fingerprint: :func:`model_fingerprint` of the model in use.
+        stage: the command (names the state file and the rejects).
+        out_name: the ``{utt: list}`` map to write (``utt2embedding.pt``, ``utt2speech_token.pt``).
+        model: the ONNX model in use (its ``path`` is fingerprinted, its ``device`` reported).
         force: ignore earlier results.
+        rejects_path: ``rejects.jsonl`` to record rejects in (default ``<data dir>/rejects.jsonl``).
     """
 
     kd: KaldiDir
-    out_path: Path
-    state_path: Path
-    fingerprint: dict
+    stage: str
+    out_name: str
+    model: Any
     force: bool = False
+    rejects_path: str | os.PathLike | None = None
+    verb: str = "processed"
+    """What happens to an utterance, for the error when none has a result ("embedded", ...)."""
     cache: dict[str, list] = field(default_factory=dict)
-    audio_seconds: float = 0.0
-    computed: int = 0
 
     def __post_init__(self) -> None:
+        self.out_path = self.kd.path / self.out_name
+        self.state_path = self.kd.path / f".{self.stage}.state.json"
+        model = Path(self.model.path).resolve()  # a cheap identity: cached results of another model are stale
+        st = model.stat()
+        self.fingerprint = {"model": str(model), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        self.rejects = RejectLog(Path(self.rejects_path) if self.rejects_path else self.kd.path / "rejects.jsonl",
+                                 self.stage)
         if self.force or not (self.out_path.is_file() and self.state_path.is_file()):
             return
-        try:
-            state = json.loads(self.state_path.read_text())
-        except ValueError:
-            state = {}
-        if state.get("fingerprint") == self.fingerprint:
+        if read_json_or(self.state_path, {}).get("fingerprint") == self.fingerprint:
             self.cache = {u: v for u, v in load_pt_map(self.out_path).items()
                           if u in self.kd.utt2wav and len(v) > 0}
         else:
@@ -174,28 +186,42 @@ class ResumableExtraction:
         screen: Callable[[Path, Any, float], Reject | None],
         infer: Callable[[Sequence[Any]], Sequence[Any]],
         convert: Callable[[str, Any], list | Reject],
-        rejects: Any,
         chunk_size: int,
         num_threads: int,
         progress: Callable[[int], None] | None = None,
-    ) -> None:
-        """Compute every utterance of :attr:`todo`.
+    ) -> ExtractionSummary:
+        """Compute every utterance of :attr:`todo`, then save the map and the rejects.
 
         Args:
             prepare: wav path → ``(feature, duration_s)`` (raising for unreadable audio).
             screen: ``(path, feature, duration_s)`` → a reject, or None to keep the utterance.
             infer: the model on a list of features, one output per feature.
             convert: ``(utt, output)`` → the list to store, or a reject (a tuple).
-            rejects: the stage's :class:`~cosytune.data.rejects.RejectLog`.
+
+        Raises:
+            DataError: no utterance has a result.
         """
-        todo = self.todo
+        def prepare_or_error(path: Path) -> Any:  # one bad file is a recorded reject, not an aborted stage
+            try:
+                return prepare(path)
+            except (CosytuneError, OSError, ValueError, RuntimeError) as e:
+                return e
+
+        todo, rejects = self.todo, self.rejects
+        summary = ExtractionSummary(self.stage, utterances=len(self.kd.utts), reused=len(self.cache),
+                                    device=self.model.device, wrote=[self.out_path])
+        if summary.reused:
+            logger.info("%s: reusing %d results of a previous run; computing %d", self.stage, summary.reused,
+                        len(todo))
+            if progress:
+                progress(summary.reused)
         last_save = time.monotonic()
         with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
             for start in range(0, len(todo), chunk_size):
                 chunk = todo[start : start + chunk_size]
                 paths = [resolve_wav_path(self.kd, self.kd.utt2wav[u]) for u in chunk]
                 ok_utts, feats = [], []
-                for u, p, res in zip(chunk, paths, pool.map(safe_call(prepare), paths)):
+                for u, p, res in zip(chunk, paths, pool.map(prepare_or_error, paths)):
                     if isinstance(res, Exception):
                         rejects.add(u, "unreadable_audio", f"{p}: {res}")
                         continue
@@ -204,7 +230,7 @@ class ResumableExtraction:
                     if problem is not None:
                         rejects.add(u, *problem)
                         continue
-                    self.audio_seconds += dur
+                    summary.audio_seconds += dur
                     ok_utts.append(u)
                     feats.append(feat)
                 outputs = infer(feats) if feats else []
@@ -214,9 +240,16 @@ class ResumableExtraction:
                         rejects.add(u, *value)
                         continue
                     self.cache[u] = value
-                    self.computed += 1
+                    summary.computed += 1
                 if progress:
                     progress(len(chunk))
                 if time.monotonic() - last_save > CHECKPOINT_EVERY_S:
                     self.save()
                     last_save = time.monotonic()
+        rejects.save()
+        if not self.cache:
+            raise DataError(f"{self.kd.path}: no utterance could be {self.verb} ({len(rejects)} rejects, "
+                            f"see {rejects.path})")
+        self.save()
+        summary.rejected = dict(rejects.counts())
+        return summary

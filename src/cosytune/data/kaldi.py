@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cosytune.errors import DataError
+from cosytune.errors import DataError, listing
 from cosytune.fileio import write_text
 from cosytune.text.special import ENDOFPROMPT
 
@@ -44,8 +44,6 @@ logger = logging.getLogger(__name__)
 KALDI_FILES = ("wav.scp", "text", "utt2spk", "spk2utt", "instruct")
 #: Files whose value is words (re-joined with single spaces, may be empty) rather than one field.
 WORD_FILES = ("text", "instruct")
-#: Offending lines shown in an error message.
-MAX_LISTED = 20
 
 
 @dataclass(frozen=True)
@@ -114,9 +112,8 @@ def write_kaldi_dir(directory: str | os.PathLike, entries: Iterable[KaldiEntry])
     if any(has_instruct) and not all(has_instruct):
         raise DataError("some utterances have an instruct and some do not; give every utterance one or none")
     directory.mkdir(parents=True, exist_ok=True)
-    write_text(directory / "wav.scp", "".join(f"{e.utt} {e.wav}\n" for e in rows))
-    write_text(directory / "text", "".join(f"{e.utt} {e.text}\n" for e in rows))
-    write_text(directory / "utt2spk", "".join(f"{e.utt} {e.speaker}\n" for e in rows))
+    for name, field_name in (("wav.scp", "wav"), ("text", "text"), ("utt2spk", "speaker")):
+        write_text(directory / name, "".join(f"{e.utt} {getattr(e, field_name)}\n" for e in rows))
     spk_lines = [
         f"{spk} {' '.join(utts)}\n"
         for spk, utts in sorted(spk2utt.items(), key=lambda kv: kaldi_sort_key(kv[0]))
@@ -165,11 +162,9 @@ def read_kaldi_map(path: str | os.PathLike, *, words: bool | None = None) -> dic
                 continue
             out[key] = value
     if problems:
-        more = f"\n  … and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise DataError(
-            f"{path}: {len(problems)} malformed line(s) (expected '<id> <value>' with unique ids):\n  "
-            + "\n  ".join(problems[:MAX_LISTED]) + more + "\nFix these lines and re-run."
-        )
+        lines = listing(problems, sep="\n  ")
+        raise DataError(f"{path}: {len(problems)} malformed line(s) (expected '<id> <value>' with unique ids):\n  "
+                        f"{lines}\nFix these lines and re-run.")
     return out
 
 
@@ -225,14 +220,10 @@ def read_kaldi_dir(path: str | os.PathLike, *, need: tuple[str, ...] = ("wav.scp
     if missing:
         raise DataError(f"data dir {d} lacks {', '.join(missing)}; expected the files `cosytune transcribe` "
                         "writes (wav.scp, text, utt2spk, spk2utt, instruct)")
-    kd = KaldiDir(d, read_kaldi_map(d / "wav.scp"))
-    if (d / "text").is_file():
-        kd.utt2text = read_kaldi_map(d / "text")
-    if (d / "utt2spk").is_file():
-        kd.utt2spk = read_kaldi_map(d / "utt2spk")
-    if (d / "instruct").is_file():
-        kd.utt2instruct = read_kaldi_map(d / "instruct")
-    return kd
+    utt2wav = read_kaldi_map(d / "wav.scp")  # first: its problems are the ones to report first
+    optional = {attr: read_kaldi_map(d / name) for name, attr in
+                (("text", "utt2text"), ("utt2spk", "utt2spk"), ("instruct", "utt2instruct")) if (d / name).is_file()}
+    return KaldiDir(d, utt2wav, **optional)
 
 
 def read_kaldi_entries(directory: str | os.PathLike) -> list[KaldiEntry]:

@@ -37,11 +37,11 @@ offending ids per file. Shards are rebuilt only when their rows changed, so re-r
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -49,8 +49,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cosytune.data.rejects import RejectLog
-from cosytune.errors import DataError, UsageError
-from cosytune.fileio import atomic_path, read_jsonl, sha256_json, write_json, write_text
+from cosytune.errors import DataError, UsageError, listing
+from cosytune.fileio import (
+    atomic_path,
+    file_identity,
+    read_json_or,
+    read_jsonl,
+    sha256_json,
+    write_json,
+    write_text,
+)
 
 if TYPE_CHECKING:
     from cosytune.data.frontend_common import KaldiDir
@@ -67,6 +75,9 @@ STATE_FILE = ".make-parquet.state.json"
 COLUMNS = ("utt", "audio_data", "wav", "text", "spk", "utt_embedding", "spk_embedding", "speech_token",
            "instruct", "reject_speech_token")
 UPSTREAM_STAGES_THAT_DROP = ("extract-embedding", "extract-speech-token")
+# The columns that come from the stages' .pt maps: column -> (map file, item type, keyed by speaker).
+_MAP_COLUMNS = {"utt_embedding": ("utt2embedding.pt", float, False), "spk_embedding": ("spk2embedding.pt", float, True),
+                "speech_token": ("utt2speech_token.pt", int, False)}
 _SHARD_RE = re.compile(r"^(parquet|utt2parquet|spk2parquet)_(\d{9})\.(tar|json)$")
 
 
@@ -133,20 +144,11 @@ def _write_shard(job: dict) -> str:
 _SHARD_FILES = ("parquet", "utt_json", "spk_json")
 
 
-def _file_identity(path: str | os.PathLike) -> list[int] | None:
-    """(size, mtime_ns) of a file, None if absent: cheap, and changed by any rewrite or truncation."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
-
-
 def _shard_intact(recorded: object, key: str, job: dict) -> bool:
     """The shard was written from these inputs and its three files are still the ones written then."""
     if not isinstance(recorded, dict) or recorded.get("key") != key:
         return False
-    return all(_file_identity(job[k]) is not None and _file_identity(job[k]) == recorded.get("files", {}).get(k)
+    return all(file_identity(job[k]) is not None and file_identity(job[k]) == recorded.get("files", {}).get(k)
                for k in _SHARD_FILES)
 
 
@@ -179,16 +181,10 @@ def _consistency(kd: KaldiDir, maps: dict[str, dict], dropped: set[str]) -> list
         needed = {kd.utt2spk[u] for u in kept if u in kd.utt2spk}
         known = set(kd.utt2spk.values())
         if needed - have:
-            problems.append(f"spk2embedding.pt lacks speaker(s) {_ids(needed - have)}")
+            problems.append(f"spk2embedding.pt lacks speaker(s) {listing(sorted(needed - have))}")
         if have - known:
-            problems.append(f"spk2embedding.pt has speaker(s) not in utt2spk: {_ids(have - known)}")
+            problems.append(f"spk2embedding.pt has speaker(s) not in utt2spk: {listing(sorted(have - known))}")
     return problems
-
-
-def _ids(ids: set[str], limit: int = 20) -> str:
-    ids_sorted = sorted(ids)
-    more = f" … and {len(ids_sorted) - limit} more" if len(ids_sorted) > limit else ""
-    return ", ".join(ids_sorted[:limit]) + more
 
 
 def make_parquet(
@@ -237,7 +233,7 @@ def make_parquet(
     earlier = _earlier_rejects(rejects.path)
 
     maps: dict[str, dict] = {}
-    for name in ("utt2embedding.pt", "spk2embedding.pt", "utt2speech_token.pt"):
+    for name, _, _ in _MAP_COLUMNS.values():
         if (kd.path / name).is_file():
             maps[name] = load_pt_map(kd.path / name)
     dropped = {u for u in earlier if u in kd.utt2wav}
@@ -250,17 +246,8 @@ def make_parquet(
         raise DataError(f"{kd.path}: the lists and maps disagree on utterance ids:\n  " + "\n  ".join(problems)
                         + "\nRe-run the stage that wrote the offending file (or fix the lists) and try again.")
 
-    excluded: dict[str, int] = {}
-    for u in dropped:
-        key = earlier[u]
-        excluded[key] = excluded.get(key, 0) + 1
-    columns = ["utt", "audio_data", "wav", "text", "spk"]
-    if "utt2embedding.pt" in maps:
-        columns.append("utt_embedding")
-    if "spk2embedding.pt" in maps:
-        columns.append("spk_embedding")
-    if "utt2speech_token.pt" in maps:
-        columns.append("speech_token")
+    excluded = Counter(earlier[u] for u in dropped)
+    columns = ["utt", "audio_data", "wav", "text", "spk"] + [c for c, (f, _, _) in _MAP_COLUMNS.items() if f in maps]
     if kd.utt2instruct is not None:
         columns.append("instruct")
     else:
@@ -285,31 +272,22 @@ def make_parquet(
         st = wav.stat()
         row = {"utt": u, "wav": str(wav), "text": kd.utt2text[u], "spk": kd.utt2spk[u],
                "_file": [st.st_size, st.st_mtime_ns]}
-        if "utt_embedding" in columns:
-            row["utt_embedding"] = [float(x) for x in maps["utt2embedding.pt"][u]]
-        if "spk_embedding" in columns:
-            row["spk_embedding"] = [float(x) for x in maps["spk2embedding.pt"][kd.utt2spk[u]]]
-        if "speech_token" in columns:
-            row["speech_token"] = [int(x) for x in maps["utt2speech_token.pt"][u]]
+        for c, (f, cast, by_speaker) in _MAP_COLUMNS.items():
+            if f in maps:
+                row[c] = [cast(x) for x in maps[f][kd.utt2spk[u] if by_speaker else u]]
         if "instruct" in columns:
             row["instruct"] = kd.utt2instruct[u]  # type: ignore[index]
         if dpo:
             rt = reject_tokens.get(u)  # type: ignore[union-attr]
             row["reject_speech_token"] = None if rt is None else [int(x) for x in rt]
         rows.append(row)
-    for reason, n in rejects.counts().items():
-        excluded[reason] = excluded.get(reason, 0) + n
+    excluded.update(rejects.counts())
     if not rows:
         rejects.save()
-        raise DataError(f"{kd.path}: no utterance left to write ({sum(excluded.values())} excluded: {excluded})")
+        raise DataError(f"{kd.path}: no utterance left to write ({sum(excluded.values())} excluded: {dict(excluded)})")
 
     state_path = des / STATE_FILE
-    state = {}
-    if state_path.is_file() and not force:
-        try:
-            state = json.loads(state_path.read_text())
-        except ValueError:
-            state = {}
+    state = {} if force else read_json_or(state_path, {})
     jobs, new_state = [], {}
     for i, start in enumerate(range(0, len(rows), num_utts_per_parquet)):
         shard_rows = rows[start : start + num_utts_per_parquet]
@@ -322,7 +300,7 @@ def make_parquet(
         }
         # The audio bytes go into the shard, so the wavs' identity (size, mtime) is part of its key: a
         # re-recorded clip with the same name rewrites its shard.
-        audio = [_file_identity(r["wav"]) for r in shard_rows] if "audio_data" in columns else None
+        audio = [file_identity(r["wav"]) for r in shard_rows] if "audio_data" in columns else None
         key = sha256_json({"columns": columns, "rows": shard_rows, "audio": audio})
         new_state[job["parquet"]] = key
         done = _shard_intact(state.get(job["parquet"]), key, job)
@@ -330,7 +308,7 @@ def make_parquet(
             jobs.append(job)
     n_shards = len(new_state)
     summary = ParquetSummary(utterances=len(rows), shards=n_shards, reused=n_shards - len(jobs),
-                             excluded=excluded, columns=columns)
+                             excluded=dict(excluded), columns=columns)
     if progress and summary.reused:
         progress(len(rows) - sum(len(j["rows"]) for j in jobs))
 
@@ -338,7 +316,7 @@ def make_parquet(
         # Record each finished shard at once (with its files' size and mtime), so an interrupted run resumes
         # after it and a shard damaged later is written again.
         state[job["parquet"]] = {"key": new_state[job["parquet"]],
-                                 "files": {k: _file_identity(job[k]) for k in _SHARD_FILES}}
+                                 "files": {k: file_identity(job[k]) for k in _SHARD_FILES}}
         write_json(state_path, state)
         summary.written += 1
         if progress:

@@ -74,8 +74,9 @@ import numpy as np
 
 from cosytune.audio.io import MonoAudio
 from cosytune.config.loading import config_to_dict, dump_config
+from cosytune.console import progress as progress_bar
 from cosytune.errors import DataError
-from cosytune.fileio import sha256_json, write_jsonl
+from cosytune.fileio import file_identity, sha256_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -302,10 +303,15 @@ class _Task:
 
 @dataclass
 class _Result:
+    source: str
     source_rel: str
-    rows: list[dict]
-    rejects: list[dict]
+    rows: list[dict] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)
     source_duration_s: float = 0.0
+
+    def reject(self, reason: str, detail: str) -> None:
+        """Record that the source (or one of its slices) gave no output, and why."""
+        self.rejects.append({"input": self.source, "reason": reason, "detail": detail})
 
 
 def _r(x: float) -> float:
@@ -317,17 +323,15 @@ def _process(task: _Task) -> _Result:
     """Process one input file; decode/processing failures become rejects, write failures raise."""
     from cosytune.audio.io import AudioDecodeError, load_mono
 
-    res = _Result(task.source_rel, [], [])
+    res = _Result(task.source, task.source_rel)
     try:
         decoded = load_mono(task.source, task.cfg.clip_level, task.cfg.sample_rate, task.cfg.resample_quality)
     except AudioDecodeError as e:
-        res.rejects.append({"input": task.source, "reason": e.reason, "detail": e.detail})
+        res.reject(e.reason, e.detail)
         return res
     except Exception as e:  # boundary: record, never crash the run
         logger.debug("decoding %s failed", task.source, exc_info=True)
-        res.rejects.append(
-            {"input": task.source, "reason": "unreadable", "detail": f"{type(e).__name__}: {e}"}
-        )
+        res.reject("unreadable", f"{type(e).__name__}: {e}")
         return res
     try:
         _process_decoded(task, decoded, res)
@@ -339,9 +343,7 @@ def _process(task: _Task) -> _Result:
             with contextlib.suppress(OSError):
                 (Path(task.out_dir) / row["wav"]).unlink()
         res.rows.clear()
-        res.rejects.append(
-            {"input": task.source, "reason": "processing_error", "detail": f"{type(e).__name__}: {e}"}
-        )
+        res.reject("processing_error", f"{type(e).__name__}: {e}")
     return res
 
 
@@ -356,14 +358,8 @@ def _process_decoded(task: _Task, decoded: MonoAudio, res: _Result) -> None:
     source_rate, channels, clipped = decoded.source_sample_rate, decoded.channels, decoded.clipped_fraction
     res.source_duration_s = decoded.source_duration_s
     if clipped > cfg.max_clipped_fraction:
-        res.rejects.append(
-            {
-                "input": task.source,
-                "reason": "heavy_clipping",
-                "detail": f"{clipped:.2%} of samples at or above {cfg.clip_level} of full scale "
-                f"(limit {cfg.max_clipped_fraction:.2%}, setting max_clipped_fraction)",
-            }
-        )
+        res.reject("heavy_clipping", f"{clipped:.2%} of samples at or above {cfg.clip_level} of full scale "
+                   f"(limit {cfg.max_clipped_fraction:.2%}, setting max_clipped_fraction)")
         return
     # Already mono at the output rate: load_mono downmixes and resamples while decoding.
     assert decoded.sample_rate == sr
@@ -388,42 +384,20 @@ def _process_decoded(task: _Task, decoded: MonoAudio, res: _Result) -> None:
         )
 
     if n < cfg.min_duration_s * sr:  # judged before silence: a brief loud click is short, not "very quiet"
-        res.rejects.append(
-            {
-                "input": task.source,
-                "reason": "too_short",
-                "detail": f"the whole clip is {n / sr:.3f} s < min_duration_s {cfg.min_duration_s}",
-            }
-        )
+        res.reject("too_short", f"the whole clip is {n / sr:.3f} s < min_duration_s {cfg.min_duration_s}")
         return
     whole = trim(mono)
     if not whole.found_sound:
-        res.rejects.append(
-            {
-                "input": task.source,
-                "reason": "all_silence",
-                "detail": f"{n / sr:.2f} s with no 20 ms RMS above {cfg.trim_threshold_db} dBFS for "
-                f"{cfg.trim_start_duration_s} s "
-                + (
-                    f"(sample peak {peak_dbfs(mono):.1f} dBFS; if it does hold speech, it is very quiet: "
-                    "lower trim_threshold_db)"
-                    if np.any(mono)
-                    else "(digital silence: every sample is 0)"
-                ),
-            }
-        )
+        quiet = (f"(sample peak {peak_dbfs(mono):.1f} dBFS; if it does hold speech, it is very quiet: "
+                 "lower trim_threshold_db)" if np.any(mono) else "(digital silence: every sample is 0)")
+        res.reject("all_silence", f"{n / sr:.2f} s with no 20 ms RMS above {cfg.trim_threshold_db} dBFS for "
+                   f"{cfg.trim_start_duration_s} s {quiet}")
         return
     kept_len = whole.end - whole.start
     max_len = int(cfg.max_duration_s * sr)
     if kept_len > max_len and not cfg.slice_long:
-        res.rejects.append(
-            {
-                "input": task.source,
-                "reason": "too_long",
-                "detail": f"{kept_len / sr:.1f} s after trimming > max_duration_s "
-                f"{cfg.max_duration_s}; set slice_long=true to slice it",
-            }
-        )
+        res.reject("too_long", f"{kept_len / sr:.1f} s after trimming > max_duration_s {cfg.max_duration_s}; "
+                   "set slice_long=true to slice it")
         return
     if kept_len > max_len:
         region = mono[whole.start : whole.end]
@@ -451,24 +425,12 @@ def _process_decoded(task: _Task, decoded: MonoAudio, res: _Result) -> None:
             else ""
         )
         if not tr.found_sound:
-            res.rejects.append(
-                {
-                    "input": task.source,
-                    "reason": "all_silence",
-                    "detail": f"{where}no sound above {cfg.trim_threshold_db} dBFS",
-                }
-            )
+            res.reject("all_silence", f"{where}no sound above {cfg.trim_threshold_db} dBFS")
             continue
         y = x[tr.start : tr.end]
         if len(y) < cfg.min_duration_s * sr:
-            res.rejects.append(
-                {
-                    "input": task.source,
-                    "reason": "too_short",
-                    "detail": f"{where}{len(y) / sr:.3f} s after trimming "
-                    f"(from {len(x) / sr:.3f} s) < min_duration_s {cfg.min_duration_s}",
-                }
-            )
+            res.reject("too_short", f"{where}{len(y) / sr:.3f} s after trimming (from {len(x) / sr:.3f} s) "
+                       f"< min_duration_s {cfg.min_duration_s}")
             continue
         y, gain = apply_gain_and_ceiling(
             y, sr, cfg.loudness_target_lufs, cfg.peak_ceiling_db, cfg.measure_loudness
@@ -551,8 +513,7 @@ def _read_state(path: Path) -> dict[str, dict]:
 
 
 def _fingerprint(path: Path) -> dict:
-    st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return dict(zip(("size", "mtime_ns"), file_identity(path) or ()))
 
 
 def _outputs_intact(out_dir: Path, entry: dict) -> bool:
@@ -563,7 +524,7 @@ def _outputs_intact(out_dir: Path, entry: dict) -> bool:
         return False
     for r in entry.get("rows", []):
         p = out_dir / r["wav"]
-        if not p.is_file() or list(_fingerprint(p).values()) != written.get(r["wav"]):
+        if not p.is_file() or file_identity(p) != written.get(r["wav"]):
             return False
     return True
 
@@ -701,29 +662,20 @@ def prepare_audio(
             "source_duration_s": result.source_duration_s,
             "rows": result.rows,
             "rejects": result.rejects,
-            "outputs": {r["wav"]: list(_fingerprint(out_abs / r["wav"]).values()) for r in result.rows},
+            "outputs": {r["wav"]: file_identity(out_abs / r["wav"]) for r in result.rows},
         }
         entries[result.source_rel] = entry
         journal.write(json.dumps(entry, ensure_ascii=False) + "\n")
         journal.flush()
 
-    from tqdm.auto import tqdm
-
-    with open(state_path, "a", encoding="utf-8") as journal:
-        bar = None
-        try:
-            if workers == 1:
-                bar = tqdm(
-                    total=len(tasks), desc="prepare-audio", unit="file", disable=not progress, leave=False
-                )
-                for task in tasks:
-                    record(_run_task(task), journal)
-                    bar.update(1)
-            else:
-                _run_pool(tasks, workers, record, journal, progress)
-        finally:
-            if bar is not None:
-                bar.close()
+    with open(state_path, "a", encoding="utf-8") as journal, \
+            progress_bar(total=len(tasks), desc="prepare-audio", enabled=progress) as bar:
+        if workers == 1:
+            for task in tasks:
+                record(_run_task(task), journal)
+                bar.update(1)
+        else:
+            _run_pool(tasks, workers, record, journal, bar)
 
     # Outputs of sources that vanished, changed or were re-sliced into fewer pieces.
     keep_wavs = {r["wav"] for e in entries.values() for r in e["rows"]}
@@ -778,26 +730,18 @@ def _run_task(task: _Task) -> _Result:
         ) from e
 
 
-def _run_pool(tasks: list[_Task], workers: int, record, journal, progress: bool) -> None:
-    from tqdm.auto import tqdm
-
+def _run_pool(tasks: list[_Task], workers: int, record, journal, bar) -> None:
     with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as pool:
         futures = {pool.submit(_run_task, t): t for t in tasks}
-        with tqdm(
-            total=len(tasks), desc="prepare-audio", unit="file", disable=not progress, leave=False
-        ) as bar:
-            broken: list[_Task] = []
-            for fut in as_completed(futures):
-                task = futures[fut]
-                try:
-                    result = fut.result()
-                except BrokenProcessPool as e:
-                    broken.append(task)
-                    logger.debug("worker pool broke while processing %s: %s", task.source, e)
-                    bar.update(1)
-                    continue
-                record(result, journal)
-                bar.update(1)
+        broken: list[_Task] = []
+        for fut in as_completed(futures):
+            task = futures[fut]
+            try:
+                record(fut.result(), journal)
+            except BrokenProcessPool as e:
+                broken.append(task)
+                logger.debug("worker pool broke while processing %s: %s", task.source, e)
+            bar.update(1)
     # A worker that dies (decoder segfault, out of memory) breaks the whole pool and we cannot
     # tell which file did it; retry the unfinished ones one by one in fresh single-use pools.
     for task in broken:
@@ -805,16 +749,7 @@ def _run_pool(tasks: list[_Task], workers: int, record, journal, progress: bool)
             with ProcessPoolExecutor(max_workers=1, mp_context=_mp_context()) as pool:
                 result = pool.submit(_run_task, task).result()
         except BrokenProcessPool:
-            result = _Result(
-                task.source_rel,
-                [],
-                [
-                    {
-                        "input": task.source,
-                        "reason": "worker_crashed",
-                        "detail": "the worker process died while processing this "
-                        "file (decoder crash or out of memory)",
-                    }
-                ],
-            )
+            result = _Result(task.source, task.source_rel)
+            result.reject("worker_crashed", "the worker process died while processing this file (decoder crash or "
+                          "out of memory)")
         record(result, journal)

@@ -23,7 +23,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,40 +30,17 @@ import torch
 
 from cosytune.audio.features import whisper_log_mel
 from cosytune.audio.io import load_wav
-from cosytune.data.frontend_common import (
-    ResumableExtraction,
-    model_fingerprint,
-    read_kaldi_dir,
-)
-from cosytune.data.rejects import RejectLog
-from cosytune.errors import DataError
+from cosytune.data.frontend_common import ExtractionSummary, ResumableExtraction, read_kaldi_dir
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MAX_SECONDS", "STAGE", "SpeechTokenSummary", "compute_tokenizer_feature", "extract_speech_tokens"]
+__all__ = ["MAX_SECONDS", "STAGE", "compute_tokenizer_feature", "extract_speech_tokens"]
 
 STAGE = "extract-speech-token"
 TOKEN_FILE = "utt2speech_token.pt"
-STATE_FILE = ".extract-speech-token.state.json"
 SAMPLE_RATE = 16000
 MAX_SECONDS = 30.0  # the tokenizer's limit (upstream frontend asserts it; the tool writes [])
 MIN_FRAMES = 4  # one token needs four 10 ms log-mel frames
-
-
-@dataclass
-class SpeechTokenSummary:
-    """What :func:`extract_speech_tokens` did."""
-
-    utterances: int = 0
-    computed: int = 0
-    reused: int = 0
-    tokens: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-    device: str = "cpu"
-    batched: bool = False
-    seconds: float = 0.0
-    audio_seconds: float = 0.0
-    path: Path | None = None
 
 
 def compute_tokenizer_feature(wav16k: torch.Tensor) -> np.ndarray:
@@ -91,23 +67,16 @@ def extract_speech_tokens(
     force: bool = False,
     rejects_path: str | os.PathLike | None = None,
     progress: Callable[[int], None] | None = None,
-) -> SpeechTokenSummary:
+) -> ExtractionSummary:
     """Compute ``utt2speech_token.pt`` in ``data_dir``.
 
-    Args:
-        data_dir: Kaldi-style dir with ``wav.scp``.
-        onnx_path: ``speech_tokenizer_v3.onnx`` (or ``.batch.onnx``) or a model dir containing the former.
-        device: onnxruntime device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        num_threads: worker threads for decoding/features and concurrent model calls.
+    Args: as :func:`cosytune.data.embedding.extract_embeddings` (``data_dir`` needs only ``wav.scp``;
+    ``onnx_path`` is ``speech_tokenizer_v3.onnx``, ``.batch.onnx``, or a model dir holding the former), and
         max_batch: most utterances per ONNX call when the model takes a dynamic batch
             (``None``: 32 on CUDA, 1 on CPU).
-        chunk_size: utterances decoded and tokenised per step (bounds memory).
-        force: recompute every utterance even if a previous run's results exist.
-        rejects_path: ``rejects.jsonl`` to record rejects in (default ``<data_dir>/rejects.jsonl``).
-        progress: called with the number of utterances finished after each step.
 
     Returns:
-        A :class:`SpeechTokenSummary`.
+        An :class:`~cosytune.data.frontend_common.ExtractionSummary`.
 
     Raises:
         DataError: a missing/malformed ``wav.scp``, or no utterance could be tokenised.
@@ -118,13 +87,7 @@ def extract_speech_tokens(
     t0 = time.perf_counter()
     kd = read_kaldi_dir(data_dir, need=("wav.scp",))
     model = SpeechTokenizer(onnx_path, device=device, num_threads=num_threads, max_batch=max_batch)
-    rejects = RejectLog(Path(rejects_path) if rejects_path else kd.path / "rejects.jsonl", STAGE)
-    out_path, state_path = kd.path / TOKEN_FILE, kd.path / STATE_FILE
-    job = ResumableExtraction(kd, out_path, state_path, model_fingerprint(model.path), force)
-    cache = job.cache
-    summary = SpeechTokenSummary(utterances=len(kd.utts), reused=len(cache), device=model.device)
-    if progress and summary.reused:
-        progress(summary.reused)
+    job = ResumableExtraction(kd, STAGE, TOKEN_FILE, model, force, rejects_path, verb="tokenised")
 
     def screen(p: Path, feat: np.ndarray | None, dur: float):
         if feat is None:
@@ -140,18 +103,9 @@ def extract_speech_tokens(
             return "no_tokens", f"{kd.utt2wav[u]}: the tokenizer returned no tokens"
         return [int(x) for x in tok]
 
-    job.run(prepare=_prepare, screen=screen, infer=model.tokenize_many, convert=convert, rejects=rejects,
-            chunk_size=chunk_size, num_threads=num_threads, progress=progress)
-    summary.audio_seconds, summary.computed = job.audio_seconds, job.computed
-
-    if not cache:
-        rejects.save()
-        raise DataError(f"{kd.path}: no utterance could be tokenised ({len(rejects)} rejects, see {rejects.path})")
-    job.save()
-    rejects.save()
+    summary = job.run(prepare=_prepare, screen=screen, infer=model.tokenize_many, convert=convert,
+                      chunk_size=chunk_size, num_threads=num_threads, progress=progress)
     summary.batched = model.max_batch > 1
-    summary.tokens = sum(len(v) for v in cache.values())
-    summary.rejected = dict(rejects.counts())
+    summary.tokens = sum(len(v) for v in job.cache.values())
     summary.seconds = time.perf_counter() - t0
-    summary.path = out_path
     return summary

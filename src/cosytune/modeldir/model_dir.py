@@ -42,7 +42,6 @@ YAML_NAME = "cosyvoice3.yaml"
 WEIGHT_FILES: dict[str, str] = {"llm": "llm.pt", "flow": "flow.pt", "hift": "hift.pt"}
 CAMPPLUS_NAME = "campplus.onnx"
 SPEECH_TOKENIZER_NAME = "speech_tokenizer_v3.onnx"
-SPEECH_TOKENIZER_BATCH_NAME = "speech_tokenizer_v3.batch.onnx"
 BLANKEN_NAME = "CosyVoice-BlankEN"
 SPK2INFO_NAME = "spk2info.pt"
 
@@ -92,44 +91,18 @@ class ModelDir:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self.yaml_path = self.path / YAML_NAME
+        self.campplus_path = self.path / CAMPPLUS_NAME
+        self.speech_tokenizer_path = self.path / SPEECH_TOKENIZER_NAME
+        self.blanken_path = self.path / BLANKEN_NAME
+        self.spk2info_path = self.path / SPK2INFO_NAME
 
     def __repr__(self) -> str:
         return f"ModelDir({str(self.path)!r})"
 
-    # paths -------------------------------------------------------------------------------------
-    @property
-    def yaml_path(self) -> Path:
-        """``cosyvoice3.yaml``."""
-        return self.path / YAML_NAME
-
     def weight_path(self, kind: str) -> Path:
         """``llm.pt``, ``flow.pt`` or ``hift.pt``."""
         return self.path / WEIGHT_FILES[kind]
-
-    @property
-    def campplus_path(self) -> Path:
-        """``campplus.onnx``."""
-        return self.path / CAMPPLUS_NAME
-
-    @property
-    def speech_tokenizer_path(self) -> Path:
-        """``speech_tokenizer_v3.onnx``."""
-        return self.path / SPEECH_TOKENIZER_NAME
-
-    @property
-    def speech_tokenizer_batch_path(self) -> Path:
-        """``speech_tokenizer_v3.batch.onnx`` (training-time batched variant; optional)."""
-        return self.path / SPEECH_TOKENIZER_BATCH_NAME
-
-    @property
-    def blanken_path(self) -> Path:
-        """``CosyVoice-BlankEN/``."""
-        return self.path / BLANKEN_NAME
-
-    @property
-    def spk2info_path(self) -> Path:
-        """``spk2info.pt`` (optional)."""
-        return self.path / SPK2INFO_NAME
 
     # configs -----------------------------------------------------------------------------------
     @functools.cached_property

@@ -51,11 +51,16 @@ _OPSET = 17
 _IR_VERSION = 8
 
 
-def _save(model, path: str | os.PathLike) -> Path:
+def _save(graph, doc: str, path: str | os.PathLike) -> Path:
+    """The model of ``graph`` at our opset and IR version, checked and written atomically."""
     import onnx
 
     from cosytune.fileio import atomic_path
 
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", _OPSET)],
+                                   producer_name="cosytune.onnx_tiny")
+    model.ir_version = _IR_VERSION
+    model.doc_string = doc
     onnx.checker.check_model(model)
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -110,11 +115,7 @@ def build_tiny_campplus(path: str | os.PathLike, *, seed: int = 1234, hidden: in
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["B", CAMPPLUS_EMBED_DIM])],
         initializer=inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)],
-                              producer_name="cosytune.onnx_tiny")
-    model.ir_version = _IR_VERSION
-    model.doc_string = "cosytune tiny stand-in for campplus.onnx (random weights; not a speaker model)"
-    return _save(model, path)
+    return _save(graph, "cosytune tiny stand-in for campplus.onnx (random weights; not a speaker model)", path)
 
 
 def build_tiny_speech_tokenizer(
@@ -202,8 +203,5 @@ def build_tiny_speech_tokenizer(
         [helper.make_tensor_value_info("indices", TensorProto.INT32, [b, "T_tok"])],
         initializer=inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)],
-                              producer_name="cosytune.onnx_tiny")
-    model.ir_version = _IR_VERSION
-    model.doc_string = "cosytune tiny stand-in for speech_tokenizer_v3.onnx (random weights; not a tokenizer)"
-    return _save(model, path)
+    return _save(graph, "cosytune tiny stand-in for speech_tokenizer_v3.onnx (random weights; not a tokenizer)",
+                 path)

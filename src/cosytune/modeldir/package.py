@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from cosytune.errors import CheckpointError, DataError, ModelDirError
-from cosytune.fileio import atomic_path, read_jsonl, sha256_file, write_json
+from cosytune.fileio import atomic_path, read_json_or, sha256_file, write_json
 from cosytune.weights.io import compare_state_dict, read_state_dict, torch_load_safely
 
 logger = logging.getLogger(__name__)
@@ -103,10 +103,8 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
 def check_same_layout(tuned: dict[str, torch.Tensor], base: dict[str, torch.Tensor], what: str) -> None:
     """Raise CheckpointError unless ``tuned`` has exactly ``base``'s keys and shapes (compared by
     :func:`cosytune.weights.io.compare_state_dict`, like every weight check)."""
-    missing, extra, shaped = compare_state_dict({k: tuple(v.shape) for k, v in base.items()}, tuned)
-    if missing or extra or shaped:
-        missing, extra = sorted(missing), sorted(extra)
-        shapes = sorted(k for k in base if k in tuned and tuple(base[k].shape) != tuple(tuned[k].shape))
+    missing, extra, shapes = map(sorted, compare_state_dict({k: tuple(v.shape) for k, v in base.items()}, tuned))
+    if missing or extra or shapes:
         parts = []
         if missing:
             parts.append(f"missing keys ({len(missing)}): {missing[:8]}")
@@ -221,12 +219,8 @@ def assemble(
         save_spk2info(spk_path, spk_entries)
         res.written.append("spk2info.pt")
         res.speakers = list(spk_entries)
-    provenance = {}
-    for p in (Path(llm_pt), flow_pt):
-        if p is not None and Path(p).with_suffix(".json").is_file():
-            import json
-
-            provenance[str(p)] = json.loads(Path(p).with_suffix(".json").read_text(encoding="utf-8"))
+    provenance = {str(p): read_json_or(Path(p).with_suffix(".json")) for p in (llm_pt, flow_pt)
+                  if p is not None and Path(p).with_suffix(".json").is_file()}
     write_json(out / "cosytune_manifest.json", {
         "base_model_dir": str(base.resolve()),
         "llm_pt": str(Path(llm_pt).resolve()),
@@ -239,14 +233,3 @@ def assemble(
     })
     return res
 
-
-__all__ = [
-    "assemble",
-    "check_same_layout",
-    "link_or_copy",
-    "load_spk2embedding",
-    "read_jsonl",
-    "save_spk2info",
-    "shared_files",
-    "spk2info_from_embeddings",
-]

@@ -18,7 +18,6 @@ upstream CosyVoice can load it too.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -33,7 +32,7 @@ import torch
 
 from cosytune import __version__
 from cosytune.errors import UsageError
-from cosytune.fileio import dir_mode, file_mode, sha256_file, write_json, write_text
+from cosytune.fileio import dir_mode, file_mode, read_json_or, sha256_file, write_json, write_text
 from cosytune.modeldir.upstream_yaml import CosyVoice3Hparams, dump_cosyvoice3_yaml
 from cosytune.models.flow import FlowConfig
 from cosytune.models.hift import HiFTConfig
@@ -211,7 +210,4 @@ def is_complete_model_dir(model_dir: str | os.PathLike, preset: str, seed: int) 
 
 def read_init_info(model_dir: str | os.PathLike) -> dict | None:
     """The provenance written by :func:`write_model_dir`, or None for other model dirs."""
-    path = Path(model_dir) / INIT_INFO_NAME
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads(path.read_text(encoding="utf-8"))
-    return None
+    return read_json_or(Path(model_dir) / INIT_INFO_NAME)

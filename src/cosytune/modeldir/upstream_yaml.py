@@ -38,12 +38,14 @@ import logging
 import operator
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from cosytune.config.loading import INVALID, convert_value
 from cosytune.errors import ConfigError
 from cosytune.models.dit import DiTConfig
 from cosytune.models.flow import FlowConfig
@@ -332,7 +334,7 @@ _SAMPLING_ARGS = {"top_p": "top_p", "top_k": "top_k", "win_size": "win_size", "t
 # CausalMaskedDiffWithDiT, its PreLookaheadLayer, CausalConditionalCFM (+ cfm_params) and DiT
 _FLOW_ARGS = {k: k for k in ("input_size", "output_size", "spk_embed_dim", "output_type", "vocab_size",
                              "input_frame_rate", "only_mask_loss", "token_mel_ratio", "pre_lookahead_len")}
-_PRE_LOOKAHEAD_ARGS = {"channels": "pre_lookahead_channels", "in_channels": "input_size",
+_PRE_LOOKAHEAD_ARGS = {"in_channels": "input_size", "channels": "pre_lookahead_channels",
                        "pre_lookahead_len": "pre_lookahead_len"}
 _CFM_ARGS = {"in_channels": "cfm_in_channels", "n_spks": "n_spks", "spk_emb_dim": "spk_emb_dim"}
 _CFM_PARAMS = {k: k for k in ("sigma_min", "solver", "t_scheduler", "training_cfg_rate", "inference_cfg_rate",
@@ -430,14 +432,14 @@ class _Collector:
 
         Unknown arguments, wrong types and missing ``required`` arguments are problems.
         """
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
         out: dict[str, Any] = {}
         for key, value in kwargs.items():
             if key not in names:
                 self.problems.append(f"{where}.{key}: unknown argument (cosytune does not know what it changes)")
                 continue
-            converted = _coerce(value, defaults[names[key]], f"{where}.{key}", self.problems)
-            if converted is not _BAD:
+            converted = convert_value(value, hints[names[key]], f"{where}.{key}", self.problems, strict=True)
+            if converted is not INVALID:
                 out[names[key]] = converted
         for key in required:
             if key not in kwargs:
@@ -456,45 +458,10 @@ class _Collector:
             return None
 
 
-_BAD = object()
-
-
 def _describe(value: Any) -> str:
     if isinstance(value, TaggedNode):
         return f"'!{value.kind}:{value.target}' (line {value.line})"
     return f"{type(value).__name__} {value!r}"[:120]
-
-
-def _coerce(value: Any, default: Any, where: str, problems: list[str]) -> Any:
-    """Convert a YAML value to the type of ``default`` (int/float/bool/str/None/tuples)."""
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif isinstance(default, float) or default is None and where.endswith("fmax"):
-        if value is None and default is None:
-            return None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif isinstance(default, str):
-        if isinstance(value, str):
-            return value
-    elif isinstance(default, tuple) and isinstance(value, (list, tuple)) and len(value) > 0:
-        inner = default[0] if default else 0
-        out = [_coerce(v, inner, f"{where}[{i}]", problems) for i, v in enumerate(value)]
-        return _BAD if any(o is _BAD for o in out) else tuple(out)
-    problems.append(f"{where}: expected {type(default).__name__ if default is not None else 'number or null'}, "
-                    f"found {_describe(value)}")
-    return _BAD
 
 
 def _finish(c: _Collector, result: Any, source: str) -> Any:
@@ -577,8 +544,8 @@ def parse_cosyvoice3_yaml(
     top: dict[str, Any] = {}
     for key in _SCALARS:
         if key in doc:
-            v = _coerce(doc[key], getattr(CosyVoice3Hparams, key), key, c.problems)
-            if v is not _BAD:
+            v = convert_value(doc[key], int, key, c.problems, strict=True)
+            if v is not INVALID:
                 top[key] = v
     for key in ("llm", "flow", "hift"):
         if key not in doc:
@@ -630,7 +597,7 @@ def _llm(kw: dict[str, Any], c: _Collector, qwen2: Qwen2Config | dict[str, Any] 
     for k in ("llm_input_size", "llm_output_size"):  # the backbone width, stated twice by upstream
         if k not in kw:
             c.problems.append(f"llm.{k}: missing (required)")
-        elif (w := _coerce(kw.pop(k), 0, f"llm.{k}", c.problems)) is not _BAD:
+        elif (w := convert_value(kw.pop(k), int, f"llm.{k}", c.problems, strict=True)) is not INVALID:
             widths[k] = w
     values.update(c.fields(kw, "llm", LLMConfig, _LLM_ARGS, required=("speech_token_size",)))
     w_in, w_out = widths.get("llm_input_size"), widths.get("llm_output_size")
@@ -725,12 +692,23 @@ def _y(value: Any) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
+def _args(cfg: Any, names: dict[str, str], indent: int, refs: dict[str, str | None] | None = None,
+          omit_default: tuple[str, ...] = ()) -> list[str]:
+    """One ``argument: value`` line per entry of ``names`` (upstream argument → our field), the same map the
+    reader uses; ``refs`` gives an argument a ``!ref`` instead, ``omit_default`` leaves it out at its default."""
+    refs = refs or {}
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    return [f"{' ' * indent}{theirs}: {refs.get(theirs) or _y(getattr(cfg, ours))}" for theirs, ours in names.items()
+            if not (theirs in omit_default and getattr(cfg, ours) == defaults[ours])]
+
+
 def dump_cosyvoice3_yaml(hp: CosyVoice3Hparams, *, header: str = "") -> str:
     """Render ``hp`` as a HyperPyYAML ``cosyvoice3.yaml`` that upstream CosyVoice can build.
 
     The layout follows upstream's conventions (top-level shared numbers referenced with ``!ref``,
     ``!new:`` for the three networks, ``!name:`` for the sampler, mel function and tokenizer), so a tiny
-    model dir written by cosytune also loads in upstream's ``CosyVoice3``.
+    model dir written by cosytune also loads in upstream's ``CosyVoice3``. Each constructor's arguments
+    come from the same maps the reader uses (``_FLOW_ARGS`` ...).
 
     Args:
         hp: the hyper-parameters.
@@ -739,7 +717,8 @@ def dump_cosyvoice3_yaml(hp: CosyVoice3Hparams, *, header: str = "") -> str:
     Returns:
         The YAML text.
     """
-    L, F, D, H, M = hp.llm, hp.flow, hp.flow.dit, hp.hift, hp.mel
+    L, F, D, H = hp.llm, hp.flow, hp.flow.dit, hp.hift
+    chunk = "!ref <chunk_size> * <token_mel_ratio>" if D.static_chunk_size == hp.chunk_size * hp.token_mel_ratio else None
     lines = [f"# {h}" for h in header.splitlines()] if header else []
     lines += [
         "# Upstream seeds every RNG while building the models; kept so upstream reproduces its fixed noise.",
@@ -754,109 +733,42 @@ def dump_cosyvoice3_yaml(hp: CosyVoice3Hparams, *, header: str = "") -> str:
         f"llm_output_size: {_y(L.hidden_size)}",
         f"spk_embed_dim: {_y(F.spk_embed_dim)}",
         "qwen_pretrain_path: ''",
-        f"token_frame_rate: {_y(hp.token_frame_rate)}",
-        f"token_mel_ratio: {_y(hp.token_mel_ratio)}",
-        f"chunk_size: {_y(hp.chunk_size)}",
-        f"num_decoding_left_chunks: {_y(hp.num_decoding_left_chunks)}",
+        *(f"{k}: {_y(getattr(hp, k))}" for k in ("token_frame_rate", "token_mel_ratio", "chunk_size",
+                                                  "num_decoding_left_chunks")),
         "",
         f"llm: !new:{LLM_CLASS}",
         "    llm_input_size: !ref <llm_input_size>",
         "    llm_output_size: !ref <llm_output_size>",
-        f"    speech_token_size: {_y(L.speech_token_size)}",
-        f"    length_normalized_loss: {_y(L.length_normalized_loss)}",
-        f"    lsm_weight: {_y(L.lsm_weight)}",
-        f"    mix_ratio: {_y(list(L.mix_ratio))}",
+        *_args(L, _LLM_ARGS, 4),
         f"    llm: !new:{QWEN_ENCODER_CLASS}",
         "        pretrain_path: !ref <qwen_pretrain_path>",
         f"    sampling: !name:{RAS_SAMPLING_FUNC}",
-        f"        top_p: {_y(L.sampling.top_p)}",
-        f"        top_k: {_y(L.sampling.top_k)}",
-        f"        win_size: {_y(L.sampling.win_size)}",
-        f"        tau_r: {_y(L.sampling.tau_r)}",
+        *_args(L.sampling, _SAMPLING_ARGS, 8),
         "",
         f"flow: !new:{FLOW_CLASS}",
-        f"    input_size: {_y(F.input_size)}",
-        f"    output_size: {_y(F.output_size)}",
-        "    spk_embed_dim: !ref <spk_embed_dim>",
-        f"    output_type: {_y(F.output_type)}",
-        f"    vocab_size: {_y(F.vocab_size)}",
-        "    input_frame_rate: !ref <token_frame_rate>",
-        f"    only_mask_loss: {_y(F.only_mask_loss)}",
-        "    token_mel_ratio: !ref <token_mel_ratio>",
-        f"    pre_lookahead_len: {_y(F.pre_lookahead_len)}",
+        *_args(F, _FLOW_ARGS, 4, {"spk_embed_dim": "!ref <spk_embed_dim>", "input_frame_rate": "!ref <token_frame_rate>",
+                                  "token_mel_ratio": "!ref <token_mel_ratio>"}),
         f"    pre_lookahead_layer: !new:{PRE_LOOKAHEAD_CLASS}",
-        f"        in_channels: {_y(F.input_size)}",
-        f"        channels: {_y(F.pre_lookahead_channels)}",
-        f"        pre_lookahead_len: {_y(F.pre_lookahead_len)}",
+        *_args(F, _PRE_LOOKAHEAD_ARGS, 8),
         f"    decoder: !new:{CFM_CLASS}",
-        f"        in_channels: {_y(F.cfm_in_channels)}",
-        f"        n_spks: {_y(F.n_spks)}",
-        f"        spk_emb_dim: {_y(F.spk_emb_dim)}",
+        *_args(F, _CFM_ARGS, 8),
         f"        cfm_params: !new:{DICTCONFIG_CLASS}",
         "            content:",
-        f"                sigma_min: {_y(F.sigma_min)}",
-        f"                solver: {_y(F.solver)}",
-        f"                t_scheduler: {_y(F.t_scheduler)}",
-        f"                training_cfg_rate: {_y(F.training_cfg_rate)}",
-        f"                inference_cfg_rate: {_y(F.inference_cfg_rate)}",
-        f"                reg_loss_type: {_y(F.reg_loss_type)}",
+        *_args(F, _CFM_PARAMS, 16),
         f"        estimator: !new:{DIT_CLASS}",
-        f"            dim: {_y(D.dim)}",
-        f"            depth: {_y(D.depth)}",
-        f"            heads: {_y(D.heads)}",
-        f"            dim_head: {_y(D.dim_head)}",
-        f"            ff_mult: {_y(D.ff_mult)}",
-        f"            mel_dim: {_y(D.mel_dim)}",
-        f"            mu_dim: {_y(D.mu_dim)}",
-        f"            spk_dim: {_y(D.spk_dim)}",
-        f"            out_channels: {_y(D.out_channels)}",
-    ]
-    if D.static_chunk_size == hp.chunk_size * hp.token_mel_ratio:
-        lines.append("            static_chunk_size: !ref <chunk_size> * <token_mel_ratio>")
-    else:
-        lines.append(f"            static_chunk_size: {_y(D.static_chunk_size)}")
-    lines.append("            num_decoding_left_chunks: !ref <num_decoding_left_chunks>")
-    if D.dropout != DiTConfig.dropout:
-        lines.append(f"            dropout: {_y(D.dropout)}")
-    if D.long_skip_connection:
-        lines.append(f"            long_skip_connection: {_y(D.long_skip_connection)}")
-    lines += [
+        *_args(D, _DIT_ARGS, 12, {"static_chunk_size": chunk, "num_decoding_left_chunks": "!ref <num_decoding_left_chunks>"},
+               omit_default=("dropout", "long_skip_connection")),
         "",
         f"hift: !new:{HIFT_CLASS}",
-        f"    in_channels: {_y(H.in_channels)}",
-        f"    base_channels: {_y(H.base_channels)}",
-        f"    nb_harmonics: {_y(H.nb_harmonics)}",
-        "    sampling_rate: !ref <sample_rate>",
-        f"    nsf_alpha: {_y(H.nsf_alpha)}",
-        f"    nsf_sigma: {_y(H.nsf_sigma)}",
-        f"    nsf_voiced_threshold: {_y(H.nsf_voiced_threshold)}",
-        f"    upsample_rates: {_y(list(H.upsample_rates))}",
-        f"    upsample_kernel_sizes: {_y(list(H.upsample_kernel_sizes))}",
+        *_args(H, _HIFT_ARGS, 4, {"sampling_rate": "!ref <sample_rate>"}),
         "    istft_params:",
-        f"        n_fft: {_y(H.istft_n_fft)}",
-        f"        hop_len: {_y(H.istft_hop_len)}",
-        f"    resblock_kernel_sizes: {_y(list(H.resblock_kernel_sizes))}",
-        f"    resblock_dilation_sizes: {_y([list(d) for d in H.resblock_dilation_sizes])}",
-        f"    source_resblock_kernel_sizes: {_y(list(H.source_resblock_kernel_sizes))}",
-        f"    source_resblock_dilation_sizes: {_y([list(d) for d in H.source_resblock_dilation_sizes])}",
-        f"    lrelu_slope: {_y(H.lrelu_slope)}",
-        f"    audio_limit: {_y(H.audio_limit)}",
-        f"    conv_pre_look_right: {_y(H.conv_pre_look_right)}",
+        *_args(H, _ISTFT_ARGS, 8),
         f"    f0_predictor: !new:{F0_CLASS}",
-        f"        num_class: {_y(H.f0_num_class)}",
-        f"        in_channels: {_y(H.f0_in_channels)}",
-        f"        cond_channels: {_y(H.f0_cond_channels)}",
+        *_args(H, _F0_ARGS, 8),
         "",
         "# front end",
         f"feat_extractor: !name:{MEL_FUNC}",
-        f"    n_fft: {_y(M.n_fft)}",
-        f"    num_mels: {_y(M.num_mels)}",
-        "    sampling_rate: !ref <sample_rate>",
-        f"    hop_size: {_y(M.hop_size)}",
-        f"    win_size: {_y(M.win_size)}",
-        f"    fmin: {_y(M.fmin)}",
-        f"    fmax: {_y(M.fmax)}",
-        f"    center: {_y(M.center)}",
+        *_args(hp.mel, _MEL_ARGS, 4, {"sampling_rate": "!ref <sample_rate>"}),
         f"get_tokenizer: !name:{TOKENIZER_FUNC}",
         "    token_path: !ref <qwen_pretrain_path>",
         f"    skip_special_tokens: {_y(hp.skip_special_tokens)}",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import shutil
 from collections.abc import Mapping
@@ -25,7 +24,7 @@ from typing import Any
 
 from cosytune.console import print_summary
 from cosytune.errors import CosytuneError, UsageError
-from cosytune.fileio import exclusive_lock, write_json
+from cosytune.fileio import LOCK_NAME, exclusive_lock, read_json_or, write_json
 from cosytune.train.checkpoint import check_free_space, estimate_run_bytes
 from cosytune.train.loop import TrainResult
 
@@ -56,10 +55,7 @@ class TrainRequest:
     tensorboard_dir: Path | None = None
     max_epoch: int | None = None
     num_workers: int | None = None
-    prefetch: int | None = None
-    pin_memory: bool = False
     no_amp: bool = False
-    seed: int | None = None
     device: str = "auto"
     onnx_device: str = "auto"
     dist_backend: str | None = None
@@ -84,12 +80,9 @@ def _typed_overrides(req: TrainRequest) -> dict:
 
     out = copy.deepcopy(dict(req.overrides)) if isinstance(req.overrides, Mapping) else parse_overrides(
         list(req.overrides))
-    for key, value in (("max_epoch", req.max_epoch), ("data.num_workers", req.num_workers),
-                       ("data.prefetch", req.prefetch), ("seed", req.seed)):
+    for key, value in (("max_epoch", req.max_epoch), ("data.num_workers", req.num_workers)):
         if value is not None:
             set_dotted(out, key, int(value))
-    if req.pin_memory:
-        set_dotted(out, "data.pin_memory", True)
     if req.no_amp:
         set_dotted(out, "amp", "none")
     return out
@@ -97,8 +90,6 @@ def _typed_overrides(req: TrainRequest) -> dict:
 
 def _clear_reason(req: TrainRequest) -> str:
     """Why the run dir's earlier checkpoints must go ("" to keep and resume them)."""
-    from cosytune.fileio import LOCK_NAME
-
     run_dir = req.run_dir
     if not run_dir.is_dir() or not any(p.name != LOCK_NAME for p in run_dir.iterdir()):
         return ""  # nothing there but (maybe) the lock this process holds
@@ -106,10 +97,7 @@ def _clear_reason(req: TrainRequest) -> str:
         return "restart requested"
     if req.inputs_key is None:
         return ""
-    try:
-        recorded = json.loads((run_dir / INPUTS_KEY_NAME).read_text(encoding="utf-8")).get("key")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
+    recorded = read_json_or(run_dir / INPUTS_KEY_NAME, {}).get("key")
     if recorded == req.inputs_key:
         return ""
     return "made with other inputs or settings" if recorded else "made by an unknown earlier run"
@@ -117,8 +105,6 @@ def _clear_reason(req: TrainRequest) -> str:
 
 def _clear_run_dir(run_dir: Path) -> None:
     """Remove everything a training run wrote into ``run_dir`` (the dir itself and its lock file stay)."""
-    from cosytune.fileio import LOCK_NAME
-
     for p in run_dir.iterdir():
         if p.name == LOCK_NAME:  # held by this process: a new file would let a second run lock it too
             continue
@@ -147,11 +133,16 @@ def _warn_if_settings_differ(req: TrainRequest, cfg: object) -> None:
                        "train from the base weights with these settings", req.run_dir, ", ".join(differ))
 
 
+def _resume(req: TrainRequest) -> str | Path | None:
+    """``req.resume`` with its spellings of "start fresh" ("none", "no", "false") as None."""
+    return None if req.resume is None or str(req.resume).lower() in ("none", "no", "false") else req.resume
+
+
 def _will_resume(req: TrainRequest) -> bool:
     """Training will continue a checkpoint of the run dir (after any clearing), not start from weights."""
     from cosytune.train.checkpoint import latest_checkpoint
 
-    if req.resume is None or str(req.resume).lower() in ("none", "no", "false"):
+    if _resume(req) is None:
         return False
     if str(req.resume) != "auto":
         return True
@@ -222,9 +213,8 @@ def run_training(req: TrainRequest, *, summary: bool = True) -> TrainingOutcome:
             tdist.barrier()  # no rank looks for checkpoints to resume while rank 0 clears them
         logger.info("training %s on %s: %d train / %d cv utterances, world size %d, amp %s",
                     req.model, device, len(train_set), len(cv_set) if cv_set else 0, dist.world_size, cfg.amp)
-        resume = None if req.resume is None or str(req.resume).lower() in ("none", "no", "false") else req.resume
         res = train(cfg, model, build.STEP_FUNCTIONS[req.model], train_set, cv_set, req.run_dir, device, dist,
-                    resume=resume, extra_info={"base_model_dir": str(base)},
+                    resume=_resume(req), extra_info={"base_model_dir": str(base)},
                     tensorboard_dir=req.tensorboard_dir, lock=False)
     finally:
         held.close()

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from cosytune.errors import CheckpointError, DataError
-from cosytune.fileio import atomic_path, write_json
+from cosytune.fileio import write_json
 from cosytune.train.checkpoint import CheckpointRef, list_checkpoints, read_checkpoint_weights
+from cosytune.weights.io import compare_state_dict, save_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +81,11 @@ def average_state_dicts(paths: list[Path]) -> dict[str, torch.Tensor]:
             dtypes = {k: v.dtype for k, v in sd.items()}
             first = p
             continue
-        missing, extra = sorted(set(acc) - set(sd)), sorted(set(sd) - set(acc))
-        shapes = [k for k in set(acc) & set(sd) if tuple(acc[k].shape) != tuple(sd[k].shape)]
+        missing, extra, shapes = map(sorted, compare_state_dict({k: tuple(v.shape) for k, v in acc.items()}, sd))
         if missing or extra or shapes:
             raise CheckpointError(
                 f"{p} does not match {first}: missing keys {missing[:5]}, unexpected keys {extra[:5]}, "
-                f"different shapes {sorted(shapes)[:5]}; average only checkpoints of the same model"
+                f"different shapes {shapes[:5]}; average only checkpoints of the same model"
             )
         still = tied & _tied_groups(sd)  # tied only if tied in every input
         for group in tied - still:  # untied here: each key accumulates on its own from now on
@@ -114,9 +114,7 @@ def average_checkpoints(src_path: Path, dst_model: Path, num: int = 5, val_best:
         raise DataError(f"--num must be >= 1, found {num}")
     chosen = select_checkpoints(Path(src_path), num, val_best)
     avg = average_state_dicts([c.path for c in chosen])
-    dst_model = Path(dst_model)
-    with atomic_path(dst_model) as tmp:
-        torch.save(avg, tmp)
+    dst_model = save_state_dict(dst_model, avg)
     write_json(
         dst_model.with_suffix(".json"),
         {

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import yaml
 
+from cosytune.config.loading import config_to_dict
 from cosytune.fileio import atomic_path, write_text
 
 logger = logging.getLogger(__name__)
@@ -117,31 +118,14 @@ def save_checkpoint(
 ) -> CheckpointRef:
     """Write ``NAME.pt``, ``NAME.state.pt`` and ``NAME.yaml`` atomically (the yaml last: it marks completion)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    pt = run_dir / f"{name}.pt"
-    sd = {k: v.detach().cpu() for k, v in model_state.items()}
-    sd["epoch"] = int(info["epoch"])
-    sd["step"] = int(info["step"])
-    with atomic_path(pt) as tmp:
-        torch.save(sd, tmp)
+    from cosytune.weights.io import save_state_dict
+
+    pt = save_state_dict(run_dir / f"{name}.pt", model_state, {"epoch": int(info["epoch"]), "step": int(info["step"])})
     with atomic_path(pt.with_suffix(".state.pt")) as tmp:
         torch.save(train_state, tmp)
     info = {**info, "tag": info.get("tag", "CV"), "save_time": time.strftime("%d/%m/%Y %H:%M:%S")}
-    write_text(run_dir / f"{name}.yaml", yaml.safe_dump(_plain(info), sort_keys=True, allow_unicode=True))
+    write_text(run_dir / f"{name}.yaml", yaml.safe_dump(config_to_dict(info), sort_keys=True, allow_unicode=True))
     return CheckpointRef(name, int(info["epoch"]), int(info["step"]), pt, info)
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    return obj
 
 
 def list_checkpoints(run_dir: Path, with_state: bool = False) -> list[CheckpointRef]:

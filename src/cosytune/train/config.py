@@ -13,7 +13,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
-from cosytune.config.loading import load_config, read_yaml
+from cosytune.config.loading import load_config, merge_dicts, read_yaml, set_dotted
 
 REFERENCE_FRAMES = 4000
 """The recipe's global batch in mel frames (1 GPU × accum_grad 2 × 2000), the base of ``optim.lr_scaling``."""
@@ -174,37 +174,33 @@ def preset_path(model: str) -> Path:
     return Path(str(files("cosytune") / "config" / "presets" / f"train_{model}.yaml"))
 
 
-# Upstream recipe keys (train_conf in cosyvoice3.yaml) that map onto ours.
-_UPSTREAM_TRAIN_CONF = {
-    "max_epoch": "max_epoch",
-    "grad_clip": "grad_clip",
-    "accum_grad": "accum_grad",
-    "log_interval": "log_interval",
-    "save_per_step": "save_per_step",
+# Where an upstream recipe (cosyvoice3.yaml) keeps the settings that map onto ours.
+_UPSTREAM_KEYS = {
+    ("train_conf", "max_epoch"): "max_epoch",
+    ("train_conf", "grad_clip"): "grad_clip",
+    ("train_conf", "accum_grad"): "accum_grad",
+    ("train_conf", "log_interval"): "log_interval",
+    ("train_conf", "save_per_step"): "save_per_step",
+    ("train_conf", "optim"): "optim.name",
+    ("train_conf", "optim_conf", "lr"): "optim.lr",
+    ("train_conf", "scheduler"): "scheduler.name",
+    ("train_conf", "scheduler_conf", "warmup_steps"): "scheduler.warmup_steps",
+    ("batch", "max_frames_in_batch"): "data.max_frames_in_batch",
 }
 
 
 def _from_upstream_recipe(path: Path) -> dict:
-    """Read ``train_conf`` values from an upstream HyperPyYAML recipe without executing it."""
+    """Read the ``train_conf`` (and batch) values of an upstream HyperPyYAML recipe without executing it."""
     from cosytune.modeldir.upstream_yaml import load_upstream_yaml
 
     doc = load_upstream_yaml(path)
-    tc = doc.get("train_conf") or {}
     out: dict = {}
-    for theirs, ours in _UPSTREAM_TRAIN_CONF.items():
-        if theirs in tc:
-            out[ours] = tc[theirs]
-    if "optim" in tc:
-        out.setdefault("optim", {})["name"] = str(tc["optim"]).lower()
-    if isinstance(tc.get("optim_conf"), dict) and "lr" in tc["optim_conf"]:
-        out.setdefault("optim", {})["lr"] = tc["optim_conf"]["lr"]
-    if "scheduler" in tc:
-        out.setdefault("scheduler", {})["name"] = str(tc["scheduler"]).lower()
-    if isinstance(tc.get("scheduler_conf"), dict) and "warmup_steps" in tc["scheduler_conf"]:
-        out.setdefault("scheduler", {})["warmup_steps"] = tc["scheduler_conf"]["warmup_steps"]
-    batch = doc.get("batch") if isinstance(doc.get("batch"), dict) else None
-    if batch and "max_frames_in_batch" in batch:
-        out.setdefault("data", {})["max_frames_in_batch"] = batch["max_frames_in_batch"]
+    for where, ours in _UPSTREAM_KEYS.items():
+        value: object = doc
+        for key in where:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None:
+            set_dotted(out, ours, str(value).lower() if ours.endswith(".name") else value)
     return out
 
 
@@ -220,13 +216,7 @@ def load_train_config(model: str, config: str | Path | None = None, overrides: l
     if config is not None:
         text = Path(config).read_text(encoding="utf-8") if Path(config).is_file() else ""
         if "!new:" in text or "!ref" in text or "!name:" in text or "train_conf:" in text:
-            base = _merge(base, _from_upstream_recipe(Path(config)))
+            base = merge_dicts(base, _from_upstream_recipe(Path(config)))
             config = None
     return load_config(TrainConfig, config, overrides, base=base)
 
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out

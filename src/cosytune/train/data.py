@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -299,10 +298,3 @@ class SFTDataset(BatchSource):
             batch["speech_feat"], batch["speech_feat_len"] = out, lens
             batch["embedding"] = torch.stack([it.embedding for it in items])
         return batch
-
-    def num_utts(self, indices: list[int]) -> int:
-        return len(indices)
-
-
-def total_batches_hint(ds: SFTDataset, world_size: int, accum: int) -> int:
-    return math.ceil(len(ds.epoch_batches(0, 0, world_size)) / accum)

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 from cosytune.weights.io import (
-    TIED_ALIASES,
-    TRAINING_META_KEYS,
-    check_state_dict,
-    compare_state_dict,
-    load_state_dict,
     load_weights,
     normalize_upstream_keys,
     read_state_dict,
@@ -18,11 +13,6 @@ from cosytune.weights.io import (
 )
 
 __all__ = [
-    "TIED_ALIASES",
-    "TRAINING_META_KEYS",
-    "check_state_dict",
-    "compare_state_dict",
-    "load_state_dict",
     "load_weights",
     "normalize_upstream_keys",
     "read_state_dict",

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 
 from cosytune.errors import CheckpointError
+from cosytune.errors import listing as _list
 from cosytune.fileio import atomic_path
 from cosytune.models.llm import TIED_KEYS
 
@@ -46,15 +47,6 @@ TRAINING_META_KEYS: tuple[str, ...] = ("epoch", "step")
 #: Keys that are the same tensor as another key, per model. Upstream's ``llm.pt`` carries both names of
 #: the tied Qwen2 embedding; a file may omit the alias (the golden fixtures do), never the source.
 TIED_ALIASES: dict[str, dict[str, str]] = {"llm": dict(TIED_KEYS), "flow": {}, "hift": {}}
-
-_MAX_LISTED = 25
-
-
-def _list(keys: Iterable[str]) -> str:
-    keys = list(keys)
-    shown = ", ".join(keys[:_MAX_LISTED])
-    return shown + (f", … ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
-
 
 def _unsafe_global(err: BaseException) -> str:
     """The offending global named in torch's weights-only error, without its advice to unpickle anyway."""
@@ -124,11 +116,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             f"{path}: expected a weight file, found a directory (a DeepSpeed checkpoint?). DeepSpeed checkpoints "
             "must first be converted to one state-dict file (e.g. with DeepSpeed's zero_to_fp32.py)."
         )
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weight file not found")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: the file is empty (an interrupted copy or save?); copy it again")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" and path.is_file() and path.stat().st_size:  # else torch_load_safely says why
         from safetensors.torch import load_file
 
         try:
@@ -136,7 +124,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         except Exception as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
     # mmap keeps large files (llm.pt ~2 GB) out of RAM until a tensor is touched; it needs the zip format.
-    obj = torch_load_safely(path, mmap=zipfile.is_zipfile(path))
+    obj = torch_load_safely(path, mmap=zipfile.is_zipfile(path), what="weight file")
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found a {type(obj).__name__}")
     tensors: dict[str, torch.Tensor] = {}
@@ -208,20 +196,18 @@ def compare_state_dict(
         allow_unexpected: keys that may appear in ``actual`` without being expected.
 
     Returns:
-        ``(missing, unexpected, mis_shaped)`` lists; mis-shaped entries read ``key: file [..] vs model [..]``.
+        ``(missing, unexpected, mis_shaped)`` key lists.
     """
     allow_missing = set(allow_missing)
     allow_unexpected = set(allow_unexpected)
     missing = [k for k in expected if k not in actual and k not in allow_missing]
     unexpected = [k for k in actual if k not in expected and k not in allow_unexpected]
-    mis_shaped = []
-    for k, shape in expected.items():
-        if k in actual:
-            got = actual[k]
-            got_shape = tuple(got.shape) if isinstance(got, torch.Tensor) else tuple(got)
-            if got_shape != tuple(shape):
-                mis_shaped.append(f"{k}: file {list(got_shape)} vs model {list(shape)}")
+    mis_shaped = [k for k, shape in expected.items() if k in actual and _shape(actual[k]) != tuple(shape)]
     return missing, unexpected, mis_shaped
+
+
+def _shape(value: torch.Tensor | tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
 
 
 def check_state_dict(
@@ -255,7 +241,8 @@ def check_state_dict(
     if unexpected:
         parts.append(f"  unexpected keys ({len(unexpected)}): {_list(unexpected)}")
     if mis_shaped:
-        parts.append(f"  mis-shaped keys ({len(mis_shaped)}): {_list(mis_shaped)}")
+        shapes = [f"{k}: file {list(_shape(actual[k]))} vs model {list(expected[k])}" for k in mis_shaped]
+        parts.append(f"  mis-shaped keys ({len(mis_shaped)}): {_list(shapes)}")
     hint = ""
     if mis_shaped and not missing and not unexpected:
         hint = " The file is for a model of another size: check that cosyvoice3.yaml matches the weights."

@@ -41,8 +41,8 @@ Speaking-rate filter: see :mod:`~cosytune.data.transcribe.metrics`.
 Modules, one job each: ``config`` (:class:`TranscribeConfig`), ``records`` (:class:`Utterance`,
 :class:`TranscribeSummary`), ``metrics`` (text measures), ``discovery`` (finding the clips),
 ``transcripts`` and ``asr`` (the text backends), ``split`` (filters, review flags, train/dev split) and
-``dataset`` (:func:`transcribe_dataset`, :func:`apply_review`). Everything public is importable from
-this package.
+``dataset`` (:func:`transcribe_dataset`, :func:`apply_review`). What the commands and the other
+packages use is importable from this package; the rest from its module.
 
 Reference: upstream-spec.md §7.6 (Kaldi files and the CosyVoice 3 instruct).
 """
@@ -57,51 +57,20 @@ from cosytune.data.transcribe.asr import (
     OpenAIWhisperBackend,
     asr_settings,
     build_asr_backend,
-    load_audio_16k,
 )
 from cosytune.data.transcribe.config import ASR_BACKENDS, TranscribeConfig
-from cosytune.data.transcribe.dataset import (
-    STAGE,
-    apply_review,
-    finalize_dataset,
-    merge_review,
-    transcribe_dataset,
-)
+from cosytune.data.transcribe.dataset import STAGE, apply_review, transcribe_dataset
 from cosytune.data.transcribe.discovery import AUDIO_EXTENSIONS, OTHER_MEDIA_EXTENSIONS, discover_inputs
-from cosytune.data.transcribe.metrics import (
-    CJK_WEIGHT,
-    DIGIT_WEIGHT,
-    char_error_rate,
-    guess_language,
-    normalize_transcript,
-    speakable_units,
-)
+from cosytune.data.transcribe.metrics import char_error_rate, guess_language, speakable_units
 from cosytune.data.transcribe.records import TranscribeSummary, Utterance
-from cosytune.data.transcribe.split import (
-    HIGH_COMPRESSION,
-    HIGH_NO_SPEECH,
-    LOW_LOGPROB,
-    TYPICAL_CPS,
-    check_utterance,
-    dev_count,
-    review_flags,
-    split_train_dev,
-)
-from cosytune.data.transcribe.transcripts import (
-    TRANSCRIPT_SIDECARS,
-    TranscriptTable,
-    load_transcripts,
-    read_sidecar,
-)
+from cosytune.data.transcribe.split import review_flags, split_train_dev
+from cosytune.data.transcribe.transcripts import load_transcripts
 from cosytune.text.special import DEFAULT_INSTRUCT
 
 __all__ = [
-    "ASR_BACKENDS", "AUDIO_EXTENSIONS", "CJK_WEIGHT", "DEFAULT_INSTRUCT", "DIGIT_WEIGHT", "HIGH_COMPRESSION",
-    "HIGH_NO_SPEECH", "LOW_LOGPROB", "OTHER_MEDIA_EXTENSIONS", "PUNCTUATION_PROMPTS", "STAGE",
-    "TRANSCRIPT_SIDECARS", "TYPICAL_CPS", "AsrCache", "AsrResult", "FasterWhisperBackend",
-    "OpenAIWhisperBackend", "TranscribeConfig", "TranscribeSummary", "TranscriptTable", "Utterance",
-    "apply_review", "asr_settings", "build_asr_backend", "char_error_rate", "check_utterance", "dev_count",
-    "discover_inputs", "finalize_dataset", "guess_language", "load_audio_16k", "load_transcripts",
-    "merge_review", "normalize_transcript", "read_sidecar", "review_flags", "speakable_units",
-    "split_train_dev", "transcribe_dataset",
+    "ASR_BACKENDS", "AUDIO_EXTENSIONS", "DEFAULT_INSTRUCT", "OTHER_MEDIA_EXTENSIONS", "PUNCTUATION_PROMPTS", "STAGE",
+    "AsrCache", "AsrResult", "FasterWhisperBackend", "OpenAIWhisperBackend", "TranscribeConfig",
+    "TranscribeSummary", "Utterance", "apply_review", "asr_settings", "build_asr_backend", "char_error_rate",
+    "discover_inputs", "guess_language", "load_transcripts", "review_flags", "speakable_units", "split_train_dev",
+    "transcribe_dataset",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -10,11 +9,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cosytune.console import progress as progress_bar
 from cosytune.data.transcribe.config import ASR_BACKENDS, TranscribeConfig
 from cosytune.data.transcribe.metrics import normalize_transcript
 from cosytune.data.transcribe.records import Utterance
 from cosytune.errors import CosytuneError, DataError, UsageError, require
-from cosytune.fileio import sha256_file, sha256_json, write_json
+from cosytune.fileio import read_json_or, sha256_file, sha256_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +44,10 @@ class AsrResult:
 
 
 def load_audio_16k(path: str | os.PathLike) -> Any:
-    """Decode an audio file to mono float32 at 16 kHz (Whisper's input rate)."""
-    import numpy as np
-    import soundfile as sf
-    import soxr
+    """Decode an audio file to mono float32 at 16 kHz (Whisper's input rate), resampled with soxr HQ."""
+    from cosytune.audio.io import load_mono
 
-    audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    mono = audio.mean(axis=1)
-    if sr != 16000:
-        mono = soxr.resample(mono, sr, 16000, quality="HQ")
-    return np.ascontiguousarray(mono, dtype=np.float32)
+    return load_mono(path, target_rate=16000, quality="HQ").samples
 
 
 def _prompt(cfg: TranscribeConfig) -> str | None:
@@ -202,13 +196,11 @@ class AsrCache:
         self.path = path
         self.settings_hash = settings_hash
         self.save_every = save_every
-        self.entries: dict[str, dict] = {}
         self._dirty = 0
-        if path.is_file():
-            try:
-                self.entries = json.loads(path.read_text(encoding="utf-8")).get("entries", {})
-            except (json.JSONDecodeError, AttributeError):
-                logger.warning("ASR cache %s is unreadable; starting a new one", path)
+        cache = read_json_or(path) if path.is_file() else {}
+        if cache is None:
+            logger.warning("ASR cache %s is unreadable; starting a new one", path)
+        self.entries: dict[str, dict] = (cache or {}).get("entries", {})
 
     def get(self, utt: str, wav_sha: str) -> AsrResult | None:
         e = self.entries.get(utt)
@@ -243,15 +235,13 @@ def run_asr(
     out of the result (the caller records it as ``asr_failed``). ``counts`` gets
     ``[decoded, from_cache]`` added.
     """
-    from tqdm.auto import tqdm
-
     out: dict[str, AsrResult] = {}
     if not utts:
         return out
     cache = AsrCache(out_dir / f"asr_cache_{name}.json", sha256_json(asr_settings(cfg, name)))
     backend = None
     try:
-        for u in tqdm(utts, desc=name, disable=not progress, leave=False, unit="clip"):
+        for u in progress_bar(utts, desc=name, enabled=progress, unit="clip"):
             sha = sha256_file(u.wav)
             res = cache.get(u.utt, sha)
             if res is not None:

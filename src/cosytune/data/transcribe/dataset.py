@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,24 +91,21 @@ def finalize_dataset(
             u = replace(u, status="rejected", reject_reason=problem[0])
         checked.append(replace(u, flags=review_flags(u, cfg.max_disagreement)))
     kept = [u for u in checked if u.status != "rejected"]
-    if not kept:
-        rejects.save()
-        _write_review_and_utts(out_dir, checked)
-        _clear_stale_outputs(out_dir)
-        raise DataError(
-            f"no usable utterances remain ({len(checked)} candidate(s), reasons: "
-            f"{dict(rejects.counts())}); see {rejects.path} and {out_dir / 'review.tsv'}. Type transcripts "
-            "into review.tsv and run 'cosytune apply-review'"
-            + (
-                ", pass --transcripts FILE or --asr_fallback faster-whisper"
-                if cfg.backend == "transcripts"
-                else ""
-            )
-            + ", or adjust the filter bounds (min_sec, max_sec, min_cps, max_cps)"
-        )
     try:
+        if not kept:
+            raise DataError(
+                f"no usable utterances remain ({len(checked)} candidate(s), reasons: "
+                f"{dict(rejects.counts())}); see {rejects.path} and {out_dir / 'review.tsv'}. Type transcripts "
+                "into review.tsv and run 'cosytune apply-review'"
+                + (
+                    ", pass --transcripts FILE or --asr_fallback faster-whisper"
+                    if cfg.backend == "transcripts"
+                    else ""
+                )
+                + ", or adjust the filter bounds (min_sec, max_sec, min_cps, max_cps)"
+            )
         train, dev = split_train_dev(kept, cfg.dev_size, cfg.seed)
-    except DataError:
+    except DataError:  # the review file and rejects still tell the user what happened to every clip
         rejects.save()
         _write_review_and_utts(out_dir, checked)
         _clear_stale_outputs(out_dir)
@@ -430,17 +427,12 @@ def _previous_input_rejects(directory: Path) -> list[dict]:
 
 def _summary_json(s: TranscribeSummary, in_dir: Path | None, cfg: TranscribeConfig) -> dict:
     """Counts plus hashes of the settings and the resulting manifest (lets a pipeline skip a done stage)."""
+    counts = {k: v for k, v in asdict(s).items() if k != "out_dir"}
     return {
         "in_dir": str(in_dir) if in_dir else None,
         "config_sha256": sha256_json(config_to_dict(cfg)),
         "metadata_sha256": sha256_file(s.out_dir / "metadata.jsonl"),
-        "candidates": s.candidates,
-        "kept": s.kept,
-        "train": s.train,
-        "dev": s.dev,
-        "asr_decoded": s.asr_decoded,
-        "asr_cached": s.asr_cached,
-        "review_edits": s.review_edits,
+        **counts,
         "minutes_total": round(s.minutes_total, 3),
         "minutes_usable": round(s.minutes_usable, 3),
         "rejects": dict(s.rejects),

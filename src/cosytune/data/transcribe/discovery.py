@@ -53,6 +53,19 @@ def discover_inputs(in_dir: str | os.PathLike, speaker: str, rejects: RejectLog)
         raise DataError(f"input folder {in_dir} does not exist; pass the out_dir of 'cosytune prepare-audio'")
     taken: set[str] = set()
     out: list[Utterance] = []
+
+    def add(wav: Path, base: str, duration_s: float | None = None, **source) -> None:
+        try:
+            info = sf.info(str(wav))
+            if info.frames <= 0:
+                raise ValueError("no audio frames")
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a recorded reject
+            rejects.add(str(wav), "unreadable_audio", f"{type(e).__name__}: {e}")
+            return
+        out.append(Utterance(utt=_unique(f"{speaker}_{_safe_id(base)}", taken), wav=str(wav),
+                             duration_s=duration_s or info.frames / info.samplerate,
+                             sample_rate=int(info.samplerate), speaker=speaker, **source))
+
     manifest = in_dir / "prepared.jsonl"
     if manifest.is_file():
         try:
@@ -63,60 +76,23 @@ def discover_inputs(in_dir: str | os.PathLike, speaker: str, rejects: RejectLog)
             if "wav" not in row:
                 raise DataError(f"{manifest}:{i}: row has no 'wav' key; re-run 'cosytune prepare-audio'")
             wav = (in_dir / row["wav"]).resolve()
-            base = _safe_id(str(row.get("utt") or Path(row["wav"]).with_suffix("").as_posix()))
             if not wav.is_file():
                 rejects.add(str(wav), "missing_wav", f"listed in {manifest.name} but not on disk")
                 continue
-            try:
-                info = sf.info(str(wav))
-            except Exception as e:  # noqa: BLE001 - any decoder failure is a recorded reject
-                rejects.add(str(wav), "unreadable_audio", f"{type(e).__name__}: {e}")
-                continue
             source = str(row.get("source") or wav)
-            out.append(
-                Utterance(
-                    utt=_unique(f"{speaker}_{base}", taken),
-                    wav=str(wav),
-                    duration_s=float(row.get("duration_s") or info.frames / info.samplerate),
-                    sample_rate=int(info.samplerate),
-                    speaker=speaker,
-                    source=source,
-                    source_rel=str(row.get("source_rel") or Path(source).name),
-                    segment_index=int(row.get("segment_index") or 0),
-                    num_segments=int(row.get("num_segments") or 1),
-                )
-            )
+            add(wav, str(row.get("utt") or Path(row["wav"]).with_suffix("").as_posix()),
+                float(row.get("duration_s") or 0) or None, source=source,
+                source_rel=str(row.get("source_rel") or Path(source).name),
+                segment_index=int(row.get("segment_index") or 0), num_segments=int(row.get("num_segments") or 1))
     else:
-        files = sorted(
-            (p for p in in_dir.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS),
-            key=lambda p: kaldi_sort_key(p.relative_to(in_dir).as_posix()),
-        )
         for p in sorted(in_dir.rglob("*")):
             if p.is_file() and p.suffix.lower() in OTHER_MEDIA_EXTENSIONS:
-                rejects.add(
-                    str(p), "needs_prepare_audio", "run 'cosytune prepare-audio' to convert it to wav"
-                )
+                rejects.add(str(p), "needs_prepare_audio", "run 'cosytune prepare-audio' to convert it to wav")
+        files = sorted((p for p in in_dir.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS),
+                       key=lambda p: kaldi_sort_key(p.relative_to(in_dir).as_posix()))
         for p in files:
             rel = p.relative_to(in_dir)
-            try:
-                info = sf.info(str(p))
-                if info.frames <= 0:
-                    raise ValueError("no audio frames")
-            except Exception as e:  # noqa: BLE001 - any decoder failure is a recorded reject
-                rejects.add(str(p), "unreadable_audio", f"{type(e).__name__}: {e}")
-                continue
-            base = _safe_id("__".join(rel.with_suffix("").parts))
-            out.append(
-                Utterance(
-                    utt=_unique(f"{speaker}_{base}", taken),
-                    wav=str(p.resolve()),
-                    duration_s=info.frames / info.samplerate,
-                    sample_rate=int(info.samplerate),
-                    speaker=speaker,
-                    source=str(p.resolve()),
-                    source_rel=rel.as_posix(),
-                )
-            )
+            add(p.resolve(), "__".join(rel.with_suffix("").parts), source=str(p.resolve()), source_rel=rel.as_posix())
     if not out and not len(rejects):
         raise DataError(
             f"no audio found in {in_dir} (looked for prepared.jsonl or files ending in "
