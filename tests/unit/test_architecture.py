@@ -28,6 +28,8 @@ ALLOWED: dict[str, set[str]] = {
               "data", "train", "infer"},
     "pipeline": {"errors", "fileio", "console", "audio", "text", "config", "models", "modeldir", "weights",
                  "data", "train", "infer", "steps"},
+    "evaluation": {"errors", "fileio", "console", "audio", "text", "config", "models", "modeldir", "weights",
+                   "data", "train", "infer", "steps"},
     "cli": {"*"},
     "__main__": {"cli"},
     "__init__": set(),
