@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "steps": {"errors", "fileio", "console", "audio", "text", "config", "models", "modeldir", "weights",
               "data", "train", "infer"},
     "pipeline": {"errors", "fileio", "console", "audio", "text", "config", "models", "modeldir", "weights",
-                 "data", "train", "infer", "steps"},
+                 "data", "train", "infer", "steps", "evaluation"},
     "evaluation": {"errors", "fileio", "console", "audio", "text", "config", "models", "modeldir", "weights",
                    "data", "train", "infer", "steps"},
     "cli": {"*"},

@@ -223,10 +223,12 @@ def evaluate(variants: Sequence[Variant], ref: Reference, out_dir: Path, setting
 def select_weights(run_dir: Path, dst: Path, *, model_dir: Path, spk_id: str | None = None,
                    spk2info: dict | None = None, kind: str = "llm", num: int = 5, settings: EvalSettings,
                    ref: Reference, base_weights: Path | None = None, out_dir: Path | None = None,
+                   fixed: dict[str, Path] | None = None, labelled_with: str | None = None,
                    progress: bool = True) -> tuple[EvalResult, dict[str, Any]]:
     """``--select scorecard``: score the average of the ``num`` best checkpoints, each checkpoint (and, for
     the flow, the base flow), pick by the rule, write the winner's weights to ``dst`` and the reasons to
-    ``dst``'s ``.selection.json``.
+    ``dst``'s ``.selection.json``. ``fixed`` holds the other network's weights (``{"llm_ckpt": path}`` while
+    the flow is selected).
 
     Returns:
         The evaluation and the selection record.
@@ -243,14 +245,15 @@ def select_weights(run_dir: Path, dst: Path, *, model_dir: Path, spk_id: str | N
     avg = out_dir / f"{kind}_average_of_{num}.pt"
     res_avg = average_checkpoints(run_dir, avg, num, True)
     key = "llm_ckpt" if kind == "llm" else "flow_ckpt"
-    common = {"spk_id": spk_id, "spk2info": spk2info}
+    common: dict[str, Any] = {"spk_id": spk_id, "spk2info": spk2info, **(fixed or {})}
     variants = [Variant(f"average of {len(res_avg.sources)}", model_dir, "average", **common, **{key: avg})]
     variants += [Variant(c.name, model_dir, "checkpoint", **common, **{key: c.path}) for c in cks]
     if base_weights is not None:
         variants.append(Variant(f"base {kind}", model_dir, "base_flow" if kind == "flow" else "baseline", **common,
                                 **{key: base_weights}))
     names = [v.name for v in variants]
-    result = evaluate(variants, ref, out_dir, settings, candidates=names, progress=progress)
+    result = evaluate(variants, ref, out_dir, settings, candidates=names, progress=progress,
+                      labelled_with=labelled_with, campplus_onnx=Path(model_dir) / "campplus.onnx")
     assert result.selection is not None
     winner = next(v for v in variants if v.name == result.selection.winner)
     src = getattr(winner, key)
@@ -266,3 +269,27 @@ def select_weights(run_dir: Path, dst: Path, *, model_dir: Path, spk_id: str | N
               "averaged": [c.name for c in res_avg.sources], "asr_status": result.card["asr_status"]}
     write_json(dst.with_suffix(".selection.json"), record)
     return result, record
+
+
+def select_for_run(work: Path, base_model: Path, speaker: str, kind: str, *, num: int, settings: EvalSettings,
+                   spk2embedding_pt: Path, labelled_with: str | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """``cosytune run --select scorecard``'s average stage: pick ``exp/<kind>``'s weights by the scorecard and
+    write them to ``exp/<kind>/<kind>_avg.pt`` (what the assemble stage packages).
+
+    The speaker is the SFT entry made from the training embeddings (what assemble will write), on the base
+    model dir; the flow is selected with the LLM already selected, and the base flow is a candidate.
+    """
+    from cosytune.modeldir.package import load_spk2embedding, spk2info_from_embeddings
+
+    work = Path(work)
+    run_dir = work / "exp" / kind
+    spk2info = spk2info_from_embeddings(load_spk2embedding(Path(spk2embedding_pt)), [speaker])
+    ref = training_reference(work / "data")
+    fixed = {"llm_ckpt": work / "exp" / "llm" / "llm_avg.pt"} if kind == "flow" else None
+    _, record = select_weights(run_dir, run_dir / f"{kind}_avg.pt", model_dir=base_model, spk_id=speaker,
+                               spk2info=spk2info, kind=kind, num=num, settings=settings, ref=ref,
+                               base_weights=Path(base_model) / "flow.pt" if kind == "flow" else None,
+                               out_dir=work / "eval" / f"select_{kind}", fixed=fixed,
+                               labelled_with=labelled_with, progress=progress)
+    return record
