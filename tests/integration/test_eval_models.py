@@ -88,7 +88,7 @@ def test_scoring_models_load_without_pkg_resources_or_the_packages_themselves():
             "import webrtcvad\n"
             "assert 'pkg_resources' not in sys.modules\n"
             "print('ok', e.shape)\n")
-    out = subprocess.run([sys.executable, "-W", "error::DeprecationWarning:pkg_resources", "-c", code],
+    out = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code], check=False,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok (256,)" in out.stdout, out.stderr[-2000:]
     lock = (REPO / "requirements.lock").read_text()
