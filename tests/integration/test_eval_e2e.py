@@ -113,3 +113,16 @@ def test_average_select_scorecard_without_asr(work, tmp_path, capsys):
     assert main(["average", "--dst_model", str(dst), "--src_path", str(w / "exp" / "llm"),
                  "--select", "scorecard"]) == 2
     assert "needs --model_dir, --spk_id, --data" in capsys.readouterr().err
+
+
+def test_bench_eval_reports_takes_per_minute(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_eval.py"
+    spec = importlib.util.spec_from_file_location("bench_eval", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--device", "cpu", "--clips", "2", "--sentences", "0", "--out", str(tmp_path / "b.json")])
+    assert (tmp_path / "b.json").is_file() and out["scoring"]["clips"] == 2
+    assert out["scoring"]["takes_per_minute"] > 0 and out["scoring"]["ms_per_clip"]["dnsmos"] > 0
+    assert "intelligibility skipped" in out["asr_status"]
