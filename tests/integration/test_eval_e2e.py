@@ -74,6 +74,7 @@ def test_eval_end_to_end_with_asr(work, tmp_path_factory, capsys):
     assert list(card["summaries"]) == ["base zero-shot", "tuned"]
     assert card["asr"]["model"] == str(asr) and card["asr"]["same_as_labeller"] is False
     assert card["asr_status"].startswith("ASR: faster-whisper")
+    assert card["selection"]["winner"] == "tuned" and "best by the rule" in out  # the baseline is not a candidate
     takes = card["takes"]
     assert len(takes) == 4
     # Same draws for every variant.

@@ -109,14 +109,17 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give --run WORK (a 'cosytune run' work dir) or --model_dir DIR --spk_id ID")
     if args.asr_model and args.asr_model.lower() == "none":
         labelled_with = None
+    # The rule of --select scorecard names the best of the tuned variants (the baseline is for comparison).
+    candidates = [v.name for v in variants if v.role != "baseline"]
     res = evaluate(variants, ref, out, settings, labelled_with=labelled_with, campplus_onnx=campplus,
-                   progress=not args.no_progress)
+                   candidates=candidates, progress=not args.no_progress)
     print()
     print("verdict: " + res.verdict)
     print_summary("eval", [
         ("variants", ", ".join(v.name for v in variants)),
         ("takes", f"{len(res.rows)} in {res.seconds:.0f} s ({res.card['takes_per_minute']:.1f} per minute)"),
         ("intelligibility", res.card["asr_status"]),
+        *([("best by the rule", f"{res.selection.winner} ({res.selection.why})")] if res.selection else []),
         ("report", res.paths["html"]),
         ("tables", f"{res.paths['json']}, {res.paths['csv']}, {res.paths['takes']}"),
     ])

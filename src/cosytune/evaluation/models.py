@@ -169,7 +169,7 @@ class Dnsmos:
 
     WINDOW_S = 9.01
 
-    def __init__(self, device: str = "cpu", threads: int = 1) -> None:
+    def __init__(self, device: str = "cpu", threads: int = 0) -> None:
         import onnxruntime as ort
 
         from cosytune.modeldir.onnx_models import resolve_providers

@@ -62,7 +62,7 @@ def verdict(summaries: Mapping[str, Mapping[str, Any]], asr_status: str, selecti
         sim_txt = {"better": f"beats base on SIM by {s_d:+.2f}", "worse": f"is below base on SIM by {s_d:+.2f}",
                    "equal": "ties base on SIM", "unknown": "has no SIM"}[s_how]
         cer_txt = {"better": f"CER better by {-c_d:.3f}", "worse": f"CER worse by {c_d:+.3f}", "equal": "CER equal",
-                   "unknown": "CER not measured"}[c_how]
+                   "unknown": "CER not measured (no ASR)"}[c_how]
         parts.append(f"{tuned} {sim_txt} and {cer_txt}; OVRL {o_how} ({o_d:+.2f})")
     if tuned and base_flow and tuned in summaries and base_flow in summaries:
         o_how, o_d = compare(summaries[tuned], summaries[base_flow], "ovrl")
