@@ -85,6 +85,9 @@ def select(summaries: Mapping[str, Mapping[str, Any]], candidates: Sequence[str]
             if fr[c] > best_fr + rule.failure_tolerance + 1e-12:
                 sel.eliminated[c] = f"failure rate {fr[c]:.0%} vs best {best_fr:.0%}"
                 alive.remove(c)
+        if len(alive) < len(candidates):
+            sel.reasons.append(f"failure rate within {rule.failure_tolerance:.0%} of the best ({best_fr:.0%}): "
+                               + ", ".join(alive))
 
     cer = {c: _m(summaries[c], "error_rate") for c in alive}
     known = [v for v in cer.values() if not math.isnan(v)]
