@@ -590,8 +590,7 @@ def _select_by_scorecard(r: Runner) -> str:
 
     c = r.cfg
     whisper = c.whisper_model if _backend(r) in ("faster-whisper", "openai-whisper") else None
-    settings = EvalSettings(max_sentences=c.select_sentences, device="cuda" if c.device == "cuda" else "cpu",
-                            asr_model=whisper)
+    settings = EvalSettings(max_sentences=c.select_sentences, device=c.device, asr_model=whisper)
     notes = []
     for kind in _kinds(r):
         rec = select_for_run(r.w, c.base_model, c.speaker, kind, num=c.num_average, settings=settings,

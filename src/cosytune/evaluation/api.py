@@ -173,6 +173,12 @@ def evaluate(variants: Sequence[Variant], ref: Reference, out_dir: Path, setting
     from cosytune.evaluation.report import verdict, write_all
 
     t0 = time.perf_counter()
+    if settings.device == "auto":
+        import dataclasses
+
+        import torch
+
+        settings = dataclasses.replace(settings, device="cuda" if torch.cuda.is_available() else "cpu")
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise UsageError(f"variant names must be unique; got {names}")
