@@ -95,6 +95,7 @@ def test_scoring_models_load_without_pkg_resources_or_the_packages_themselves():
     assert "\nwebrtcvad-wheels==" in lock and "\nwebrtcvad==" not in lock and "\ntyping==" not in lock
 
 
+@pytest.mark.slow
 def test_dataset_qa_flags_a_planted_speaker(sample_speaker_dir, tmp_path, capsys):
     """A folder of the sample's clips with one Mandarin clip of another speaker: dataset-report flags it
     (and only it) in review.tsv."""
