@@ -151,10 +151,18 @@ class VoiceEncoder:
             wav = np.pad(wav, (0, need - len(wav)))
         mel = self.mel(wav)
         batch = np.stack([mel[a:b] for a, b in wins])
-        with torch.inference_mode():
-            _, (hidden, _) = self.lstm(torch.from_numpy(batch).to(self.device))
-            e = torch.relu(self.linear(hidden[-1]))
-            e = e / e.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        # A few 160-step LSTM windows are latency-bound: on CPU one thread is as fast when idle and several
+        # times faster on a busy machine than torch's pool (measured 0.11 vs 0.40 s per 4 s clip, 2 cores).
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            with torch.inference_mode():
+                _, (hidden, _) = self.lstm(torch.from_numpy(batch).to(self.device))
+                e = torch.relu(self.linear(hidden[-1]))
+                e = e / e.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        finally:
+            torch.set_num_threads(threads)
         mean = e.mean(0).cpu().numpy()
         return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
 
