@@ -217,15 +217,15 @@ class Dnsmos:
         while len(audio) < need:
             audio = np.concatenate([audio, audio])
         hops = int(np.floor(len(audio) / RATE) - self.WINDOW_S) + 1
-        rows = []
-        for i in range(max(1, hops)):
-            seg = audio[i * RATE: i * RATE + need]
-            if len(seg) < need:
-                continue
-            with self._lock:
-                p808 = float(self.p808.run(None, {"input_1": self._p808_features(seg[:-160])})[0].reshape(-1)[0])
-                sig, bak, ovr = self.primary.run(None, {"input_1": seg[None]})[0].reshape(-1)[:3]
-            rows.append((float(self._SIG(sig)), float(self._BAK(bak)), float(self._OVR(ovr)), p808))
+        segs = [audio[i * RATE: i * RATE + need] for i in range(max(1, hops))]
+        segs = np.stack([seg for seg in segs if len(seg) == need])
+        feats = np.concatenate([self._p808_features(seg[:-160]) for seg in segs])
+        # All windows of a clip in one call per model (both take a dynamic batch dimension).
+        with self._lock:
+            p808 = self.p808.run(None, {"input_1": feats})[0].reshape(len(segs), -1)[:, 0]
+            raw = self.primary.run(None, {"input_1": segs})[0].reshape(len(segs), -1)[:, :3]
+        rows = [(float(self._SIG(s)), float(self._BAK(b)), float(self._OVR(o)), float(q))
+                for (s, b, o), q in zip(raw, p808)]
         m = np.mean(np.asarray(rows, np.float64), axis=0)
         return {"sig": float(m[0]), "bak": float(m[1]), "ovrl": float(m[2]), "p808": float(m[3])}
 
