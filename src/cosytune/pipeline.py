@@ -86,6 +86,12 @@ class RunConfig:
     """Max flow epochs (0: scaled to the data size)."""
     num_average: int = 5
     """Checkpoints to average (lowest CV loss)."""
+    select: Literal["cv_loss", "scorecard"] = "cv_loss"
+    """How the weights are picked: cv_loss averages the num_average best checkpoints by CV loss; scorecard
+    also synthesises held-out sentences with that average and with each checkpoint (and the base flow) and
+    keeps the best by the rule of 'cosytune eval' (exp/<llm|flow>/*_avg.selection.json says why)."""
+    select_sentences: int = 0
+    """With --select scorecard: shipped sentences per language to score (0: all)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device for ASR, training and the sample."""
     num_workers: int = 0
@@ -558,6 +564,11 @@ def _average_inputs(r: Runner) -> Inputs:
     for kind in _kinds(r):
         label = r.run_dir(kind).relative_to(r.w).as_posix()
         files.update(tree(r.run_dir(kind), label, "epoch_*", exclude=(".state.pt",)))
+    if r.cfg.select == "scorecard":  # the speaker embedding feeds the candidates' synthesis
+        files.update(r.work_files(["spk2embedding.pt"], [r.split("train")]))
+        return Inputs(settings={"num": r.cfg.num_average, "kinds": list(_kinds(r)), "select": "scorecard",
+                                "select_sentences": r.cfg.select_sentences}, files=files,
+                      after=("train-llm", "train-flow", "extract-embedding"))
     return Inputs(settings={"num": r.cfg.num_average, "kinds": list(_kinds(r))}, files=files,
                   after=("train-llm", "train-flow"))
 
@@ -565,10 +576,28 @@ def _average_inputs(r: Runner) -> Inputs:
 def _average_run(r: Runner, ctx: StageContext) -> str:
     from cosytune.steps import run_average
 
+    if r.cfg.select == "scorecard":
+        return _select_by_scorecard(r)
     for kind in _kinds(r):
         run = r.run_dir(kind)
         run_average(run, run / f"{kind}_avg.pt", num=r.cfg.num_average, val_best=True)
     return ""
+
+
+def _select_by_scorecard(r: Runner) -> str:
+    """``--select scorecard``: the scorecard picks each network's weights (see cosytune.evaluation.api)."""
+    from cosytune.evaluation.api import EvalSettings, select_for_run
+
+    c = r.cfg
+    whisper = c.whisper_model if _backend(r) in ("faster-whisper", "openai-whisper") else None
+    settings = EvalSettings(max_sentences=c.select_sentences, device=c.device, asr_model=whisper)
+    notes = []
+    for kind in _kinds(r):
+        rec = select_for_run(r.w, c.base_model, c.speaker, kind, num=c.num_average, settings=settings,
+                             spk2embedding_pt=r.split("train") / "spk2embedding.pt", labelled_with=whisper,
+                             progress=r.progress)
+        notes.append(f"{kind}: scorecard picked {rec['winner']} ({'; '.join(rec['why'])})")
+    return "; ".join(notes)
 
 
 def _avg_files(r: Runner) -> dict[str, Path]:

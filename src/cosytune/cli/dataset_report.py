@@ -33,6 +33,10 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
         help="the same as DIR, as a flag",
     )
     flag(parser, "out_dir", default=None, metavar="DIR", help="where to write the report files (default DIR)")
+    flag(parser, "qa", choices=["auto", "on", "off"], default="auto",
+         help="per-clip DNSMOS and speaker consistency (Resemblyzer), outliers flagged in review.tsv; auto: when "
+              "the eval extra is installed (default %(default)s)")
+    flag(parser, "device", choices=["cpu", "cuda"], default="cpu", help="device of the QA models")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +47,20 @@ def run(args: argparse.Namespace) -> int:
     directory = args.dir or args.dir_flag
     if directory is None:
         raise UsageError("give the dataset directory: cosytune dataset-report DIR")
-    rep, paths = write_report(directory, args.out_dir)
+    qa, note = None, ""
+    if args.qa != "off":
+        from cosytune.evaluation.models import available
+
+        missing = available()
+        if missing and args.qa == "on":
+            raise UsageError(f"--qa on needs the evaluation models: {missing}")
+        if missing:
+            note = f"skipped: {missing}"
+        else:
+            from cosytune.evaluation.qa import dataset_qa
+
+            qa = dataset_qa(directory, device=args.device, progress=not args.no_progress)
+    rep, paths = write_report(directory, args.out_dir, qa=qa, qa_note=note)
     print(format_report(rep))
     print(f"  written        {paths['txt']}, {paths['json']}, {paths['png']}")
     return 0

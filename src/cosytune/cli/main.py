@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("infer", "synthesise speech from a model dir"),
     "infer-batch": ("infer_batch", "synthesise many segments, one file each"),
     "serve": ("serve", "HTTP speech API (OpenAI-compatible, streaming) + the listening lab page"),
+    "eval": ("eval", "scorecard: did the fine-tune help? (CER/WER, speaker similarity, DNSMOS; HTML report)"),
     "init-model": ("init_model", "write a complete model dir with random weights (tiny or full preset)"),
     "doctor": ("doctor", "check Python, torch, GPUs, onnxruntime, audio decoding and a model dir"),
 }

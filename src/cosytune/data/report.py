@@ -47,6 +47,9 @@ class DatasetReport:
     rejects: Counter = field(default_factory=Counter)
     """``(stage, reason) -> count``."""
     flags: Counter = field(default_factory=Counter)
+    qa: dict[str, dict] = field(default_factory=dict)
+    """Per-clip QA (DNSMOS, speaker distance, flags) when it ran (see :func:`apply_qa`)."""
+    qa_note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +65,8 @@ class DatasetReport:
             "chars_per_s": _stats(self.chars_per_s),
             "rejects": {f"{s}/{r}": n for (s, r), n in sorted(self.rejects.items())},
             "flags": dict(sorted(self.flags.items())),
+            **({"qa": qa_summary(self.qa), "qa_clips": self.qa} if self.qa else {}),
+            **({"qa_note": self.qa_note} if self.qa_note else {}),
         }
 
 
@@ -185,6 +190,17 @@ def format_report(rep: DatasetReport) -> str:
         lines.append(f"    {stage}/{reason}: {n}")
     if rep.flags:
         lines.append("  review flags   " + ", ".join(f"{k} {v}" for k, v in sorted(rep.flags.items())))
+    if rep.qa:
+        q = qa_summary(rep.qa)
+        lines.append(f"  DNSMOS OVRL    min {q['ovrl_min']:.2f}  median {q['ovrl_median']:.2f}  (BAK median "
+                     f"{q['bak_median']:.2f})")
+        lines.append(f"  speaker dist.  median {q['distance_median']:.3f}  max {q['distance_max']:.3f}"
+                     "  (Resemblyzer, 1 - cosine to the speaker centroid)")
+        flagged = {u: c["flags"] for u, c in sorted(rep.qa.items()) if c["flags"]}
+        lines.append(f"  QA flags       {len(flagged)} clip(s)" + ("" if flagged else " (none)"))
+        lines += [f"    {u}: {', '.join(f)}" for u, f in flagged.items()]
+    elif rep.qa_note:
+        lines.append(f"  QA             {rep.qa_note}")
     return "\n".join(lines)
 
 
@@ -242,18 +258,24 @@ def plot_report(rep: DatasetReport, path: str | os.PathLike) -> Path:
 
 
 def write_report(
-    directory: str | os.PathLike, out_dir: str | os.PathLike | None = None
+    directory: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, qa: dict[str, dict] | None = None,
+    qa_note: str = "",
 ) -> tuple[DatasetReport, dict[str, Path]]:
     """Build the report and write ``dataset_report.{txt,json,png}``.
 
     Args:
         directory: a transcribe out_dir or a Kaldi data dir.
         out_dir: where to write the files (default: ``directory``).
+        qa: per-clip QA to include and to flag in ``review.tsv`` (see :func:`apply_qa`).
+        qa_note: why there is no QA, for the report.
 
     Returns:
         The report and the paths written.
     """
     rep = build_report(directory)
+    rep.qa_note = qa_note
+    if qa:
+        apply_qa(rep, qa)
     out = Path(out_dir) if out_dir is not None else Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -265,3 +287,56 @@ def write_report(
     write_json(paths["json"], rep.to_dict())
     plot_report(rep, paths["png"])
     return rep, paths
+
+
+# ----------------------------------------------------------------------------------------------- QA
+def report_clips(directory: str | os.PathLike) -> list[tuple[str, Path, str]]:
+    """``(utt, wav, speaker)`` of every kept clip of a transcribe out_dir, prepare-audio out_dir or Kaldi dir."""
+    directory = Path(directory)
+    if (directory / "metadata.jsonl").is_file():
+        return [(r["utt"], Path(r["wav"]), str(r.get("speaker", "?"))) for r in read_jsonl(directory / "metadata.jsonl")]
+    if (directory / "prepared.jsonl").is_file():
+        rows = read_jsonl(directory / "prepared.jsonl")
+        return [(Path(r["wav"]).stem, directory / r["wav"] if not Path(r["wav"]).is_absolute() else Path(r["wav"]),
+                 "speaker") for r in rows]
+    if (directory / "wav.scp").is_file():
+        return [(e.utt, Path(e.wav), e.speaker) for e in read_kaldi_entries(directory)]
+    raise DataError(f"{directory} holds no metadata.jsonl, prepared.jsonl or wav.scp: nothing to check")
+
+
+def qa_summary(qa: dict[str, dict]) -> dict[str, Any]:
+    """Medians/extremes of the per-clip QA and the flag counts."""
+    ovrl = [c["dnsmos_ovrl"] for c in qa.values()]
+    bak = [c["dnsmos_bak"] for c in qa.values()]
+    dist = [c["speaker_distance"] for c in qa.values() if c.get("speaker_distance") is not None]
+    flags = Counter(f for c in qa.values() for f in c["flags"])
+    return {"clips": len(qa), "ovrl_min": min(ovrl), "ovrl_median": statistics.median(ovrl),
+            "bak_median": statistics.median(bak), "distance_median": statistics.median(dist) if dist else 0.0,
+            "distance_max": max(dist) if dist else 0.0, "flags": dict(sorted(flags.items()))}
+
+
+def apply_qa(rep: DatasetReport, qa: dict[str, dict]) -> int:
+    """Fold per-clip QA (from ``cosytune.evaluation.qa``) into the report and flag the clips in the
+    directory's ``review.tsv`` (flags are information only; existing flags, edits and deletions are kept).
+
+    Returns:
+        The number of review rows that gained a flag.
+    """
+    from dataclasses import replace
+
+    from cosytune.data.review import read_review, write_review
+
+    rep.qa = qa
+    review = rep.directory / "review.tsv"
+    if not review.is_file():
+        return 0
+    rows = read_review(review)
+    changed = 0
+    for utt, row in rows.items():
+        new = [f for f in qa.get(utt, {}).get("flags", []) if f not in row.flags]
+        if new:
+            rows[utt] = replace(row, flags=row.flags + tuple(new))
+            changed += 1
+    if changed:
+        write_review(review, rows.values())
+    return changed
