@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--parity", action="store_true", help="the pre-issue-14 defaults: float32, no fast flow, "
                    "no fast vocoder, no warm-up (graphed decoder only)")
     p.add_argument("--no_warmup", action="store_true")
+    p.add_argument("--stream_cache", action="store_true", help="the opt-in streaming flow cache (each chunk "
+                   "solves only its own frames)")
     p.add_argument("--long_text", type=int, default=0, help="also time N warm requests of a ~30 s text, "
                    "streaming and not (streaming RTF vs non-streaming RTF)")
     p.add_argument("--requests", type=int, default=20)
@@ -143,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         kw.update(dtype=torch.float32, fast_flow=False, fast_vocoder=False, warmup=False)
     if args.no_warmup:
         kw["warmup"] = False
+    if args.stream_cache:
+        kw["stream_cache"] = True
     t0 = time.perf_counter()
     synth = Synthesizer.from_dir(model_dir, **kw)
     load_s = time.perf_counter() - t0

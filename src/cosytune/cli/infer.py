@@ -9,8 +9,9 @@ before the text; without --prompt_text the training instruct
 timings, which LLM decoder ran) is written beside the audio; with --text the text itself is not stored.
 On a GPU the defaults are the fast path: bfloat16 (--dtype float32 is the parity mode), the LLM decoded with a
 preallocated KV cache and a CUDA-graph step (same tokens as the reference decoder; --no_fast_decode forces
-the reference one), the flow solve and streamed vocoder chunks replayed from CUDA graphs, all captured once
-by a warm-up at load (--no_warmup skips it). On the CPU everything runs eagerly in float32.
+the reference one), the flow solve and streamed vocoder chunks replayed from CUDA graphs, each captured at
+its first use (--warmup captures every common shape at load, as infer-batch and serve do). On the CPU
+everything runs eagerly in float32.
 """
 
 from __future__ import annotations
@@ -84,10 +85,15 @@ def add_synthesis_flags(p: argparse.ArgumentParser, *, batch: bool = False) -> N
     flag(p, "stream_cache", action="store_true", help="with --stream: each chunk's flow solve computes only its "
          "own frames, keeping the earlier chunks' DiT keys/values (same audio up to float rounding) instead of "
          "re-solving the whole prefix; holds ~90 MB of GPU memory per second of speech while a stream runs")
-    flag(p, "no_warmup", action="store_true", help="CUDA only: skip the warm-up at load, which captures the CUDA "
-         "graphs of the common request shapes once (LLM decoders of 512-4096 positions, flow solves up to 20 s): "
-         "about 25 s at load on an H100 (55 graphs) and a few GB of GPU memory. Without it the first request of "
-         "each shape pays its capture instead (0.1-1 s each)")
+    if batch:
+        flag(p, "no_warmup", action="store_true", help="CUDA only: skip the warm-up at load, which captures the "
+             "CUDA graphs of the common request shapes once (LLM decoders of 512-4096 positions, flow solves up to "
+             "20 s): about 25 s at load on an H100 (55 graphs) and a few GB of GPU memory. Without it the first "
+             "segment of each shape pays its capture instead (0.1-1 s each)")
+    else:
+        flag(p, "warmup", action="store_true", help="CUDA only: capture the CUDA graphs of every common request "
+             "shape at load (about 25 s on an H100, 55 graphs). Off for a single request, which captures only "
+             "the shapes it uses (0.1-1 s each); infer-batch and cosytune serve warm up by default")
 
 
 def build_parser(p: argparse.ArgumentParser) -> None:
@@ -152,7 +158,10 @@ def load_synthesizer(args: argparse.Namespace) -> tuple[Any, float]:
                                             False if getattr(args, "no_fast_flow", False) else None),
                                  fast_vocoder=False if getattr(args, "no_fast_vocoder", False) else None,
                                  compile_decode=bool(getattr(args, "compile_decode", False)),
-                                 warmup=False if getattr(args, "no_warmup", False) else None,
+                                 # infer-batch warms up unless --no_warmup; a single request only with --warmup
+                                 warmup=(False if getattr(args, "no_warmup", False) else
+                                         True if getattr(args, "warmup", False) else
+                                         None if hasattr(args, "no_warmup") else False),
                                  stream_cache=bool(getattr(args, "stream_cache", False)))
     return synth, time.perf_counter() - t0
 
