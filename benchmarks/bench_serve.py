@@ -23,7 +23,6 @@ import argparse
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,17 +39,8 @@ PROMPT_TEXT = ("You are a helpful assistant.<|endofprompt|>"
                "Agent login. Please enter your agent number followed by the pound key.")
 SAMPLE_RATE = 24000
 
-
-def pct(xs: list[float], q: float) -> float | None:
-    """The q-th percentile (nearest rank) of ``xs``; None when empty."""
-    if not xs:
-        return None
-    ys = sorted(xs)
-    return ys[min(len(ys) - 1, max(0, round(q / 100 * (len(ys) - 1))))]
-
-
-def summary(xs: list[float]) -> dict[str, float | None]:
-    return {"p50": pct(xs, 50), "p95": pct(xs, 95), "mean": statistics.fmean(xs) if xs else None, "n": len(xs)}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_api import pct, summary  # noqa: F401  (one percentile rule for both public-API benchmarks)
 
 
 def free_port() -> int:
