@@ -9,8 +9,8 @@ retried: a refused (429), failed or short request counts as an error, so "none d
 Reported (JSON with ``--out``, and a table): per level, first-chunk p50/p95, total p50/p95, aggregate x real
 time (audio seconds per wall second), errors with their reasons; the server's load time and /metrics.
 
-GPU (the lead's run; full-size model dir with a speaker, bf16):
-    python benchmarks/bench_serve.py --model_dir models/alice --device cuda --dtype bfloat16 \\
+GPU (full-size model dir with a speaker; the server's defaults: bf16, graphed decoder/flow/vocoder, warm-up):
+    python benchmarks/bench_serve.py --model_dir models/alice --device cuda \\
         --concurrency 1,8,16 --requests 32 --out bench_serve.json
 Without --model_dir a random model dir of --preset is built, with a zero-shot speaker from the shipped sample.
 CPU smoke run (tiny model):
@@ -162,11 +162,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--preset", choices=["tiny", "full"], default="tiny")
     p.add_argument("--voice", default=None, help="spk_id to request (default: the server's first speaker)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="server --dtype (default: the server's default, auto)")
     p.add_argument("--concurrency", default="1,8,16", help="comma-separated concurrent client counts")
     p.add_argument("--requests", type=int, default=None, help="requests per level (default: 2 x clients)")
     p.add_argument("--workers", type=int, default=None, help="server --workers (default: the largest level)")
-    p.add_argument("--server_args", default="", help="more 'cosytune serve' flags, e.g. '--fast_flow'")
+    p.add_argument("--server_args", default="", help="more 'cosytune serve' flags, e.g. '--no_fast_flow'")
     p.add_argument("--request_timeout", type=float, default=300.0, help="seconds per request before it counts as lost")
     p.add_argument("--startup_timeout", type=float, default=900.0)
     p.add_argument("--out", type=Path, default=None)
@@ -193,8 +194,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"{model_dir} has no speakers (spk2info.pt); add one with 'cosytune spk2info' or leave "
                              "out --model_dir to build a model with one")
         warm = one_stream(server.url, voice, 1, args.request_timeout)
-        out: dict[str, Any] = {"device": health["device"], "model_dir": str(model_dir), "dtype": args.dtype,
-                               "workers": workers, "server_start_s": server.start_s, "warmup": warm, "levels": []}
+        out: dict[str, Any] = {"device": health["device"], "model_dir": str(model_dir),
+                               "dtype": health.get("dtype", args.dtype), "workers": workers, "server_start_s": server.start_s, "warmup": warm, "levels": []}
         for c in levels:
             out["levels"].append(level(server.url, voice, c, args.requests or 2 * c, args.request_timeout))
         out["metrics"] = httpx.get(server.url + "/metrics", timeout=10).text
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             pass
     if args.out:
         write_json(args.out, out)
-    print(f"cosytune serve on {out.get('gpu', out['device'])} ({args.dtype}, {workers} workers), "
+    print(f"cosytune serve on {out.get('gpu', out['device'])} ({out['dtype']}, {workers} workers), "
           f"server up in {server.start_s:.1f} s")
     for lv in out["levels"]:
         fc, tt = lv["first_chunk_s"], lv["total_s"]

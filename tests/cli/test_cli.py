@@ -279,3 +279,25 @@ def test_infer_flags_build_the_synthesis_options():
     assert (options.text_frontend, options.speed, options.seed, options.prompt_strategy, options.guide_sep,
             options.max_silent_run) == (False, 0.9, 3, "guide_prefix", "。", 0)
     assert sampling_from_args(args, SamplingConfig()) == SamplingConfig(top_k=10, tau_r=1.0)
+
+
+def test_serve_defaults_are_the_fast_defaults_of_infer(monkeypatch):
+    """``cosytune serve`` loads the model as ``cosytune infer-batch`` and ``Synthesizer.from_dir`` do by default
+    (dtype auto, graphed flow on CUDA, warm-up); the opt-outs reach the engine's config."""
+    import inspect
+
+    from cosytune.cli import serve
+    from cosytune.infer.synthesizer import Synthesizer
+    from cosytune.serve.engine import EngineConfig
+
+    defaults = inspect.signature(Synthesizer.from_dir).parameters
+    args = _command_parser("serve").parse_args(["--model_dir", "m"])
+    assert args.dtype == defaults["dtype"].default == EngineConfig.dtype == "auto"
+    assert EngineConfig.fast_flow is defaults["fast_flow"].default is None and EngineConfig.warmup
+    assert (args.no_fast_flow, args.no_warmup) == (False, False)
+    captured = []  # the settings run() builds, without starting a server
+    monkeypatch.setattr("cosytune.serve.server.run_server", lambda settings: captured.append(settings) or {})
+    serve.run(_command_parser("serve").parse_args(["--model_dir", "m", "--no_fast_flow", "--dtype", "float32",
+                                                  "--no_warmup"]))
+    s = captured[0]
+    assert (s.dtype, s.fast_flow, s.warmup) == ("float32", False, False)

@@ -226,6 +226,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_decoder(served):
         if h["cancelled"] > before and h["running"] == 0 and h["decoders_in_use"] == 0:
             break
         time.sleep(0.3)
+    assert h["dtype"] == "float32"  # auto on a CPU
     assert h["cancelled"] > before and h["running"] == 0 and h["decoders_in_use"] == 0, h
     assert httpx.get(f"{url}/v1/runs/{rid}", timeout=10).status_code == 404  # it never ran to the end
     metrics = httpx.get(url + "/metrics", timeout=10).text

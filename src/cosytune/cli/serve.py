@@ -33,7 +33,9 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     flag(p, "data_dir", type=Path, default=None, metavar="DIR",
          help="a 'cosytune transcribe' out dir: enables the lab's dataset page (review.tsv)")
     flag(p, "device", default="auto", help="cpu, cuda, cuda:N or auto (default %(default)s)")
-    flag(p, "dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="LLM/flow dtype")
+    flag(p, "dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+         help="LLM/flow dtype (default auto: bfloat16 on a GPU that supports it, else float32; float32 is the "
+              "parity mode)")
     flag(p, "api_key", default=None, help="require 'Authorization: Bearer KEY' on the API")
     flag(p, "insecure", action="store_true", help="allow a non-loopback --host without --api_key")
     flag(p, "cors_origin", action="append", default=[], metavar="ORIGIN",
@@ -49,8 +51,11 @@ def build_parser(p: argparse.ArgumentParser) -> None:
          help="weight memory for cached variants in MiB (default: half the free memory at start)")
     flag(p, "no_fast_decode", action="store_true", help="use the reference LLM decoder")
     flag(p, "fast_decode", action="store_true", help="pooled static LLM decoders on CPU too (default: CUDA only)")
-    flag(p, "fast_flow", action="store_true", help="graph-replayed flow solves (CUDA)")
-    flag(p, "no_warmup", action="store_true", help="skip the short synthesis at start")
+    flag(p, "no_fast_flow", action="store_true", help="CUDA only: run the flow's solves eagerly instead of "
+         "replaying CUDA graphs (the default on a GPU)")
+    flag(p, "fast_flow", action="store_true", help=argparse.SUPPRESS)  # the default since issue 14
+    flag(p, "no_warmup", action="store_true", help="skip the warm-up at start (on a GPU: capturing the graphs of "
+         "every common request shape, ~25 s on an H100; the first requests then capture their own)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +69,6 @@ def run(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout, max_text_chars=args.max_text_chars,
         max_body_bytes=args.max_body_bytes, variant_cache=args.variant_cache, cache_mb=args.cache_mb,
         fast_decode=False if args.no_fast_decode else (True if args.fast_decode else None),
-        fast_flow=args.fast_flow, warmup=not args.no_warmup)
+        fast_flow=False if args.no_fast_flow else None, warmup=not args.no_warmup)
     print_summary("serve", run_server(settings))
     return 0

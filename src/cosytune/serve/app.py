@@ -381,7 +381,7 @@ def create_app(engine: Engine, cfg: AppConfig | None = None) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         running, waiting = engine.queue_depth()
-        return {"status": "ok", "device": engine.device, "sample_rate": engine.sample_rate,
+        return {"status": "ok", "device": engine.device, "dtype": engine.dtype, "sample_rate": engine.sample_rate,
                 "speakers": len(engine.speakers()), "running": running, "waiting": waiting,
                 "decoders_in_use": engine.decoders_in_use(), "cancelled": engine.cancelled,
                 "uptime_s": round(time.time() - engine.started_at, 1)}

@@ -55,7 +55,8 @@ class EngineConfig:
     model_dir: Path
     run_dir: Path | None = None
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"
+    """float32, bfloat16, float16, or auto (bfloat16 on a GPU that supports it, else float32)."""
     workers: int = 1
     """Requests synthesised at once (threads)."""
     max_queue: int = 8
@@ -67,7 +68,8 @@ class EngineConfig:
     cache_bytes: int | None = None
     """Weight bytes of cached variants; None = half the free (GPU) memory at start."""
     fast_decode: bool | None = None
-    fast_flow: bool = False
+    fast_flow: bool | None = None
+    """Graph-replayed flow solves; None = on for CUDA (as Synthesizer.from_dir)."""
     warmup: bool = True
 
 
@@ -151,18 +153,17 @@ class Engine:
     """Loads the model once and runs requests on a bounded pool (see the module docstring)."""
 
     def __init__(self, cfg: EngineConfig) -> None:
-        import torch
-
         from cosytune.infer.synthesizer import Synthesizer
 
         if cfg.workers < 1 or cfg.max_queue < 0:
             raise UsageError(f"--workers must be >= 1 and --max_queue >= 0, got {cfg.workers}, {cfg.max_queue}")
         self.cfg = cfg
-        self._dtype = getattr(torch, cfg.dtype)
         t0 = time.perf_counter()
-        self.base = Synthesizer.from_dir(cfg.model_dir, device=cfg.device, dtype=self._dtype,
-                                         fast_decode=cfg.fast_decode, fast_flow=cfg.fast_flow)
+        self.base = Synthesizer.from_dir(cfg.model_dir, device=cfg.device, dtype=cfg.dtype,
+                                         fast_decode=cfg.fast_decode, fast_flow=cfg.fast_flow,
+                                         warmup=None if cfg.warmup else False)
         self.load_s = time.perf_counter() - t0
+        self.dtype = str(self.base.dtype).replace("torch.", "")
         self.device = str(self.base.device)
         self.sample_rate = int(self.base.sample_rate)
         self.variants = scan_variants(cfg.model_dir, cfg.run_dir)
@@ -236,10 +237,12 @@ class Engine:
             v_llm = lookup(self.variants, "llm", llm)
             v_flow = lookup(self.variants, "flow", flow)
             logger.info("loading variant llm=%s flow=%s", llm, flow)
-            synth = Synthesizer.from_dir(self.cfg.model_dir, device=self.device, dtype=self._dtype,
+            # a variant captures its graphs on first use of each shape, not all of them at load
+            synth = Synthesizer.from_dir(self.cfg.model_dir, device=self.device, dtype=self.base.dtype,
                                          llm_ckpt=v_llm.path if v_llm else None,
                                          flow_ckpt=v_flow.path if v_flow else None,
-                                         fast_decode=self.cfg.fast_decode, fast_flow=self.cfg.fast_flow)
+                                         fast_decode=self.cfg.fast_decode, fast_flow=self.cfg.fast_flow,
+                                         warmup=False)
             with self._cache_lock:
                 self._cache[key] = synth
                 self._evict()

@@ -23,7 +23,7 @@ class ServeSettings:
     run_dir: Path | None = None
     data_dir: Path | None = None
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"
     api_key: str | None = None
     insecure: bool = False
     cors_origins: tuple[str, ...] = ()
@@ -35,7 +35,7 @@ class ServeSettings:
     variant_cache: int = 2
     cache_mb: int | None = None
     fast_decode: bool | None = None
-    fast_flow: bool = False
+    fast_flow: bool | None = None
     warmup: bool = True
 
 
