@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--parity", action="store_true", help="the pre-issue-14 defaults: float32, no fast flow, "
                    "no fast vocoder, no warm-up (graphed decoder only)")
     p.add_argument("--no_warmup", action="store_true")
+    p.add_argument("--no_batch_decode", action="store_true", help="one pooled decoder per request instead of "
+                   "continuous batching (the default on CUDA)")
     p.add_argument("--stream_cache", action="store_true", help="the opt-in streaming flow cache (each chunk "
                    "solves only its own frames)")
     p.add_argument("--long_text", type=int, default=0, help="also time N warm requests of a ~30 s text, "
@@ -142,7 +144,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.compile_decode:
         kw["compile_decode"] = True
     if args.parity:
-        kw.update(dtype=torch.float32, fast_flow=False, fast_vocoder=False, warmup=False)
+        kw.update(dtype=torch.float32, fast_flow=False, fast_vocoder=False, warmup=False, batch_decode=False)
+    if args.no_batch_decode:
+        kw["batch_decode"] = False
     if args.no_warmup:
         kw["warmup"] = False
     if args.stream_cache:

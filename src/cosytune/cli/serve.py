@@ -54,6 +54,9 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     flag(p, "no_fast_flow", action="store_true", help="CUDA only: run the flow's solves eagerly instead of "
          "replaying CUDA graphs (the default on a GPU)")
     flag(p, "fast_flow", action="store_true", help=argparse.SUPPRESS)  # the default since issue 14
+    flag(p, "no_batch_decode", action="store_true", help="CUDA only: decode each request on its own decoder "
+         "instead of batching concurrent requests' LLM steps together (exact per-seed repeatability under load; "
+         "less throughput)")
     flag(p, "no_warmup", action="store_true", help="skip the warm-up at start (on a GPU: capturing the graphs of "
          "every common request shape, ~25 s on an H100; the first requests then capture their own)")
 
@@ -69,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout, max_text_chars=args.max_text_chars,
         max_body_bytes=args.max_body_bytes, variant_cache=args.variant_cache, cache_mb=args.cache_mb,
         fast_decode=False if args.no_fast_decode else (True if args.fast_decode else None),
-        fast_flow=False if args.no_fast_flow else None, warmup=not args.no_warmup)
+        fast_flow=False if args.no_fast_flow else None, batch_decode=False if args.no_batch_decode else None,
+        warmup=not args.no_warmup)
     print_summary("serve", run_server(settings))
     return 0

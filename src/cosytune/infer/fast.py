@@ -235,20 +235,29 @@ class GraphedDecoder:
         lazy_prefill_graphs: capture the prefill graph of a new padded width at its first use; False runs
             widths that :meth:`warm_up` did not capture eagerly (a decoder built during a burst of
             concurrent requests then needs one capture, its step, instead of one per prompt width).
+        cache: decode into this cache (B rows, S positions; e.g. the first rows of a larger cache, as
+            :class:`~cosytune.infer.batching.DecodeBatcher` does) instead of allocating one.
+        stop_mask: with ``sample_head``, a (B, V) bool buffer to use as :attr:`stop_mask` (shared views).
+        suppress: with ``sample_head``, a (B, 1) bool buffer to use as :attr:`suppress`.
     """
 
     def __init__(self, model: CosyVoice3LM, batch_size: int, capacity: int, *, use_graph: bool = True,
                  autocast_dtype: torch.dtype | None = None, compile_mode: str | None = None,
                  force_compile: bool = False, pack: bool = True, prefill_bucket: int = 32,
                  gate: DeviceGate | None = None, sample_head: bool = False,
-                 lazy_prefill_graphs: bool = True) -> None:
+                 lazy_prefill_graphs: bool = True, cache: KVCache | None = None,
+                 stop_mask: Tensor | None = None, suppress: Tensor | None = None) -> None:
         self.model = model
         self.lazy_prefill_graphs = bool(lazy_prefill_graphs)
         dev = model.speech_embedding.weight.device
         self.device = dev
         self.gate = gate
         cache_dtype = autocast_dtype or model.speech_embedding.weight.dtype
-        self.cache = KVCache.allocate(model.config.qwen2, batch_size, capacity, device=dev, dtype=cache_dtype)
+        if cache is not None and (cache.batch_size, cache.capacity) != (batch_size, capacity):
+            raise ValueError(f"a cache of {cache.batch_size} rows x {cache.capacity} positions was given for a "
+                             f"decoder of {batch_size} x {capacity}")
+        self.cache = cache if cache is not None else KVCache.allocate(model.config.qwen2, batch_size, capacity,
+                                                                      device=dev, dtype=cache_dtype)
         self.autocast_dtype = autocast_dtype
         self.use_graph = bool(use_graph and dev.type == "cuda")
         self.tokens = torch.zeros(batch_size, dtype=torch.long, device=dev)  # static input
@@ -257,9 +266,11 @@ class GraphedDecoder:
         self.argmax = torch.zeros(batch_size, dtype=torch.long, device=dev)  # static greedy output
         self.sample_head = bool(sample_head)
         if self.sample_head:
-            # Static sampler inputs/outputs: which ids min_len blocks, whether it blocks them this step.
-            self.stop_mask = torch.zeros(vocab, dtype=torch.bool, device=dev)
-            self.suppress = torch.zeros(1, dtype=torch.bool, device=dev)
+            # Static sampler inputs/outputs, per row: which ids min_len blocks, whether it blocks them now.
+            self.stop_mask = stop_mask if stop_mask is not None else \
+                torch.zeros(batch_size, vocab, dtype=torch.bool, device=dev)
+            self.suppress = suppress if suppress is not None else \
+                torch.zeros(batch_size, 1, dtype=torch.bool, device=dev)
             self.masked = torch.zeros(batch_size, vocab, dtype=torch.float32, device=dev)
             self.sorted_p = torch.zeros(batch_size, vocab, dtype=torch.float32, device=dev)
             self.sorted_ids = torch.zeros(batch_size, vocab, dtype=torch.long, device=dev)
@@ -445,6 +456,40 @@ class GraphedDecoder:
                                      min_len_mode=min_len_mode, rows=self)
 
 
+def stop_row(cfg: Any, min_len_mode: MinLenMode, device: torch.device) -> Tensor:
+    """(V,) bool: the ids the min-length rule blocks (the first stop id, or every stop id)."""
+    row = torch.zeros(cfg.speech_vocab_size, dtype=torch.bool)
+    if min_len_mode == "upstream":
+        row[cfg.speech_token_size] = True
+    elif min_len_mode == "all_stops":
+        row[cfg.speech_token_size:] = True
+    else:
+        raise ValueError(f"min_len_mode must be 'all_stops' or 'upstream', got {min_len_mode!r}")
+    return row.to(device)
+
+
+def pick_token(dec: GraphedDecoder, row: int, head_p: np.ndarray, head_ids: np.ndarray, q: np.ndarray | None,
+               sampling: SamplingConfig, history: Sequence[int], draw: Any) -> Any:
+    """One RAS decision for ``row`` of a ``sample_head`` decoder, from host copies of its sorted head.
+
+    ``head_p``/``head_ids``: the top-k probabilities and ids (k = min(top_k, V)); ``q``: Exp(1) draws
+    made ahead for them (CUDA), or None to draw exactly the nucleus count now (CPU, as the reference).
+    The nucleus pick is ``argmax(p / q)`` as :func:`~cosytune.models.sampling.ras_sample`; a repetition
+    redraws from the row's masked log-probs. Returns the :class:`~cosytune.models.sampling.SampleResult`.
+    """
+    from cosytune.models.sampling import SampleResult, _nucleus_count, _redraw
+
+    count = _nucleus_count(head_p, sampling.top_p)
+    qs = q[:count] if q is not None else draw(dec.sorted_p[row, :count]).cpu().numpy()
+    pos = int(np.argmax(head_p[:count] / qs))
+    ids = tuple(int(i) for i in head_ids[:count])
+    pick = token = ids[pos]
+    redraw = sum(1 for t in history[-sampling.win_size:] if t == pick) >= sampling.win_size * sampling.tau_r
+    if redraw:  # same float product as ras_sample
+        token = _redraw(dec.masked[row], pick, draw)
+    return SampleResult(token, ids, pos, pick, redraw)
+
+
 def sample_decode(dec: GraphedDecoder, prompt: InferencePrompt, sampling: SamplingConfig,
                   generator: torch.Generator, min_len_mode: MinLenMode) -> Iterator[DecodeStep]:
     """RAS decoding on a ``sample_head`` decoder: the same tokens as :meth:`CosyVoice3LM.decode`.
@@ -460,17 +505,10 @@ def sample_decode(dec: GraphedDecoder, prompt: InferencePrompt, sampling: Sampli
     kernel gives element i the same value and advances the generator by the same offset for any size up
     to a block, so the first ``count`` equal the reference's draws (checked by a GPU test).
     """
-    from cosytune.models.sampling import SampleResult, _nucleus_count, _redraw, exponential_draws
+    from cosytune.models.sampling import exponential_draws
 
     cfg = dec.model.config
-    stop_from = cfg.speech_token_size
-    dec.stop_mask.zero_()
-    if min_len_mode == "upstream":
-        dec.stop_mask[stop_from] = True
-    elif min_len_mode == "all_stops":
-        dec.stop_mask[stop_from:] = True
-    else:
-        raise ValueError(f"min_len_mode must be 'all_stops' or 'upstream', got {min_len_mode!r}")
+    dec.stop_mask.copy_(stop_row(cfg, min_len_mode, dec.device))
     k = min(sampling.top_k, cfg.speech_vocab_size)
     ahead = dec.device.type == "cuda" and generator.device.type == "cuda"
     draw = exponential_draws(generator)
@@ -483,25 +521,13 @@ def sample_decode(dec: GraphedDecoder, prompt: InferencePrompt, sampling: Sampli
         gate = dec.gate.shared() if dec.gate is not None else contextlib.nullcontext()
         with gate:
             head_p, head_ids = dec.sorted_p[0, :k], dec.sorted_ids[0, :k]
+            parts = [head_p, head_ids.to(head_p.dtype)]
             if ahead:
-                q = torch.empty(k, dtype=head_p.dtype, device=dec.device).exponential_(1.0, generator=generator)
-                host = torch.stack((head_p, head_ids.to(head_p.dtype), q)).cpu().numpy()
-                count = _nucleus_count(host[0], sampling.top_p)
-                qs = host[2, :count]
-            else:
-                host = torch.stack((head_p, head_ids.to(head_p.dtype))).cpu().numpy()
-                count = _nucleus_count(host[0], sampling.top_p)
-                qs = draw(dec.sorted_p[0, :count]).cpu().numpy()
-            ps = host[0, :count]
-            pos = int(np.argmax(ps / qs))
-            ids = [int(i) for i in host[1, :count]]
-            pick = ids[pos]
+                parts.append(torch.empty(k, dtype=head_p.dtype, device=dec.device).exponential_(1.0, generator=generator))
+            host = torch.stack(parts).cpu().numpy()
             raw = dec.logp[0].clone()
-            token, redraw = pick, False
-            repeats = sum(1 for t in history[-sampling.win_size:] if t == pick)
-            if repeats >= sampling.win_size * sampling.tau_r:  # same float product as ras_sample
-                token, redraw = _redraw(dec.masked[0], pick, draw), True
-        result = SampleResult(token, tuple(ids), pos, pick, redraw)
+            result = pick_token(dec, 0, host[0], host[1], host[2] if ahead else None, sampling, history, draw)
+        token = result.token_id
         stop = cfg.is_stop(token)
         yield DecodeStep(step, raw, result, token, stop)
         if stop or step + 1 == prompt.max_len:

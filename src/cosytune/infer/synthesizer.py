@@ -280,6 +280,9 @@ CAPACITY_BUCKET = 256
 #: microseconds at batch 1).
 MIN_POW2_CAPACITY = 512
 
+#: Rows of a continuous-batching step (:class:`~cosytune.infer.batching.DecodeBatcher`) by default.
+DECODE_ROWS = 16
+
 #: Capacities :meth:`Synthesizer.warmup` prepares by default (each capped at the model's positions):
 #: 512 holds a short prompt + ~400 tokens (16 s), 4096 a long prompt + 150 text tokens at 20x.
 WARMUP_CAPACITIES = (512, 1024, 2048, 4096)
@@ -477,6 +480,15 @@ class Synthesizer:
             lengths rarely repeat).
         speaker_cache: prompt wavs whose features are kept (by content hash), so a voice used again skips
             the prompt front end (CAM++ and the speech tokenizer); 0 turns the cache off.
+        batch_decode: decode concurrent requests together (continuous batching: one
+            :class:`~cosytune.infer.batching.DecodeBatcher` step per token for every request in flight, each
+            row with its own sampler and generator; requests join and leave between steps). None (default)
+            = on when ``fast_decode`` is on and the LLM is on CUDA; True on CPU runs it eagerly (tests).
+            A request alone gets the tokens of a pooled decoder bit for bit; next to others its logits can
+            differ in the last bits on a GPU (other GEMM shapes), so exact repeatability under load needs
+            False. Requests with injected draws, a temperature other than 1 or a prompt beyond the
+            largest capacity bucket use the pooled decoders.
+        decode_rows: rows a batch step holds (requests decoded together per capacity bucket; more wait).
         stream_cache: streamed non-final chunks compute only their own frames, keeping every earlier
             chunk's DiT keys/values per Euler step (:meth:`CausalMaskedDiffWithDiT.inference_chunk`; the
             same mel up to float rounding) instead of re-solving the whole prefix each chunk. Costs
@@ -490,7 +502,8 @@ class Synthesizer:
                  prompt_frontend: PromptFrontend | None = None, sample_rate: int = SAMPLE_RATE,
                  schedule: StreamSchedule | None = None, model_files: dict[str, Any] | None = None,
                  fast_decode: bool | None = None, fast_flow: bool | None = None, compile_decode: bool = False,
-                 fast_vocoder: bool | None = None, speaker_cache: int = 32, stream_cache: bool = False) -> None:
+                 fast_vocoder: bool | None = None, speaker_cache: int = 32, stream_cache: bool = False,
+                 batch_decode: bool | None = None, decode_rows: int = DECODE_ROWS) -> None:
         from cosytune.infer.fast import DeviceGate
 
         self.llm = llm
@@ -517,6 +530,13 @@ class Synthesizer:
         #: Idle fast decoders (None when ``fast_decode`` is off); see :class:`DecoderPool`.
         self.decoder_pool: DecoderPool | None = (DecoderPool(llm, compile_mode=self.decode_compile_mode,
                                                              gate=self.gate) if self.fast_decode else None)
+        #: The continuous-batching decoder (None when ``batch_decode`` is off); see :mod:`cosytune.infer.batching`.
+        self.batcher: Any = None
+        if self.fast_decode and (cuda if batch_decode is None else bool(batch_decode)):
+            from cosytune.infer.batching import DecodeBatcher
+
+            self.batcher = DecodeBatcher(llm, self.decoder_pool.capacity_for, max_rows=decode_rows,
+                                         compile_mode=self.decode_compile_mode, gate=self.gate)
         self.fast_flow = (cuda if fast_flow is None else bool(fast_flow)) and cuda
         self._flow_sampler: Any = None
         self._flow_lock = threading.Lock()  # one graphed solve at a time (its buffers are shared)
@@ -563,7 +583,9 @@ class Synthesizer:
         if self.device.type != "cuda":
             self.warmup_info = {**info, "seconds": 0.0}
             return self.warmup_info
-        if self.decoder_pool is not None:
+        if self.batcher is not None:  # the pooled decoders then serve only the rare requests it cannot take
+            info["decoder_graphs"] = self.batcher.warm_up(capacities)
+        elif self.decoder_pool is not None:
             info["decoder_graphs"] = self.decoder_pool.warm_up(capacities, per_bucket=decoders_per_bucket)
         if self._flow_sampler is not None:
             info["flow_graphs"] = self._warm_flow(flow_seconds)
@@ -599,7 +621,8 @@ class Synthesizer:
                  upstream_noise: bool = False, fast_decode: bool | None = None,
                  fast_flow: bool | None = None, compile_decode: bool = False,
                  fast_vocoder: bool | None = None, warmup: bool | None = None,
-                 speaker_cache: int = 32, stream_cache: bool = False) -> Synthesizer:
+                 speaker_cache: int = 32, stream_cache: bool = False,
+                 batch_decode: bool | None = None) -> Synthesizer:
         """Load a model dir (upstream layout) strictly.
 
         Args:
@@ -624,6 +647,8 @@ class Synthesizer:
                 seconds on an H100, about a minute more with ``compile_decode``); None = on for CUDA.
             speaker_cache: prompt wavs whose features are kept (see the class).
             stream_cache: streamed chunks compute only their own flow frames (see the class).
+            batch_decode: continuous batching of concurrent requests' LLM steps; None = on for CUDA (see
+                the class).
 
         Raises:
             ModelDirError: missing or malformed files (all listed).
@@ -668,7 +693,7 @@ class Synthesizer:
         synth = cls(llm, flow, hift, tokenizer=tokenizer, spk2info=spk2info, prompt_frontend=frontend,
                     sample_rate=hp.sample_rate, schedule=schedule, model_files=files, fast_decode=fast_decode,
                     fast_flow=fast_flow, compile_decode=compile_decode, fast_vocoder=fast_vocoder,
-                    speaker_cache=speaker_cache, stream_cache=stream_cache)
+                    speaker_cache=speaker_cache, stream_cache=stream_cache, batch_decode=batch_decode)
         if warmup if warmup is not None else dev.type == "cuda":
             synth.warmup()
         return synth
@@ -904,6 +929,23 @@ class Synthesizer:
         with self.gate.shared():
             prompt = self.llm.build_prompt(req.text_ids, req.llm_prompt_ids, req.llm_prompt_speech)
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        batcher = self.batcher
+        sampling = options.sampling or self.llm.config.sampling
+        if batcher is not None and draw_q is None and sampling.temperature == 1.0 and batcher.accepts(prompt):
+            if info is not None:
+                info["llm_decoder"] = "batched"
+            steps = batcher.decode(prompt, sampling=sampling, generator=generator,
+                                   min_len_mode=options.min_len_mode)
+            try:
+                # Not gated: the loop thread launches the work; a consumer waiting under a shared hold
+                # would block the loop's captures.
+                for step in steps:
+                    if step.stop:
+                        return
+                    yield step.token_id
+            finally:
+                steps.close()
+            return
         pool = self.decoder_pool
         decoder = pool.acquire(int(prompt.lm_input.shape[1]) + int(prompt.max_len)) if pool is not None else None
         steps = None

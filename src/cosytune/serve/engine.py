@@ -70,6 +70,8 @@ class EngineConfig:
     fast_decode: bool | None = None
     fast_flow: bool | None = None
     """Graph-replayed flow solves; None = on for CUDA (as Synthesizer.from_dir)."""
+    batch_decode: bool | None = None
+    """Continuous batching of concurrent requests' LLM steps; None = on for CUDA (as Synthesizer.from_dir)."""
     warmup: bool = True
 
 
@@ -161,7 +163,7 @@ class Engine:
         t0 = time.perf_counter()
         self.base = Synthesizer.from_dir(cfg.model_dir, device=cfg.device, dtype=cfg.dtype,
                                          fast_decode=cfg.fast_decode, fast_flow=cfg.fast_flow,
-                                         warmup=None if cfg.warmup else False)
+                                         batch_decode=cfg.batch_decode, warmup=None if cfg.warmup else False)
         self.load_s = time.perf_counter() - t0
         self.dtype = str(self.base.dtype).replace("torch.", "")
         self.device = str(self.base.device)
@@ -242,7 +244,7 @@ class Engine:
                                          llm_ckpt=v_llm.path if v_llm else None,
                                          flow_ckpt=v_flow.path if v_flow else None,
                                          fast_decode=self.cfg.fast_decode, fast_flow=self.cfg.fast_flow,
-                                         warmup=False)
+                                         batch_decode=self.cfg.batch_decode, warmup=False)
             with self._cache_lock:
                 self._cache[key] = synth
                 self._evict()
@@ -291,7 +293,8 @@ class Engine:
     def decoders_in_use(self) -> int:
         with self._cache_lock:
             synths = [self.base, *self._cache.values()]
-        return sum(s.decoder_pool.stats()["in_use"] for s in synths if getattr(s, "decoder_pool", None) is not None)
+        pooled = sum(s.decoder_pool.stats()["in_use"] for s in synths if getattr(s, "decoder_pool", None) is not None)
+        return pooled + sum(s.batcher.stats()["in_use"] for s in synths if getattr(s, "batcher", None) is not None)
 
     def retry_after_s(self) -> int:
         """A Retry-After hint: the mean request time so far, at least 1 s."""

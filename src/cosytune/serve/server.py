@@ -36,6 +36,7 @@ class ServeSettings:
     cache_mb: int | None = None
     fast_decode: bool | None = None
     fast_flow: bool | None = None
+    batch_decode: bool | None = None
     warmup: bool = True
 
 
@@ -83,7 +84,7 @@ def build_app(s: ServeSettings):
         workers=s.workers, max_queue=s.max_queue, request_timeout_s=s.request_timeout_s,
         max_text_chars=s.max_text_chars, variant_cache=s.variant_cache,
         cache_bytes=None if s.cache_mb is None else s.cache_mb << 20, fast_decode=s.fast_decode,
-        fast_flow=s.fast_flow, warmup=s.warmup))
+        fast_flow=s.fast_flow, batch_decode=s.batch_decode, warmup=s.warmup))
     return create_app(engine, AppConfig(api_key=s.api_key, cors_origins=tuple(s.cors_origins),
                                         max_body_bytes=s.max_body_bytes, lab_dir=lab_dir_of(s),
                                         data_dir=Path(s.data_dir) if s.data_dir else None))
