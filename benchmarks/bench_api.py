@@ -80,6 +80,35 @@ def one_request(synth: Synthesizer, seed: int, stream: bool, prompt_wav: Path, t
             "tokens": len(result.tokens) if result else None}
 
 
+def profile(synth: Synthesizer, prompt_wav: Path, top: int = 15) -> dict[str, Any]:
+    """Where a warm request's time goes: the stage split of a non-streaming request (``SynthesisResult.timings``)
+    and a ``torch.profiler`` trace of a warm stream (GPU busy time vs wall time, the kernels and CPU ops that
+    take the most time). The profiler adds some host overhead, so its wall time is not a headline figure."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    res = synth.synthesize(TEXT, prompt_wav=prompt_wav, prompt_text=PROMPT_TEXT, options=SynthesisOptions(seed=7))
+    stages = {k: v for k, v in res.timings.items() if k.endswith("_s") and k != "audio_s"}
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if synth.device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with torch_profile(activities=acts) as prof:
+        n = sum(1 for _ in synth.stream(TEXT, prompt_wav=prompt_wav, prompt_text=PROMPT_TEXT,
+                                        options=SynthesisOptions(seed=8)))
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    gpu = [e for e in events if getattr(e, "device_time_total", 0) > 0 and e.device_type.name == "CUDA"]
+    busy = sum(e.device_time_total for e in gpu) / 1e6
+
+    def rows(es, key):
+        return [{"name": e.key[:90], "calls": e.count, "ms": getattr(e, key) / 1e3}
+                for e in sorted(es, key=lambda e: -getattr(e, key))[:top]]
+
+    return {"stages": stages, "stream": {"wall_s": wall, "chunks": n, "gpu_busy_s": busy,
+                                         "gpu_busy_frac": busy / wall if wall else None,
+                                         "top_kernels": rows(gpu, "device_time_total"),
+                                         "top_cpu_ops": rows(list(events), "self_cpu_time_total")}}
+
+
 def concurrent(synth: Synthesizer, clients: int, per_client: int, prompt_wav: Path) -> dict[str, Any]:
     """``clients`` threads, each streaming ``per_client`` requests through the one Synthesizer."""
     rows: list[dict[str, Any]] = []
@@ -127,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "solves only its own frames)")
     p.add_argument("--long_text", type=int, default=0, help="also time N warm requests of a ~30 s text, "
                    "streaming and not (streaming RTF vs non-streaming RTF)")
+    p.add_argument("--profile", action="store_true", help="also profile a warm request (stage split; GPU busy "
+                   "time and top kernels of a warm stream)")
     p.add_argument("--requests", type=int, default=20)
     p.add_argument("--concurrency", default="1,16", help="comma-separated client counts")
     p.add_argument("--out", type=Path, default=None)
@@ -174,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        "stream_rtf": summary([r["rtf"] for r in long_s if r["rtf"] is not None]),
                        "stream_first_chunk_s": summary([r["first_chunk_s"] for r in long_s
                                                         if r["first_chunk_s"] is not None])}
+    if args.profile:
+        out["profile"] = profile(synth, prompt_wav)
     if args.out:
         write_json(args.out, out)
     print(f"public API on {out['device']} ({out['settings']}), load {load_s:.1f} s")
@@ -190,6 +223,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lg = out["long"]
         print(f"  long text       {lg['audio_s']['p50']:.1f} s audio  RTF p50 {lg['rtf']['p50']:.3f}  stream RTF p50 "
               f"{lg['stream_rtf']['p50']:.3f}  first chunk p50 {lg['stream_first_chunk_s']['p50']:.3f} s")
+    if "profile" in out:
+        pr = out["profile"]
+        print("  profile         stages " + ", ".join(f"{k} {v:.3f}" for k, v in pr["stages"].items()))
+        st = pr["stream"]
+        print(f"                  warm stream: wall {st['wall_s']:.3f} s, GPU busy {st['gpu_busy_s']:.3f} s "
+              f"({100 * (st['gpu_busy_frac'] or 0):.0f}%); top kernels: "
+              + "; ".join(f"{r['name'][:40]} {r['ms']:.1f} ms" for r in st["top_kernels"][:5]))
     for c in out["concurrent"]:
         fc = c["first_chunk_s"]
         p50 = f"{fc['p50']:.3f}" if fc["p50"] is not None else "-"
