@@ -7,6 +7,10 @@
 #   train     bench_train.py: recipe budget and larger budgets, LLM compiled
 #   features  bench_features.py --device cuda (needs onnxruntime-gpu importable)
 #   profile   profile_infer.py: kernel counts/times of the decode step, a streaming flow chunk, HiFT
+#   api       bench_api.py (the public API, issue 14): defaults with a profile; the same 16 streams without
+#             continuous batching; the opt-in stream_cache
+#   serve     bench_serve.py: cosytune serve at 1/8/16 concurrent streams (issue 15)
+#   eval      bench_eval.py: scorecard throughput on the GPU (issue 16)
 # Environment: LLM_MODES / FLOW_MODES / HIFT_MODES narrow bench_infer's modes; SKIP_RECIPE=1 skips the
 # recipe-budget training runs.
 # JSON results go to OUT_DIR (default: $OUT when set, else ./bench_out).
@@ -14,7 +18,7 @@ set -uo pipefail
 out="${OUT:-./bench_out}"
 steps=()
 for a in "$@"; do
-    case "$a" in tests|infer|train|features|profile) steps+=("$a") ;; *) out="$a" ;; esac
+    case "$a" in tests|infer|train|features|profile|api|serve|eval) steps+=("$a") ;; *) out="$a" ;; esac
 done
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -41,6 +45,19 @@ for step in "${steps[@]}"; do
     profile)
         $py benchmarks/profile_infer.py --device cuda --out "$out/profile.json" > "$out/profile.log" 2>&1 || status=1
         grep -E '"(ms_per_token|wall_ms|kernels_per_call|kernel_ms_per_call)"' "$out/profile.log" | head -40 ;;
+    api)
+        timeout 240 $py benchmarks/bench_api.py --preset full --device cuda --requests 10 --concurrency 1,16 \
+            --long_text 2 --profile --out "$out/bench_api_default.json" 2>&1 | tail -12 || status=1
+        timeout 150 $py benchmarks/bench_api.py --preset full --device cuda --requests 2 --concurrency 16 \
+            --no_batch_decode --out "$out/bench_api_no_batch.json" 2>&1 | tail -7 || status=1
+        timeout 180 $py benchmarks/bench_api.py --preset full --device cuda --requests 4 --concurrency 16 \
+            --long_text 2 --stream_cache --out "$out/bench_api_stream_cache.json" 2>&1 | tail -9 || status=1 ;;
+    serve)
+        timeout 420 $py benchmarks/bench_serve.py --preset full --device cuda --concurrency 1,8,16 --requests 32 \
+            --out "$out/bench_serve.json" 2>&1 | tail -12 || status=1 ;;
+    eval)
+        timeout 300 $py benchmarks/bench_eval.py --device cuda --preset full --clips 64 --sentences 8 --takes 2 \
+            --out "$out/bench_eval.json" 2>&1 | tail -15 || status=1 ;;
     features)
         $py benchmarks/bench_features.py --device cuda --utts 448 --json "$out/features_gpu.json" 2>&1 | tail -25 \
             || status=1 ;;
