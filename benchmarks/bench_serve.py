@@ -20,10 +20,6 @@ CPU smoke run (tiny model):
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,13 +36,9 @@ PROMPT_TEXT = ("You are a helpful assistant.<|endofprompt|>"
 SAMPLE_RATE = 24000
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench_api import pct, summary  # noqa: F401  (one percentile rule for both public-API benchmarks)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serve_helpers import ServerProcess  # the serve tests' way to start the server and wait for /health
 
 
 def build_model_dir(preset: str) -> Path:
@@ -61,42 +53,6 @@ def build_model_dir(preset: str) -> Path:
     if rc != 0:
         raise SystemExit(f"could not add a speaker to {d} (exit {rc})")
     return d
-
-
-class Server:
-    def __init__(self, args: list[str], log: Path, timeout_s: float) -> None:
-        import httpx
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log = open(log, "wb")  # noqa: SIM115 - the server writes into it until stop()
-        self.log = log
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "cosytune", "serve", "--host", "127.0.0.1",
-                                      "--port", str(self.port), *args], stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
-        while time.perf_counter() - t0 < timeout_s:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the server exited with {self.proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    self.start_s = time.perf_counter() - t0
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise SystemExit(f"the server did not answer /health within {timeout_s} s:\n{log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
 
 
 def one_stream(url: str, voice: str, seed: int, timeout_s: float) -> dict[str, Any]:
@@ -182,10 +138,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_dir = args.model_dir or build_model_dir(args.preset)
     workers = args.workers or max(levels)
     log = Path(tempfile.mkdtemp(prefix="bench_serve_log_")) / "server.log"
-    server = Server(["--model_dir", str(model_dir), "--device", args.device, "--dtype", args.dtype,
-                     "--workers", str(workers), "--max_queue", str(max(levels)),
-                     "--request_timeout", str(args.request_timeout), *args.server_args.split()], log,
-                    args.startup_timeout)
+    try:
+        server = ServerProcess(["--model_dir", str(model_dir), "--device", args.device, "--dtype", args.dtype,
+                                "--workers", str(workers), "--max_queue", str(max(levels)),
+                                "--request_timeout", str(args.request_timeout), *args.server_args.split()], log,
+                               timeout_s=args.startup_timeout)
+    except RuntimeError as e:  # it exited, or never answered /health: its log says why
+        raise SystemExit(str(e)) from None
     try:
         health = httpx.get(server.url + "/health", timeout=10).json()
         voices = httpx.get(server.url + "/v1/speakers", timeout=10).json()["speakers"]

@@ -75,7 +75,8 @@ def transcribed_dataset(root: Path) -> Path:
 
 
 class ServerProcess:
-    """``cosytune serve`` in a subprocess on 127.0.0.1 (stopped with SIGINT, then SIGKILL)."""
+    """``cosytune serve`` in a subprocess on 127.0.0.1 (stopped with SIGINT, then SIGKILL); ``start_s``: seconds
+    until it answered ``/health``. ``benchmarks/bench_serve.py`` starts its server with this too."""
 
     def __init__(self, args: list[str], log: Path, *, timeout_s: float = 300.0) -> None:
         self.port = free_port()
@@ -96,6 +97,7 @@ class ServerProcess:
                 raise RuntimeError(f"cosytune serve exited with {self.proc.returncode}:\n{self.output()}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    self.start_s = time.monotonic() - t0
                     return
             except httpx.HTTPError:
                 pass

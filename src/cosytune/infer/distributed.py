@@ -17,22 +17,22 @@ Resume
 
 Coordination
     Only small Python objects travel between ranks (the results of the segments, never audio), over gloo,
-    whatever the device; the wavs go straight to the shared output folder.
+    whatever the device; the wavs go straight to the shared output folder. The rank layout, this rank's GPU
+    and the process group are :class:`cosytune.ranks.Ranks`, as in training.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
-import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from cosytune.fileio import read_jsonl, write_jsonl
+from cosytune.ranks import Ranks, leave_process_group
 
 logger = logging.getLogger(__name__)
 
@@ -87,42 +87,22 @@ def output_is_valid(wav: Path, entry: dict[str, Any]) -> bool:
                                                                                - seconds) < 1e-3)
 
 
-@dataclass(frozen=True)
-class BatchRanks:
+class BatchRanks(Ranks):
     """This process's place in a batch synthesis job (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
 
     @classmethod
     def from_env(cls) -> BatchRanks:
         """From torchrun's ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``; joins the process group when there are several."""
-        ranks = cls(int(os.environ.get("RANK", "0") or 0), int(os.environ.get("LOCAL_RANK", "0") or 0),
-                    int(os.environ.get("WORLD_SIZE", "1") or 1))
-        if ranks.distributed and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("gloo", timeout=WAIT)
+        ranks = super().from_env()
+        ranks.join("gloo", WAIT)
         return ranks
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
     def device(self, device: str) -> str:
         """The device this rank synthesises on: ``cuda:LOCAL_RANK`` for ``auto``/``cuda`` when several ranks
         share a machine's GPUs; otherwise ``device`` unchanged."""
         if self.distributed and device in ("auto", "cuda") and torch.cuda.is_available():
-            torch.cuda.set_device(self.local_rank)
-            return f"cuda:{self.local_rank}"
+            return str(self.cuda())
         return device
-
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
 
     def read_previous(self, manifest: Path) -> dict[str, dict[str, Any]]:
         """The entries of earlier runs; rank 0 first folds parts left by an interrupted run into ``manifest``."""
@@ -161,5 +141,5 @@ class BatchRanks:
         if self.is_main:
             for p in _parts(manifest):
                 p.unlink()
-        if self.distributed and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if self.distributed:
+            leave_process_group()

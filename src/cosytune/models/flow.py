@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,6 +166,26 @@ class CausalConditionalCFM(nn.Module):
             t = 1 - torch.cos(t * 0.5 * math.pi)
         return t
 
+    def guided_euler(self, x: Tensor, n_timesteps: int, w: float,
+                     velocity: Callable[[int, Tensor, Tensor], Tensor]) -> Tensor:
+        """Euler integration of the guided velocity ``(1 + w)·v_c − w·v_u`` from ``x`` (1, 80, T) over the
+        time grid; returns the result in float32.
+
+        ``velocity(step, x, t)`` gives the estimator output (2, 80, T) at Euler step ``step`` (1-based):
+        row 0 conditional, row 1 unconditional. The one update of :meth:`sample` and :meth:`sample_chunk`.
+        """
+        t_span = self.time_grid(n_timesteps, x.dtype, x.device)
+        t, dt = t_span[0], t_span[1] - t_span[0]
+        t = t.unsqueeze(0)
+        for step in range(1, len(t_span)):
+            v = velocity(step, x, t)
+            v_c, v_u = v[:1], v[1:]
+            x = x + dt * ((1.0 + w) * v_c - w * v_u)
+            t = t + dt
+            if step < len(t_span) - 1:
+                dt = t_span[step + 1] - t
+        return x.float()
+
     @torch.inference_mode()
     def sample(self, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, *, n_timesteps: int | None = None,
                cfg_rate: float | None = None, temperature: float = 1.0, streaming: bool = False,
@@ -180,9 +200,6 @@ class CausalConditionalCFM(nn.Module):
             raise DataError(f"flow sampling takes one utterance at a time (batch 1), got {mu.shape[0]}")
         T = mu.shape[2]
         x = self.fixed_noise(T, mu.device, mu.dtype) * temperature
-        t_span = self.time_grid(n, mu.dtype, mu.device)
-        t, dt = t_span[0], t_span[1] - t_span[0]
-        t = t.unsqueeze(0)
         dtype = spks.dtype
         # Batch of 2: row 0 conditional, row 1 unconditional (mu, spks, cond zero).
         x_in = torch.zeros(2, x.shape[1], T, device=x.device, dtype=dtype)
@@ -191,7 +208,8 @@ class CausalConditionalCFM(nn.Module):
         t_in = torch.zeros(2, device=x.device, dtype=dtype)
         spks_in = torch.zeros(2, spks.shape[1], device=x.device, dtype=dtype)
         cond_in = torch.zeros(2, cond.shape[1], T, device=x.device, dtype=dtype)
-        for step in range(1, len(t_span)):
+
+        def velocity(step: int, x: Tensor, t: Tensor) -> Tensor:
             x_in[:] = x
             mask_in[:] = mask
             mu_in[0] = mu[0]
@@ -201,12 +219,9 @@ class CausalConditionalCFM(nn.Module):
             v = self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming)
             if trace is not None:
                 trace.append(v.detach().clone())
-            v_c, v_u = v[:1], v[1:]
-            x = x + dt * ((1.0 + w) * v_c - w * v_u)
-            t = t + dt
-            if step < len(t_span) - 1:
-                dt = t_span[step + 1] - t
-        return x.float()
+            return v
+
+        return self.guided_euler(x, n, w, velocity)
 
     @torch.inference_mode()
     def sample_chunk(self, mu: Tensor, spks: Tensor, cond: Tensor, caches: list[DiTChunkCache], *,
@@ -227,24 +242,18 @@ class CausalConditionalCFM(nn.Module):
             raise ValueError(f"need one cache per Euler step ({n}), got {len(caches)}")
         start, frames = caches[0].frames, mu.shape[2]
         x = self.fixed_noise(start + frames, mu.device, mu.dtype)[:, :, start:] * temperature
-        t_span = self.time_grid(n, mu.dtype, mu.device)
-        t, dt = t_span[0], t_span[1] - t_span[0]
-        t = t.unsqueeze(0)
         dtype = spks.dtype
         zeros = torch.zeros
         mu_in = torch.cat((mu, zeros(mu.shape, device=mu.device, dtype=mu.dtype))).to(dtype)
         spks_in = torch.cat((spks, zeros(spks.shape, device=spks.device, dtype=dtype))).to(dtype)
         cond_in = torch.cat((cond, zeros(cond.shape, device=cond.device, dtype=cond.dtype))).to(dtype)
-        for step in range(1, len(t_span)):
+
+        def velocity(step: int, x: Tensor, t: Tensor) -> Tensor:
             x_in = torch.cat((x, x)).to(dtype)
             t_in = t.expand(2).to(dtype)
-            v = dit_forward_chunk(self.estimator, x_in, mu_in, t_in, spks_in, cond_in, caches[step - 1])
-            v_c, v_u = v[:1], v[1:]
-            x = x + dt * ((1.0 + w) * v_c - w * v_u)
-            t = t + dt
-            if step < len(t_span) - 1:
-                dt = t_span[step + 1] - t
-        return x.float()
+            return dit_forward_chunk(self.estimator, x_in, mu_in, t_in, spks_in, cond_in, caches[step - 1])
+
+        return self.guided_euler(x, n, w, velocity)
 
     def compute_loss(self, x1: Tensor, mask: Tensor, mu: Tensor, spks: Tensor, cond: Tensor,
                      streaming: bool = False, record: dict | None = None) -> Tensor:

@@ -207,10 +207,7 @@ def run_training(req: TrainRequest, *, summary: bool = True) -> TrainingOutcome:
                 write_json(req.run_dir / INPUTS_KEY_NAME, {"key": req.inputs_key})
             _warn_if_settings_differ(req, cfg)
             dump_config(cfg, req.run_dir / CONFIG_NAME)
-        if dist.world_size > 1:
-            import torch.distributed as tdist
-
-            tdist.barrier()  # no rank looks for checkpoints to resume while rank 0 clears them
+        dist.barrier()  # no rank looks for checkpoints to resume while rank 0 clears them
         logger.info("training %s on %s: %d train / %d cv utterances, world size %d, amp %s",
                     req.model, device, len(train_set), len(cv_set) if cv_set else 0, dist.world_size, cfg.amp)
         res = train(cfg, model, build.STEP_FUNCTIONS[req.model], train_set, cv_set, req.run_dir, device, dist,

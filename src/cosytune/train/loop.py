@@ -50,7 +50,7 @@ from cosytune.train.checkpoint import (
     set_rng_state,
 )
 from cosytune.train.config import TrainConfig, scaled_lr
-from cosytune.train.distributed import DistInfo, all_reduce_mean, barrier, wrap_ddp
+from cosytune.train.distributed import DistInfo, all_reduce_mean, wrap_ddp
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ def train(
                 ref_out = save_checkpoint(run_dir, name, raw_model.state_dict(), info, train_state)
                 logger.info("saved %s (cv %s)", ref_out.path.name,
                             ", ".join(f"{k}={v:.4f}" for k, v in cv_metrics.items()) or "n/a")
-            barrier(dist)
+            dist.barrier()
             return ref_out
 
         def run_cv() -> dict[str, float]:
