@@ -201,8 +201,10 @@ def run_takes(variants: Sequence[Variant], sentences: Sequence[Sentence], ref: R
     done = 0
     for v in variants:
         t0 = time.perf_counter()
+        # One take at a time: each shape's CUDA graphs are captured at first use (a few seconds over a
+        # variant's takes) instead of the ~25 s warm-up of every common shape a server pays at load.
         synth = Synthesizer.from_dir(v.model_dir, device=device, llm_ckpt=v.llm_ckpt, flow_ckpt=v.flow_ckpt,
-                                     hash_files=False)
+                                     hash_files=False, warmup=False)
         if v.spk2info:
             synth.spk2info.update(v.spk2info)
         speaker = synth.speaker_from_wav(v.prompt_wav) if v.prompt_wav else None
