@@ -171,3 +171,31 @@ def test_batched_equals_pooled_on_cuda(tmp_path):
                         [(s,) for s in range(8)])
     assert all(len(r.tokens) > 0 and r.audio.size for r in got.values())
     assert batched.batcher.stats()["peak_rows"] >= 2
+
+
+def test_the_loop_thread_ends_when_idle_and_comes_back(synths, monkeypatch):
+    from cosytune.infer import batching
+
+    batched, pooled = synths
+    monkeypatch.setattr(batching, "IDLE_EXIT_S", 0.2)
+    b = batching.DecodeBatcher(batched.llm, batched.decoder_pool.capacity_for, max_rows=4)
+    assert batching.row_buckets(4) == [1, 2, 4] and batching.row_buckets(6) == [1, 2, 4, 6]
+    req = batched.prepare(SHORT, spk_id="alice", options=_opts(7))
+    prompt = batched.llm.build_prompt(req.text_ids, req.llm_prompt_ids, req.llm_prompt_speech)
+    sampling = batched.llm.config.sampling
+    dec = pooled.decoder_pool.acquire(prompt.lm_input.shape[1] + prompt.max_len)
+    want = [s.token_id for s in dec.decode(prompt, sampling=sampling, generator=torch.Generator().manual_seed(7))]
+    pooled.decoder_pool.release(dec)
+    for _ in range(2):  # the second request starts a new loop thread after the first one ended
+        got = [s.token_id for s in b.decode(prompt, sampling=sampling, generator=torch.Generator().manual_seed(7))]
+        assert got == want
+        for _ in range(100):
+            if b._thread is None:
+                break
+            threading.Event().wait(0.05)
+        assert b._thread is None
+    b.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        next(b.decode(prompt, sampling=sampling, generator=torch.Generator().manual_seed(7)))
+    with pytest.raises(ValueError, match="capacity"):
+        next(b.decode(replace(prompt, max_len=10**9), sampling=sampling, generator=torch.Generator()))
