@@ -294,7 +294,8 @@ def test_serve_defaults_are_the_fast_defaults_of_infer(monkeypatch):
     args = _command_parser("serve").parse_args(["--model_dir", "m"])
     assert args.dtype == defaults["dtype"].default == EngineConfig.dtype == "auto"
     assert EngineConfig.fast_flow is defaults["fast_flow"].default is None and EngineConfig.warmup
-    assert (args.no_fast_flow, args.no_warmup) == (False, False)
+    assert (args.no_fast_flow, args.no_warmup, args.no_batch_decode, args.workers) == (False, False, False, None)
+    assert EngineConfig.workers is None and EngineConfig.batch_decode is None
     captured = []  # the settings run() builds, without starting a server
     monkeypatch.setattr("cosytune.serve.server.run_server", lambda settings: captured.append(settings) or {})
     serve.run(_command_parser("serve").parse_args(["--model_dir", "m", "--no_fast_flow", "--dtype", "float32",

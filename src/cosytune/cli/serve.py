@@ -40,7 +40,8 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     flag(p, "insecure", action="store_true", help="allow a non-loopback --host without --api_key")
     flag(p, "cors_origin", action="append", default=[], metavar="ORIGIN",
          help="allow browser pages of ORIGIN to call the API (repeatable; CORS is off by default)")
-    flag(p, "workers", type=int, default=1, help="requests synthesised at once (default %(default)s)")
+    flag(p, "workers", type=int, default=None, help="requests synthesised at once (default: 16 on a GPU, where "
+         "their LLM steps are batched together; 1 on the CPU)")
     flag(p, "max_queue", type=int, default=8, help="requests waiting for a worker before 429 (default %(default)s)")
     flag(p, "request_timeout", type=float, default=300.0, metavar="S", help="stop a request after S seconds")
     flag(p, "max_text_chars", type=int, default=2000, help="longest text per request (default %(default)s)")

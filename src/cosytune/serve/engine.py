@@ -57,8 +57,9 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"
     """float32, bfloat16, float16, or auto (bfloat16 on a GPU that supports it, else float32)."""
-    workers: int = 1
-    """Requests synthesised at once (threads)."""
+    workers: int | None = None
+    """Requests synthesised at once (threads); None = the rows of a continuous-batching step on a GPU (16),
+    else 1."""
     max_queue: int = 8
     """Requests allowed to wait for a worker; one more gets 429."""
     request_timeout_s: float = 300.0
@@ -157,7 +158,7 @@ class Engine:
     def __init__(self, cfg: EngineConfig) -> None:
         from cosytune.infer.synthesizer import Synthesizer
 
-        if cfg.workers < 1 or cfg.max_queue < 0:
+        if (cfg.workers is not None and cfg.workers < 1) or cfg.max_queue < 0:
             raise UsageError(f"--workers must be >= 1 and --max_queue >= 0, got {cfg.workers}, {cfg.max_queue}")
         self.cfg = cfg
         t0 = time.perf_counter()
@@ -168,6 +169,9 @@ class Engine:
         self.dtype = str(self.base.dtype).replace("torch.", "")
         self.device = str(self.base.device)
         self.sample_rate = int(self.base.sample_rate)
+        batcher = getattr(self.base, "batcher", None)
+        #: Requests synthesised at once (``cfg.workers``, or what the batcher decodes together).
+        self.workers = int(cfg.workers or (batcher.max_rows if batcher is not None else 1))
         self.variants = scan_variants(cfg.model_dir, cfg.run_dir)
         self._variants_lock = threading.Lock()
         self._base_bytes = _weight_bytes(self.base)
@@ -175,7 +179,7 @@ class Engine:
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._load_locks: dict[tuple[str, str], threading.Lock] = {}
-        self._pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="cosytune-serve")
+        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="cosytune-serve")
         self._admit_lock = threading.Lock()
         self.jobs: dict[str, Job] = {}
         self.metrics = Metrics()
@@ -270,8 +274,8 @@ class Engine:
     def admit(self, stream: bool) -> Job:
         """Register a request, or raise QueueFullError when ``workers + max_queue`` are taken."""
         with self._admit_lock:
-            if len(self.jobs) >= self.cfg.workers + self.cfg.max_queue:
-                raise QueueFullError(f"the server is busy: {self.cfg.workers} request(s) running and "
+            if len(self.jobs) >= self.workers + self.cfg.max_queue:
+                raise QueueFullError(f"the server is busy: {self.workers} request(s) running and "
                                      f"{self.cfg.max_queue} waiting; retry after a few seconds")
             job = Job(secrets.token_hex(8), stream, deadline=time.monotonic() + self.cfg.request_timeout_s)
             self.jobs[job.id] = job

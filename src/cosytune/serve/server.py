@@ -27,7 +27,7 @@ class ServeSettings:
     api_key: str | None = None
     insecure: bool = False
     cors_origins: tuple[str, ...] = ()
-    workers: int = 1
+    workers: int | None = None
     max_queue: int = 8
     request_timeout_s: float = 300.0
     max_text_chars: int = 2000
@@ -60,7 +60,7 @@ def check_settings(s: ServeSettings) -> None:
         raise UsageError(f"--model_dir {s.model_dir} is not a folder; expected a CosyVoice 3 model dir")
     if s.run_dir is not None and not Path(s.run_dir).is_dir():
         raise UsageError(f"--run_dir {s.run_dir} is not a folder; expected a training run dir (exp/llm) or work dir")
-    for name, v in (("--workers", s.workers), ("--max_text_chars", s.max_text_chars),
+    for name, v in (("--workers", 1 if s.workers is None else s.workers), ("--max_text_chars", s.max_text_chars),
                     ("--max_body_bytes", s.max_body_bytes), ("--variant_cache", s.variant_cache)):
         if v < 1:
             raise UsageError(f"{name} must be >= 1, got {v}")
