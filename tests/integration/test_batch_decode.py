@@ -199,3 +199,24 @@ def test_the_loop_thread_ends_when_idle_and_comes_back(synths, monkeypatch):
         next(b.decode(prompt, sampling=sampling, generator=torch.Generator().manual_seed(7)))
     with pytest.raises(ValueError, match="capacity"):
         next(b.decode(replace(prompt, max_len=10**9), sampling=sampling, generator=torch.Generator()))
+
+
+def test_repetition_redraws_match_the_single_decoder(synths):
+    """tau_r=0 makes the repetition rule redraw at every step after the first: the batch reads all rows'
+    redraws in one transfer and must still make each row's exact decisions."""
+    batched, pooled = synths
+    sampling = SamplingConfig(tau_r=0.0)
+    prompts = {}
+    for seed, text in ((31, SHORT), (32, LONG), (33, SHORT)):
+        req = batched.prepare(text, spk_id="alice", options=_opts(seed))
+        prompts[seed] = batched.llm.build_prompt(req.text_ids, req.llm_prompt_ids, req.llm_prompt_speech)
+    want = {}
+    for seed, prompt in prompts.items():
+        dec = pooled.decoder_pool.acquire(prompt.lm_input.shape[1] + prompt.max_len)
+        want[seed] = [s.sample for s in dec.decode(prompt, sampling=sampling,
+                                                   generator=torch.Generator().manual_seed(seed))]
+        pooled.decoder_pool.release(dec)
+    got = _run_together(lambda seed: [s.sample for s in batched.batcher.decode(
+        prompts[seed], sampling=sampling, generator=torch.Generator().manual_seed(seed))], [(s,) for s in prompts])
+    assert {s: got[(s,)] for s in prompts} == want
+    assert all(sum(r.ras_redraw for r in rs) == len(rs) for rs in want.values())

@@ -41,10 +41,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cosytune.infer.fast import DeviceGate, GraphedDecoder, pick_token, stop_row
+from cosytune.infer.fast import DeviceGate, GraphedDecoder, nucleus_pick, stop_row
 from cosytune.models.llm import CosyVoice3LM, DecodeStep, InferencePrompt, MinLenMode
 from cosytune.models.qwen2 import KVCache
-from cosytune.models.sampling import SamplingConfig, exponential_draws
+from cosytune.models.sampling import SampleResult, SamplingConfig, exponential_draws, redraw_index
 
 logger = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ class DecodeBatcher:
             s.lengths[row.slot] = width
             group.stop_mask[row.slot].copy_(row.stop_mask)
             group.live[row.slot] = 1
-            self._emit(group, dec, 0, row, host, snap)
+            self._emit_all(group, dec, [(0, row)], host, snap)
 
     def _step(self, group: _Group) -> None:
         """One batch step for every active row of ``group``."""
@@ -346,8 +346,7 @@ class DecodeBatcher:
             dec.step(tokens)
             group.cache.lengths[:b].mul_(group.live[:b])  # rows not in use stay empty
             host, snap = self._read_heads(dec, [(r.slot, r) for r in rows], b)
-            for r in rows:
-                self._emit(group, dec, r.slot, r, host, snap)
+            self._emit_all(group, dec, [(r.slot, r) for r in rows], host, snap)
         with self._cond:
             self._stats["steps"] += 1
             self._stats["row_steps"] += len(rows)
@@ -365,20 +364,32 @@ class DecodeBatcher:
             parts.append(q)
         return torch.stack(parts).cpu().numpy(), dec.logp.clone()
 
-    def _emit(self, group: _Group, dec: GraphedDecoder, at: int, row: _Row, host: Any, snap: Tensor) -> None:
-        """Pick ``row``'s token from row ``at`` of the heads, hand the step to its consumer, advance or finish."""
-        ahead = self.device.type == "cuda" and row.generator.device.type == "cuda"
-        draw = exponential_draws(row.generator)
-        result = pick_token(dec, at, host[0, at, :row.k], host[1, at, :row.k],
-                            host[2, at, :row.k] if ahead else None, row.sampling, row.history, draw)
-        token = result.token_id
-        stop = self.llm.config.is_stop(token)
-        step = row.step
-        row.out.put(DecodeStep(step, snap[at], result, token, stop))
-        if stop or step + 1 == row.prompt.max_len or row.closed:
-            self._finish(group, row)
-            return
-        row.history.append(token)
-        row.token = token
-        row.step = step + 1
-
+    def _emit_all(self, group: _Group, dec: GraphedDecoder, rows: list[tuple[int, _Row]], host: Any,
+                  snap: Tensor) -> None:
+        """Pick each row's token from its row ``at`` of the heads, hand the step to its consumer, advance or
+        finish the row. Repetition redraws run on the device for every row that needs one and are read in
+        one transfer (the same operations as a single decoder's redraw, so the same ids)."""
+        picks = []
+        redraws: list[Tensor] = []
+        for at, row in rows:
+            ahead = self.device.type == "cuda" and row.generator.device.type == "cuda"
+            draw = exponential_draws(row.generator)
+            ids, pos, pick, redraw = nucleus_pick(
+                host[0, at, :row.k], host[1, at, :row.k], host[2, at, :row.k] if ahead else None, row.sampling,
+                row.history, lambda count, at=at, draw=draw: draw(dec.sorted_p[at, :count]).cpu().numpy())
+            if redraw:
+                redraws.append(redraw_index(dec.masked[at], pick, draw))
+            picks.append((at, row, ids, pos, pick, redraw))
+        drawn = iter(torch.stack(redraws).tolist() if redraws else [])
+        for at, row, ids, pos, pick, redraw in picks:
+            token = next(drawn) if redraw else pick
+            result = SampleResult(token, ids, pos, pick, redraw)
+            stop = self.llm.config.is_stop(token)
+            step = row.step
+            row.out.put(DecodeStep(step, snap[at], result, token, stop))
+            if stop or step + 1 == row.prompt.max_len or row.closed:
+                self._finish(group, row)
+                continue
+            row.history.append(token)
+            row.token = token
+            row.step = step + 1

@@ -468,25 +468,36 @@ def stop_row(cfg: Any, min_len_mode: MinLenMode, device: torch.device) -> Tensor
     return row.to(device)
 
 
-def pick_token(dec: GraphedDecoder, row: int, head_p: np.ndarray, head_ids: np.ndarray, q: np.ndarray | None,
-               sampling: SamplingConfig, history: Sequence[int], draw: Any) -> Any:
-    """One RAS decision for ``row`` of a ``sample_head`` decoder, from host copies of its sorted head.
+def nucleus_pick(head_p: np.ndarray, head_ids: np.ndarray, q: np.ndarray | None, sampling: SamplingConfig,
+                 history: Sequence[int], draw_now: Any) -> tuple[tuple[int, ...], int, int, bool]:
+    """The nucleus pick of RAS from host copies of a row's sorted head: ``(candidates, position, pick,
+    whether the repetition rule asks for a redraw)``.
 
-    ``head_p``/``head_ids``: the top-k probabilities and ids (k = min(top_k, V)); ``q``: Exp(1) draws
-    made ahead for them (CUDA), or None to draw exactly the nucleus count now (CPU, as the reference).
-    The nucleus pick is ``argmax(p / q)`` as :func:`~cosytune.models.sampling.ras_sample`; a repetition
-    redraws from the row's masked log-probs. Returns the :class:`~cosytune.models.sampling.SampleResult`.
+    ``head_p``/``head_ids``: the top-k probabilities and ids (k = min(top_k, V)); ``q``: Exp(1) draws made
+    ahead for them (CUDA), or None: ``draw_now(count)`` returns exactly the nucleus count's draws (CPU, as
+    the reference). The pick is ``argmax(p / q)`` as :func:`~cosytune.models.sampling.ras_sample`.
     """
-    from cosytune.models.sampling import SampleResult, _nucleus_count, _redraw
+    from cosytune.models.sampling import _nucleus_count
 
     count = _nucleus_count(head_p, sampling.top_p)
-    qs = q[:count] if q is not None else draw(dec.sorted_p[row, :count]).cpu().numpy()
+    qs = q[:count] if q is not None else draw_now(count)
     pos = int(np.argmax(head_p[:count] / qs))
     ids = tuple(int(i) for i in head_ids[:count])
-    pick = token = ids[pos]
+    pick = ids[pos]
+    # same float product as ras_sample
     redraw = sum(1 for t in history[-sampling.win_size:] if t == pick) >= sampling.win_size * sampling.tau_r
-    if redraw:  # same float product as ras_sample
-        token = _redraw(dec.masked[row], pick, draw)
+    return ids, pos, pick, redraw
+
+
+def pick_token(dec: GraphedDecoder, row: int, head_p: np.ndarray, head_ids: np.ndarray, q: np.ndarray | None,
+               sampling: SamplingConfig, history: Sequence[int], draw: Any) -> Any:
+    """One RAS decision for ``row`` of a ``sample_head`` decoder (:func:`nucleus_pick`, then a repetition
+    redraws from the row's masked log-probs). Returns the :class:`~cosytune.models.sampling.SampleResult`."""
+    from cosytune.models.sampling import SampleResult, _redraw
+
+    ids, pos, pick, redraw = nucleus_pick(head_p, head_ids, q, sampling, history,
+                                          lambda count: draw(dec.sorted_p[row, :count]).cpu().numpy())
+    token = _redraw(dec.masked[row], pick, draw) if redraw else pick
     return SampleResult(token, ids, pos, pick, redraw)
 
 

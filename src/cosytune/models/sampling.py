@@ -167,10 +167,18 @@ def _nucleus_count(head: np.ndarray, top_p: float) -> int:
 
 def _redraw(logp: Tensor, pick: int, draw: DrawQ) -> int:
     """The repetition redraw: from the softmax of the whole vector with ``pick`` excluded."""
+    return int(redraw_index(logp, pick, draw))
+
+
+def redraw_index(logp: Tensor, pick: int, draw: DrawQ) -> Tensor:
+    """:func:`_redraw`'s index as a 0-d tensor on ``logp``'s device (read it later: no sync here)."""
     masked = logp.clone()
     masked[pick] = -float("inf")
     full = masked.softmax(dim=0)
-    return draw_index(full, draw(full))
+    q = draw(full)
+    if q.shape != full.shape:
+        raise ValueError(f"exponential draws have shape {tuple(q.shape)}, expected {tuple(full.shape)}")
+    return torch.argmax(full / q.to(device=full.device, dtype=full.dtype))
 
 
 def ras_sample(logp: Tensor, history: Sequence[int], config: SamplingConfig, *,
