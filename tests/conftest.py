@@ -200,3 +200,19 @@ def shipped_assets_stay_untouched():
     yield
     changed = sorted(k for k, v in digest().items() if before.get(k) != v)
     assert not changed, f"tests modified shipped assets: {changed}"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """One tiny random-weight model dir (preset ``tiny``, seed 0) for the whole session: building one takes
+    ~8 s, most of it the tokenizer. Tests read it, use it as a base model, copy it, or build their own dirs
+    with ``write_model_dir(..., tokenizer_from=tiny_model_dir / "CosyVoice-BlankEN")`` (~0.3 s). Nothing may
+    write into it: at the end of the session every file must still be the one written, and no file added."""
+    from cosytune.modeldir import presets
+
+    d = presets.write_model_dir(tmp_path_factory.getbasetemp() / "cosytune_tiny_seed0", "tiny", seed=0)
+    yield d
+    files = {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()}
+    added = sorted(files - set(presets.read_init_info(d)["sha256"]) - {presets.INIT_INFO_NAME})
+    assert presets.is_complete_model_dir(d, "tiny", 0) and not added, (
+        f"a test changed the shared tiny model dir {d} (files added: {added}); copy it before changing it")

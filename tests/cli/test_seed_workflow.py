@@ -47,11 +47,12 @@ train_conf:
 
 
 @pytest.fixture(scope="module")
-def seed_env(tmp_path_factory):
+def seed_env(tmp_path_factory, tiny_model_dir):
     from cosytune.modeldir.presets import write_model_dir
 
     root = tmp_path_factory.mktemp("seed")
-    base = write_model_dir(root / "pretrained_models" / "Fun-CosyVoice3-0.5B", preset="tiny", seed=0)
+    base = write_model_dir(root / "pretrained_models" / "Fun-CosyVoice3-0.5B", preset="tiny", seed=0,
+                           tokenizer_from=tiny_model_dir / "CosyVoice-BlankEN")
     (root / "configs").mkdir()
     (root / "configs" / "cosyvoice3_xuan_sft.yaml").write_text(
         (base / "cosyvoice3.yaml").read_text(encoding="utf-8") + RECIPE_TAIL, encoding="utf-8")

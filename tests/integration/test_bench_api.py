@@ -10,12 +10,13 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_bench_api_reports_cold_warm_stream_and_concurrent(tmp_path):
+def test_bench_api_reports_cold_warm_stream_and_concurrent(tmp_path, tiny_model_dir):
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_api.py"
     spec = importlib.util.spec_from_file_location("bench_api", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = bench.main(["--preset", "tiny", "--device", "cpu", "--requests", "1", "--concurrency", "2",
+    # The session's tiny dir: what --preset tiny would build (into a temporary dir left behind), built once.
+    out = bench.main(["--model_dir", str(tiny_model_dir), "--device", "cpu", "--requests", "1", "--concurrency", "2",
                       "--out", str(tmp_path / "b.json")])
     assert (tmp_path / "b.json").is_file() and out["load_s"] > 0
     assert out["first_request"]["rtf"] > 0 and out["first_stream"]["first_chunk_s"] > 0

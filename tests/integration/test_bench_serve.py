@@ -10,14 +10,14 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_bench_serve_streams_concurrently_without_drops(tmp_path):
+def test_bench_serve_streams_concurrently_without_drops(tmp_path, tiny_model_dir):
     from speaker_models import speaker_model_dir
 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_serve.py"
     spec = importlib.util.spec_from_file_location("bench_serve", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    model = speaker_model_dir(tmp_path / "m")
+    model = speaker_model_dir(tmp_path / "m", tokenizer_from=tiny_model_dir / "CosyVoice-BlankEN")
     out = bench.main(["--model_dir", str(model), "--device", "cpu", "--concurrency", "1,3", "--requests", "3",
                       "--request_timeout", "240", "--out", str(tmp_path / "b.json")])
     assert (tmp_path / "b.json").is_file() and "error" not in out["warmup"]

@@ -24,16 +24,14 @@ CLIPS = ["agent-alreadyon", "agent-incorrect", "auth-incorrect", "conf-getchanne
 
 
 @pytest.fixture(scope="module")
-def work(sample_speaker_dir, tmp_path_factory) -> tuple[Path, str]:
+def work(sample_speaker_dir, tmp_path_factory, tiny_model_dir) -> tuple[Path, str]:
     """A work dir made by `cosytune run --select scorecard` (8 clips, 2 epochs, tiny model); its output."""
-    from cosytune.modeldir.presets import write_model_dir
-
     root = tmp_path_factory.mktemp("evalrun")
     audio = root / "audio"
     audio.mkdir()
     for c in CLIPS:
         shutil.copy(sample_speaker_dir / "audio" / f"{c}.mp3", audio)
-    base = write_model_dir(root / "base", preset="tiny", seed=0)
+    base = tiny_model_dir
     w = root / "work"
     import contextlib
     import io

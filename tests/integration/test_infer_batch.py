@@ -13,9 +13,9 @@ from cosytune.models.sampling import SamplingConfig
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, sample_speaker_dir):
+def model_dir(tmp_path_factory, sample_speaker_dir, tiny_model_dir):
     clip = sample_speaker_dir / "audio" / "agent-user.mp3"
-    return speaker_model_dir(tmp_path_factory.mktemp("batchmodel") / "a", zero_shot_clip=clip)
+    return speaker_model_dir(tmp_path_factory.mktemp("batchmodel") / "a", zero_shot_clip=clip, tokenizer_from=tiny_model_dir / "CosyVoice-BlankEN")
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,8 @@ def _files(out) -> dict[str, object]:
     return {p.name: p for p in sorted(out.iterdir()) if not p.name.startswith(".")}
 
 
-def test_two_ranks_interrupted_and_resumed_equal_one_process(tmp_path):
-    model = speaker_model_dir(tmp_path / "model")
+def test_two_ranks_interrupted_and_resumed_equal_one_process(tmp_path, tiny_model_dir):
+    model = speaker_model_dir(tmp_path / "model", tokenizer_from=tiny_model_dir / "CosyVoice-BlankEN")
     lines = tmp_path / "in.txt"
     lines.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
     common = ["infer-batch", "--model_dir", str(model), "--spk_id", "alice", "--input", str(lines), "--seed", "5",

@@ -25,13 +25,13 @@ SECRET = "Seven secret swans sang softly."
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory, sample_speaker_dir):
+def dirs(tmp_path_factory, sample_speaker_dir, tiny_model_dir):
     """Model dir A (seed 0) with an SFT speaker and a stored zero-shot speaker, and model dir B (seed 1)."""
     from cosytune.modeldir.presets import write_model_dir
 
     root = tmp_path_factory.mktemp("models")
     clip = sample_speaker_dir / "audio" / "agent-user.mp3"
-    a = speaker_model_dir(root / "a", zero_shot_clip=clip)
+    a = speaker_model_dir(root / "a", zero_shot_clip=clip, tokenizer_from=tiny_model_dir / "CosyVoice-BlankEN")
     b = write_model_dir(root / "b", "tiny", seed=1, tokenizer_from=a / "CosyVoice-BlankEN")
     return {"a": a, "b": b, "root": root, "clip": clip}
 

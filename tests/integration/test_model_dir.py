@@ -16,12 +16,10 @@ from cosytune.modeldir.presets import is_complete_model_dir, preset_hparams, wri
 from cosytune.modeldir.upstream_yaml import parse_cosyvoice3_yaml
 from cosytune.weights import save_state_dict, save_weights
 
-SHARED_NAME = "cosytune_tiny_seed0"  # one tiny model dir per test session (write_model_dir reuses it)
-
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return write_model_dir(tmp_path_factory.getbasetemp() / SHARED_NAME, "tiny", seed=0)
+def tiny_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir  # the session's tiny dir (tests/conftest.py), written by write_model_dir
 
 
 def _copy_dir(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:

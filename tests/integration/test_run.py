@@ -23,10 +23,8 @@ SAMPLE = Path(str(files("cosytune") / "assets" / "sample_speaker"))
 
 
 @pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    from cosytune.modeldir.presets import write_model_dir
-
-    return write_model_dir(tmp_path_factory.mktemp("base") / "tiny", preset="tiny", seed=0)
+def tiny_base(tiny_model_dir) -> Path:
+    return tiny_model_dir  # the session's tiny dir (tests/conftest.py): read-only
 
 
 def _argv(work: Path, base: Path, *extra: str) -> list[str]:

@@ -83,8 +83,8 @@ def test_sample_decode_falls_back_for_injected_draws_and_temperature():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return speaker_model_dir(tmp_path_factory.mktemp("speed") / "m")
+def model_dir(tmp_path_factory, tiny_model_dir):
+    return speaker_model_dir(tmp_path_factory.mktemp("speed") / "m", tokenizer_from=tiny_model_dir / "CosyVoice-BlankEN")
 
 
 def _opts(seed: int) -> SynthesisOptions:

@@ -24,9 +24,9 @@ LONG = ("A request long enough to be cut into several streamed chunks, so that t
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tmp_path_factory, tiny_model_dir):
     """Tiny random model dir with one SFT speaker, ``alice``."""
-    return speaker_model_dir(tmp_path_factory.mktemp("fastdec") / "m")
+    return speaker_model_dir(tmp_path_factory.mktemp("fastdec") / "m", tokenizer_from=tiny_model_dir / "CosyVoice-BlankEN")
 
 
 @pytest.fixture(scope="module")

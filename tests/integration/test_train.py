@@ -19,10 +19,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    from cosytune.modeldir.presets import write_model_dir
-
-    return write_model_dir(tmp_path_factory.mktemp("base") / "tiny", preset="tiny", seed=0)
+def tiny_base(tiny_model_dir) -> Path:
+    return tiny_model_dir  # the session's tiny dir (tests/conftest.py): read-only
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +94,8 @@ def test_llm_loss_falls_when_overfitting(sample_data, tiny_base, tmp_path):
 
 def test_resume_after_kill_is_exact(sample_data, tiny_base, tmp_path):
     """Kill a training process after its first mid-epoch checkpoint; resuming ends bit-identical to
-    an uninterrupted run."""
-    extra = ("max_epoch=4", "save_per_step=1", "log_interval=1", "tensorboard=false")
+    an uninterrupted run (the rest of epoch 0 and one whole epoch after it)."""
+    extra = ("max_epoch=2", "save_per_step=1", "log_interval=1", "tensorboard=false")
     ref = tmp_path / "ref"
     assert main(_train_argv("llm", sample_data, tiny_base, ref, *extra)) == 0
 
@@ -112,11 +110,11 @@ def test_resume_after_kill_is_exact(sample_data, tiny_base, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed; make it longer"
-    assert not (run / "epoch_3_whole.pt").exists()
+    assert not (run / "epoch_1_whole.pt").exists()
     assert not list(run.glob(".*.tmp*")) or all(p.name.startswith(".") for p in run.glob(".*.tmp*"))
 
     assert main(_train_argv("llm", sample_data, tiny_base, run, *extra)) == 0  # --resume auto is the default
-    a, b = _weights(ref / "epoch_3_whole.pt"), _weights(run / "epoch_3_whole.pt")
+    a, b = _weights(ref / "epoch_1_whole.pt"), _weights(run / "epoch_1_whole.pt")
     assert a.keys() == b.keys()
     diff = [k for k in a if not torch.equal(a[k], b[k])]
     assert not diff, f"resumed run differs from the uninterrupted one in {diff[:5]}"

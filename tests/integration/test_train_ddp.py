@@ -59,10 +59,8 @@ def _write_shard(path: Path, n: int, seed: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    from cosytune.modeldir.presets import write_model_dir
-
-    return write_model_dir(tmp_path_factory.mktemp("base") / "tiny", preset="tiny", seed=0)
+def tiny_base(tiny_model_dir) -> Path:
+    return tiny_model_dir  # the session's tiny dir (tests/conftest.py): read-only
 
 
 @pytest.fixture(scope="module")

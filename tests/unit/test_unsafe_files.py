@@ -171,14 +171,14 @@ def _run_dir_with_evil(run: Path, marker: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_model_dir_commands_refuse_crafted_files(tmp_path, marker, capsys):
+def test_model_dir_commands_refuse_crafted_files(tmp_path, marker, capsys, tiny_model_dir):
     """``assemble`` with a crafted tuned file and ``infer`` on a model dir whose spk2info.pt is crafted."""
     import logging
 
     from cosytune.modeldir.presets import write_model_dir
 
     logging.getLogger().handlers.clear()  # an earlier main() bound logging to a capture that is closed now
-    base = write_model_dir(tmp_path / "base", preset="tiny", seed=0)
+    base = write_model_dir(tmp_path / "base", preset="tiny", seed=0, tokenizer_from=tiny_model_dir / "CosyVoice-BlankEN")
     evil = write_evil(tmp_path / "evil" / "llm_avg.pt", marker)
     rc, out = _cli(["assemble", "--base_model_dir", str(base), "--out_model_dir", str(tmp_path / "m"),
                     "--llm_pt", str(evil)], capsys)
