@@ -160,10 +160,12 @@ def load_tokenizer(token_dir: str | os.PathLike, skip_special_tokens: bool = Tru
             "Copy CosyVoice-BlankEN from the released model, or create a test model with "
             "'cosytune init-model --preset tiny --out DIR'."
         )
-    from transformers import AutoTokenizer
+    # The class AutoTokenizer resolves for CosyVoice-BlankEN (tokenizer_class Qwen2Tokenizer, fast by default),
+    # imported directly: AutoTokenizer's import pulls in sklearn and torch._dynamo (~2 s per process).
+    from transformers import Qwen2TokenizerFast
 
     try:
-        hf = AutoTokenizer.from_pretrained(str(token_dir), local_files_only=True)
+        hf = Qwen2TokenizerFast.from_pretrained(str(token_dir), local_files_only=True)
     except Exception as e:
         raise ModelDirError(f"{token_dir}: could not load the tokenizer ({type(e).__name__}: {e})") from e
     base_len = len(hf)
