@@ -162,7 +162,10 @@ def load_synthesizer(args: argparse.Namespace) -> tuple[Any, float]:
                                  warmup=(False if getattr(args, "no_warmup", False) else
                                          True if getattr(args, "warmup", False) else
                                          None if hasattr(args, "no_warmup") else False),
-                                 stream_cache=bool(getattr(args, "stream_cache", False)))
+                                 stream_cache=bool(getattr(args, "stream_cache", False)),
+                                 # one request at a time (infer-batch batches its segments itself): no
+                                 # continuous-batching rows to hold (a 16-row cache per capacity on a GPU)
+                                 batch_decode=False)
     return synth, time.perf_counter() - t0
 
 
