@@ -548,9 +548,10 @@ class Synthesizer:
                                                     estimator=fast_estimator(flow.decoder.estimator))
         self.fast_vocoder = (cuda if fast_vocoder is None else bool(fast_vocoder)) and cuda
         self._vocoder: Any = None
-        # HiFT itself is safe to share between threads. The graphed vocoder is not (its buffers are shared, and
-        # its graphs read HiFT's fixed noise in place, which an eager call may grow): with it, one call at a time.
-        self._vocoder_lock: Any = threading.Lock() if self.fast_vocoder else contextlib.nullcontext()
+        # One vocoder call at a time: HiFT swaps module state per call (the functional float64 f0 predictor,
+        # cached weight-norm parametrizations) and the graphed vocoder shares its buffers. Cheap next to
+        # the LLM and the flow.
+        self._vocoder_lock = threading.Lock()
         if self.fast_vocoder:
             from cosytune.infer.fast import GraphedVocoder
 

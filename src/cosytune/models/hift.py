@@ -66,6 +66,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -77,6 +78,9 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 logger = logging.getLogger(__name__)
+#: Serialises the f0 predictor's cast-parameter calls (see ``HiFTGenerator._predict_f0``); module-level so the
+#: networks stay deep-copyable and picklable.
+_F0_CAST_LOCK = threading.Lock()
 
 __all__ = [
     "CausalConv1d",
@@ -252,10 +256,8 @@ class CausalConv1d(nn.Conv1d):
         self.side = side
         self.causal_padding = causal_padding(kernel_size, dilation)
 
-    def forward(self, x: Tensor, cache: Tensor | None = None, weight: Tensor | None = None,
-                bias: Tensor | None = None) -> Tensor:
-        """Args: x (B, C_in, T); cache (B, C_in, causal_padding) or None for zeros; weight, bias: used instead
-        of the module's own when given. Returns (B, C_out, T)."""
+    def forward(self, x: Tensor, cache: Tensor | None = None) -> Tensor:
+        """Args: x (B, C_in, T); cache (B, C_in, causal_padding) or None for zeros. Returns (B, C_out, T)."""
         if cache is None:
             pad = (self.causal_padding, 0) if self.side == "left" else (0, self.causal_padding)
             x = F.pad(x, pad)
@@ -263,7 +265,7 @@ class CausalConv1d(nn.Conv1d):
             if cache.shape[2] != self.causal_padding:
                 raise ValueError(f"cache must have {self.causal_padding} frames, found {cache.shape[2]}")
             x = torch.cat([cache, x] if self.side == "left" else [x, cache], dim=2)
-        return self._conv_forward(x, self.weight if weight is None else weight, self.bias if bias is None else bias)
+        return super().forward(x)
 
 
 class CausalConv1dDownSample(nn.Conv1d):
@@ -357,34 +359,25 @@ class F0Predictor(nn.Module):
         """Look-ahead frames (3)."""
         return self.condnet[0].causal_padding
 
-    def forward(self, mel: Tensor, finalize: bool = True, dtype: torch.dtype | None = None) -> Tensor:
+    def forward(self, mel: Tensor, finalize: bool = True) -> Tensor:
         """Predict f0 in Hz.
 
         Args:
-            mel: (B, C_in, T), in the dtype of the parameters (or any, with ``dtype``).
+            mel: (B, C_in, T), in the dtype of the parameters.
             finalize: False for a non-final streaming chunk: the last ``look_right`` frames are used as
                 look-ahead instead of zeros and get no f0.
-            dtype: compute in this dtype: ``mel`` and cast copies of the parameters (weight norm's g and v,
-                the biases) are used for this call only; the module keeps its own, so concurrent calls need
-                no lock. None: the parameters' dtype.
 
         Returns:
             f0 (B, T) if ``finalize`` else (B, T - look_right), non-negative.
         """
-        def cast(t: Tensor) -> Tensor:
-            return t if dtype is None else t.to(dtype)
-
-        def weight(m: nn.Module) -> Tensor:
-            if not parametrize.is_parametrized(m, "weight"):
-                return cast(m.weight)
-            p = m.parametrizations.weight  # weight norm: original0 = g, original1 = v
-            return p[0](cast(p.original0), cast(p.original1))
-
-        k = self.look_right
-        x, look = (cast(mel), None) if finalize else (cast(mel[:, :, :-k]), cast(mel[:, :, -k:]))
-        for i, layer in enumerate(self.condnet):
-            x = layer(x, look if i == 0 else None, weight(layer), cast(layer.bias)) if i % 2 == 0 else layer(x)
-        return F.linear(x.transpose(1, 2), weight(self.classifier), cast(self.classifier.bias)).squeeze(-1).abs()
+        if finalize:
+            x = self.condnet[0](mel)
+        else:
+            k = self.look_right
+            x = self.condnet[0](mel[:, :, :-k], mel[:, :, -k:])
+        for layer in self.condnet[1:]:
+            x = layer(x)
+        return self.classifier(x.transpose(1, 2)).squeeze(-1).abs()
 
 
 @dataclass
@@ -696,10 +689,18 @@ class HiFTGenerator(nn.Module):
 
     def _predict_f0(self, mel: Tensor, finalize: bool) -> Tensor:
         """f0 predictor in ``self.f0_dtype`` without changing the module's own parameters."""
-        # Upstream casts the whole f0 predictor to float64 in place (which then breaks its training forward);
-        # we compute with cast copies of g, v and the biases per call instead, leaving the module untouched, so
-        # threads sharing this vocoder need no lock.
-        return self.f0_predictor(mel, finalize=finalize, dtype=self.f0_dtype)
+        dtype = self.f0_dtype
+        # functional_call swaps the module's parameters in place for the call, so concurrent callers (threads
+        # sharing this vocoder) must not overlap here, the dtype check included: one would run with (or
+        # judge by) the other's swapped-in tensors.
+        with _F0_CAST_LOCK:
+            params = dict(self.f0_predictor.named_parameters())
+            if all(p.dtype == dtype for p in params.values()):
+                return self.f0_predictor(mel.to(dtype), finalize=finalize)
+            # Upstream casts the whole f0 predictor to float64 in place (which then breaks its training
+            # forward); we cast a functional copy of g, v and bias per call instead.
+            cast = {k: p.to(dtype) for k, p in params.items()}
+            return torch.func.functional_call(self.f0_predictor, cast, (mel.to(dtype),), {"finalize": finalize})
 
     def decode(self, mel: Tensor, source: Tensor, finalize: bool = True) -> Tensor:
         """Mel + source → waveform.
@@ -781,14 +782,13 @@ class HiFTGenerator(nn.Module):
                 f"found {speech_feat.shape[2]}"
             )
         speech_feat = speech_feat.float()
-        # No parametrize.cached(): every weight-normed weight is computed once per call anyway, and its cache
-        # is process-wide (it would serve one thread's weights to another thread's modules).
-        f0 = self._predict_f0(speech_feat, finalize)  # (B, T')
-        f0_32 = f0.to(speech_feat.dtype)
-        noise = self.fixed_noise(f0.shape[1] * c.upsample_scale)
-        source = self.m_source(f0_32, noise.on(f0_32.device))  # (B, 1, L)
-        mel = speech_feat if finalize else speech_feat[:, :, : -self.f0_predictor.look_right]
-        wav = self.decode(mel, source, finalize=finalize)
+        with parametrize.cached():
+            f0 = self._predict_f0(speech_feat, finalize)  # (B, T')
+            f0_32 = f0.to(speech_feat.dtype)
+            noise = self.fixed_noise(f0.shape[1] * c.upsample_scale)
+            source = self.m_source(f0_32, noise.on(f0_32.device))  # (B, 1, L)
+            mel = speech_feat if finalize else speech_feat[:, :, : -self.f0_predictor.look_right]
+            wav = self.decode(mel, source, finalize=finalize)
         return HiFTOutput(wav=wav, source=source, f0=f0)
 
     def forward(self, speech_feat: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
