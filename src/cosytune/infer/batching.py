@@ -96,7 +96,7 @@ class _Group:
         dev = llm.speech_embedding.weight.device
         dtype = llm.speech_embedding.weight.dtype
         vocab = llm.config.speech_vocab_size
-        self.llm, self.capacity, self.max_rows = llm, capacity, max_rows
+        self.llm, self.capacity = llm, capacity
         self.use_graph, self.compile_mode, self.gate = use_graph, compile_mode, gate
         self.cache = KVCache.allocate(llm.config.qwen2, max_rows, capacity, device=dev, dtype=dtype)
         self.stop_mask = torch.zeros(max_rows, vocab, dtype=torch.bool, device=dev)
