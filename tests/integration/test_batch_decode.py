@@ -15,6 +15,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from concurrency import run_together
 from speaker_models import speaker_model_dir
 
 from cosytune.infer.synthesizer import SynthesisOptions, Synthesizer
@@ -41,28 +42,6 @@ def _opts(seed: int, **kw) -> SynthesisOptions:
     return SynthesisOptions(seed=seed, text_frontend=False, **kw)
 
 
-def _run_together(fn, args: list) -> dict:
-    """Run ``fn(*a)`` for every ``a`` in ``args`` on its own thread, all released at once."""
-    got: dict = {}
-    errors: list = []
-    start = threading.Barrier(len(args))
-
-    def work(a):
-        try:
-            start.wait()
-            got[a] = fn(*a)
-        except Exception as e:  # noqa: BLE001 (reported below, with the thread's arguments)
-            errors.append((a, e))
-
-    threads = [threading.Thread(target=work, args=(a,)) for a in args]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    assert not errors, errors
-    return got
-
-
 def test_alone_it_equals_the_pooled_decoder(synths):
     batched, pooled = synths
     for seed in (3, 4):
@@ -85,7 +64,7 @@ def test_concurrent_requests_each_get_their_own_tokens(synths):
 
     alone = {c: pooled.synthesize(c[0], spk_id="alice", options=opts(*c[1:])) for c in cases}
     before = batched.batcher.stats()
-    got = _run_together(lambda text, seed, mode, sampling: batched.synthesize(
+    got = run_together(lambda text, seed, mode, sampling: batched.synthesize(
         text, spk_id="alice", options=opts(seed, mode, sampling)), cases)
     after = batched.batcher.stats()
     for c in cases:
@@ -104,7 +83,7 @@ def test_rows_beyond_the_limit_wait_their_turn(synths):
                         fast_decode=True, batch_decode=True, decode_rows=2)
     seeds = [(s,) for s in (21, 22, 23, 24, 25)]
     alone = {s: pooled.synthesize(SHORT, spk_id="alice", options=_opts(s[0])).tokens for s in seeds}
-    got = _run_together(lambda seed: small.synthesize(SHORT, spk_id="alice", options=_opts(seed)).tokens, seeds)
+    got = run_together(lambda seed: small.synthesize(SHORT, spk_id="alice", options=_opts(seed)).tokens, seeds)
     assert got == alone
     st = small.batcher.stats()
     assert st["peak_rows"] == 2 and st["requests"] == 5 and st["in_use"] == 0
@@ -167,7 +146,7 @@ def test_batched_equals_pooled_on_cuda(tmp_path):
         b = pooled.synthesize(LONG, spk_id="alice", options=_opts(seed))
         assert a.info["llm_decoder"] == "batched" and b.info["llm_decoder"] == "graph"
         assert a.tokens == b.tokens
-    got = _run_together(lambda seed: batched.synthesize(LONG, spk_id="alice", options=_opts(seed)),
+    got = run_together(lambda seed: batched.synthesize(LONG, spk_id="alice", options=_opts(seed)),
                         [(s,) for s in range(8)])
     assert all(len(r.tokens) > 0 and r.audio.size for r in got.values())
     assert batched.batcher.stats()["peak_rows"] >= 2
@@ -216,7 +195,7 @@ def test_repetition_redraws_match_the_single_decoder(synths):
         want[seed] = [s.sample for s in dec.decode(prompt, sampling=sampling,
                                                    generator=torch.Generator().manual_seed(seed))]
         pooled.decoder_pool.release(dec)
-    got = _run_together(lambda seed: [s.sample for s in batched.batcher.decode(
+    got = run_together(lambda seed: [s.sample for s in batched.batcher.decode(
         prompts[seed], sampling=sampling, generator=torch.Generator().manual_seed(seed))], [(s,) for s in prompts])
     assert {s: got[(s,)] for s in prompts} == want
     assert all(sum(r.ras_redraw for r in rs) == len(rs) for rs in want.values())

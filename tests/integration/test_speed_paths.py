@@ -15,6 +15,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from concurrency import run_together
 from speaker_models import speaker_model_dir
 
 from cosytune.infer.fast import GraphedDecoder
@@ -180,9 +181,6 @@ def test_cuda_defaults_and_concurrent_captures(model_dir):
     assert synth.fast_decode and synth.fast_flow and synth.fast_vocoder
     assert synth.dtype is (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
     seeds = list(range(40, 56))
-    got: dict = {}
-    errors: list[BaseException] = []
-    start = threading.Barrier(len(seeds))
 
     def run(seed: int):
         if seed % 2:
@@ -191,24 +189,12 @@ def test_cuda_defaults_and_concurrent_captures(model_dir):
         r = synth.synthesize(LONG, spk_id="alice", options=_opts(seed))
         return r.tokens, r.audio
 
-    def client(seed: int) -> None:
-        start.wait()
-        try:
-            got[seed] = run(seed)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=client, args=(s,)) for s in seeds]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
-    assert not errors, errors[:3]
+    got = run_together(run, [(s,) for s in seeds])
     assert synth.gate.exclusive_count > 0  # captures did happen during the concurrent run
     for s in seeds:
         tokens, audio = run(s)
-        assert got[s][0] == tokens
-        np.testing.assert_allclose(got[s][1], audio, atol=1e-4)
+        assert got[(s,)][0] == tokens
+        np.testing.assert_allclose(got[(s,)][1], audio, atol=1e-4)
     info = Synthesizer.from_dir(model_dir, device="cuda", hash_files=False).warmup_info
     assert info["decoder_graphs"] > 0 and info["flow_graphs"] > 0
 
