@@ -76,8 +76,42 @@ def one_request(synth: Synthesizer, seed: int, stream: bool, prompt_wav: Path, t
         audio_s += chunk.audio.shape[0] / chunk.sample_rate
         result = chunk.result if chunk.final else result
     total = time.perf_counter() - t0
+    stages = {k: v for k, v in result.timings.items() if k in STAGES} if result else {}
     return {"first_chunk_s": first, "total_s": total, "audio_s": audio_s, "rtf": total / audio_s if audio_s else None,
-            "tokens": len(result.tokens) if result else None}
+            "tokens": len(result.tokens) if result else None, "stages": stages}
+
+
+#: The per-request stage times (``SynthesisResult.timings``) the concurrent runs add up.
+STAGES = ("prepare_s", "llm_s", "flow_s", "hift_s")
+
+
+class GpuSampler:
+    """Mean GPU utilisation (NVML: the share of time a kernel was running) between :meth:`start` and
+    :meth:`stop`, sampled every 50 ms in a thread; None where NVML is not importable or the device is not
+    CUDA. Unlike a profiler trace it adds no overhead to the run it watches."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.samples = device, []
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            try:
+                torch.cuda.utilization(self.device)
+            except Exception:  # noqa: BLE001 - no NVML binding: no figure
+                return
+            threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.samples.append(torch.cuda.utilization(self.device))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.samples) if self.samples else None
 
 
 def profile(synth: Synthesizer, prompt_wav: Path, top: int = 15) -> dict[str, Any]:
@@ -126,17 +160,33 @@ def concurrent(synth: Synthesizer, clients: int, per_client: int, prompt_wav: Pa
             with lock:
                 rows.append(row)
 
+    batcher = synth.batcher
+    before = batcher.stats() if batcher is not None else None
     t0 = time.perf_counter()
+    gpu = GpuSampler(synth.device)
+    gpu.start()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    gpu.stop()
     wall = time.perf_counter() - t0
     audio = sum(r["audio_s"] for r in rows)
-    return {"clients": clients, "requests": len(rows), "errors": errors, "wall_s": wall,
-            "first_chunk_s": summary([r["first_chunk_s"] for r in rows if r["first_chunk_s"] is not None]),
-            "x_real_time": audio / wall if wall else None}
+    out = {"clients": clients, "requests": len(rows), "errors": errors, "wall_s": wall,
+           "first_chunk_s": summary([r["first_chunk_s"] for r in rows if r["first_chunk_s"] is not None]),
+           "x_real_time": audio / wall if wall else None,
+           # Where the requests' time went: each stage's mean per request (llm_s is time spent waiting for
+           # tokens, flow_s / hift_s rendering chunks), and the GPU's mean utilisation over the run.
+           "stage_mean_s": {k: statistics.fmean(r["stages"].get(k, 0.0) for r in rows) if rows else None
+                            for k in STAGES},
+           "gpu_util_pct": gpu.mean}
+    if before is not None:
+        after = batcher.stats()
+        steps = after["steps"] - before["steps"]
+        out["batcher"] = {"steps": steps, "rows_per_step": (after["row_steps"] - before["row_steps"]) / steps
+                          if steps else None, "steps_per_s": steps / wall if wall else None}
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -152,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--no_warmup", action="store_true")
     p.add_argument("--no_batch_decode", action="store_true", help="one pooled decoder per request instead of "
                    "continuous batching (the default on CUDA)")
+    p.add_argument("--decode_attention", default=None, help="the fast decoders' cache attention (sdpa, "
+                   "efficient, matmul, reduce; default: the Synthesizer's choice)")
     p.add_argument("--stream_cache", action="store_true", help="the opt-in streaming flow cache (each chunk "
                    "solves only its own frames)")
     p.add_argument("--long_text", type=int, default=0, help="also time N warm requests of a ~30 s text, "
@@ -182,6 +234,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         kw["warmup"] = False
     if args.stream_cache:
         kw["stream_cache"] = True
+    if args.decode_attention:
+        kw["decode_attention"] = args.decode_attention
     t0 = time.perf_counter()
     synth = Synthesizer.from_dir(model_dir, **kw)
     load_s = time.perf_counter() - t0
@@ -236,6 +290,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p95 = f"{fc['p95']:.3f}" if fc["p95"] is not None else "-"
         print(f"  {c['clients']:>2} streams     first chunk p50 {p50} s p95 {p95} s  "
               f"{c['x_real_time'] or 0:.1f}x real time  errors {len(c['errors'])}")
+        stages = ", ".join(f"{k} {v:.3f}" for k, v in c["stage_mean_s"].items() if v is not None)
+        extra = f"; GPU busy {c['gpu_util_pct']:.0f}%" if c["gpu_util_pct"] is not None else ""
+        if c.get("batcher") and c["batcher"]["steps"]:
+            b = c["batcher"]
+            extra += f"; batcher {b['steps']} steps, {b['rows_per_step']:.1f} rows/step, {b['steps_per_s']:.0f} steps/s"
+        print(f"                 per request: {stages}{extra}")
     return out
 
 

@@ -83,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma list of segments per offline batch (default 32,64,128 on cuda, 2 on cpu)")
     p.add_argument("--llm_modes", default=None,
                    help="comma list of eager,graph,compiled (compiled = torch.compile'd step in a CUDA graph; "
-                        "default: all three on cuda)")
+                        "default: all three on cuda); a ':KIND' suffix such as graph:matmul sets the cache "
+                        "attention (sdpa, efficient, matmul, reduce)")
     p.add_argument("--llm_compile_mode", default="default", help="torch.compile mode of the compiled LLM step")
     p.add_argument("--flow_modes", default=None,
                    help="comma list of fp32,eager,compile,graph,fast (eager/compile/graph/fast use --dtype; graph = "
@@ -98,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=None, help="timed repetitions (default 5 cuda, 2 cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the JSON here (atomic)")
+    p.add_argument("--llm_only", action="store_true", help="measure the LLM decode modes only")
     p.add_argument("--train_frames", type=int, default=0,
                    help="also measure LLM and flow SFT samples/s and MFU (bench_train.py) at this frame budget "
                         "(e.g. 2000 = the recipe's, 32000 on an H200); 0 skips")
@@ -136,10 +138,13 @@ def bench_llm(args, llm, device, results: dict) -> dict[str, GraphedDecoder]:
     g = torch.Generator(device="cpu").manual_seed(args.seed)
     prompt = (0.02 * torch.randn(1, plen, d, generator=g)).to(device, dtype)
     decoders: dict[str, GraphedDecoder] = {}
+    # "graph:matmul" etc.: the graphed step with that cache attention (see qwen2.CACHED_ATTENTION).
     for mode in args.llm_modes:
+        base, _, attention = mode.partition(":")
         for b in sorted({1, args.llm_batch}):
-            dec = GraphedDecoder(llm, b, plen + n_tok + 2, use_graph=(mode != "eager"),
-                                 compile_mode=args.llm_compile_mode if mode == "compiled" else None)
+            dec = GraphedDecoder(llm, b, plen + n_tok + 2, use_graph=(base != "eager"),
+                                 compile_mode=args.llm_compile_mode if base == "compiled" else None,
+                                 attention=attention or None)
 
             def run(dec=dec, b=b) -> None:
                 dec.prefill([prompt] * b)
@@ -410,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     decoders = bench_llm(args, llm, device, results)
     sections["llm"] = time.perf_counter() - t0
+    if args.llm_only:
+        return finish(args, results, sections, t_start)
     best_flow, sampler = bench_flow(args, flow, device, results)
     sections["flow"] = time.perf_counter() - t0 - sum(sections.values())
     hift_path, vocode = bench_hift(args, hift, device, results)
@@ -428,6 +435,10 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.train_frames), "--steps", "5" if device.type == "cuda" else "2", "--warmup", "2"]
         results["train"] = {r["model"]: r for r in bench_train.main(argv + (["--compile"] if args.train_compile else []))}
         sections["train"] = time.perf_counter() - t0 - sum(sections.values())
+    return finish(args, results, sections, t_start)
+
+
+def finish(args: argparse.Namespace, results: dict, sections: dict[str, float], t_start: float) -> int:
     results["section_wall_s"] = sections
     results["wall_s"] = time.perf_counter() - t_start
     print(table(results))

@@ -204,14 +204,34 @@ def test_packed_projections_same_outputs_state_dict_and_training():
     assert inner.layers[0].self_attn.packed is None and inner.layers[0].mlp.packed is None
 
 
+@pytest.mark.parametrize("kind", ["reduce", "matmul", "efficient"])
 @pytest.mark.parametrize("t", [1, 3])
-def test_reduce_attention_equals_sdpa_over_the_cache(t):
-    """The reduction form used by compiled decode steps gives the SDPA result (GQA, per-row lengths)."""
-    from cosytune.models.qwen2 import _cached_attention, _reduce_attention
+def test_cache_attention_kinds_equal_sdpa_over_the_cache(t, kind):
+    """Every cache attention of the decode steps (the reductions of compiled steps, the batched products,
+    SDPA's memory-efficient kernel) gives the SDPA result (GQA, per-row lengths)."""
+    from cosytune.models.qwen2 import CACHED_ATTENTION, _cached_attention
 
     g = torch.Generator().manual_seed(t)
     q = torch.randn(2, 6, t, 8, generator=g)
     k, v = torch.randn(2, 2, 20, 8, generator=g), torch.randn(2, 2, 20, 8, generator=g)
     lens = torch.tensor([4, 15])
     mask = (torch.arange(20)[None, None, None, :] <= (lens[:, None, None, None] + torch.arange(t)[None, None, :, None]))
-    torch.testing.assert_close(_reduce_attention(q, k, v, mask), _cached_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    attend = CACHED_ATTENTION[kind]
+    torch.testing.assert_close(attend(q, k, v, mask), _cached_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["reduce", "matmul", "efficient"])
+def test_cache_attention_kinds_on_cuda_bf16(kind):
+    """On the GPU in bfloat16 (a decode step's shapes: one query per row, a long cache) every kind stays
+    within bf16 rounding of SDPA's own kernel choice."""
+    from cosytune.models.qwen2 import CACHED_ATTENTION, _cached_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 14, 1, 64, generator=g).to("cuda", torch.bfloat16)
+    k = torch.randn(4, 2, 512, 64, generator=g).to("cuda", torch.bfloat16)
+    v = torch.randn(4, 2, 512, 64, generator=g).to("cuda", torch.bfloat16)
+    lens = torch.tensor([3, 100, 300, 511], device="cuda")
+    mask = (torch.arange(512, device="cuda")[None, None, None, :] <= lens[:, None, None, None])
+    got, ref = CACHED_ATTENTION[kind](q, k, v, mask).float(), _cached_attention(q, k, v, mask).float()
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)

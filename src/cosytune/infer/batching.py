@@ -25,10 +25,15 @@ Threads
     Requests call :meth:`DecodeBatcher.decode` from any thread and read their steps from a queue; the
     loop thread does all device work for the rows under the device gate's shared hold (captures take
     it exclusively). A consumer that stops reading (a closed generator) frees its row at the next step.
+    On CUDA the loop launches on its own high-priority stream: the flow and vocoder work of the request
+    threads (on theirs) runs beside the decode steps instead of in front of them, and a step's
+    device-to-host read waits for that step only. A request records an event after building its prompt;
+    the loop's stream waits for it before the prefill.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -81,6 +86,9 @@ class _Row:
     token: int = 0
     closed: bool = False
     slot: int = -1
+    #: CUDA: recorded on the requesting thread's stream after it built the prompt; the loop's stream waits
+    #: for it before the prefill reads the prompt.
+    ready: Any = None
 
     @property
     def k(self) -> int:
@@ -92,19 +100,20 @@ class _Group:
     and a batch-1 decoder that prefills joining prompts at the shapes of a pooled decoder."""
 
     def __init__(self, llm: CosyVoice3LM, capacity: int, max_rows: int, *, use_graph: bool,
-                 compile_mode: str | None, gate: DeviceGate) -> None:
+                 compile_mode: str | None, gate: DeviceGate, attention: str | None = None) -> None:
         dev = llm.speech_embedding.weight.device
         dtype = llm.speech_embedding.weight.dtype
         vocab = llm.config.speech_vocab_size
         self.llm, self.capacity = llm, capacity
-        self.use_graph, self.compile_mode, self.gate = use_graph, compile_mode, gate
+        self.use_graph, self.compile_mode, self.gate, self.attention = use_graph, compile_mode, gate, attention
         self.cache = KVCache.allocate(llm.config.qwen2, max_rows, capacity, device=dev, dtype=dtype)
         self.stop_mask = torch.zeros(max_rows, vocab, dtype=torch.bool, device=dev)
         self.suppress = torch.zeros(max_rows, 1, dtype=torch.bool, device=dev)
         self.live = torch.zeros(max_rows, dtype=torch.long, device=dev)
         self.rows: list[_Row | None] = [None] * max_rows
         self.prefiller = GraphedDecoder(llm, 1, capacity, use_graph=use_graph, pack=False, gate=gate,
-                                        compile_mode=compile_mode, sample_head=True, lazy_prefill_graphs=False)
+                                        compile_mode=compile_mode, sample_head=True, lazy_prefill_graphs=False,
+                                        attention=attention)
         self.steppers: dict[int, GraphedDecoder] = {}
         self.buckets = row_buckets(max_rows)
 
@@ -114,7 +123,7 @@ class _Group:
             c = self.cache
             view = KVCache(keys=c.keys[:, :b], values=c.values[:, :b], lengths=c.lengths[:b])
             dec = GraphedDecoder(self.llm, b, self.capacity, use_graph=self.use_graph, pack=False, gate=self.gate,
-                                 compile_mode=self.compile_mode, sample_head=True, cache=view,
+                                 compile_mode=self.compile_mode, sample_head=True, cache=view, attention=self.attention,
                                  stop_mask=self.stop_mask[:b], suppress=self.suppress[:b])
             self.steppers[b] = dec
         return dec
@@ -136,11 +145,13 @@ class DecodeBatcher:
         max_rows: rows per step (requests decoded together per capacity bucket); more wait to join.
         use_graph: replay steps and prefills from CUDA graphs (ignored on CPU).
         compile_mode: ``torch.compile`` mode of the steps (None: eager kernels in the graphs).
+        attention: the steps' cache attention (see :class:`~cosytune.infer.fast.GraphedDecoder`).
         gate: the device's :class:`~cosytune.infer.fast.DeviceGate`.
     """
 
     def __init__(self, llm: CosyVoice3LM, capacity_for: Any, *, max_rows: int = MAX_ROWS, use_graph: bool = True,
-                 compile_mode: str | None = None, gate: DeviceGate | None = None) -> None:
+                 compile_mode: str | None = None, gate: DeviceGate | None = None,
+                 attention: str | None = None) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.llm = llm
@@ -149,6 +160,7 @@ class DecodeBatcher:
         self.device = llm.speech_embedding.weight.device
         self.use_graph = bool(use_graph and self.device.type == "cuda")
         self.compile_mode = compile_mode
+        self.attention = attention
         self.gate = gate if gate is not None else DeviceGate()
         llm.llm.model.model.pack_projections()
         self._groups: dict[int, _Group] = {}
@@ -157,6 +169,10 @@ class DecodeBatcher:
         self._work = threading.Lock()  # the loop's device work vs warm_up's captures
         self._thread: threading.Thread | None = None
         self._closed = False
+        # The loop's own high-priority stream (CUDA): its steps neither wait behind nor are ordered after the
+        # flow solves and vocoder calls that request threads launch on theirs, so decoding goes on while
+        # earlier chunks are rendered, and each step's sync waits for the step alone.
+        self._stream = torch.cuda.Stream(device=self.device, priority=-1) if self.device.type == "cuda" else None
         self._stats = {"requests": 0, "steps": 0, "row_steps": 0, "peak_rows": 0, "in_use": 0}
 
     # ------------------------------------------------------------------------------------ public
@@ -177,6 +193,9 @@ class DecodeBatcher:
         if prompt.max_len <= 0:
             return
         row = _Row(prompt, sampling, generator, stop_row(self.llm.config, min_len_mode, self.device))
+        if self._stream is not None:
+            row.ready = torch.cuda.Event()
+            row.ready.record()  # after the prompt and the stop mask were made on this thread's stream
         with self._cond:
             if self._closed:
                 raise RuntimeError("this DecodeBatcher is closed")
@@ -240,11 +259,15 @@ class DecodeBatcher:
         group = self._groups.get(capacity)
         if group is None:
             group = _Group(self.llm, capacity, self.max_rows, use_graph=self.use_graph,
-                           compile_mode=self.compile_mode, gate=self.gate)
+                           compile_mode=self.compile_mode, gate=self.gate, attention=self.attention)
             self._groups[capacity] = group
         return group
 
     def _loop(self) -> None:
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            self._run_loop()
+
+    def _run_loop(self) -> None:
         while True:
             with self._cond:
                 idle_since = time.monotonic()
@@ -318,6 +341,8 @@ class DecodeBatcher:
         prompt = row.prompt
         width = int(prompt.lm_input.shape[1])
         with self.gate.shared():
+            if row.ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(row.ready)
             dec.stop_mask.copy_(row.stop_mask)
             dec.suppress.fill_(prompt.min_len > 0)
             dec.prefill([prompt.lm_input])
@@ -362,7 +387,10 @@ class DecodeBatcher:
                 if r.generator.device.type == "cuda":
                     q[at, :r.k].exponential_(1.0, generator=r.generator)
             parts.append(q)
-        return torch.stack(parts).cpu().numpy(), dec.logp.clone()
+        # The copy of the log-probs is made before the transfer's sync, so it is complete when a consumer on
+        # another stream reads it.
+        snap = dec.logp.clone()
+        return torch.stack(parts).cpu().numpy(), snap
 
     def _emit_all(self, group: _Group, dec: GraphedDecoder, rows: list[tuple[int, _Row]], host: Any,
                   snap: Tensor) -> None:

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from cosytune.models.flow import NOISE_FRAMES
 from cosytune.models.llm import CosyVoice3LM, DecodeStep, InferencePrompt, MinLenMode, right_pad_prompts
-from cosytune.models.qwen2 import KVCache
+from cosytune.models.qwen2 import CACHED_ATTENTION, KVCache
 from cosytune.models.sampling import SamplingConfig
 
 logger = logging.getLogger(__name__)
@@ -239,6 +239,8 @@ class GraphedDecoder:
             :class:`~cosytune.infer.batching.DecodeBatcher` does) instead of allocating one.
         stop_mask: with ``sample_head``, a (B, V) bool buffer to use as :attr:`stop_mask` (shared views).
         suppress: with ``sample_head``, a (B, 1) bool buffer to use as :attr:`suppress`.
+        attention: the cache attention of the step, a :data:`~cosytune.models.qwen2.CACHED_ATTENTION`
+            kind; None: "reduce" when compiled with few rows, else "sdpa".
     """
 
     def __init__(self, model: CosyVoice3LM, batch_size: int, capacity: int, *, use_graph: bool = True,
@@ -246,7 +248,8 @@ class GraphedDecoder:
                  force_compile: bool = False, pack: bool = True, prefill_bucket: int = 32,
                  gate: DeviceGate | None = None, sample_head: bool = False,
                  lazy_prefill_graphs: bool = True, cache: KVCache | None = None,
-                 stop_mask: Tensor | None = None, suppress: Tensor | None = None) -> None:
+                 stop_mask: Tensor | None = None, suppress: Tensor | None = None,
+                 attention: str | None = None) -> None:
         self.model = model
         self.lazy_prefill_graphs = bool(lazy_prefill_graphs)
         dev = model.speech_embedding.weight.device
@@ -285,7 +288,11 @@ class GraphedDecoder:
         # Compiled and with few rows, the cache attention as explicit reductions fuses into two small
         # kernels (a library attention kernel costs several microseconds per layer at one query: 1.30 ->
         # 1.19 ms/token at batch 1 on an H200); eager, or with many rows, the SDPA kernel is the better one.
-        self.attention = "reduce" if self.compiled and batch_size <= REDUCE_ATTENTION_MAX_ROWS else "sdpa"
+        if attention is None:
+            attention = "reduce" if self.compiled and batch_size <= REDUCE_ATTENTION_MAX_ROWS else "sdpa"
+        elif attention not in CACHED_ATTENTION:
+            raise ValueError(f"attention must be one of {sorted(CACHED_ATTENTION)}, got {attention!r}")
+        self.attention = attention
         self._body = torch.compile(self._step_body, mode=compile_mode, dynamic=False) if self.compiled \
             else self._step_body
 

@@ -331,6 +331,7 @@ class DecoderPool:
         llm: the ``CosyVoice3LM`` (eval mode, on its device and dtype).
         use_graph: capture CUDA graphs (ignored on CPU, where the static step runs eagerly).
         compile_mode: ``torch.compile`` mode of the decoders' step (None: eager kernels in the graph).
+        attention: the decoders' cache attention (see :class:`~cosytune.infer.fast.GraphedDecoder`).
         bucket: linear capacity granularity in positions; None (default): powers of two.
         max_idle_per_bucket: idle decoders kept per capacity.
         gate: the device's :class:`~cosytune.infer.fast.DeviceGate` (one is made when None).
@@ -338,7 +339,7 @@ class DecoderPool:
 
     def __init__(self, llm: Any, *, use_graph: bool = True, compile_mode: str | None = None,
                  bucket: int | None = None, max_idle_per_bucket: int = MAX_IDLE_PER_BUCKET,
-                 gate: Any = None) -> None:
+                 gate: Any = None, attention: str | None = None) -> None:
         from cosytune.infer.fast import DeviceGate
 
         if (bucket is not None and bucket <= 0) or max_idle_per_bucket < 0:
@@ -346,6 +347,7 @@ class DecoderPool:
         self.llm = llm
         self.use_graph = use_graph
         self.compile_mode = compile_mode
+        self.attention = attention
         self.bucket = None if bucket is None else int(bucket)
         self.max_idle_per_bucket = int(max_idle_per_bucket)
         self.limit = int(llm.config.qwen2.max_position_embeddings)
@@ -367,7 +369,7 @@ class DecoderPool:
 
         return GraphedDecoder(self.llm, 1, capacity, use_graph=self.use_graph, pack=False,
                               compile_mode=self.compile_mode, gate=self.gate, sample_head=True,
-                              lazy_prefill_graphs=False)
+                              lazy_prefill_graphs=False, attention=self.attention)
 
     def acquire(self, positions: int) -> Any | None:
         """Check out a decoder holding at least ``positions`` positions (None: too long, use the reference)."""
@@ -489,6 +491,9 @@ class Synthesizer:
             False. Requests with injected draws, a temperature other than 1 or a prompt beyond the
             largest capacity bucket use the pooled decoders.
         decode_rows: rows a batch step holds (requests decoded together per capacity bucket; more wait).
+        decode_attention: the fast decoders' cache attention, a
+            :data:`~cosytune.models.qwen2.CACHED_ATTENTION` kind; None (default): see
+            :class:`~cosytune.infer.fast.GraphedDecoder`.
         stream_cache: streamed non-final chunks compute only their own frames, keeping every earlier
             chunk's DiT keys/values per Euler step (:meth:`CausalMaskedDiffWithDiT.inference_chunk`; the
             same mel up to float rounding) instead of re-solving the whole prefix each chunk. Costs
@@ -503,7 +508,8 @@ class Synthesizer:
                  schedule: StreamSchedule | None = None, model_files: dict[str, Any] | None = None,
                  fast_decode: bool | None = None, fast_flow: bool | None = None, compile_decode: bool = False,
                  fast_vocoder: bool | None = None, speaker_cache: int = 32, stream_cache: bool = False,
-                 batch_decode: bool | None = None, decode_rows: int = DECODE_ROWS) -> None:
+                 batch_decode: bool | None = None, decode_rows: int = DECODE_ROWS,
+                 decode_attention: str | None = None) -> None:
         from cosytune.infer.fast import DeviceGate
 
         self.llm = llm
@@ -529,14 +535,16 @@ class Synthesizer:
         self.decode_compile_mode = "default" if compile_decode and cuda else None
         #: Idle fast decoders (None when ``fast_decode`` is off); see :class:`DecoderPool`.
         self.decoder_pool: DecoderPool | None = (DecoderPool(llm, compile_mode=self.decode_compile_mode,
-                                                             gate=self.gate) if self.fast_decode else None)
+                                                             gate=self.gate, attention=decode_attention)
+                                                 if self.fast_decode else None)
         #: The continuous-batching decoder (None when ``batch_decode`` is off); see :mod:`cosytune.infer.batching`.
         self.batcher: Any = None
         if self.fast_decode and (cuda if batch_decode is None else bool(batch_decode)):
             from cosytune.infer.batching import DecodeBatcher
 
             self.batcher = DecodeBatcher(llm, self.decoder_pool.capacity_for, max_rows=decode_rows,
-                                         compile_mode=self.decode_compile_mode, gate=self.gate)
+                                         compile_mode=self.decode_compile_mode, gate=self.gate,
+                                         attention=decode_attention)
         self.fast_flow = (cuda if fast_flow is None else bool(fast_flow)) and cuda
         self._flow_sampler: Any = None
         self._flow_lock = threading.Lock()  # one graphed solve at a time (its buffers are shared)
@@ -622,7 +630,7 @@ class Synthesizer:
                  fast_flow: bool | None = None, compile_decode: bool = False,
                  fast_vocoder: bool | None = None, warmup: bool | None = None,
                  speaker_cache: int = 32, stream_cache: bool = False,
-                 batch_decode: bool | None = None) -> Synthesizer:
+                 batch_decode: bool | None = None, decode_attention: str | None = None) -> Synthesizer:
         """Load a model dir (upstream layout) strictly.
 
         Args:
@@ -649,6 +657,7 @@ class Synthesizer:
             stream_cache: streamed chunks compute only their own flow frames (see the class).
             batch_decode: continuous batching of concurrent requests' LLM steps; None = on for CUDA (see
                 the class).
+            decode_attention: the fast decoders' cache attention (see the class).
 
         Raises:
             ModelDirError: missing or malformed files (all listed).
@@ -693,7 +702,8 @@ class Synthesizer:
         synth = cls(llm, flow, hift, tokenizer=tokenizer, spk2info=spk2info, prompt_frontend=frontend,
                     sample_rate=hp.sample_rate, schedule=schedule, model_files=files, fast_decode=fast_decode,
                     fast_flow=fast_flow, compile_decode=compile_decode, fast_vocoder=fast_vocoder,
-                    speaker_cache=speaker_cache, stream_cache=stream_cache, batch_decode=batch_decode)
+                    speaker_cache=speaker_cache, stream_cache=stream_cache, batch_decode=batch_decode,
+                    decode_attention=decode_attention)
         if warmup if warmup is not None else dev.type == "cuda":
             synth.warmup()
         return synth

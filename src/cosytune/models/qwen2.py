@@ -384,6 +384,35 @@ def _reduce_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return out.to(q.dtype).reshape(q.shape)
 
 
+def _efficient_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """:func:`_cached_attention` through SDPA's memory-efficient kernel only, on CUDA (elsewhere as is)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if q.device.type != "cuda":
+        return _cached_attention(q, k, v, mask)
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        return _cached_attention(q, k, v, mask)
+
+
+def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """:func:`_cached_attention` as two batched matrix products around a float32 softmax.
+
+    Same arguments and result (up to rounding). The scores are computed and normalised in float32; the
+    probabilities meet the values in the cache's dtype, as a fused attention kernel does. For one new
+    query per row these are small batched GEMMs, cheaper than a fused kernel's tiles over a long cache.
+    """
+    qg, mask = _fold_query_groups(q, k.shape[1], mask)
+    scores = torch.matmul(qg.float() * (q.shape[-1] ** -0.5), k.float().transpose(-1, -2))  # (B, K, G*T, S)
+    p = torch.softmax(torch.where(mask, scores, float("-inf")), dim=-1)
+    out = torch.matmul(p.to(v.dtype), v)  # (B, K, G*T, d)
+    return out.reshape(q.shape)
+
+
+#: Attention kinds of :meth:`Qwen2Attention.forward_cached`.
+CACHED_ATTENTION = {"sdpa": _cached_attention, "efficient": _efficient_attention, "matmul": _matmul_attention,
+                    "reduce": _reduce_attention}
+
+
 class Qwen2Attention(nn.Module):
     """Grouped-query self-attention with q/k/v biases and RoPE."""
 
@@ -429,15 +458,17 @@ class Qwen2Attention(nn.Module):
             mask: bool (B, 1, T, S), true where a key is visible.
             write_index: (B, K, T, d) int64 positions to write, expanded over K and d.
             cache_k, cache_v: (B, K, S, d) views of this layer's cache, updated in place.
-            attention: "sdpa" (a library attention kernel) or "reduce" (:func:`_reduce_attention`, for
-                compiled single-token steps, where it becomes a couple of fused kernels).
+            attention: a :data:`CACHED_ATTENTION` kind: "sdpa" (the library's choice of fused kernel),
+                "efficient" (SDPA's memory-efficient kernel), "matmul" (:func:`_matmul_attention`) or
+                "reduce" (:func:`_reduce_attention`, for compiled single-token steps, where it becomes a
+                couple of fused kernels).
         """
         b, t, _ = x.shape
         q, k, v = self._qkv(x, cos, sin)
         cache_k.scatter_(2, write_index, k.to(cache_k.dtype))
         cache_v.scatter_(2, write_index, v.to(cache_v.dtype))
         # Under autocast q/k/v come out in the autocast dtype while the cache may be float32.
-        attend = _reduce_attention if attention == "reduce" else _cached_attention
+        attend = CACHED_ATTENTION[attention]
         out = attend(q.to(cache_k.dtype), cache_k, cache_v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
