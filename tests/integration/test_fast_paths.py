@@ -187,6 +187,10 @@ def test_compiled_step_equals_eager_step():
     eager = GraphedDecoder(model, 2, 24)
     fast = GraphedDecoder(model, 2, 24, compile_mode="default", force_compile=True)
     assert fast.compiled and not eager.compiled
+    # Every decoder shape of a pool / batcher compiles the same function: dynamo must not stop at its default 8.
+    import torch._dynamo.config as dynamo_config
+
+    assert dynamo_config.recompile_limit >= 128
     for d in (eager, fast):
         d.prefill([p.lm_input for p in prompts])
     for k in range(4):

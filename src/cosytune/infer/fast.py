@@ -63,6 +63,20 @@ REDUCE_ATTENTION_MAX_ROWS = 4
 __all__ = ["DeviceGate", "GraphedDecoder", "GraphedFlowSampler", "GraphedVocoder", "autocast_ctx", "batched_cfg_sample", "compile_flow_estimator", "compile_hift", "fast_estimator", "sample_decode"]
 
 
+#: Step shapes (rows x capacity) a process may compile: every decoder of a pool or a batcher compiles the same
+#: step function at its own shape, and dynamo's default limit (8 per function) would silently run the rest eagerly.
+COMPILED_SHAPES = 128
+
+
+def allow_recompiles(n: int) -> None:
+    """Let dynamo compile one function for at least ``n`` distinct shapes (a process-wide setting)."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed in torch 2.6; set whichever exists
+        if getattr(dynamo_config, name, n) < n:
+            setattr(dynamo_config, name, n)
+
+
 def autocast_ctx(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """``torch.autocast`` for ``dtype`` on ``device``'s type, or a null context when dtype is None/float32."""
     if dtype is None or dtype == torch.float32:
@@ -293,6 +307,8 @@ class GraphedDecoder:
         elif attention not in CACHED_ATTENTION:
             raise ValueError(f"attention must be one of {sorted(CACHED_ATTENTION)}, got {attention!r}")
         self.attention = attention
+        if self.compiled:
+            allow_recompiles(COMPILED_SHAPES)
         self._body = torch.compile(self._step_body, mode=compile_mode, dynamic=False) if self.compiled \
             else self._step_body
 
