@@ -9,6 +9,8 @@
 #   profile   profile_infer.py: kernel counts/times of the decode step, a streaming flow chunk, HiFT
 #   api       bench_api.py (the public API, issue 14): defaults with a profile; the same 16 streams without
 #             continuous batching; the opt-in stream_cache
+#   attention the decode step's cache attention kinds (bench_infer --llm_only, batch 1 and 16), then bench_api
+#             with SDPA's kernel choice and with the fastest other kind
 #   serve     bench_serve.py: cosytune serve at 1/8/16 concurrent streams (issue 15)
 #   eval      bench_eval.py: scorecard throughput on the GPU (issue 16)
 # Environment: LLM_MODES / FLOW_MODES / HIFT_MODES narrow bench_infer's modes; SKIP_RECIPE=1 skips the
@@ -18,7 +20,7 @@ set -uo pipefail
 out="${OUT:-./bench_out}"
 steps=()
 for a in "$@"; do
-    case "$a" in tests|infer|train|features|profile|api|serve|eval) steps+=("$a") ;; *) out="$a" ;; esac
+    case "$a" in tests|infer|train|features|profile|api|attention|serve|eval) steps+=("$a") ;; *) out="$a" ;; esac
 done
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -52,6 +54,17 @@ for step in "${steps[@]}"; do
             --no_batch_decode --out "$out/bench_api_no_batch.json" 2>&1 | tail -7 || status=1
         timeout 180 $py benchmarks/bench_api.py --preset full --device cuda --requests 4 --concurrency 16 \
             --long_text 2 --stream_cache --out "$out/bench_api_stream_cache.json" 2>&1 | tail -9 || status=1 ;;
+    attention)
+        timeout 120 $py benchmarks/bench_infer.py --preset full --device cuda --dtype bf16 --llm_only --llm_batch 16 \
+            --llm_modes graph,graph:efficient,graph:matmul --out "$out/llm_attention.json" 2>&1 \
+            | grep -E '\| llm_.*(ms_per_token|tokens_per_s)' || status=1
+        best=$($py -c "import json,sys; r=json.load(open(sys.argv[1])); print(min(('efficient','matmul'), key=lambda k: r['llm_graph:%s_b1' % k]['ms_per_token']))" "$out/llm_attention.json")
+        [ -d /tmp/cosytune_full ] || $py -m cosytune init-model --preset full --out /tmp/cosytune_full > /dev/null
+        for kind in sdpa "$best"; do
+            timeout 130 $py benchmarks/bench_api.py --model_dir /tmp/cosytune_full --device cuda --requests 8 \
+                --concurrency 1,16 --decode_attention "$kind" --out "$out/bench_api_$kind.json" 2>&1 | grep -v ONNX \
+                | tail -9 || status=1
+        done ;;
     serve)
         timeout 420 $py benchmarks/bench_serve.py --preset full --device cuda --concurrency 1,8,16 --requests 32 \
             --out "$out/bench_serve.json" 2>&1 | tail -12 || status=1 ;;
