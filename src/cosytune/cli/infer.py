@@ -84,7 +84,8 @@ def add_synthesis_flags(p: argparse.ArgumentParser, *, batch: bool = False) -> N
          "replaying them from CUDA graphs per chunk shape (the default; the same samples)")
     flag(p, "stream_cache", action="store_true", help="with --stream: each chunk's flow solve computes only its "
          "own frames, keeping the earlier chunks' DiT keys/values (same audio up to float rounding) instead of "
-         "re-solving the whole prefix; holds ~90 MB of GPU memory per second of speech while a stream runs")
+         "re-solving the whole prefix; holds ~90 MB of GPU memory per second of speech while a stream runs; its "
+         "solves run eagerly, so on a GPU it is slower than the default graphed re-solve at usual lengths")
     if batch:
         flag(p, "no_warmup", action="store_true", help="CUDA only: skip the warm-up at load, which captures the "
              "CUDA graphs of the common request shapes once (LLM decoders of 512-4096 positions, flow solves up to "
