@@ -199,3 +199,27 @@ def test_repetition_redraws_match_the_single_decoder(synths):
         prompts[seed], sampling=sampling, generator=torch.Generator().manual_seed(seed))], [(s,) for s in prompts])
     assert {s: got[(s,)] for s in prompts} == want
     assert all(sum(r.ras_redraw for r in rs) == len(rs) for rs in want.values())
+
+
+def test_the_batcher_lowers_the_thread_switch_interval_never_raises_it(synths):
+    """The loop thread must get the GIL back quickly from request threads: a batcher lowers the interpreter's
+    switch interval to what it was given (CUDA's default, SWITCH_INTERVAL_S; CPU leaves it alone) and never
+    raises one already lower."""
+    import sys
+
+    from cosytune.infer import batching
+
+    batched, _ = synths
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        batching.DecodeBatcher(batched.llm, batched.decoder_pool.capacity_for, max_rows=2).close()
+        assert sys.getswitchinterval() == pytest.approx(0.005)  # CPU: untouched
+        batching.DecodeBatcher(batched.llm, batched.decoder_pool.capacity_for, max_rows=2,
+                               switch_interval=batching.SWITCH_INTERVAL_S).close()
+        assert sys.getswitchinterval() == pytest.approx(batching.SWITCH_INTERVAL_S)
+        batching.DecodeBatcher(batched.llm, batched.decoder_pool.capacity_for, max_rows=2,
+                               switch_interval=0.002).close()
+        assert sys.getswitchinterval() == pytest.approx(batching.SWITCH_INTERVAL_S)  # never raised
+    finally:
+        sys.setswitchinterval(before)
