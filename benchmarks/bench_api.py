@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--parity", action="store_true", help="the pre-issue-14 defaults: float32, no fast flow, "
                    "no fast vocoder, no warm-up (graphed decoder only)")
     p.add_argument("--no_warmup", action="store_true")
+    p.add_argument("--batch_decode", action="store_true", help="continuous batching on CPU too (it is the "
+                   "default on CUDA; on CPU it runs eagerly, to time its host-side work)")
     p.add_argument("--no_batch_decode", action="store_true", help="one pooled decoder per request instead of "
                    "continuous batching (the default on CUDA)")
     p.add_argument("--decode_attention", default=None, help="the fast decoders' cache attention (sdpa, "
@@ -228,6 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         kw["compile_decode"] = True
     if args.parity:
         kw.update(dtype=torch.float32, fast_flow=False, fast_vocoder=False, warmup=False, batch_decode=False)
+    if args.batch_decode:
+        kw.update(fast_decode=True, batch_decode=True)
     if args.no_batch_decode:
         kw["batch_decode"] = False
     if args.no_warmup:

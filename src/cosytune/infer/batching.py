@@ -44,6 +44,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -96,6 +97,8 @@ class _Row:
     #: CUDA: recorded on the requesting thread's stream after it built the prompt; the loop's stream waits
     #: for it before the prefill reads the prompt.
     ready: Any = None
+    #: CUDA: this row's slice of its group's draw buffer (its Exp(1) draws are made there each step).
+    draws: Any = None
 
     @property
     def k(self) -> int:
@@ -117,11 +120,15 @@ class _Group:
         self.stop_mask = torch.zeros(max_rows, vocab, dtype=torch.bool, device=dev)
         self.suppress = torch.zeros(max_rows, 1, dtype=torch.bool, device=dev)
         self.live = torch.zeros(max_rows, dtype=torch.long, device=dev)
+        # Each active row's Exp(1) draws of a step, made in place (one call per row; read with the heads).
+        self.draws = torch.ones(max_rows, vocab, dtype=torch.float32, device=dev)
         self.rows: list[_Row | None] = [None] * max_rows
         self.prefiller = GraphedDecoder(llm, 1, capacity, use_graph=use_graph, pack=False, gate=gate,
                                         compile_mode=compile_mode, sample_head=True, lazy_prefill_graphs=False,
                                         attention=attention)
         self.steppers: dict[int, GraphedDecoder] = {}
+        #: Per row bucket: the (live, draws) views of its rows.
+        self.views: dict[int, tuple[Tensor, Tensor]] = {}
         self.buckets = row_buckets(max_rows)
 
     def stepper(self, b: int) -> GraphedDecoder:
@@ -132,6 +139,8 @@ class _Group:
             dec = GraphedDecoder(self.llm, b, self.capacity, use_graph=self.use_graph, pack=False, gate=self.gate,
                                  compile_mode=self.compile_mode, sample_head=True, cache=view, attention=self.attention,
                                  stop_mask=self.stop_mask[:b], suppress=self.suppress[:b])
+            # Views made once: every tensor call of a step costs a GIL round trip.
+            self.views[b] = (self.live[:b], self.draws[:b])
             self.steppers[b] = dec
         return dec
 
@@ -368,39 +377,53 @@ class DecodeBatcher:
             s.lengths[row.slot] = width
             group.stop_mask[row.slot].copy_(row.stop_mask)
             group.live[row.slot] = 1
+            if self.device.type == "cuda" and row.generator.device.type == "cuda":
+                row.draws = group.draws[row.slot, :row.k]
             self._emit_all(group, dec, [(0, row)], host, snap)
 
     def _step(self, group: _Group) -> None:
-        """One batch step for every active row of ``group``."""
+        """One batch step for every active row of ``group``.
+
+        Few tensor calls, and none per row but each row's draws: a tensor call can give up the GIL, and the
+        loop thread must then win it back from the request threads, so under load each call can cost a wait
+        (on an H100 with 16 streams a step took ~25 ms against ~5 ms alone; not yet profiled).
+        """
         rows = group.active()
         b = next(x for x in group.buckets if x > max(r.slot for r in rows))
         dec = group.stepper(b)
-        tokens = torch.zeros(b, dtype=torch.long)
-        suppress = torch.zeros(b, 1, dtype=torch.bool)
+        tokens = np.zeros(b, dtype=np.int64)
+        suppress = np.zeros((b, 1), dtype=np.bool_)
         for r in rows:
             tokens[r.slot] = r.token
             suppress[r.slot] = r.step < r.prompt.min_len
         with self.gate.shared():
-            group.suppress[:b].copy_(suppress)
-            dec.step(tokens)
-            group.cache.lengths[:b].mul_(group.live[:b])  # rows not in use stay empty
-            host, snap = self._read_heads(dec, [(r.slot, r) for r in rows], b)
+            dec.suppress.copy_(torch.from_numpy(suppress))
+            dec.step(torch.from_numpy(tokens))
+            live, draws = group.views[b]
+            dec.cache.lengths.mul_(live)  # rows not in use stay empty
+            host, snap = self._read_heads(dec, [(r.slot, r) for r in rows], b, draws)
             self._emit_all(group, dec, [(r.slot, r) for r in rows], host, snap)
         with self._cond:
             self._stats["steps"] += 1
             self._stats["row_steps"] += len(rows)
 
-    def _read_heads(self, dec: GraphedDecoder, rows: list[tuple[int, _Row]], b: int) -> tuple[Any, Tensor]:
+    def _read_heads(self, dec: GraphedDecoder, rows: list[tuple[int, _Row]], b: int,
+                    draws: Tensor | None = None) -> tuple[Any, Tensor]:
         """The sorted heads of ``dec``'s rows (and, on CUDA, each row's Exp(1) draws from its own generator,
-        made ahead as :func:`sample_decode` does) in one transfer; and a copy of the log-probs."""
+        made ahead as :func:`sample_decode` does) in one transfer; and a copy of the log-probs.
+
+        ``draws``: a step's (b, V) view of the group's draw buffer, where each row draws into its own slice
+        (``_Row.draws``); None (a prefill) draws into a fresh buffer."""
         k = max(r.k for _, r in rows)
-        parts = [dec.sorted_p[:b, :k], dec.sorted_ids[:b, :k].to(dec.sorted_p.dtype)]
+        parts = [dec.sorted_p[:, :k], dec.sorted_ids[:, :k].to(dec.sorted_p.dtype)]
         if self.device.type == "cuda":
-            q = torch.ones(b, k, dtype=dec.sorted_p.dtype, device=self.device)
+            step = draws is not None
+            if not step:
+                draws = torch.ones(b, k, dtype=dec.sorted_p.dtype, device=self.device)
             for at, r in rows:
                 if r.generator.device.type == "cuda":
-                    q[at, :r.k].exponential_(1.0, generator=r.generator)
-            parts.append(q)
+                    (r.draws if step else draws[at, :r.k]).exponential_(1.0, generator=r.generator)
+            parts.append(draws[:, :k])
         # The copy of the log-probs is made before the transfer's sync, so it is complete when a consumer on
         # another stream reads it.
         snap = dec.logp.clone()
@@ -423,12 +446,13 @@ class DecodeBatcher:
                 redraws.append(redraw_index(dec.masked[at], pick, draw))
             picks.append((at, row, ids, pos, pick, redraw))
         drawn = iter(torch.stack(redraws).tolist() if redraws else [])
+        raw = snap.unbind(0)  # every row's log-probs in one call
         for at, row, ids, pos, pick, redraw in picks:
             token = next(drawn) if redraw else pick
             result = SampleResult(token, ids, pos, pick, redraw)
             stop = self.llm.config.is_stop(token)
             step = row.step
-            row.out.put(DecodeStep(step, snap[at], result, token, stop))
+            row.out.put(DecodeStep(step, raw[at], result, token, stop))
             if stop or step + 1 == row.prompt.max_len or row.closed:
                 self._finish(group, row)
                 continue
