@@ -51,12 +51,13 @@ def sft_worker(args: argparse.Namespace) -> None:
 
     from cosytune.modeldir.builders import build_network
     from cosytune.modeldir.presets import preset_hparams
+    from cosytune.ranks import Ranks, leave_process_group
     from cosytune.train.build import STEP_FUNCTIONS
     from cosytune.train.config import load_train_config
-    from cosytune.train.distributed import DistInfo, cleanup_distributed, init_distributed, pick_device
+    from cosytune.train.distributed import init_distributed, pick_device
     from cosytune.train.loop import BatchSource, train
 
-    dist = DistInfo.from_env()
+    dist = Ranks.from_env()
     device = pick_device(dist, args.device)
     init_distributed(dist, device)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -99,7 +100,7 @@ def sft_worker(args: argparse.Namespace) -> None:
             "data_wait": round(sum(h["data_wait"] for h in timed) / len(timed), 4),
             "grad_compression": args.grad_compression, "bucket_cap_mb": args.bucket_cap_mb, "compile": args.compile,
         })
-    cleanup_distributed()
+    leave_process_group()
 
 
 # ---------------------------------------------------------------- driver

@@ -25,8 +25,9 @@ import torch
 from cosytune.fileio import write_json
 from cosytune.modeldir.builders import build_network
 from cosytune.modeldir.presets import preset_hparams
+from cosytune.ranks import Ranks, leave_process_group
 from cosytune.train.build import STEP_FUNCTIONS
-from cosytune.train.distributed import DistInfo, cleanup_distributed, init_distributed, pick_device
+from cosytune.train.distributed import init_distributed, pick_device
 
 
 def synthetic_batch(kind: str, batch: int, utt_s: float, text_per_s: float, gen: torch.Generator) -> dict:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args(argv)
 
-    dist = DistInfo.from_env()
+    dist = Ranks.from_env()
     device = pick_device(dist, args.device)
     init_distributed(dist, device)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"{r['samples_per_s']:>10} {r['audio_s_per_s']:>10} {r['mfu']!s:>6} {r['peak_mem_gb']!s:>7}")
         if args.json:
             write_json(args.json, results)
-    cleanup_distributed()
+    leave_process_group()
     return results
 
 

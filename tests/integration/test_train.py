@@ -73,11 +73,11 @@ def test_training_runs_end_to_end(kind, sample_data, tiny_base, tmp_path, capsys
 
 
 def test_llm_loss_falls_when_overfitting(sample_data, tiny_base, tmp_path):
+    from cosytune.ranks import Ranks
     from cosytune.text.tokenizer import load_tokenizer
     from cosytune.train import build
     from cosytune.train.config import load_train_config
     from cosytune.train.data import SFTDataset
-    from cosytune.train.distributed import DistInfo
     from cosytune.train.loop import evaluate, train
 
     cfg = load_train_config("llm", overrides=["max_epoch=40", "accum_grad=1", "optim.lr=3e-3", "early_stop_patience=0",
@@ -85,7 +85,7 @@ def test_llm_loss_falls_when_overfitting(sample_data, tiny_base, tmp_path):
     tok = load_tokenizer(tiny_base / "CosyVoice-BlankEN")
     ds = SFTDataset(sample_data / "dev" / "parquet" / "data.list", tok, "llm", cfg.data, cfg.seed)
     model = build.build_model("llm", tiny_base, None)
-    before = evaluate(model, build.llm_step, ds, cfg, torch.device("cpu"), DistInfo())
+    before = evaluate(model, build.llm_step, ds, cfg, torch.device("cpu"), Ranks())
     res = train(cfg, model, build.llm_step, ds, ds, tmp_path / "run", torch.device("cpu"), resume=None)
     after = res.state.history[-1]
     assert after["loss"] < 0.5 * before["loss"], (before, after)

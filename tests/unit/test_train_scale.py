@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from cosytune.errors import ConfigError
+from cosytune.ranks import Ranks
 from cosytune.train.config import REFERENCE_FRAMES, DdpConfig, load_train_config, scaled_lr
-from cosytune.train.distributed import DistInfo, wrap_ddp
+from cosytune.train.distributed import wrap_ddp
 from cosytune.train.loop import TrainState, _remap_position
 
 
@@ -39,5 +40,5 @@ def test_static_graph_needs_no_accumulation():
 ])
 def test_resume_on_another_rank_count_keeps_the_place_in_the_epoch(batch, old, new, accum, expect):
     state = TrainState(epoch=1, step=7, batch_in_epoch=batch)
-    _remap_position(state, old, DistInfo(rank=0, world_size=new), accum, "epoch_1_step_7")
+    _remap_position(state, old, Ranks(rank=0, world_size=new), accum, "epoch_1_step_7")
     assert (state.batch_in_epoch, state.epoch, state.step) == (expect, 1, 7)

@@ -157,11 +157,12 @@ def run_training(req: TrainRequest, *, summary: bool = True) -> TrainingOutcome:
             the base model's weights and the data, unchanged.
     """
     from cosytune.config.loading import dump_config
+    from cosytune.ranks import Ranks, leave_process_group
     from cosytune.text.tokenizer import load_tokenizer
     from cosytune.train import build
     from cosytune.train.config import load_train_config
     from cosytune.train.data import SFTDataset
-    from cosytune.train.distributed import DistInfo, cleanup_distributed, init_distributed, pick_device
+    from cosytune.train.distributed import init_distributed, pick_device
     from cosytune.train.loop import train
 
     if req.train_engine != "torch_ddp":
@@ -171,7 +172,7 @@ def run_training(req: TrainRequest, *, summary: bool = True) -> TrainingOutcome:
         raise UsageError(f"model: expected one of {sorted(build.STEP_FUNCTIONS)}, found {req.model!r}")
     cfg = load_train_config(req.model, req.config, _typed_overrides(req))
 
-    dist = DistInfo.from_env()
+    dist = Ranks.from_env()
     device = pick_device(dist, req.device)
     init_distributed(dist, device, req.dist_backend)
     held = contextlib.ExitStack()
@@ -215,7 +216,7 @@ def run_training(req: TrainRequest, *, summary: bool = True) -> TrainingOutcome:
                     tensorboard_dir=req.tensorboard_dir, lock=False)
     finally:
         held.close()
-        cleanup_distributed()
+        leave_process_group()
     if not dist.is_main:
         return TrainingOutcome(req.model, None)
     if summary:

@@ -9,18 +9,13 @@ import logging
 
 import torch
 
-from cosytune.ranks import Ranks, leave_process_group
+from cosytune.ranks import Ranks
 from cosytune.train.config import DdpConfig
 
 logger = logging.getLogger(__name__)
 
 
-#: Training's names for the rank layout and the teardown of :mod:`cosytune.ranks` (shared with batch synthesis).
-DistInfo = Ranks
-cleanup_distributed = leave_process_group
-
-
-def pick_device(dist: DistInfo, device: str = "auto") -> torch.device:
+def pick_device(dist: Ranks, device: str = "auto") -> torch.device:
     """``cuda:{local_rank}`` when CUDA is available (or asked for), else CPU."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,14 +28,14 @@ def pick_device(dist: DistInfo, device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def init_distributed(dist: DistInfo, device: torch.device, backend: str | None = None) -> None:
+def init_distributed(dist: Ranks, device: torch.device, backend: str | None = None) -> None:
     """Initialise the process group when launched by torchrun with more than one process."""
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if dist.join(backend, datetime.timedelta(minutes=30)):
         logger.info("process group up: backend=%s world_size=%d", backend, dist.world_size)
 
 
-def all_reduce_mean(values: dict[str, float], dist: DistInfo, device: torch.device) -> dict[str, float]:
+def all_reduce_mean(values: dict[str, float], dist: Ranks, device: torch.device) -> dict[str, float]:
     """Average scalar metrics over ranks (identity on a single process)."""
     if not dist.distributed:
         return values

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from cosytune.fileio import exclusive_lock
+from cosytune.ranks import Ranks
 from cosytune.train.checkpoint import (
     CheckpointRef,
     latest_checkpoint,
@@ -50,7 +51,7 @@ from cosytune.train.checkpoint import (
     set_rng_state,
 )
 from cosytune.train.config import TrainConfig, scaled_lr
-from cosytune.train.distributed import DistInfo, all_reduce_mean, wrap_ddp
+from cosytune.train.distributed import all_reduce_mean, wrap_ddp
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def _loader(source: BatchSource, batches: list[list[int]], cfg: TrainConfig, see
     )
 
 
-def _remap_position(state: TrainState, old_world: int, dist: DistInfo, accum_grad: int, name: str) -> None:
+def _remap_position(state: TrainState, old_world: int, dist: Ranks, accum_grad: int, name: str) -> None:
     """Move a resumed position made on ``old_world`` ranks onto this layout (see the module docstring)."""
     done = state.batch_in_epoch * old_world  # batches of the epoch's global order already trained on
     state.batch_in_epoch = done // dist.world_size // accum_grad * accum_grad
@@ -203,7 +204,7 @@ def _remap_position(state: TrainState, old_world: int, dist: DistInfo, accum_gra
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, step_fn: StepFn, cv: BatchSource, cfg: TrainConfig, device: torch.device,
-             dist: DistInfo) -> dict[str, float]:
+             dist: Ranks) -> dict[str, float]:
     """CV loss/acc averaged over utterances; every rank reads the whole CV set (as upstream)."""
     was_training = model.training
     model.eval()
@@ -230,7 +231,7 @@ def train(
     cv_set: BatchSource | None,
     run_dir: Path,
     device: torch.device,
-    dist: DistInfo | None = None,
+    dist: Ranks | None = None,
     resume: str | Path | None = "auto",
     progress: bool = True,
     extra_info: dict | None = None,
@@ -248,7 +249,7 @@ def train(
         resume: ``"auto"`` continues from the newest complete checkpoint in ``run_dir`` if any;
             a path resumes from that checkpoint; ``None`` starts fresh.
     """
-    dist = dist if dist is not None else DistInfo()
+    dist = dist if dist is not None else Ranks()
     with contextlib.ExitStack() as held:
         if dist.is_main and lock:
             held.enter_context(exclusive_lock(run_dir, "training run dir"))
