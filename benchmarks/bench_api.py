@@ -185,7 +185,10 @@ def concurrent(synth: Synthesizer, clients: int, per_client: int, prompt_wav: Pa
         after = batcher.stats()
         steps = after["steps"] - before["steps"]
         out["batcher"] = {"steps": steps, "rows_per_step": (after["row_steps"] - before["row_steps"]) / steps
-                          if steps else None, "steps_per_s": steps / wall if wall else None}
+                          if steps else None, "steps_per_s": steps / wall if wall else None,
+                          # the loop's step time by phase, ms per step (see DecodeBatcher.stats)
+                          "ms_per_step": {k[:-2]: 1e3 * (after[k] - before[k]) / steps if steps else None
+                                          for k in ("gate_s", "launch_s", "read_s", "pick_s")}}
     return out
 
 
@@ -298,7 +301,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         extra = f"; GPU busy {c['gpu_util_pct']:.0f}%" if c["gpu_util_pct"] is not None else ""
         if c.get("batcher") and c["batcher"]["steps"]:
             b = c["batcher"]
-            extra += f"; batcher {b['steps']} steps, {b['rows_per_step']:.1f} rows/step, {b['steps_per_s']:.0f} steps/s"
+            extra += (f"; batcher {b['steps']} steps, {b['rows_per_step']:.1f} rows/step, {b['steps_per_s']:.0f} "
+                      "steps/s, ms/step " + ", ".join(f"{k} {v:.2f}" for k, v in b["ms_per_step"].items()))
         print(f"                 per request: {stages}{extra}")
     return out
 

@@ -74,6 +74,9 @@ def test_concurrent_requests_each_get_their_own_tokens(synths):
     steps, row_steps = after["steps"] - before["steps"], after["row_steps"] - before["row_steps"]
     # Shared steps: fewer batch steps than tokens decoded, and more than one row in some step.
     assert steps < row_steps and after["peak_rows"] >= 2 and after["in_use"] == 0
+    # The steps' time by phase is accounted (launch and read always take some; the gate may be free).
+    assert after["launch_s"] > before["launch_s"] and after["read_s"] > before["read_s"]
+    assert after["pick_s"] > before["pick_s"] and after["gate_s"] >= before["gate_s"]
 
 
 def test_rows_beyond_the_limit_wait_their_turn(synths):

@@ -197,6 +197,8 @@ class DecodeBatcher:
         # earlier chunks are rendered, and each step's sync waits for the step alone.
         self._stream = torch.cuda.Stream(device=self.device, priority=-1) if self.device.type == "cuda" else None
         self._stats = {"requests": 0, "steps": 0, "row_steps": 0, "peak_rows": 0, "in_use": 0}
+        # Where the loop's step time goes (seconds, summed over steps; see stats()).
+        self._times = {"gate_s": 0.0, "launch_s": 0.0, "read_s": 0.0, "pick_s": 0.0}
 
     # ------------------------------------------------------------------------------------ public
     def accepts(self, prompt: InferencePrompt) -> bool:
@@ -239,10 +241,13 @@ class DecodeBatcher:
         finally:
             row.closed = True
 
-    def stats(self) -> dict[str, int]:
-        """Requests seen, batch steps run, row-steps (tokens) decoded, peak and current rows in use."""
+    def stats(self) -> dict[str, float]:
+        """Requests seen, batch steps run, row-steps (tokens) decoded, peak and current rows in use; and
+        the seconds the steps spent, summed: waiting for the device gate (``gate_s``), feeding the rows and
+        launching the step (``launch_s``), drawing and reading the heads back, which waits for the step to
+        finish on the device (``read_s``), and picking and handing out the tokens (``pick_s``)."""
         with self._cond:
-            return dict(self._stats)
+            return {**self._stats, **self._times}
 
     @torch.inference_mode()
     def warm_up(self, capacities: Sequence[int]) -> int:
@@ -396,16 +401,23 @@ class DecodeBatcher:
         for r in rows:
             tokens[r.slot] = r.token
             suppress[r.slot] = r.step < r.prompt.min_len
+        t0 = time.perf_counter()
         with self.gate.shared():
+            t1 = time.perf_counter()
             dec.suppress.copy_(torch.from_numpy(suppress))
             dec.step(torch.from_numpy(tokens))
             live, draws = group.views[b]
             dec.cache.lengths.mul_(live)  # rows not in use stay empty
+            t2 = time.perf_counter()
             host, snap = self._read_heads(dec, [(r.slot, r) for r in rows], b, draws)
+            t3 = time.perf_counter()
             self._emit_all(group, dec, [(r.slot, r) for r in rows], host, snap)
+        t4 = time.perf_counter()
         with self._cond:
             self._stats["steps"] += 1
             self._stats["row_steps"] += len(rows)
+            for key, dt in (("gate_s", t1 - t0), ("launch_s", t2 - t1), ("read_s", t3 - t2), ("pick_s", t4 - t3)):
+                self._times[key] += dt
 
     def _read_heads(self, dec: GraphedDecoder, rows: list[tuple[int, _Row]], b: int,
                     draws: Tensor | None = None) -> tuple[Any, Tensor]:
