@@ -106,3 +106,28 @@ def test_variants_beyond_the_byte_bound_evict_the_least_recently_used(dirs):
         assert engine.loaded_variants()[1:] == [{"llm": "base", "flow": "base"}]
     finally:
         engine.shutdown()
+
+
+def test_metrics_count_the_continuous_batching_steps(dirs):
+    """With continuous batching on (forced on CPU here; the GPU default), /metrics reports its steps, the
+    tokens they decoded and the steps' time by phase, and they grow with a request."""
+    from cosytune.serve.app import prometheus_text
+    from cosytune.serve.server import ServeSettings, build_app
+
+    engine = build_app(ServeSettings(model_dir=dirs["model"], run_dir=dirs["run"], device="cpu", warmup=False,
+                                     fast_decode=True, batch_decode=True)).state.engine
+    try:
+        def value(text: str, name: str) -> float:
+            return float(next(line for line in text.splitlines() if line.startswith(name + " ")).split()[1])
+
+        before = prometheus_text(engine)
+        assert value(before, "cosytune_decode_steps_total") == 0
+        engine.base.synthesize(TEXT, spk_id="alice")
+        after = prometheus_text(engine)
+        steps, tokens = value(after, "cosytune_decode_steps_total"), value(after, "cosytune_decode_tokens_total")
+        assert steps > 0 and tokens >= steps
+        for phase in ("gate", "launch", "read", "pick"):
+            assert f'cosytune_decode_step_seconds_total{{phase="{phase}"}}' in after
+        assert value(after, 'cosytune_decode_step_seconds_total{phase="launch"}') > 0
+    finally:
+        engine.shutdown()

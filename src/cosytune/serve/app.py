@@ -540,4 +540,14 @@ def prometheus_text(engine: Engine) -> str:
                   "# TYPE cosytune_rtf summary", f"cosytune_rtf_sum {m.rtf_sum:.6f}", f"cosytune_rtf_count {m.rtf_count}",
                   "# HELP cosytune_audio_seconds_total Audio produced.", "# TYPE cosytune_audio_seconds_total counter",
                   f"cosytune_audio_seconds_total {m.audio_s:.3f}"]
+    b = engine.decode_batch_stats()
+    lines += ["# HELP cosytune_decode_steps_total Continuous-batching LLM steps run.",
+              "# TYPE cosytune_decode_steps_total counter", f"cosytune_decode_steps_total {int(b['steps'])}",
+              "# HELP cosytune_decode_tokens_total Speech tokens those steps decoded (rows per step = this / steps).",
+              "# TYPE cosytune_decode_tokens_total counter", f"cosytune_decode_tokens_total {int(b['row_steps'])}",
+              ("# HELP cosytune_decode_step_seconds_total Time of those steps by phase: device gate wait, launch, "
+               "read-back (waits for the device), token pick."),
+              "# TYPE cosytune_decode_step_seconds_total counter"]
+    lines += [f'cosytune_decode_step_seconds_total{{phase="{k[:-2]}"}} {b[k]:.6f}'
+              for k in ("gate_s", "launch_s", "read_s", "pick_s")]
     return "\n".join(lines) + "\n"

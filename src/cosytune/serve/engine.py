@@ -300,6 +300,19 @@ class Engine:
         pooled = sum(s.decoder_pool.stats()["in_use"] for s in synths if getattr(s, "decoder_pool", None) is not None)
         return pooled + sum(s.batcher.stats()["in_use"] for s in synths if getattr(s, "batcher", None) is not None)
 
+    def decode_batch_stats(self) -> dict[str, float]:
+        """The continuous-batching decoders' counters summed over the loaded models (see
+        :meth:`~cosytune.infer.batching.DecodeBatcher.stats`); zeros when none batches."""
+        with self._cache_lock:
+            synths = [self.base, *self._cache.values()]
+        total = dict.fromkeys(("steps", "row_steps", "gate_s", "launch_s", "read_s", "pick_s"), 0.0)
+        for s in synths:
+            if getattr(s, "batcher", None) is not None:
+                st = s.batcher.stats()
+                for k in total:
+                    total[k] += st[k]
+        return total
+
     def retry_after_s(self) -> int:
         """A Retry-After hint: the mean request time so far, at least 1 s."""
         m = self.metrics
