@@ -26,3 +26,12 @@ def speaker_model_dir(path: Path, *, seed: int = 0, zero_shot_clip: Path | None 
         assert main(["spk2info", "--model_dir", str(d), "--spk_id", "bob", "--prompt_wav", str(zero_shot_clip),
                      "--prompt_text", INSTRUCT + "Agent logged on."]) == 0
     return d
+
+
+def same_networks(synth, **settings):
+    """Another ``Synthesizer`` over ``synth``'s loaded networks, tokenizer, speakers and stream schedule, with
+    other settings (``fast_decode``, ``batch_decode``, ...): any difference between the two comes from those."""
+    from cosytune.infer.synthesizer import Synthesizer
+
+    return Synthesizer(synth.llm, synth.flow, synth.hift, tokenizer=synth.tokenizer, spk2info=synth.spk2info,
+                       sample_rate=synth.sample_rate, schedule=synth.schedule, **settings)

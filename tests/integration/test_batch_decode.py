@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from concurrency import run_together
-from speaker_models import speaker_model_dir
+from speaker_models import same_networks, speaker_model_dir
 
 from cosytune.infer.synthesizer import SynthesisOptions, Synthesizer
 from cosytune.models.sampling import SamplingConfig
@@ -31,9 +31,7 @@ def synths(tmp_path_factory):
     d = speaker_model_dir(tmp_path_factory.mktemp("batchdec") / "m")
     batched = Synthesizer.from_dir(d, device="cpu", hash_files=False, fast_decode=True, batch_decode=True)
     # Same networks, one pooled decoder per request: differences can only come from the batching.
-    pooled = Synthesizer(batched.llm, batched.flow, batched.hift, tokenizer=batched.tokenizer,
-                         spk2info=batched.spk2info, sample_rate=batched.sample_rate, schedule=batched.schedule,
-                         fast_decode=True, batch_decode=False)
+    pooled = same_networks(batched, fast_decode=True, batch_decode=False)
     assert pooled.batcher is None and batched.batcher is not None
     return batched, pooled
 
@@ -81,9 +79,7 @@ def test_concurrent_requests_each_get_their_own_tokens(synths):
 
 def test_rows_beyond_the_limit_wait_their_turn(synths):
     batched, pooled = synths
-    small = Synthesizer(batched.llm, batched.flow, batched.hift, tokenizer=batched.tokenizer,
-                        spk2info=batched.spk2info, sample_rate=batched.sample_rate, schedule=batched.schedule,
-                        fast_decode=True, batch_decode=True, decode_rows=2)
+    small = same_networks(batched, fast_decode=True, batch_decode=True, decode_rows=2)
     seeds = [(s,) for s in (21, 22, 23, 24, 25)]
     alone = {s: pooled.synthesize(SHORT, spk_id="alice", options=_opts(s[0])).tokens for s in seeds}
     got = run_together(lambda seed: small.synthesize(SHORT, spk_id="alice", options=_opts(seed)).tokens, seeds)
@@ -141,9 +137,7 @@ def test_batched_equals_pooled_on_cuda(tmp_path):
     d = speaker_model_dir(tmp_path / "m")
     batched = Synthesizer.from_dir(d, device="cuda", hash_files=False, warmup=False)
     assert batched.batcher is not None
-    pooled = Synthesizer(batched.llm, batched.flow, batched.hift, tokenizer=batched.tokenizer,
-                         spk2info=batched.spk2info, sample_rate=batched.sample_rate, schedule=batched.schedule,
-                         batch_decode=False)
+    pooled = same_networks(batched, batch_decode=False)
     for seed in (1, 2, 3):
         a = batched.synthesize(LONG, spk_id="alice", options=_opts(seed))
         b = pooled.synthesize(LONG, spk_id="alice", options=_opts(seed))

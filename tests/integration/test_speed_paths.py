@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from concurrency import run_together
-from speaker_models import speaker_model_dir
+from speaker_models import same_networks, speaker_model_dir
 
 from cosytune.infer.fast import GraphedDecoder
 from cosytune.infer.synthesizer import SynthesisOptions, Synthesizer
@@ -97,9 +97,7 @@ def test_defaults_on_cpu_and_opt_in_paths_give_the_same_tokens(model_dir):
     assert default.dtype is torch.float32 and not default.fast_decode
     assert not default.fast_flow and not default.fast_vocoder and default.decoder_pool is None
     assert default.warmup() == {"decoder_graphs": 0, "flow_graphs": 0, "seconds": 0.0}
-    opt_in = Synthesizer(default.llm, default.flow, default.hift, tokenizer=default.tokenizer,
-                         spk2info=default.spk2info, sample_rate=default.sample_rate, schedule=default.schedule,
-                         fast_decode=True, fast_flow=True, fast_vocoder=True, compile_decode=True)
+    opt_in = same_networks(default, fast_decode=True, fast_flow=True, fast_vocoder=True, compile_decode=True)
     for seed in (3, 4):
         a = default.synthesize(TEXT, spk_id="alice", options=_opts(seed))
         b = opt_in.synthesize(TEXT, spk_id="alice", options=_opts(seed))
@@ -203,8 +201,7 @@ def test_stream_cache_gives_the_recomputing_streams_audio(model_dir):
     """``stream_cache``: each chunk's flow solve covers its own frames only; same chunks, same tokens, the
     same audio up to float rounding as the stream that re-solves the prefix."""
     plain = Synthesizer.from_dir(model_dir, device="cpu", hash_files=False)
-    cached = Synthesizer(plain.llm, plain.flow, plain.hift, tokenizer=plain.tokenizer, spk2info=plain.spk2info,
-                         sample_rate=plain.sample_rate, schedule=plain.schedule, stream_cache=True)
+    cached = same_networks(plain, stream_cache=True)
     a = list(plain.stream(LONG, spk_id="alice", options=_opts(7)))
     b = list(cached.stream(LONG, spk_id="alice", options=_opts(7)))
     assert len(a) == len(b) >= 3 and a[-1].result.tokens == b[-1].result.tokens

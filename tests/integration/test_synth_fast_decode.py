@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from speaker_models import speaker_model_dir
+from speaker_models import same_networks, speaker_model_dir
 
 from cosytune.cli.main import main
 from cosytune.infer.synthesizer import DecoderPool, SynthesisOptions, Synthesizer
@@ -33,8 +33,7 @@ def model_dir(tmp_path_factory, tiny_model_dir):
 def synths(model_dir):
     fast = Synthesizer.from_dir(model_dir, device="cpu", hash_files=False, fast_decode=True)
     # Same networks, reference decoder: differences can only come from the decoder.
-    ref = Synthesizer(fast.llm, fast.flow, fast.hift, tokenizer=fast.tokenizer, spk2info=fast.spk2info,
-                      sample_rate=fast.sample_rate, schedule=fast.schedule, fast_decode=False)
+    ref = same_networks(fast, fast_decode=False)
     return fast, ref
 
 
@@ -45,8 +44,7 @@ def _opts(seed: int = 11) -> SynthesisOptions:
 
 def test_auto_mode_is_off_on_cpu(synths):
     fast, _ = synths
-    s = Synthesizer(fast.llm, fast.flow, fast.hift, tokenizer=fast.tokenizer, spk2info=fast.spk2info,
-                    sample_rate=fast.sample_rate, schedule=fast.schedule)  # fast_decode=None: auto
+    s = same_networks(fast)  # fast_decode=None: auto
     assert s.fast_decode is False and s.decoder_pool is None
     r = s.synthesize(TEXT, spk_id="alice", options=_opts())
     assert r.info["llm_decoder"] == "reference"
@@ -140,8 +138,7 @@ def test_two_threads_get_what_each_gets_alone(synths):
 def test_pool_reuses_and_is_bounded(synths):
     fast, _ = synths
     pool = DecoderPool(fast.llm, bucket=64, max_idle_per_bucket=2)
-    s = Synthesizer(fast.llm, fast.flow, fast.hift, tokenizer=fast.tokenizer, spk2info=fast.spk2info,
-                    sample_rate=fast.sample_rate, schedule=fast.schedule, fast_decode=True)
+    s = same_networks(fast, fast_decode=True)
     s.decoder_pool = pool
     first = s.synthesize(TEXT, spk_id="alice", options=_opts())
     for _ in range(2):
@@ -164,8 +161,7 @@ def test_pool_reuses_and_is_bounded(synths):
 
 def test_too_long_prompt_falls_back_to_reference(synths):
     fast, ref = synths
-    s = Synthesizer(fast.llm, fast.flow, fast.hift, tokenizer=fast.tokenizer, spk2info=fast.spk2info,
-                    sample_rate=fast.sample_rate, schedule=fast.schedule, fast_decode=True)
+    s = same_networks(fast, fast_decode=True)
     req = s.prepare(TEXT, spk_id="alice", options=_opts())
     s.decoder_pool = DecoderPool(fast.llm)
     s.decoder_pool.limit = 1  # every request now needs more than the cap
