@@ -110,9 +110,14 @@ def draw_index(probs: Tensor, q: Tensor) -> int:
 
     This is what ``torch.multinomial(probs, 1)`` computes; the first maximum wins on ties.
     """
+    return int(_draw_position(probs, q))
+
+
+def _draw_position(probs: Tensor, q: Tensor) -> Tensor:
+    """:func:`draw_index` as a 0-d tensor on ``probs``' device (no sync)."""
     if q.shape != probs.shape:
         raise ValueError(f"exponential draws have shape {tuple(q.shape)}, expected {tuple(probs.shape)}")
-    return int(torch.argmax(probs / q.to(device=probs.device, dtype=probs.dtype)))
+    return torch.argmax(probs / q.to(device=probs.device, dtype=probs.dtype))
 
 
 def apply_temperature(logp: Tensor, temperature: float) -> Tensor:
@@ -175,10 +180,7 @@ def redraw_index(logp: Tensor, pick: int, draw: DrawQ) -> Tensor:
     masked = logp.clone()
     masked[pick] = -float("inf")
     full = masked.softmax(dim=0)
-    q = draw(full)
-    if q.shape != full.shape:
-        raise ValueError(f"exponential draws have shape {tuple(q.shape)}, expected {tuple(full.shape)}")
-    return torch.argmax(full / q.to(device=full.device, dtype=full.dtype))
+    return _draw_position(full, draw(full))
 
 
 def ras_sample(logp: Tensor, history: Sequence[int], config: SamplingConfig, *,
