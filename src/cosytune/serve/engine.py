@@ -294,17 +294,20 @@ class Engine:
             running = sum(1 for j in self.jobs.values() if j.state == "running")
             return running, len(self.jobs) - running
 
-    def decoders_in_use(self) -> int:
+    def _loaded(self) -> list[Any]:
+        """The default model and every cached variant, as loaded now."""
         with self._cache_lock:
-            synths = [self.base, *self._cache.values()]
+            return [self.base, *self._cache.values()]
+
+    def decoders_in_use(self) -> int:
+        synths = self._loaded()
         pooled = sum(s.decoder_pool.stats()["in_use"] for s in synths if getattr(s, "decoder_pool", None) is not None)
         return pooled + sum(s.batcher.stats()["in_use"] for s in synths if getattr(s, "batcher", None) is not None)
 
     def decode_batch_stats(self) -> dict[str, float]:
         """The continuous-batching decoders' counters summed over the loaded models (see
         :meth:`~cosytune.infer.batching.DecodeBatcher.stats`); zeros when none batches."""
-        with self._cache_lock:
-            synths = [self.base, *self._cache.values()]
+        synths = self._loaded()
         total = dict.fromkeys(("steps", "row_steps", "gate_s", "launch_s", "read_s", "pick_s"), 0.0)
         for s in synths:
             if getattr(s, "batcher", None) is not None:
