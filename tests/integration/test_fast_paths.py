@@ -391,3 +391,12 @@ def test_position_conv_auto_picks_gemm_for_small_calls_only(monkeypatch):
     monkeypatch.setattr(dit, "GEMM_CONV_MAX_ROW_FRAMES", 59)
     torch.testing.assert_close(m(x), ref_conv, rtol=0, atol=0)
     assert len(calls) == 2
+
+
+def test_warm_prefill_widths_are_powers_of_two_up_to_half_the_capacity():
+    """The prompt widths pools and batchers capture at warm-up: 32, 64, ... up to half the capacity, at most 1024."""
+    from cosytune.infer.fast import warm_prefill_widths
+
+    assert warm_prefill_widths(512) == [32, 64, 128, 256]
+    assert warm_prefill_widths(4096) == [32, 64, 128, 256, 512, 1024]
+    assert warm_prefill_widths(40) == []

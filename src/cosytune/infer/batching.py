@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cosytune.infer.fast import DeviceGate, GraphedDecoder, nucleus_pick, stop_row
+from cosytune.infer.fast import DeviceGate, GraphedDecoder, nucleus_pick, stop_row, warm_prefill_widths
 from cosytune.models.llm import CosyVoice3LM, DecodeStep, InferencePrompt, MinLenMode
 from cosytune.models.qwen2 import KVCache
 from cosytune.models.sampling import SampleResult, SamplingConfig, exponential_draws, redraw_index
@@ -203,7 +203,10 @@ class DecodeBatcher:
     # ------------------------------------------------------------------------------------ public
     def accepts(self, prompt: InferencePrompt) -> bool:
         """Whether ``prompt`` fits a capacity bucket (else decode it another way)."""
-        return self.capacity_for(int(prompt.lm_input.shape[1]) + int(prompt.max_len)) is not None
+        return self._capacity(prompt) is not None
+
+    def _capacity(self, prompt: InferencePrompt) -> int | None:
+        return self.capacity_for(int(prompt.lm_input.shape[1]) + int(prompt.max_len))
 
     def decode(self, prompt: InferencePrompt, *, sampling: SamplingConfig, generator: torch.Generator,
                min_len_mode: MinLenMode = "all_stops") -> Iterator[DecodeStep]:
@@ -211,7 +214,7 @@ class DecodeBatcher:
 
         Closing the generator early (a client that walked away) frees the row at the next step.
         """
-        capacity = self.capacity_for(int(prompt.lm_input.shape[1]) + int(prompt.max_len))
+        capacity = self._capacity(prompt)
         if capacity is None:
             raise ValueError(f"prompt + max_len ({prompt.lm_input.shape[1]} + {prompt.max_len}) exceeds every "
                              "capacity bucket; check accepts() first")
@@ -261,11 +264,7 @@ class DecodeBatcher:
             for cap in caps:
                 with self._cond:
                     group = self._group(cap)
-                widths, w = [], 32
-                while w <= min(cap // 2, 1024):
-                    widths.append(w)
-                    w *= 2
-                n += group.prefiller.warm_up(widths)
+                n += group.prefiller.warm_up(warm_prefill_widths(cap))
                 for b in group.buckets:
                     dec = group.stepper(b)
                     if not dec.captured:

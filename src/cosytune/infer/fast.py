@@ -479,6 +479,16 @@ class GraphedDecoder:
                                      min_len_mode=min_len_mode, rows=self)
 
 
+def warm_prefill_widths(capacity: int, first: int = 32, largest: int = 1024) -> list[int]:
+    """The padded prompt widths a decoder of ``capacity`` positions captures ahead of time: powers of two
+    from ``first`` (the default ``prefill_bucket``) up to half the capacity, at most ``largest``."""
+    widths, w = [], first
+    while w <= min(capacity // 2, largest):
+        widths.append(w)
+        w *= 2
+    return widths
+
+
 def stop_row(cfg: Any, min_len_mode: MinLenMode, device: torch.device) -> Tensor:
     """(V,) bool: the ids the min-length rule blocks (the first stop id, or every stop id)."""
     row = torch.zeros(cfg.speech_vocab_size, dtype=torch.bool)

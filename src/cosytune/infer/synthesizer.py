@@ -409,14 +409,12 @@ class DecoderPool:
         prefill widths a prompt of that bucket can have: powers of two up to half the capacity, at most
         1024). Returns the graphs captured (0 on CPU). Costs tens of milliseconds per graph at full size.
         """
+        from cosytune.infer.fast import warm_prefill_widths
+
         caps = sorted({c for c in (self.capacity_for(int(c)) for c in capacities) if c is not None})
         captured = 0
         for cap in caps:
-            widths = []
-            w = 32
-            while w <= min(cap // 2, 1024):
-                widths.append(w)
-                w *= 2
+            widths = warm_prefill_widths(cap)
             with self._lock:
                 have = len(self._idle.get(cap, []))
             for _ in range(max(0, min(per_bucket, self.max_idle_per_bucket) - have)):
