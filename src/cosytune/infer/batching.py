@@ -338,6 +338,11 @@ class DecodeBatcher:
                 with self._cond:
                     self._fail_all(e)
 
+    def _ahead(self, row: _Row) -> bool:
+        """Whether ``row``'s Exp(1) draws are made ahead on the device (CUDA, with a CUDA generator), as
+        :func:`~cosytune.infer.fast.sample_decode` does; else the exact count is drawn after the head is read."""
+        return self.device.type == "cuda" and row.generator.device.type == "cuda"
+
     def _fail_all(self, err: BaseException) -> None:
         for group in self._groups.values():
             for i, row in enumerate(group.rows):
@@ -381,7 +386,7 @@ class DecodeBatcher:
             s.lengths[row.slot] = width
             group.stop_mask[row.slot].copy_(row.stop_mask)
             group.live[row.slot] = 1
-            if self.device.type == "cuda" and row.generator.device.type == "cuda":
+            if self._ahead(row):
                 row.draws = group.draws[row.slot, :row.k]
             self._emit_all(group, dec, [(0, row)], host, snap)
 
@@ -432,7 +437,7 @@ class DecodeBatcher:
             if not step:
                 draws = torch.ones(b, k, dtype=dec.sorted_p.dtype, device=self.device)
             for at, r in rows:
-                if r.generator.device.type == "cuda":
+                if self._ahead(r):
                     (r.draws if step else draws[at, :r.k]).exponential_(1.0, generator=r.generator)
             parts.append(draws[:, :k])
         # The copy of the log-probs is made before the transfer's sync, so it is complete when a consumer on
@@ -448,7 +453,7 @@ class DecodeBatcher:
         picks = []
         redraws: list[Tensor] = []
         for at, row in rows:
-            ahead = self.device.type == "cuda" and row.generator.device.type == "cuda"
+            ahead = self._ahead(row)
             draw = exponential_draws(row.generator)
             ids, pos, pick, redraw = nucleus_pick(
                 host[0, at, :row.k], host[1, at, :row.k], host[2, at, :row.k] if ahead else None, row.sampling,
