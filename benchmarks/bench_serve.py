@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "out --model_dir to build a model with one")
         warm = one_stream(server.url, voice, 1, args.request_timeout)
         out: dict[str, Any] = {"device": health["device"], "model_dir": str(model_dir),
-                               "dtype": health.get("dtype", args.dtype), "workers": workers, "server_start_s": server.start_s, "warmup": warm, "levels": []}
+                               "dtype": health.get("dtype", args.dtype), "workers": workers,
+                               "server_start_s": server.start_s, "warmup": warm, "levels": []}
         for c in levels:
             out["levels"].append(level(server.url, voice, c, args.requests or 2 * c, args.request_timeout))
         out["metrics"] = httpx.get(server.url + "/metrics", timeout=10).text
