@@ -35,3 +35,22 @@ def same_networks(synth, **settings):
 
     return Synthesizer(synth.llm, synth.flow, synth.hift, tokenizer=synth.tokenizer, spk2info=synth.spk2info,
                        sample_rate=synth.sample_rate, schedule=synth.schedule, **settings)
+
+
+def assert_same_takes(a, b, text: str, seeds, decoders: tuple[str, str]) -> list:
+    """Synthesise ``text`` with speaker ``alice`` for each seed on ``a`` and on ``b`` (no text front end: wetext's
+    grammar load would dominate and adds nothing), check each used the LLM decoder named in ``decoders`` and that
+    both gave the same tokens and bit-identical audio. Returns the (a, b) result pairs for further checks."""
+    import numpy as np
+
+    from cosytune.infer.synthesizer import SynthesisOptions
+
+    pairs = []
+    for seed in seeds:
+        opts = SynthesisOptions(seed=seed, text_frontend=False)
+        ra, rb = a.synthesize(text, spk_id="alice", options=opts), b.synthesize(text, spk_id="alice", options=opts)
+        assert (ra.info["llm_decoder"], rb.info["llm_decoder"]) == decoders
+        assert ra.tokens == rb.tokens, seed
+        assert np.array_equal(ra.audio, rb.audio), seed
+        pairs.append((ra, rb))
+    return pairs

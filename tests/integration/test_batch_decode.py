@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from concurrency import run_together
-from speaker_models import same_networks, speaker_model_dir
+from speaker_models import assert_same_takes, same_networks, speaker_model_dir
 
 from cosytune.infer.synthesizer import SynthesisOptions, Synthesizer
 from cosytune.models.sampling import SamplingConfig
@@ -42,11 +42,7 @@ def _opts(seed: int, **kw) -> SynthesisOptions:
 
 def test_alone_it_equals_the_pooled_decoder(synths):
     batched, pooled = synths
-    for seed in (3, 4):
-        a = batched.synthesize(SHORT, spk_id="alice", options=_opts(seed))
-        b = pooled.synthesize(SHORT, spk_id="alice", options=_opts(seed))
-        assert a.info["llm_decoder"] == "batched" and b.info["llm_decoder"] == "static"
-        assert a.tokens == b.tokens and np.array_equal(a.audio, b.audio)
+    assert_same_takes(batched, pooled, SHORT, (3, 4), ("batched", "static"))
 
 
 def test_concurrent_requests_each_get_their_own_tokens(synths):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from concurrency import run_together
-from speaker_models import same_networks, speaker_model_dir
+from speaker_models import assert_same_takes, same_networks, speaker_model_dir
 
 from cosytune.infer.fast import GraphedDecoder
 from cosytune.infer.synthesizer import SynthesisOptions, Synthesizer
@@ -98,11 +98,7 @@ def test_defaults_on_cpu_and_opt_in_paths_give_the_same_tokens(model_dir):
     assert not default.fast_flow and not default.fast_vocoder and default.decoder_pool is None
     assert default.warmup() == {"decoder_graphs": 0, "flow_graphs": 0, "seconds": 0.0}
     opt_in = same_networks(default, fast_decode=True, fast_flow=True, fast_vocoder=True, compile_decode=True)
-    for seed in (3, 4):
-        a = default.synthesize(TEXT, spk_id="alice", options=_opts(seed))
-        b = opt_in.synthesize(TEXT, spk_id="alice", options=_opts(seed))
-        assert a.info["llm_decoder"] == "reference" and b.info["llm_decoder"] == "static"
-        assert a.tokens == b.tokens and np.array_equal(a.audio, b.audio)
+    assert_same_takes(default, opt_in, TEXT, (3, 4), ("reference", "static"))
 
 
 def test_concurrent_requests_each_get_what_they_get_alone(model_dir):
